@@ -1,0 +1,325 @@
+"""BERT encoder in Flax linen, with HF-style parameter paths.
+
+Param paths read like Hugging Face's names with ``/`` instead of ``.`` and ``layer_N`` instead of
+``layer.N``: ``encoder/layer_3/attention/self/query/bias``, ``encoder/layer_3/intermediate/dense/bias``,
+``encoder/layer_3/output/LayerNorm/bias``. Params are float32; ``BertConfig.dtype`` sets the
+compute dtype (e.g. ``bfloat16``); softmax, LayerNorm statistics and logits stay in float32.
+
+Two extension points serve the prompt methods:
+
+* ``prompt_embeds`` (``[B or 1, P, H]``): virtual-token embeddings inserted right after the first
+  token (``[CLS]``), so the pooler still reads the real ``[CLS]``;
+* ``prefix_kv`` (one ``(key, value)`` pair per layer, each ``[B or 1, P, heads, head_dim]``): extra
+  keys/values placed in front of each layer's own, so attention has more keys than queries and the
+  output keeps the input's length.
+
+Each self-attention sows its projected ``(key, value)`` into the ``intermediates`` collection, so
+callers (tests, prefix extraction) can read them with ``mutable=["intermediates"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ATTENTION_IMPLS = ("dense", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Architecture of a BERT encoder (field names as in ``transformers.BertConfig``)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    classifier_dropout: float | None = None
+    # Not part of the HF config: how we compute.
+    dtype: str = "float32"
+    attention_impl: str = "dense"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
+        """From a ``transformers`` config object or a ``config.json`` dict."""
+        get = hf_config.get if isinstance(hf_config, dict) else (lambda k, d=None: getattr(hf_config, k, d))
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("dtype", "attention_impl", "remat"):
+                continue
+            v = get(f.name, None)
+            if v is not None:
+                kw[f.name] = v
+        pe = get("position_embedding_type", "absolute")
+        if pe not in (None, "absolute"):
+            raise ValueError(f"position_embedding_type={pe!r} is not supported (only 'absolute')")
+        kw.update(overrides)
+        return cls(**kw)
+
+    def replace(self, **kw: Any) -> "BertConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _activation(name: str):
+    acts = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }
+    if name not in acts:
+        raise ValueError(f"hidden_act={name!r} is not supported; known: {sorted(acts)}")
+    return acts[name]
+
+
+def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                        name=name)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array,
+                 deterministic: bool = True, prompt_embeds: Array | None = None) -> Array:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, param_dtype=jnp.float32,
+                         name="word_embeddings")(input_ids)
+        if prompt_embeds is not None:
+            p = jnp.broadcast_to(prompt_embeds.astype(words.dtype),
+                                 (words.shape[0],) + prompt_embeds.shape[-2:])
+            words = jnp.concatenate([words[:, :1], p, words[:, 1:]], axis=1)
+        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                       param_dtype=jnp.float32, name="position_embeddings")(position_ids)
+        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                         param_dtype=jnp.float32, name="token_type_embeddings")(token_type_ids)
+        x = _layer_norm(cfg)(words + pos + types)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention whose keys/values may be longer than its queries (prefixes)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
+                 prefix: tuple[Array, Array] | None = None) -> Array:
+        cfg = self.config
+        b, t, _ = x.shape
+        n, d = cfg.num_attention_heads, cfg.head_dim
+        q = _dense(cfg, cfg.hidden_size, "query")(x).reshape(b, t, n, d)
+        k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
+        v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
+        self.sow("intermediates", "key_value", (k, v))
+        if prefix is not None:
+            pk, pv = prefix
+            shape = (b,) + pk.shape[-3:]
+            k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), shape), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), shape), v], axis=1)
+        if key_mask.shape != (b, k.shape[1]):
+            raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, k.shape[1])}")
+        dropout = 0.0 if deterministic else cfg.attention_probs_dropout_prob
+        if cfg.attention_impl == "dense" or dropout > 0.0:
+            out = self._dense_attention(q, k, v, key_mask, dropout)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
+                                               implementation=cfg.attention_impl)
+        return out.reshape(b, t, n * d)
+
+    def _dense_attention(self, q: Array, k: Array, v: Array, key_mask: Array, dropout: float) -> Array:
+        scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
+        scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if dropout > 0.0:
+            probs = nn.Dropout(dropout)(probs, deterministic=False)
+        return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+
+
+class BertOutput(nn.Module):
+    """Dense -> dropout -> LayerNorm(+ residual): HF's ``BertSelfOutput`` and ``BertOutput``."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h: Array, residual: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        h = _dense(cfg, cfg.hidden_size, "dense")(h)
+        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        return _layer_norm(cfg)(h + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
+                 prefix: tuple[Array, Array] | None = None) -> Array:
+        h = BertSelfAttention(self.config, name="self")(x, key_mask, deterministic, prefix)
+        return BertOutput(self.config, name="output")(h, x, deterministic)
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
+                 prefix: tuple[Array, Array] | None = None) -> Array:
+        cfg = self.config
+        a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix)
+        h = BertIntermediate(cfg, name="intermediate")(a)
+        return BertOutput(cfg, name="output")(h, a, deterministic)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        return _activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "dense")(x))
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
+                 prefix_kv: Sequence[tuple[Array, Array]] | None = None) -> Array:
+        cfg = self.config
+        if prefix_kv is not None and len(prefix_kv) != cfg.num_hidden_layers:
+            raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {cfg.num_hidden_layers}")
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
+        for i in range(cfg.num_hidden_layers):
+            prefix = None if prefix_kv is None else prefix_kv[i]
+            x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix)
+        return x
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The encoder: ``(input_ids, attention_mask, token_type_ids) -> (sequence_output, pooled)``.
+
+    With ``prompt_embeds`` of length P the sequence output has length ``L + P`` (virtual tokens at
+    positions ``1..P``, right after ``[CLS]``); ``prompt_mask`` (``[B, P]``, default all ones) says
+    which virtual tokens the others may attend to. ``position_ids`` default to ``0..L+P-1``.
+    With ``prefix_kv`` (length P per layer) the keys of every layer get ``prefix_mask`` (default all
+    ones) in front of ``attention_mask``.
+    """
+
+    config: BertConfig
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 token_type_ids: Array | None = None, position_ids: Array | None = None, *,
+                 deterministic: bool = True, prompt_embeds: Array | None = None,
+                 prompt_mask: Array | None = None,
+                 prefix_kv: Sequence[tuple[Array, Array]] | None = None,
+                 prefix_mask: Array | None = None) -> tuple[Array, Array | None]:
+        cfg = self.config
+        b, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, length), jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, length), jnp.int32)
+        mask = attention_mask.astype(bool)
+        if prompt_embeds is not None:
+            p = prompt_embeds.shape[-2]
+            pm = jnp.ones((b, p), bool) if prompt_mask is None else \
+                jnp.broadcast_to(prompt_mask.astype(bool), (b, p))
+            mask = jnp.concatenate([mask[:, :1], pm, mask[:, 1:]], axis=1)
+            token_type_ids = jnp.concatenate(
+                [token_type_ids[:, :1], jnp.zeros((b, p), token_type_ids.dtype), token_type_ids[:, 1:]], 1)
+            length += p
+        if length > cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {length} tokens (virtual tokens included) exceeds "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
+                                                   deterministic, prompt_embeds)
+        key_mask = mask
+        if prefix_kv is not None:
+            p = prefix_kv[0][0].shape[-3]
+            pm = jnp.ones((b, p), bool) if prefix_mask is None else \
+                jnp.broadcast_to(prefix_mask.astype(bool), (b, p))
+            key_mask = jnp.concatenate([pm, mask], axis=1)
+        x = BertEncoder(cfg, name="encoder")(x, key_mask, deterministic, prefix_kv)
+        pooled = BertPooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
+        return x, pooled
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + dropout + linear head on the pooled ``[CLS]``; ``num_labels == 1`` is regression.
+
+    ``adapter`` is an optional module called as ``adapter(batch_size, deterministic=...)`` that
+    returns keyword arguments for :class:`BertModel` (``prompt_embeds``, ``prefix_kv``, ...). Its
+    params live under ``adapter/`` next to ``bert/`` and ``classifier/``.
+    """
+
+    config: BertConfig
+    num_labels: int
+    adapter: nn.Module | None = None
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 token_type_ids: Array | None = None, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        extra = {} if self.adapter is None else self.adapter(input_ids.shape[0], deterministic=deterministic)
+        _, pooled = BertModel(cfg, name="bert")(input_ids, attention_mask, token_type_ids,
+                                                deterministic=deterministic, **extra)
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        logits = nn.Dense(self.num_labels, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                          kernel_init=nn.initializers.normal(cfg.initializer_range), name="classifier")(pooled)
+        return logits.astype(jnp.float32)

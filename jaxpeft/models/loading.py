@@ -1,0 +1,88 @@
+"""Build a sequence classifier from a pretrained HF BERT checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft import masks
+from jaxpeft.errors import UserError
+from jaxpeft.models import hf_weights
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A classifier module, its full params (pretrained encoder, fresh head/adapter) and tokenizer."""
+
+    name: str
+    model_dir: Path
+    config: BertConfig
+    module: BertForSequenceClassification
+    params: Any
+    tokenizer: Any
+
+
+def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
+    ids = jnp.zeros((batch, length), jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids}
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> Any:
+    """Random params of ``module`` (jitted init, so no op-by-op dispatch)."""
+    return jax.jit(lambda r: module.init(r, **dummy_inputs())["params"])(rng)
+
+
+def param_shapes(module: nn.Module) -> Any:
+    """Shapes/dtypes of ``module``'s params without allocating them."""
+    return jax.eval_shape(lambda r: module.init(r, **dummy_inputs())["params"], jax.random.key(0))
+
+
+def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: str) -> Any:
+    """Replaces the ``bert/`` leaves of ``params`` with the checkpoint's tensors.
+
+    Every encoder tensor must be in the checkpoint; a missing pooler is tolerated (kept random,
+    with a warning) because some checkpoints ship without one.
+    """
+    flat = masks.flatten(params)
+    expected = {p[len("bert/"):]: v for p, v in flat.items() if p.startswith("bert/")}
+    loaded = hf_weights.convert_state_dict(state_dict, expected, source)
+    missing = sorted(set(expected) - set(loaded))
+    missing_encoder = [p for p in missing if not p.startswith("pooler/")]
+    if missing_encoder:
+        raise UserError(f"{source}: checkpoint lacks {len(missing_encoder)} encoder tensor(s), e.g. "
+                        f"{missing_encoder[:3]} (not a BERT checkpoint of this shape?)")
+    if missing:
+        log.warning("%s has no pooler weights; the pooler starts from random init", source)
+    for p, arr in loaded.items():
+        flat["bert/" + p] = jnp.asarray(arr, dtype=flat["bert/" + p].dtype)
+    return masks.unflatten(flat, params)
+
+
+def load_classifier(name_or_path: str, num_labels: int, *,
+                    adapter: Callable[[BertConfig], nn.Module | None] | None = None,
+                    seed: int = 0, dtype: str = "float32", attention_impl: str = "dense",
+                    remat: bool = False, with_weights: bool = True) -> LoadedModel:
+    """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
+
+    ``adapter(config)`` builds the method's extra module (prompts, prefixes), if any.
+    ``with_weights=False`` keeps the random init (benchmarks of a model's shape).
+    """
+    model_dir = hf_weights.resolve_model_dir(name_or_path)
+    config = hf_weights.load_config(model_dir, dtype=dtype, attention_impl=attention_impl, remat=remat)
+    module = BertForSequenceClassification(config, num_labels=num_labels,
+                                           adapter=adapter(config) if adapter else None)
+    params = init_params(module, jax.random.key(seed))
+    if with_weights:
+        params = overlay_pretrained(params, hf_weights.load_state_dict(model_dir), str(model_dir))
+    tokenizer = hf_weights.load_tokenizer(model_dir)
+    return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer)

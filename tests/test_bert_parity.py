@@ -1,0 +1,127 @@
+"""Our Flax BERT against transformers' PyTorch BertModel (fp32, real sentences with padding)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import BertModel as TorchBertModel
+
+from jaxpeft.models import BertModel, load_classifier
+
+SENTENCES = [
+    ("it 's a charming and often affecting journey .", None),
+    ("unflinchingly bleak and desperate", None),
+    ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing."),
+    ("The drain is clogged with hair. It has to be cleaned, and quickly, before the guests arrive "
+     "for dinner tonight at eight.", "The hair has to be cleaned."),
+]
+
+
+def _inputs(tokenizer):
+    a = [s for s, _ in SENTENCES]
+    b = [t or "" for _, t in SENTENCES]
+    enc = tokenizer(a, b, padding=True, return_tensors="np")
+    assert (enc["attention_mask"] == 0).any(), "the test needs padded rows"
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _compare(model_dir, **load_kw):
+    loaded = load_classifier(str(model_dir), num_labels=2, **load_kw)
+    enc = _inputs(loaded.tokenizer)
+    seq, pooled = BertModel(loaded.config).apply({"params": loaded.params["bert"]}, enc["input_ids"],
+                                                 enc["attention_mask"], enc["token_type_ids"])
+    ref = TorchBertModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(**{k: torch.tensor(v) for k, v in enc.items()})
+    valid = enc["attention_mask"].astype(bool)
+    diff = np.abs(np.asarray(seq) - out.last_hidden_state.numpy())
+    return diff[valid].max(), np.abs(np.asarray(pooled) - out.pooler_output.numpy()).max(), seq, pooled
+
+
+def test_parity_bundled_minilm(minilm_dir):
+    d_seq, d_pool, seq, _ = _compare(minilm_dir)
+    assert seq.shape[-1] == 384
+    assert d_seq <= 1e-4, d_seq
+    assert d_pool <= 1e-4, d_pool
+
+
+def test_parity_random_config_other_depth_and_width(tiny_bert_dir):
+    d_seq, d_pool, seq, _ = _compare(tiny_bert_dir)
+    assert seq.shape[-1] == 48
+    assert d_seq <= 1e-4, d_seq
+    assert d_pool <= 1e-4, d_pool
+
+
+def test_xla_fused_attention_matches_dense(minilm_dir):
+    dense = load_classifier(str(minilm_dir), 2)
+    fused = load_classifier(str(minilm_dir), 2, attention_impl="xla")
+    enc = _inputs(dense.tokenizer)
+    a = dense.module.apply({"params": dense.params}, **enc)
+    b = fused.module.apply({"params": dense.params}, **enc)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close(minilm_dir):
+    f32 = load_classifier(str(minilm_dir), 2)
+    bf16 = load_classifier(str(minilm_dir), 2, dtype="bfloat16")
+    enc = _inputs(f32.tokenizer)
+    seq32, _ = BertModel(f32.config).apply({"params": f32.params["bert"]}, **enc)
+    seq16, _ = BertModel(bf16.config).apply({"params": f32.params["bert"]}, **enc)
+    assert seq16.dtype == jnp.bfloat16
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x: x.dtype == jnp.float32, bf16.params))
+    valid = enc["attention_mask"].astype(bool)
+    err = np.abs(np.asarray(seq16, np.float32) - np.asarray(seq32))[valid]
+    assert err.mean() < 0.05 and err.max() < 0.5
+
+
+def test_dropout_is_active_only_in_training(minilm_dir):
+    m = load_classifier(str(minilm_dir), 2)
+    enc = _inputs(m.tokenizer)
+    ev1 = m.module.apply({"params": m.params}, **enc, deterministic=True)
+    ev2 = m.module.apply({"params": m.params}, **enc, deterministic=True)
+    tr1 = m.module.apply({"params": m.params}, **enc, deterministic=False,
+                         rngs={"dropout": jax.random.key(1)})
+    tr2 = m.module.apply({"params": m.params}, **enc, deterministic=False,
+                         rngs={"dropout": jax.random.key(2)})
+    assert np.array_equal(ev1, ev2)
+    assert not np.allclose(tr1, tr2)
+
+
+def test_prefix_extension_point_keys_longer_than_queries(minilm_dir):
+    """Zero-length-effect check of the prefix hook: masked-out prefixes change nothing, and the
+    output keeps the input's length."""
+    m = load_classifier(str(minilm_dir), 2)
+    enc = _inputs(m.tokenizer)
+    cfg = m.config
+    b = enc["input_ids"].shape[0]
+    rng = np.random.default_rng(0)
+    kv = [(jnp.asarray(rng.normal(size=(1, 5, cfg.num_attention_heads, cfg.head_dim)), jnp.float32),
+           jnp.asarray(rng.normal(size=(1, 5, cfg.num_attention_heads, cfg.head_dim)), jnp.float32))
+          for _ in range(cfg.num_hidden_layers)]
+    base, _ = BertModel(cfg).apply({"params": m.params["bert"]}, **enc)
+    for impl in ("dense", "xla"):
+        model = BertModel(cfg.replace(attention_impl=impl))
+        off, _ = model.apply({"params": m.params["bert"]}, **enc, prefix_kv=kv,
+                             prefix_mask=jnp.zeros((b, 5)))
+        on, _ = model.apply({"params": m.params["bert"]}, **enc, prefix_kv=kv)
+        assert off.shape == base.shape == on.shape
+        np.testing.assert_allclose(np.asarray(off), np.asarray(base), atol=1e-4)
+        assert np.abs(np.asarray(on) - np.asarray(base)).max() > 1e-2
+
+
+def test_prompt_extension_point_keeps_real_cls(minilm_dir):
+    m = load_classifier(str(minilm_dir), 2)
+    enc = _inputs(m.tokenizer)
+    cfg = m.config
+    prompt = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, cfg.hidden_size)), jnp.float32)
+    seq, pooled = BertModel(cfg).apply({"params": m.params["bert"]}, **enc, prompt_embeds=prompt)
+    length = enc["input_ids"].shape[1]
+    assert seq.shape[1] == length + 4
+    # the pooler reads position 0, the real [CLS] (the prompt sits at positions 1..4)
+    dense = m.params["bert"]["pooler"]["dense"]
+    np.testing.assert_allclose(np.asarray(pooled), np.tanh(np.asarray(seq[:, 0]) @ dense["kernel"]
+                                                           + dense["bias"]), atol=1e-5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        BertModel(cfg).apply({"params": m.params["bert"]}, **enc,
+                             prompt_embeds=jnp.zeros((1, 600, cfg.hidden_size)))
