@@ -198,7 +198,7 @@ def bitfit(params: PyTree, terms: str | Sequence[str] | None = None) -> PyTree:
     >>> trainable_paths(bitfit(params, "query,intermediate"))
     ['encoder/layer_0/attention/self/query/bias', 'encoder/layer_0/intermediate/dense/bias']
     >>> count(params, bitfit(params))
-    (12, 28)
+    (12, 36)
     """
     if terms is None:
         mask = _map_with_path(lambda p, _: p.rsplit("/", 1)[-1] == "bias", params)

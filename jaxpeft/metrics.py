@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -40,10 +42,11 @@ def compute(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str,
             out[name] = float(f1_score(labels, predictions))
         elif name == "matthews_correlation":
             out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name == "pearson":
-            out[name] = _finite(stats.pearsonr(predictions, labels)[0])
-        elif name == "spearman":
-            out[name] = _finite(stats.spearmanr(predictions, labels)[0])
+        elif name in ("pearson", "spearman"):
+            fn = stats.pearsonr if name == "pearson" else stats.spearmanr
+            with warnings.catch_warnings():  # constant predictions: undefined, reported as 0
+                warnings.simplefilter("ignore", stats.ConstantInputWarning)
+                out[name] = _finite(fn(predictions, labels)[0])
     return out
 
 

@@ -117,6 +117,8 @@ def make_predict_step(module) -> Callable:
 
 
 def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state; ``trainable`` is copied, so donating the state leaves the caller's arrays alive."""
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -236,19 +238,34 @@ class Trainer:
             out.update(m if i == 0 else {f"{split}_{k}": v for k, v in m.items()})
         return out
 
+    # -- state and batches (where sharding and checkpoint restore plug in) --------------------
+    def make_state(self, tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
+        """The initial train state and the frozen params."""
+        trainable, frozen = masks.split(self.params, self.mask)
+        return init_state(trainable, tx, self.cfg.seed), frozen
+
+    def device_batch(self, batch: dict) -> dict:
+        """A host batch as the step's input (drops host-only keys)."""
+        return _device_batch(batch)
+
+    def on_step_end(self, step: int, state: TrainState) -> None:
+        """Called after every train step (checkpointing hooks in here)."""
+
+    def on_eval(self, step: int, state: TrainState, metrics_: dict[str, float], is_best: bool) -> None:
+        """Called after every evaluation."""
+
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, task = self.cfg, self.task
         self.out.mkdir(parents=True, exist_ok=True)
-        jlog = JsonLog(self.out / "log.jsonl")
+        self.jlog = jlog = JsonLog(self.out / "log.jsonl")
         report = self.param_report()
         self.echo(f"{cfg.method} on {task.name} with {cfg.model}: " + masks.describe(self.params, self.mask)
                   + f" (method {report['method_params']:,} = {report['method_pct']:.4f}%, "
                   f"head {report['head_params']:,})")
         total = self.total_steps()
         tx, schedule = make_optimizer(cfg, total)
-        trainable, frozen = masks.split(self.params, self.mask)
-        state = init_state(trainable, tx, cfg.seed)
+        state, frozen = self.make_state(tx)
         step_fn = jax.jit(make_train_step(self.model.module, tx, task.is_regression), donate_argnums=(0,))
         predict_fn = jax.jit(make_predict_step(self.model.module))
         jlog.write(event="start", config=cfg.to_dict(), method_options=self.method.options(),
@@ -257,31 +274,34 @@ class Trainer:
         self.echo(f"{len(self.train_data):,} training examples, {total:,} steps of {cfg.batch_size}, "
                   f"buckets {list(self.buckets)}, devices {jax.device_count()}x {jax.devices()[0].platform}")
 
+        spe = self.steps_per_epoch()
         best: dict[str, float] | None = None
         best_step, last_eval = 0, None
         eval_seconds, examples = 0.0, 0
         t_start = time.perf_counter()
         pending: list[tuple[int, dict]] = []
         window_t, window_ex = time.perf_counter(), 0
-        bar = _progress(total, cfg.progress)
-        step = 0
+        step = int(state.step)
+        bar = _progress(total, cfg.progress, initial=step)
 
         def do_eval():
             nonlocal best, best_step, last_eval, eval_seconds
             t0 = time.perf_counter()
             last_eval = self.evaluate(predict_fn, state.trainable, frozen)
             eval_seconds += time.perf_counter() - t0
-            if best is None or last_eval[task.main_metric] > best[task.main_metric]:
+            is_best = best is None or last_eval[task.main_metric] > best[task.main_metric]
+            if is_best:
                 best, best_step = dict(last_eval), step
-            jlog.write(event="eval", step=step, epoch=step / self.steps_per_epoch(), **last_eval)
+            jlog.write(event="eval", step=step, epoch=step / spe, **last_eval)
             self.echo(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+            self.on_eval(step, state, last_eval, is_best)
 
-        epoch = 0
         while step < total:
+            epoch, start = divmod(step, spe)
             order = data.epoch_order(self.train_data.lengths, cfg.batch_size, cfg.seed, epoch)
-            for batch in data.iterate(self.train_data, order, self.buckets):
+            for batch in data.iterate(self.train_data, order, self.buckets, start=start):
                 n_real = int(batch["weights"].sum())
-                state, m = step_fn(state, frozen, _device_batch(batch))
+                state, m = step_fn(state, frozen, self.device_batch(batch))
                 step += 1
                 examples += n_real
                 window_ex += n_real
@@ -300,27 +320,25 @@ class Trainer:
                                     ex_s=f"{rate:.0f}")
                     pending.clear()
                     window_t, window_ex = time.perf_counter(), 0
-                if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < total:
+                epoch_end = step % spe == 0
+                if step < total and ((cfg.eval_every > 0 and step % cfg.eval_every == 0)
+                                     or (cfg.eval_every <= 0 and epoch_end)):
                     do_eval()
                     window_t = time.perf_counter()
+                self.on_step_end(step, state)
                 if step >= total:
                     break
-            epoch += 1
-            if cfg.eval_every <= 0 and step < total:
-                do_eval()
-                window_t = time.perf_counter()
         jax.block_until_ready(state.trainable)
         train_seconds = time.perf_counter() - t_start - eval_seconds
         bar.close()
         do_eval()
-        self.final_trainable = state.trainable
-        self.frozen = frozen
+        self.final_state, self.frozen = state, frozen
         results = {
             "method": cfg.method, "task": task.name, "model": cfg.model,
             "method_options": self.method.options(),
             **{k: report[k] for k in ("trainable_params", "total_params", "trainable_pct")},
             "main_metric": task.main_metric, "best_dev": best, "best_step": best_step,
-            "final_dev": last_eval, "steps": step, "epochs": step / self.steps_per_epoch(),
+            "final_dev": last_eval, "steps": step, "epochs": step / spe,
             "train_examples": len(self.train_data),
             "train_seconds": train_seconds, "examples_per_second": examples / max(train_seconds, 1e-9),
             "seed": cfg.seed, "config": cfg.to_dict(),
@@ -334,10 +352,11 @@ class Trainer:
         return results
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, dynamic_ncols=True, file=sys.stderr, unit="step")
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                unit="step")
 
 
 def run(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -40,5 +40,11 @@ class BitFit(Method):
     name = "bitfit"
     bitfit_terms: str | None = None
 
+    def __post_init__(self):
+        if self.bitfit_terms:  # fail on a typo before anything is loaded
+            for t in self.bitfit_terms.split(","):
+                if t.strip():
+                    masks._canonical_term(t)
+
     def trainable(self, params: Any) -> Any:
         return masks.bitfit(params, self.bitfit_terms or None)

@@ -1,0 +1,119 @@
+"""GLUE reading (TSV layout quirks, bad files), tokenizing and length-bucketed batches."""
+
+import numpy as np
+import pytest
+
+from jaxpeft import data
+from jaxpeft.errors import UserError
+
+COUNTS = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500),
+          "rte": (2490, 277), "wnli": (635, 71)}
+
+
+@pytest.mark.parametrize("task", sorted(COUNTS))
+def test_local_glue_counts_and_labels(glue, task):
+    t = data.get_task(task)
+    train = data.load_split(t, "train", glue)
+    dev = data.load_split(t, "dev", glue)
+    assert (len(train), len(dev)) == COUNTS[task]
+    assert len(train.texts) == (1 if task in ("sst2", "cola") else 2)
+    if t.is_regression:
+        assert train.labels.dtype == np.float32 and 0 <= train.labels.min() and train.labels.max() <= 5
+    else:
+        assert set(np.unique(train.labels)) == set(range(t.num_labels))
+    assert all(isinstance(s, str) and s for s in train.texts[0][:100])
+
+
+def test_quirks_cola_no_header_mrpc_bom(glue):
+    cola = data.load_split(data.get_task("cola"), "dev", glue)
+    assert cola.texts[0][0] == "The sailors rode the breeze clear of the rocks."
+    cola_test = data.load_split(data.get_task("cola"), "test", glue)
+    assert cola_test.labels is None and cola_test.texts[0][0] == "Bill whistled past the house."
+    mrpc = data.load_split(data.get_task("mrpc"), "dev", glue)
+    assert mrpc.labels[0] == 1 and mrpc.texts[0][0].startswith("He said the foodservice pie")
+    rte = data.load_split(data.get_task("rte"), "dev", glue)
+    assert rte.labels[0] == 1  # not_entailment
+
+
+def test_env_var_glue_dir(glue, monkeypatch):
+    monkeypatch.setenv("GLUE_DIR", str(glue))
+    assert len(data.load_split(data.get_task("rte"), "dev")) == 277
+
+
+def test_bad_inputs(glue, tmp_path):
+    with pytest.raises(UserError, match="unknown task 'sst3'"):
+        data.get_task("sst3")
+    with pytest.raises(UserError, match="does not exist"):
+        data.load_split(data.get_task("sst2"), "dev", tmp_path / "nope")
+    with pytest.raises(UserError, match="QNLI/train.tsv not found"):
+        data.load_split(data.get_task("qnli"), "train", glue)
+    bad = tmp_path / "SST-2"
+    bad.mkdir()
+    (bad / "dev.tsv").write_text("sentence\tlabel\ngood movie\t1\nno label here\n")
+    with pytest.raises(UserError, match=r"dev.tsv:3: malformed row, expected 2 tab-separated fields"):
+        data.load_split(data.get_task("sst2"), "dev", tmp_path)
+    (bad / "dev.tsv").write_text("sentence\tlabel\ngood movie\tpositive\n")
+    with pytest.raises(UserError, match=r"dev.tsv:2: label 'positive' is not one of"):
+        data.load_split(data.get_task("sst2"), "dev", tmp_path)
+    (bad / "dev.tsv").write_text("text\tlabel\ngood movie\t1\n")
+    with pytest.raises(UserError, match="lacks the columns"):
+        data.load_split(data.get_task("sst2"), "dev", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    from jaxpeft.models.hf_weights import load_tokenizer
+
+    return load_tokenizer(minilm_dir)
+
+
+def test_encode_pairs_truncation_and_token_types(glue, tokenizer):
+    ex = data.load_split(data.get_task("rte"), "dev", glue)
+    enc = data.encode(tokenizer, ex, max_length=64)
+    assert enc.input_ids.shape == (277, 64) and enc.lengths.max() == 64
+    ref = tokenizer(ex.texts[0][0], ex.texts[1][0], truncation=True, max_length=64)
+    n = enc.lengths[0]
+    assert list(enc.input_ids[0, :n]) == ref["input_ids"]
+    assert list(enc.token_type_ids[0, :n]) == ref["token_type_ids"]
+    assert (enc.input_ids[0, n:] == 0).all()
+
+
+def test_buckets():
+    assert data.length_buckets(128) == (16, 32, 64, 128)
+    assert data.length_buckets(100) == (16, 32, 64, 100)
+    assert data.bucket_for(17, (16, 32)) == 32
+    with pytest.raises(ValueError):
+        data.bucket_for(33, (16, 32))
+
+
+def test_epoch_order_covers_every_example_once_and_is_deterministic():
+    lengths = np.random.default_rng(0).integers(3, 128, size=1003)
+    a = data.epoch_order(lengths, 32, seed=1, epoch=0)
+    b = data.epoch_order(lengths, 32, seed=1, epoch=0)
+    c = data.epoch_order(lengths, 32, seed=1, epoch=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    flat = np.concatenate(a)
+    assert sorted(flat[flat >= 0].tolist()) == list(range(1003))
+    assert all(len(x) == 32 for x in a) and (flat < 0).sum() == 32 * len(a) - 1003
+
+
+def test_batches_pad_to_buckets_with_little_waste(glue, tokenizer):
+    ex = data.load_split(data.get_task("sst2"), "dev", glue)
+    enc = data.encode(tokenizer, ex, max_length=64)
+    buckets = data.length_buckets(64)
+    order = data.epoch_order(enc.lengths, 32, seed=0, epoch=0)
+    shapes, real_tokens, padded_tokens = set(), 0, 0
+    for idx in order:
+        b = data.make_batch(enc, idx, buckets)
+        shapes.add(b["input_ids"].shape)
+        real = b["weights"] > 0
+        assert (b["attention_mask"][real].sum(1) == enc.lengths[idx[real]]).all()
+        assert (b["labels"][real] == enc.labels[idx[real]]).all()
+        real_tokens += int(b["attention_mask"][real].sum())
+        padded_tokens += b["input_ids"].size
+    assert shapes <= {(32, w) for w in buckets}
+    assert real_tokens / padded_tokens > 0.6
+    ev = data.eval_order(enc.lengths, 100)
+    seen = np.concatenate(ev)
+    assert sorted(seen[seen >= 0].tolist()) == list(range(len(enc)))

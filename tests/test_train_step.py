@@ -1,0 +1,112 @@
+"""The train step: only masked leaves change, equivalence with optax.multi_transform, and no
+weight gradients for frozen matrices (XLA cost analysis on BERT-base shapes)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpeft import masks, methods
+from jaxpeft.config import TrainConfig
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.loading import init_params, param_shapes
+from jaxpeft.train import init_state, make_optimizer, make_train_step
+
+SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   vocab_size=120, max_position_embeddings=64)
+
+
+def _batch(rng, b=8, t=16, vocab=120, labels=2):
+    lengths = rng.integers(4, t + 1, size=b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    return {"input_ids": rng.integers(1, vocab, size=(b, t)).astype(np.int32) * mask,
+            "attention_mask": mask, "token_type_ids": np.zeros((b, t), np.int32),
+            "labels": rng.integers(0, labels, size=b).astype(np.int32),
+            "weights": np.ones(b, np.float32)}
+
+
+@pytest.mark.parametrize("method,options", [("bitfit", {}), ("bitfit", {"bitfit_terms": "query,intermediate"}),
+                                            ("frozen", {}), ("full", {})])
+def test_exactly_masked_leaves_change(method, options):
+    module = BertForSequenceClassification(SMALL, num_labels=2)
+    params = init_params(module, jax.random.key(0))
+    m = methods.create(method, options)
+    mask = m.mask(params)
+    cfg = TrainConfig(learning_rate=1e-2, warmup_ratio=0.0)
+    tx, _ = make_optimizer(cfg, total_steps=10)
+    trainable, frozen = masks.split(params, mask)
+    state = init_state(trainable, tx, seed=0)
+    step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        state, metrics = step(state, frozen, _batch(rng))
+        assert np.isfinite(float(metrics["loss"]))
+    after = masks.flatten(masks.merge(state.trainable, frozen))
+    before = masks.flatten(params)
+    flags = masks.flatten(mask)
+    for path, value in before.items():
+        if flags[path]:
+            assert not np.array_equal(np.asarray(after[path]), np.asarray(value)), f"{path} did not train"
+        else:
+            assert np.array_equal(np.asarray(after[path]), np.asarray(value)), f"{path} changed"
+    # optimizer state exists for trainable leaves only
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if getattr(x, "ndim", 0) > 0)
+    assert n_opt == 2 * masks.count(params, mask)[0]
+
+
+def test_split_step_equals_multi_transform_on_the_full_tree():
+    """Second code path: optax.multi_transform over the full params with full gradients."""
+    module = BertForSequenceClassification(SMALL, num_labels=2)
+    params = init_params(module, jax.random.key(1))
+    mask = methods.create("bitfit").mask(params)
+    inner = optax.adamw(1e-2, weight_decay=0.0)
+    batch = _batch(np.random.default_rng(1))
+    rng = jax.random.key(5)
+
+    def full_loss(p):
+        logits = module.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"], deterministic=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    tx_full = masks.multi_transform(inner, mask)
+    g = jax.grad(full_loss)(params)
+    upd, _ = tx_full.update(g, tx_full.init(params), params)
+    want = optax.apply_updates(params, upd)
+
+    trainable, frozen = masks.split(params, mask)
+    g_t = jax.grad(lambda t: full_loss(masks.merge(t, frozen)))(trainable)
+    upd_t, _ = inner.update(g_t, inner.init(trainable), trainable)
+    got = masks.merge(optax.apply_updates(trainable, upd_t), frozen)
+    for (p, a), b in zip(masks.flatten(want).items(), masks.flatten(got).values()):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=p)
+    del rng
+
+
+def _step_flops(method: str, cfg: BertConfig, batch: int, seq: int) -> float:
+    module = BertForSequenceClassification(cfg, num_labels=2)
+    shapes = param_shapes(module)
+    mask = methods.create(method).mask(shapes)
+    tx, _ = make_optimizer(TrainConfig(), total_steps=100)
+    trainable, frozen = masks.split(shapes, mask)
+    state = jax.eval_shape(lambda t: init_state(t, tx, 0), trainable)
+    b = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+         for k in ("input_ids", "attention_mask", "token_type_ids")}
+    b["labels"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    b["weights"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    step = make_train_step(module, tx, regression=False)
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, b).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def test_bitfit_step_costs_about_two_thirds_of_full_on_bert_base_shapes():
+    base = BertConfig()  # bert-base-uncased shapes: 12 x 768, 30522 vocab
+    full = _step_flops("full", base, batch=8, seq=128)
+    bitfit = _step_flops("bitfit", base, batch=8, seq=128)
+    frozen = _step_flops("frozen", base, batch=8, seq=128)
+    ratio = bitfit / full
+    print(f"full {full:.3e} bitfit {bitfit:.3e} frozen {frozen:.3e} ratio {ratio:.3f}")
+    assert ratio <= 0.72, ratio
+    assert frozen < 0.45 * full  # head only: forward pass, no backward through the encoder
