@@ -56,8 +56,11 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 50
     progress: bool = True
-    # method options
+    # method options: bitfit
     bitfit_terms: str | None = None
+    # method options: prompt methods (prompt, ptuning, prefix, ptuning_v2)
+    # checkpoints and adapters
+    # devices and sharding
 
     def __post_init__(self):
         if self.output_dir is None:

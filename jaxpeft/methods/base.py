@@ -41,5 +41,18 @@ class Method:
         initialisation from the vocabulary). Default: unchanged."""
         return params
 
+    def export_params(self, params: Any) -> dict[str, Any]:
+        """The arrays an exported adapter keeps, as ``{path: array}`` (``/``-joined param paths).
+
+        Default: the trainable leaves. Methods with a reparameterisation (prefix MLP, P-tuning
+        encoder) override this to return the computed prompts/prefixes instead.
+        """
+        return masks.flatten(masks.split(params, self.mask(params))[0])
+
+    def for_inference(self) -> "Method":
+        """The method whose params are exactly :meth:`export_params`'s paths (e.g. prompts held
+        directly instead of produced by an encoder). Default: this method."""
+        return self
+
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
