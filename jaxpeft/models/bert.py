@@ -49,7 +49,10 @@ class BertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     classifier_dropout: float | None = None
-    # Not part of the HF config: how we compute.
+    # Not part of the HF config: how we compute. ``attention_impl``: ``dense`` (einsum + softmax,
+    # with dropout on the attention probabilities, exactly BERT) or a fused kernel through
+    # ``jax.nn.dot_product_attention`` (``xla``, or ``cudnn`` on NVIDIA GPUs with bf16/fp16), which
+    # applies no dropout to the attention probabilities (hidden-state dropout stays).
     dtype: str = "float32"
     attention_impl: str = "dense"
     remat: bool = False
@@ -145,7 +148,8 @@ class BertSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix: tuple[Array, Array] | None = None) -> Array:
+                 prefix: tuple[Array, Array] | None = None,
+                 key_lengths: Array | None = None) -> Array:
         cfg = self.config
         b, t, _ = x.shape
         n, d = cfg.num_attention_heads, cfg.head_dim
@@ -160,9 +164,14 @@ class BertSelfAttention(nn.Module):
             v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), shape), v], axis=1)
         if key_mask.shape != (b, k.shape[1]):
             raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, k.shape[1])}")
-        dropout = 0.0 if deterministic else cfg.attention_probs_dropout_prob
-        if cfg.attention_impl == "dense" or dropout > 0.0:
+        if cfg.attention_impl == "dense":
+            dropout = 0.0 if deterministic else cfg.attention_probs_dropout_prob
             out = self._dense_attention(q, k, v, key_mask, dropout)
+        elif key_lengths is not None:
+            # Fused kernels (no dropout on attention probabilities): valid keys are a prefix
+            # of each row, so sequence lengths describe the mask without materialising it.
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
+                                               implementation=cfg.attention_impl)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
                                                implementation=cfg.attention_impl)
@@ -196,8 +205,9 @@ class BertAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix: tuple[Array, Array] | None = None) -> Array:
-        h = BertSelfAttention(self.config, name="self")(x, key_mask, deterministic, prefix)
+                 prefix: tuple[Array, Array] | None = None,
+                 key_lengths: Array | None = None) -> Array:
+        h = BertSelfAttention(self.config, name="self")(x, key_mask, deterministic, prefix, key_lengths)
         return BertOutput(self.config, name="output")(h, x, deterministic)
 
 
@@ -206,9 +216,10 @@ class BertLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix: tuple[Array, Array] | None = None) -> Array:
+                 prefix: tuple[Array, Array] | None = None,
+                 key_lengths: Array | None = None) -> Array:
         cfg = self.config
-        a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix)
+        a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix, key_lengths)
         h = BertIntermediate(cfg, name="intermediate")(a)
         return BertOutput(cfg, name="output")(h, a, deterministic)
 
@@ -227,14 +238,15 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix_kv: Sequence[tuple[Array, Array]] | None = None) -> Array:
+                 prefix_kv: Sequence[tuple[Array, Array]] | None = None,
+                 key_lengths: Array | None = None) -> Array:
         cfg = self.config
         if prefix_kv is not None and len(prefix_kv) != cfg.num_hidden_layers:
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {cfg.num_hidden_layers}")
         layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
         for i in range(cfg.num_hidden_layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix)
+            x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix, key_lengths)
         return x
 
 
@@ -294,7 +306,11 @@ class BertModel(nn.Module):
             pm = jnp.ones((b, p), bool) if prefix_mask is None else \
                 jnp.broadcast_to(prefix_mask.astype(bool), (b, p))
             key_mask = jnp.concatenate([pm, mask], axis=1)
-        x = BertEncoder(cfg, name="encoder")(x, key_mask, deterministic, prefix_kv)
+        # Right-padded input with all-ones prompt/prefix masks keeps every row's valid keys
+        # contiguous from position 0: fused attention can then take lengths instead of a mask.
+        contiguous = prompt_mask is None and prefix_mask is None
+        key_lengths = key_mask.sum(-1).astype(jnp.int32) if contiguous else None
+        x = BertEncoder(cfg, name="encoder")(x, key_mask, deterministic, prefix_kv, key_lengths)
         pooled = BertPooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
         return x, pooled
 

@@ -1,0 +1,239 @@
+"""Train-step benchmarks: step time, throughput, peak memory, compile time, FLOPs and MFU.
+
+One configuration = (model size, method, batch, sequence length). The step benchmarked is the
+library's own (:func:`jaxpeft.train.make_train_step`, jitted with donated state) on random-init
+weights of the model's shape and random token ids with every position real, so numbers compare
+with the PyTorch peer in ``benchmarks/peft_peer.py`` on the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft import masks, methods
+from jaxpeft.config import TrainConfig
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.train import init_state, make_optimizer, make_train_step
+
+SIZES: dict[str, BertConfig] = {
+    "base": BertConfig(),  # bert-base-uncased
+    "large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096),
+    "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                         intermediate_size=1536),
+    "tiny": BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       vocab_size=1000, max_position_embeddings=256),
+}
+#: Options given to every method (peer's settings: 20 virtual tokens).
+METHOD_OPTIONS = {"num_virtual_tokens": 20}
+#: Methods that add ``num_virtual_tokens`` positions to the input / to the keys.
+INPUT_PROMPT_METHODS = ("prompt", "ptuning")
+PREFIX_METHODS = ("prefix", "ptuning_v2")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    size: str = "base"
+    method: str = "bitfit"
+    batch: int = 64
+    seq: int = 128
+    dtype: str = "bfloat16"
+    attention_impl: str = "cudnn"
+    steps: int = 20           # steps per timed repeat
+    repeats: int = 5
+    warmup: int = 3
+    peak_tflops: float = 790.0  # measured bf16 matmul rate of the device (H200: ~790)
+    remat: bool = False
+
+
+def analytic_flops(cfg: BertConfig, method: str, batch: int, seq: int, virtual: int = 20) -> float:
+    """Matmul FLOPs of one train step (forward + backward), counting 2 per multiply-add.
+
+    Per layer and token, the projections and MLP cost ``2 (4 H^2 + 2 H I)`` forward; attention
+    scores and mixing ``4 T S H`` per sequence. Full fine-tuning costs 3x the forward (dX and dW);
+    methods that train no matrix (BitFit, prompts, prefixes) need dX only: 2x for the projections,
+    3x for attention (its backward has no weights); Frozen (head only) is forward only.
+    """
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    t = seq + (virtual if method in INPUT_PROMPT_METHODS else 0)   # query length
+    s = t + (virtual if method in PREFIX_METHODS else 0)            # key length
+    proj = 2.0 * batch * t * (4 * h * h + 2 * h * i) * n
+    attn = 4.0 * batch * t * s * h * n
+    if method == "full":
+        return 3 * (proj + attn)
+    if method == "frozen":
+        return proj + attn
+    return 2 * proj + 3 * attn
+
+
+def _random_batch(cfg: BertConfig, batch: int, seq: int, seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {
+        "input_ids": jnp.asarray(rng.integers(1, cfg.vocab_size, size=(batch, seq)), jnp.int32),
+        "attention_mask": jnp.ones((batch, seq), jnp.int32),
+        "token_type_ids": jnp.zeros((batch, seq), jnp.int32),
+        "labels": jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32),
+        "weights": jnp.ones((batch,), jnp.float32),
+    }
+
+
+def _cost(compiled) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        c = compiled.cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        out["xla_flops"] = float(c.get("flops", float("nan")))
+    except Exception:  # not every backend reports it
+        pass
+    try:
+        m = compiled.memory_analysis()
+        out["xla_temp_bytes"] = float(m.temp_size_in_bytes)
+        out["xla_argument_bytes"] = float(m.argument_size_in_bytes)
+        out["xla_output_bytes"] = float(m.output_size_in_bytes)
+    except Exception:
+        pass
+    return out
+
+
+def build_step(bc: BenchConfig):
+    """Module, compiled step, state, frozen params and batch for one configuration."""
+    cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat)
+    method = methods.create(bc.method, METHOD_OPTIONS)
+    adapter = method.adapter(cfg)
+    module = BertForSequenceClassification(cfg, num_labels=2, adapter=adapter)
+    dummy = _random_batch(cfg, 1, 8)
+    params = jax.jit(lambda r: module.init(r, dummy["input_ids"], dummy["attention_mask"],
+                                           dummy["token_type_ids"])["params"])(jax.random.key(0))
+    mask = method.mask(params)
+    counts = masks.count(params, mask)
+    tx, _ = make_optimizer(TrainConfig(learning_rate=1e-4), total_steps=10_000)
+    trainable, frozen = masks.split(params, mask)
+    state = init_state(trainable, tx, seed=0)
+    del params, trainable
+    batch = _random_batch(cfg, bc.batch, bc.seq)
+    step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    return cfg, compiled, state, frozen, batch, compile_s, counts
+
+
+def run(bc: BenchConfig) -> dict[str, Any]:
+    """Benchmarks one configuration; returns one JSON-able record."""
+    cfg, compiled, state, frozen, batch, compile_s, (trainable, total) = build_step(bc)
+    for _ in range(bc.warmup):
+        state, m = compiled(state, frozen, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(bc.repeats):
+        t0 = time.perf_counter()
+        for _ in range(bc.steps):
+            state, m = compiled(state, frozen, batch)
+        jax.block_until_ready((state, m))
+        times.append((time.perf_counter() - t0) / bc.steps)
+    step_s = statistics.median(times)
+    flops = analytic_flops(cfg, bc.method, bc.batch, bc.seq, METHOD_OPTIONS["num_virtual_tokens"])
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    rec = {
+        **dataclasses.asdict(bc),
+        "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+        "trainable_params": trainable, "total_params": total,
+        "step_ms": 1e3 * step_s, "step_ms_spread": 1e3 * (max(times) - min(times)),
+        "seq_per_s": bc.batch / step_s, "tokens_per_s": bc.batch * bc.seq / step_s,
+        "compile_s": compile_s, "analytic_flops": flops,
+        "mfu": flops / step_s / (bc.peak_tflops * 1e12),
+        "peak_bytes": stats.get("peak_bytes_in_use"), "loss": float(m["loss"]),
+        **_cost(compiled),
+    }
+    if not np.isfinite(rec["loss"]):
+        raise FloatingPointError(f"non-finite loss in {bc}")
+    return rec
+
+
+def matmul_peak_tflops(n: int = 8192, dtype: str = "bfloat16", iters: int = 10) -> float:
+    """Measured dense matmul rate on random data (the MFU denominator)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    for _ in range(3):
+        f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = f(a, b)
+    out.block_until_ready()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+# ----------------------------------------------------------------------------- reports
+
+GIB = 1024 ** 3
+
+
+def _key(r: dict) -> tuple:
+    return (r["size"], r["method"], r["batch"], r["seq"])
+
+
+def _fmt(x: float | None, spec: str = ",.0f") -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def speed_table(records: list[dict]) -> str:
+    """Markdown: ours vs the peer (eager, torch.compile) per size/method/batch, with ratios."""
+    ours = {_key(r): r for r in records if r.get("framework", "jaxpeft") == "jaxpeft"
+            and "seq_per_s" in r and not r.get("capacity")}
+    peer = {(_key(r), r["mode"]): r for r in records if r.get("framework", "").startswith("torch")}
+    lines = ["| size | method | batch | jaxpeft seq/s | MFU | peak GiB | compile s | peft eager seq/s "
+             "| peft compile seq/s | ours / compile | ours / eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(ours, key=lambda k: (k[0], METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99,
+                                         k[2], k[3])):
+        r = ours[k]
+        pe, pc = peer.get((k, "eager"), {}), peer.get((k, "compile"), {})
+
+        def peer_cell(p):
+            if "error" in p:
+                return "fails"
+            return _fmt(p.get("seq_per_s"))
+
+        def ratio(p):
+            return f"{r['seq_per_s'] / p['seq_per_s']:.2f}x" if p.get("seq_per_s") else "—"
+
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {_fmt(r['seq_per_s'])} | {100 * r['mfu']:.1f}% "
+                     f"| {_fmt((r.get('peak_bytes') or float('nan')) / GIB, '.2f')} | {r['compile_s']:.1f} "
+                     f"| {peer_cell(pe)} | {peer_cell(pc)} | {ratio(pc)} | {ratio(pe)} |")
+    return "\n".join(lines)
+
+
+def memory_table(records: list[dict]) -> str:
+    """Markdown: peak memory per method vs full fine-tuning, and the largest batch that ran."""
+    ours = [r for r in records if r.get("framework", "jaxpeft") == "jaxpeft" and r.get("peak_bytes")
+            and not r.get("capacity")]
+    cap = {(r["size"], r["method"], r["seq"]): r for r in records if r.get("capacity")}
+    peer = {(_key(r)): r for r in records if r.get("framework", "").startswith("torch")
+            and r.get("mode") == "eager" and r.get("peak_bytes")}
+    full = {(r["size"], r["batch"], r["seq"]): r["peak_bytes"] for r in ours if r["method"] == "full"}
+    lines = ["| size | method | batch | peak GiB | vs full | peft eager peak GiB | largest batch (seq) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(ours, key=lambda r: (r["size"], r["batch"], METHOD_ORDER.index(r["method"])
+                                         if r["method"] in METHOD_ORDER else 99)):
+        f = full.get((r["size"], r["batch"], r["seq"]))
+        c = cap.get((r["size"], r["method"], r["seq"]))
+        p = peer.get(_key(r))
+        lines.append(f"| {r['size']} | {r['method']} | {r['batch']} | {r['peak_bytes'] / GIB:.2f} "
+                     f"| {(r['peak_bytes'] / f if f else float('nan')):.2f}x "
+                     f"| {_fmt(p['peak_bytes'] / GIB if p else None, '.2f')} "
+                     f"| {_fmt(c.get('max_batch') if c else None)} |")
+    return "\n".join(lines)
+
+
+METHOD_ORDER = ["full", "frozen", "bitfit", "prompt", "ptuning", "prefix", "ptuning_v2"]
