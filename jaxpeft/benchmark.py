@@ -20,7 +20,7 @@ import numpy as np
 from jaxpeft import masks, methods
 from jaxpeft.config import TrainConfig
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
-from jaxpeft.train import init_state, make_optimizer, make_train_step
+from jaxpeft.train import init_state, make_optimizer, make_train_step, set_prng_impl
 
 SIZES: dict[str, BertConfig] = {
     "base": BertConfig(),  # bert-base-uncased
@@ -51,6 +51,8 @@ class BenchConfig:
     warmup: int = 3
     peak_tflops: float = 790.0  # measured bf16 matmul rate of the device (H200: ~790)
     remat: bool = False
+    prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
+    dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
 
 
 def analytic_flops(cfg: BertConfig, method: str, batch: int, seq: int, virtual: int = 20) -> float:
@@ -97,6 +99,10 @@ def _cost(compiled) -> dict[str, float]:
         out["xla_temp_bytes"] = float(m.temp_size_in_bytes)
         out["xla_argument_bytes"] = float(m.argument_size_in_bytes)
         out["xla_output_bytes"] = float(m.output_size_in_bytes)
+        # what the step holds at once: inputs (params, state, batch) + outputs not aliased to
+        # donated inputs + scratch
+        out["step_bytes"] = float(m.argument_size_in_bytes + m.output_size_in_bytes
+                                  - m.alias_size_in_bytes + m.temp_size_in_bytes)
     except Exception:
         pass
     return out
@@ -104,7 +110,10 @@ def _cost(compiled) -> dict[str, float]:
 
 def build_step(bc: BenchConfig):
     """Module, compiled step, state, frozen params and batch for one configuration."""
+    set_prng_impl(bc.prng_impl)
     cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat)
+    if bc.dropout is not None:
+        cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, METHOD_OPTIONS)
     adapter = method.adapter(cfg)
     module = BertForSequenceClassification(cfg, num_labels=2, adapter=adapter)
@@ -192,7 +201,7 @@ def speed_table(records: list[dict]) -> str:
     ours = {_key(r): r for r in records if r.get("framework", "jaxpeft") == "jaxpeft"
             and "seq_per_s" in r and not r.get("capacity")}
     peer = {(_key(r), r["mode"]): r for r in records if r.get("framework", "").startswith("torch")}
-    lines = ["| size | method | batch | jaxpeft seq/s | MFU | peak GiB | compile s | peft eager seq/s "
+    lines = ["| size | method | batch | jaxpeft seq/s | MFU | step GiB | compile s | peft eager seq/s "
              "| peft compile seq/s | ours / compile | ours / eager |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(ours, key=lambda k: (k[0], METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99,
@@ -208,21 +217,23 @@ def speed_table(records: list[dict]) -> str:
         def ratio(p):
             return f"{r['seq_per_s'] / p['seq_per_s']:.2f}x" if p.get("seq_per_s") else "—"
 
+        mem = r.get("step_bytes") or r.get("peak_bytes") or float("nan")
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {_fmt(r['seq_per_s'])} | {100 * r['mfu']:.1f}% "
-                     f"| {_fmt((r.get('peak_bytes') or float('nan')) / GIB, '.2f')} | {r['compile_s']:.1f} "
+                     f"| {_fmt(mem / GIB, '.2f')} | {r['compile_s']:.1f} "
                      f"| {peer_cell(pe)} | {peer_cell(pc)} | {ratio(pc)} | {ratio(pe)} |")
     return "\n".join(lines)
 
 
 def memory_table(records: list[dict]) -> str:
     """Markdown: peak memory per method vs full fine-tuning, and the largest batch that ran."""
-    ours = [r for r in records if r.get("framework", "jaxpeft") == "jaxpeft" and r.get("peak_bytes")
+    ours = [dict(r, peak_bytes=r.get("step_bytes") or r.get("peak_bytes")) for r in records
+            if r.get("framework", "jaxpeft") == "jaxpeft" and (r.get("step_bytes") or r.get("peak_bytes"))
             and not r.get("capacity")]
     cap = {(r["size"], r["method"], r["seq"]): r for r in records if r.get("capacity")}
     peer = {(_key(r)): r for r in records if r.get("framework", "").startswith("torch")
             and r.get("mode") == "eager" and r.get("peak_bytes")}
     full = {(r["size"], r["batch"], r["seq"]): r["peak_bytes"] for r in ours if r["method"] == "full"}
-    lines = ["| size | method | batch | peak GiB | vs full | peft eager peak GiB | largest batch (seq) |",
+    lines = ["| size | method | batch | step GiB (XLA) | vs full | peft eager peak GiB | largest batch |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["size"], r["batch"], METHOD_ORDER.index(r["method"])
                                          if r["method"] in METHOD_ORDER else 99)):
@@ -237,3 +248,23 @@ def memory_table(records: list[dict]) -> str:
 
 
 METHOD_ORDER = ["full", "frozen", "bitfit", "prompt", "ptuning", "prefix", "ptuning_v2"]
+
+
+def predict_capacity(records: list[dict], size: str, method: str, limit_bytes: float,
+                     headroom: float = 0.95) -> dict | None:
+    """Largest batch whose step fits ``headroom * limit_bytes``, from the XLA step memory of two
+    measured batches (memory is affine in the batch: weights + optimizer state + per-example
+    activations)."""
+    pts = sorted({(r["batch"], r["step_bytes"]) for r in records
+                  if r.get("framework", "jaxpeft") == "jaxpeft" and r.get("size") == size
+                  and r.get("method") == method and r.get("step_bytes") and not r.get("capacity")})
+    if len(pts) < 2 or pts[0][0] == pts[-1][0]:
+        return None
+    (b1, m1), (b2, m2) = pts[0], pts[-1]
+    slope = (m2 - m1) / (b2 - b1)
+    fixed = m1 - slope * b1
+    best = int((headroom * limit_bytes - fixed) / slope) // 8 * 8
+    return {"framework": "jaxpeft", "capacity": True, "size": size, "method": method,
+            "seq": next(r["seq"] for r in records if r.get("size") == size),
+            "batch": best, "max_batch": best, "fixed_bytes": fixed, "bytes_per_example": slope,
+            "limit_bytes": limit_bytes}

@@ -52,6 +52,7 @@ class TrainConfig:
     dtype: str = "float32"
     attention_impl: str = "dense"
     remat: bool = False
+    prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
     # bookkeeping
     eval_every: int = 0
     log_every: int = 50

@@ -123,6 +123,20 @@ def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> T
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def set_prng_impl(name: str) -> str:
+    """Selects JAX's default PRNG (used for dropout). ``auto``: ``rbg`` on accelerators, where
+    threefry's integer arithmetic makes dropout masks expensive, ``threefry2x32`` on CPU."""
+    if name == "auto":
+        name = "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
+    if name not in PRNG_IMPLS:
+        raise UserError(f"unknown prng_impl {name!r}; known: auto, {', '.join(PRNG_IMPLS)}")
+    jax.config.update("jax_default_prng_impl", name)
+    return name
+
+
 def _device_batch(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "index"}
 
@@ -183,6 +197,7 @@ class Trainer:
         self.out = check_output_dir(cfg.output_dir)
         self.task = data.get_task(cfg.task)
         self.method = methods.create(cfg.method, cfg.to_dict())
+        self.prng_impl = set_prng_impl(cfg.prng_impl)
         if cfg.batch_size <= 0 or cfg.eval_batch_size <= 0:
             raise UserError("batch sizes must be positive")
         if cfg.max_seq_length < 8:
