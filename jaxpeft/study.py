@@ -253,13 +253,18 @@ class Plan:
         return self.examples(run)[0] * cfg["max_seq_length"] * _STEP_COST.get(cfg["method"], 1.0)
 
     def all_runs(self) -> list[Run]:
-        """Every run the full study makes: grid runs, then the seeds of each group (at the chosen
-        rate where the group's grid is done, else at the grid's first rate, to count them)."""
+        """Every run the full study makes: grid runs, then the seeds of each group -- at the chosen
+        rate where the group's grid is done; else, to count them, at a rate where another seed has
+        finished already, or at the grid's first rate."""
         out = []
         for g in self.groups():
             grid = self.grid_runs(g)
-            chosen = choose_lr(self.grid_metrics(g)) if all(map(self.is_complete, grid)) else None
-            out += grid + self.seed_runs(g, grid[0].learning_rate if chosen is None else chosen)
+            lr = choose_lr(self.grid_metrics(g)) if all(map(self.is_complete, grid)) else None
+            if lr is None:
+                seen = [r.learning_rate for r in grid for r in self.seed_runs(g, r.learning_rate)
+                        if self.is_complete(r)]
+                lr = seen[0] if seen else grid[0].learning_rate
+            out += grid + self.seed_runs(g, lr)
         return out
 
     # -- state on disk ----------------------------------------------------------------------

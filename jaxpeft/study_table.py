@@ -149,7 +149,8 @@ def render(groups: dict[tuple[str, str], Group], study: Study, n_files: int, sou
                 row.append(cell)
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Dev metric x100 of the selection seed (the smallest) at each learning rate; bold: "
-              "chosen." + (" †: chosen at the edge of the grid (a wider grid might do better)." if edge else "")]
+              "chosen." + (" †: chosen at the edge of the grid (a wider grid might do better)."
+                           if edge else "")]
     return "\n".join(lines)
 
 

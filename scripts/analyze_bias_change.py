@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Which biases move: mean |Δb| per layer and BERT bias term between a base model and BitFit adapters.
 
-    python scripts/analyze_bias_change.py runs/study/rte/bitfit/lr0.001-seed0/adapter --out=docs/img/bias_change_rte
+    python scripts/analyze_bias_change.py runs/study/rte/bitfit/lr0.001-seed0/adapter \\
+        --out=docs/img/bias_change_rte
     python scripts/analyze_bias_change.py $(python scripts/study.py adapters --setting=bitfit) \\
         --out=docs/img/bias_change_all --title="BitFit, all tasks and seeds"
 

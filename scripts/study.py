@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     if a.command == "plan":
         print(study.describe_plan(plan))
         return 0
-    cache = None if (a.compile_cache or "").lower() == "none" else (a.compile_cache or str(Path(a.out) / ".jax_cache"))
+    cache = a.compile_cache or str(Path(a.out) / ".jax_cache")
+    cache = None if cache.lower() == "none" else cache
     summary = study.execute(plan, jobs=a.jobs, compile_cache=cache)
     return 1 if summary["failed"] else 0
 
