@@ -14,6 +14,8 @@ about 8 minutes on one H200 with ``--jobs 8`` (see docs/results.md for how that 
 TASKS = ("sst2", "cola", "mrpc", "stsb", "rte")
 
 #: The per-layer BERT bias terms other than b_q and b_m2 (jaxpeft.masks.BERT_BIAS_TERMS names).
+#: The embedding-LayerNorm and pooler biases are not among the paper's per-layer terms: they train
+#: in "bitfit" (all biases) only, so "bitfit_qi" and "bitfit_no_qi" split the eight terms exactly.
 OTHER_TERMS = "key,value,attention_output,attention_layernorm,output,output_layernorm"
 
 

@@ -182,6 +182,9 @@ class Plan:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"output folder {str(out)!r} is a file")
         self.model = model or config_lib.TrainConfig.model
+        from jaxpeft.models import hf_weights
+
+        hf_weights.load_config(hf_weights.resolve_model_dir(self.model))  # a bad model fails now, once
         self.data_dir = str(Path(data_dir).resolve()) if data_dir else None
         self.overrides = dict(overrides or {})
         self.train_sizes: dict[str, int] = {}

@@ -117,7 +117,8 @@ def test_plan_counts_and_bad_input(tiny_study, glue):
                          (["--tasks=sst3"], "unknown task 'sst3'"),
                          (["--set", "learning_rate=1"], "the study grid decides learning_rate"),
                          (["--set", "batch_sise=4"], "expected KEY=VALUE"),
-                         ([f"--data_dir={out}/nope"], "does not exist")]:
+                         ([f"--data_dir={out}/nope"], "does not exist"),
+                         ([f"--model={out}/nomodel"], "neither a local folder nor a hub id")]:
         rc, _, err = run_study("run", *common, *args)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
