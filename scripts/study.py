@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""The BitFit study: full fine-tuning, BitFit and its ablations, Frozen, on GLUE; resumable.
+
+    python scripts/study.py plan  --data_dir=../shared/data/glue            # runs and budget
+    python scripts/study.py run   --data_dir=../shared/data/glue --jobs=8   # every run not done yet
+    python scripts/study.py table --doc=docs/results.md                     # tables from results files
+    python scripts/study.py adapters --setting=bitfit --tasks=rte           # adapter folders, chosen lr
+
+The grid and per-task budget are in configs/study.py (--config for another). Results go to
+--out (default runs/study), one folder per run. The logic is in jaxpeft.study and jaxpeft.study_table.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jaxpeft import cli  # noqa: E402
+
+
+def _csv(kind=str):
+    return lambda s: [kind(x.strip()) for x in s.split(",") if x.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "plan", "table", "adapters"])
+    p.add_argument("--config", help="study config file (default: configs/study.py)")
+    p.add_argument("--out", default="runs/study", help="results folder (default: runs/study)")
+    p.add_argument("--tasks", type=_csv(), help="subset of the study's tasks, e.g. rte,mrpc")
+    p.add_argument("--settings", type=_csv(), help="subset of the settings, e.g. bitfit,frozen")
+    p.add_argument("--seeds", type=_csv(int), help="seeds (default: the study's); the smallest "
+                   "selects the learning rate")
+    p.add_argument("--model", help="base model id or folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data_dir", help="GLUE folder in the classic TSV layout (default: $GLUE_DIR)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training option for every run, e.g. --set dtype=bfloat16")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the device)")
+    p.add_argument("--compile_cache", default=None,
+                   help="persistent compilation cache folder (default: OUT/.jax_cache; 'none': off)")
+    p.add_argument("--doc", help="table: also write the tables between the markers of this file")
+    p.add_argument("--setting", default="bitfit", help="adapters: which setting (default: bitfit)")
+    return p
+
+
+def main(argv=None) -> int:
+    from jaxpeft import study, study_table
+    from jaxpeft.errors import UserError
+
+    a = parser().parse_args(argv)
+    st = study.load_study(a.config).select(a.tasks, a.settings, a.seeds)
+    if a.command in ("table", "adapters"):
+        groups, n = study_table.collect(a.out, st)
+        if a.command == "adapters":
+            if a.setting not in st.settings:
+                raise UserError(f"unknown setting {a.setting!r}; settings: {', '.join(st.settings)}")
+            for d in study_table.chosen_adapters(groups, list(st.tasks), a.setting):
+                print(d)
+            return 0
+        table = study_table.render(groups, st, n, a.out)
+        print(table)
+        if a.doc:
+            study_table.write_between_markers(a.doc, table)
+        return 0
+    if a.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    plan = study.Plan(st, a.out, model=a.model, data_dir=a.data_dir,
+                      overrides=study.parse_overrides(a.set))
+    if a.command == "plan":
+        print(study.describe_plan(plan))
+        return 0
+    cache = a.compile_cache or str(Path(a.out) / ".jax_cache")
+    cache = None if cache.lower() == "none" else cache
+    summary = study.execute(plan, jobs=a.jobs, compile_cache=cache)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.guarded(main))
