@@ -1,0 +1,49 @@
+"""scripts/bench.py on CPU with a tiny config (it must not rot); no speed is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxpeft import benchmark
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_analytic_flops_match_the_published_flop_limits():
+    """BERT-base, seq 128, at 790 TFLOP/s: ~11,800 seq/s full fine-tuning, ~17,400 BitFit."""
+    base = benchmark.SIZES["base"]
+    full = 790e12 / (benchmark.analytic_flops(base, "full", 1, 128))
+    bitfit = 790e12 / (benchmark.analytic_flops(base, "bitfit", 1, 128))
+    assert abs(full - 11_800) / 11_800 < 0.01, full
+    assert abs(bitfit - 17_400) / 17_400 < 0.01, bitfit
+    assert benchmark.analytic_flops(base, "frozen", 1, 128) * 3 == benchmark.analytic_flops(base, "full", 1, 128)
+    # prompts lengthen the queries, prefixes only the keys
+    assert benchmark.analytic_flops(base, "prompt", 1, 128) > benchmark.analytic_flops(base, "prefix", 1, 128) \
+        > benchmark.analytic_flops(base, "bitfit", 1, 128)
+
+
+def test_capacity_prediction_is_affine_in_batch():
+    recs = [{"framework": "jaxpeft", "size": "s", "method": "m", "seq": 8, "batch": b, "step_bytes": 100 + 10 * b}
+            for b in (4, 16)]
+    cap = benchmark.predict_capacity(recs, "s", "m", limit_bytes=1100, headroom=1.0)
+    assert cap["max_batch"] == 96 and cap["fixed_bytes"] == 100 and cap["bytes_per_example"] == 10
+
+
+def test_bench_script_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sizes=tiny",
+                        "--methods=full,bitfit,frozen", "--batches=2,4", "--seq=16", "--steps=2", "--repeats=1",
+                        "--capacity", f"--out={out}"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    speed = [r for r in recs if "seq_per_s" in r]
+    assert len(speed) == 6 and not any("error" in r for r in recs)
+    for r in speed:
+        assert r["seq_per_s"] > 0 and r["step_bytes"] > 0 and r["compile_s"] > 0
+        assert r["analytic_flops"] == benchmark.analytic_flops(benchmark.SIZES["tiny"], r["method"], r["batch"], 16)
+    by = {(r["method"], r["batch"]): r for r in speed}
+    assert by[("bitfit", 4)]["trainable_params"] < by[("full", 4)]["trainable_params"]
+    assert by[("frozen", 4)]["xla_flops"] < by[("bitfit", 4)]["xla_flops"] < by[("full", 4)]["xla_flops"]
+    md = (out / "bench.md").read_text()
+    assert "| tiny | bitfit | 4 |" in md and "## Memory" in md
