@@ -129,7 +129,7 @@ def build_step(bc: BenchConfig):
     batch = _random_batch(cfg, bc.batch, bc.seq)
     step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = step.lower(state, frozen, batch, np.float32(1e-4)).compile()
     compile_s = time.perf_counter() - t0
     return cfg, compiled, state, frozen, batch, compile_s, counts
 
@@ -137,14 +137,15 @@ def build_step(bc: BenchConfig):
 def run(bc: BenchConfig) -> dict[str, Any]:
     """Benchmarks one configuration; returns one JSON-able record."""
     cfg, compiled, state, frozen, batch, compile_s, (trainable, total) = build_step(bc)
+    lr = np.float32(1e-4)
     for _ in range(bc.warmup):
-        state, m = compiled(state, frozen, batch)
+        state, m = compiled(state, frozen, batch, lr)
     jax.block_until_ready(m)
     times = []
     for _ in range(bc.repeats):
         t0 = time.perf_counter()
         for _ in range(bc.steps):
-            state, m = compiled(state, frozen, batch)
+            state, m = compiled(state, frozen, batch, lr)
         jax.block_until_ready((state, m))
         times.append((time.perf_counter() - t0) / bc.steps)
     step_s = statistics.median(times)

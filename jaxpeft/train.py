@@ -46,12 +46,26 @@ class TrainState:
 # ----------------------------------------------------------------------------- optimiser
 
 
-def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warm-up to ``peak`` over ``warmup_ratio * total_steps``, then linear decay to 0."""
+def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to ``peak`` over ``warmup_ratio * total_steps``, then linear decay to 0.
+
+    Returns the learning rate of update number ``step`` (0-based) as a Python float, the same values
+    as ``optax.join_schedules`` of two ``optax.linear_schedule``s. It is evaluated on the host and
+    passed to the jitted step as an argument, so runs that differ only in learning rate or length
+    share one compiled step (and the persistent compilation cache).
+
+    >>> f = lr_schedule(1.0, total_steps=10, warmup_ratio=0.2)
+    >>> [round(f(s), 3) for s in (0, 1, 2, 6, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
     warmup = int(round(warmup_ratio * total_steps))
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, max(warmup, 1)),
-         optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+    def lr(step: int) -> float:
+        if step < warmup:
+            return peak * step / warmup
+        return peak * max(0.0, (total_steps - step) / max(total_steps - warmup, 1))
+
+    return lr
 
 
 def decay_mask(tree: Any) -> Any:
@@ -61,12 +75,19 @@ def decay_mask(tree: Any) -> Any:
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                optax.Schedule]:
+                                                                Callable[[int], float]]:
+    """AdamW after global-norm clipping, *without* the learning rate, plus the lr schedule.
+
+    ``tx`` ends with ``scale(-1)``: the train step multiplies its updates by the step's learning
+    rate, which makes ``tx`` + schedule exactly ``optax.adamw(schedule, ...)``.
+    """
     schedule = lr_schedule(cfg.learning_rate, total_steps, cfg.warmup_ratio)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                    weight_decay=cfg.weight_decay, mask=decay_mask))
+        optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask) if cfg.weight_decay
+        else optax.identity(),
+        optax.scale(-1.0))
     return tx, schedule
 
 
@@ -90,16 +111,20 @@ def _apply(module, params, batch, deterministic, rng=None):
 
 
 def make_train_step(module, tx: optax.GradientTransformation, regression: bool) -> Callable:
-    """``step(state, frozen, batch) -> (state, metrics)``; pure, to be jitted by the caller."""
+    """``step(state, frozen, batch, lr) -> (state, metrics)``; pure, to be jitted by the caller.
+
+    ``lr`` is this update's learning rate (a scalar), see :func:`make_optimizer`.
+    """
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = _apply(module, masks.merge(trainable, frozen), batch, False, rng)
         return loss_and_outputs(logits, batch["labels"], batch["weights"], regression)
 
-    def step(state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, frozen: Any, batch: dict, lr: jax.Array) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        updates = jax.tree_util.tree_map(lambda u: (lr * u).astype(u.dtype), updates)
         trainable = optax.apply_updates(state.trainable, updates)
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -316,7 +341,7 @@ class Trainer:
             order = data.epoch_order(self.train_data.lengths, cfg.batch_size, cfg.seed, epoch)
             for batch in data.iterate(self.train_data, order, self.buckets, start=start):
                 n_real = int(batch["weights"].sum())
-                state, m = step_fn(state, frozen, self.device_batch(batch))
+                state, m = step_fn(state, frozen, self.device_batch(batch), np.float32(schedule(step)))
                 step += 1
                 examples += n_real
                 window_ex += n_real
@@ -329,9 +354,9 @@ class Trainer:
                     for s, mm in pending:
                         if s % cfg.log_every == 0 or s == total:
                             jlog.write(event="train", step=s, loss=float(mm["loss"]),
-                                       grad_norm=float(mm["grad_norm"]), lr=float(schedule(s - 1)),
+                                       grad_norm=float(mm["grad_norm"]), lr=schedule(s - 1),
                                        examples_per_second=rate)
-                    bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(schedule(step - 1)):.2e}",
+                    bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{schedule(step - 1):.2e}",
                                     ex_s=f"{rate:.0f}")
                     pending.clear()
                     window_t, window_ex = time.perf_counter(), 0

@@ -39,8 +39,8 @@ def test_exactly_masked_leaves_change(method, options):
     state = init_state(trainable, tx, seed=0)
     step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
     rng = np.random.default_rng(0)
-    for _ in range(3):
-        state, metrics = step(state, frozen, _batch(rng))
+    for i in range(3):
+        state, metrics = step(state, frozen, _batch(rng), np.float32(cfg.learning_rate))
         assert np.isfinite(float(metrics["loss"]))
     after = masks.flatten(masks.merge(state.trainable, frozen))
     before = masks.flatten(params)
@@ -83,6 +83,27 @@ def test_split_step_equals_multi_transform_on_the_full_tree():
     del rng
 
 
+def test_optimizer_with_host_lr_equals_optax_adamw_with_the_schedule():
+    """make_optimizer + lr passed per step == optax.adamw(schedule) over several steps."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "bias": jnp.ones(3)}
+    cfg = TrainConfig(learning_rate=0.1, warmup_ratio=0.25, weight_decay=0.01, max_grad_norm=0.5)
+    tx, schedule = make_optimizer(cfg, total_steps=8)
+    ref = optax.chain(optax.clip_by_global_norm(0.5),
+                      optax.adamw(optax.join_schedules([optax.linear_schedule(0.0, 0.1, 2),
+                                                        optax.linear_schedule(0.1, 0.0, 6)], [2]),
+                                  weight_decay=0.01, mask=lambda p: {"w": True, "bias": False}))
+    p1, s1, p2, s2 = params, tx.init(params), params, ref.init(params)
+    for i in range(8):
+        g = jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)), p1)
+        u1, s1 = tx.update(g, s1, p1)
+        p1 = optax.apply_updates(p1, jax.tree_util.tree_map(lambda u: schedule(i) * u, u1))
+        u2, s2 = ref.update(g, s2, p2)
+        p2 = optax.apply_updates(p2, u2)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(p1["w"]), np.asarray(params["w"]))
+
+
 def _step_flops(method: str, cfg: BertConfig, batch: int, seq: int) -> float:
     module = BertForSequenceClassification(cfg, num_labels=2)
     shapes = param_shapes(module)
@@ -95,7 +116,7 @@ def _step_flops(method: str, cfg: BertConfig, batch: int, seq: int) -> float:
     b["labels"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     b["weights"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
     step = make_train_step(module, tx, regression=False)
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, b).compile()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, b, np.float32(1e-3)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
