@@ -37,9 +37,16 @@ def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids}
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> Any:
-    """Random params of ``module`` (jitted init, so no op-by-op dispatch)."""
-    return jax.jit(lambda r: module.init(r, **dummy_inputs())["params"])(rng)
+def init_params(module: nn.Module, rng: jax.Array,
+                param_shardings: Callable[[Any], Any] | None = None) -> Any:
+    """Random params of ``module`` (jitted init, so no op-by-op dispatch).
+
+    ``param_shardings(abstract_params)`` gives each leaf's sharding; the params are then created
+    directly on their shardings, never whole on one device.
+    """
+    fn = lambda r: module.init(r, **dummy_inputs())["params"]  # noqa: E731
+    kw = {} if param_shardings is None else {"out_shardings": param_shardings(param_shapes(module))}
+    return jax.jit(fn, **kw)(rng)
 
 
 def param_shapes(module: nn.Module) -> Any:
@@ -64,24 +71,33 @@ def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: s
     if missing:
         log.warning("%s has no pooler weights; the pooler starts from random init", source)
     for p, arr in loaded.items():
-        flat["bert/" + p] = jnp.asarray(arr, dtype=flat["bert/" + p].dtype)
+        flat["bert/" + p] = _put_like(arr, flat["bert/" + p])
     return masks.unflatten(flat, params)
+
+
+def _put_like(host: np.ndarray, like: jax.Array) -> jax.Array:
+    """``host`` with the dtype and sharding of ``like``; each device receives only its slice."""
+    host = np.asarray(host, dtype=like.dtype)
+    return jax.make_array_from_callback(host.shape, like.sharding, lambda idx: host[idx])
 
 
 def load_classifier(name_or_path: str, num_labels: int, *,
                     adapter: Callable[[BertConfig], nn.Module | None] | None = None,
                     seed: int = 0, dtype: str = "float32", attention_impl: str = "dense",
-                    remat: bool = False, with_weights: bool = True) -> LoadedModel:
+                    remat: bool = False, with_weights: bool = True,
+                    param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
 
     ``adapter(config)`` builds the method's extra module (prompts, prefixes), if any.
     ``with_weights=False`` keeps the random init (benchmarks of a model's shape).
+    ``param_shardings(abstract_params)`` places the params on a device mesh as they are created
+    (see :func:`init_params`); pretrained tensors go from the host to each device's slice.
     """
     model_dir = hf_weights.resolve_model_dir(name_or_path)
     config = hf_weights.load_config(model_dir, dtype=dtype, attention_impl=attention_impl, remat=remat)
     module = BertForSequenceClassification(config, num_labels=num_labels,
                                            adapter=adapter(config) if adapter else None)
-    params = init_params(module, jax.random.key(seed))
+    params = init_params(module, jax.random.key(seed), param_shardings)
     if with_weights:
         params = overlay_pretrained(params, hf_weights.load_state_dict(model_dir), str(model_dir))
     tokenizer = hf_weights.load_tokenizer(model_dir)
