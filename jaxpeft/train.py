@@ -245,8 +245,9 @@ class Trainer:
     def evaluate(self, predict_fn, trainable, frozen) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, (split, enc) in enumerate(self.eval_data.items()):
+            to_device = lambda idx, e=enc: self.device_batch(self.host_batch(e, idx))  # noqa: E731
             logits = predict_logits(predict_fn, trainable, frozen, enc, self.cfg.eval_batch_size,
-                                    self.buckets, lambda idx, e=enc: self.device_batch(self.host_batch(e, idx)))
+                                    self.buckets, to_device)
             preds = logits_to_predictions(logits, self.task.is_regression)
             m = metrics.compute(self.task.name, preds, enc.labels)
             out.update(m if i == 0 else {f"{split}_{k}": v for k, v in m.items()})
@@ -299,6 +300,7 @@ class Trainer:
         state, frozen = self.make_state(tx)
         # one compilation per bucket length at most (the plan raises beyond that)
         state_sh, frozen_sh = self.plan.state_shardings(state), self.plan.tree_shardings(frozen)
+        state, frozen = self.plan.put(state, state_sh), self.plan.put(frozen, frozen_sh)  # no-op if placed
         step_fn = self.plan.jit_train_step(make_train_step(self.model.module, tx, task.is_regression),
                                            state_sh, frozen_sh, max_traces=len(self.buckets))
         predict_fn = self.plan.jit_predict(make_predict_step(self.model.module), state_sh.trainable,
@@ -383,7 +385,8 @@ class Trainer:
             "mesh": self.plan.describe(), "processes": jax.process_count(),
         }
         if self.is_main:
-            (self.out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+            text = json.dumps(results, indent=2, default=_json_default) + "\n"
+            (self.out / "results.json").write_text(text)
         jlog.write(event="end", **{k: results[k] for k in ("steps", "train_seconds", "examples_per_second")})
         self.echo(f"done: best {task.main_metric}={best[task.main_metric]:.4f} at step {best_step}, "
                   f"final {last_eval[task.main_metric]:.4f}; {step} steps in {train_seconds:.1f}s "

@@ -56,7 +56,8 @@ def start_worker(devices: int, out: Path, configs: list[dict], tag: str) -> subp
         files.append(str(f))
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                          + f" --xla_force_host_platform_device_count={devices}"))
     return subprocess.Popen([sys.executable, str(WORKER), str(out), *files], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
