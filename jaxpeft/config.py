@@ -62,6 +62,12 @@ class TrainConfig:
     # method options: prompt methods (prompt, ptuning, prefix, ptuning_v2)
     # checkpoints and adapters
     # devices and sharding
+    mesh: str | None = None                # "data:4,fsdp:2"; default: every device on "data"
+    fsdp_min_size: int = 65536             # leaves this big (elements) or bigger shard over "fsdp"
+    distributed: str = "auto"              # auto | on | off: jax.distributed.initialize()
+    coordinator_address: str | None = None  # HOST:PORT of process 0 (explicit multi-process runs)
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         if self.output_dir is None:

@@ -280,11 +280,18 @@ def _fill(idx: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([idx, np.full(size - len(idx), -1, idx.dtype)])
 
 
-def make_batch(data: Encoded, idx: np.ndarray, buckets: Sequence[int]) -> dict[str, np.ndarray]:
-    """Gathers rows ``idx`` (``-1`` = filler row) into a padded batch of one bucket length."""
+def make_batch(data: Encoded, idx: np.ndarray, buckets: Sequence[int],
+               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Gathers rows ``idx`` (``-1`` = filler row) into a padded batch of one bucket length.
+
+    ``rows`` (positions in ``idx``) gathers only part of the batch, e.g. one process's share in a
+    multi-host run; the bucket length is still that of the whole batch, so all parts agree.
+    """
     real = idx >= 0
     safe = np.where(real, idx, 0)
     width = bucket_for(int(data.lengths[safe][real].max(initial=1)), buckets)
+    if rows is not None:
+        idx, real, safe = idx[rows], real[rows], safe[rows]
     ids = data.input_ids[safe, :width]
     batch = {
         "input_ids": np.where(real[:, None], ids, 0).astype(np.int32),

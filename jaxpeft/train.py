@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpeft import data, masks, methods, metrics
+from jaxpeft import data, masks, methods, metrics, multihost, sharding
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.models.loading import LoadedModel, load_classifier
@@ -167,12 +167,18 @@ def _device_batch(batch: dict) -> dict:
 
 
 def predict_logits(predict_fn: Callable, trainable: Any, frozen: Any, encoded: data.Encoded,
-                   batch_size: int, buckets) -> np.ndarray:
-    """Logits for every example of ``encoded``, in its original order."""
+                   batch_size: int, buckets, device_batch: Callable[[np.ndarray], dict] | None = None
+                   ) -> np.ndarray:
+    """Logits for every example of ``encoded``, in its original order.
+
+    ``device_batch(idx)`` builds the model input of the global batch ``idx`` (default: the whole
+    batch from the host); ``predict_fn`` must return the logits of the whole batch.
+    """
+    if device_batch is None:
+        device_batch = lambda idx: _device_batch(data.make_batch(encoded, idx, buckets))  # noqa: E731
     out = None
     for idx in data.eval_order(encoded.lengths, batch_size):
-        b = data.make_batch(encoded, idx, buckets)
-        logits = np.asarray(predict_fn(trainable, frozen, _device_batch(b)))
+        logits = np.asarray(predict_fn(trainable, frozen, device_batch(idx)))
         if out is None:
             out = np.zeros((len(encoded), logits.shape[-1]), np.float32)
         real = idx >= 0
@@ -188,12 +194,15 @@ def logits_to_predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
 
 
 class JsonLog:
-    """Appends one JSON object per line to ``path``."""
+    """Appends one JSON object per line to ``path`` (when ``enabled``: process 0 of a multi-host run)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 
@@ -227,6 +236,10 @@ class Trainer:
             raise UserError("batch sizes must be positive")
         if cfg.max_seq_length < 8:
             raise UserError(f"max_seq_length={cfg.max_seq_length} is too short")
+        self.plan = self.make_plan()   # before anything else touches JAX (multi-process init)
+        self.is_main = multihost.is_main_process()
+        if not self.is_main:
+            self.echo = lambda s: None
         # Data files first: a missing split fails before the model is loaded.
         self.raw_train = data.load_split(self.task, "train", cfg.data_dir)
         self.raw_evals = {s: data.load_split(self.task, s, cfg.data_dir) for s in self.task.eval_splits}
@@ -235,14 +248,15 @@ class Trainer:
                 raise UserError(f"{ex.source}: split {s!r} has no labels")
         self.model: LoadedModel = load_classifier(
             cfg.model, self.task.num_labels, adapter=self.method.adapter, seed=cfg.seed,
-            dtype=cfg.dtype, attention_impl=cfg.attention_impl, remat=cfg.remat)
+            dtype=cfg.dtype, attention_impl=cfg.attention_impl, remat=cfg.remat,
+            param_shardings=self.plan.tree_shardings)
         need = cfg.max_seq_length + self.method.extra_positions()
         if need > self.model.config.max_position_embeddings:
             raise UserError(f"max_seq_length={cfg.max_seq_length} plus {self.method.extra_positions()} "
                             f"virtual tokens exceeds the model's max_position_embeddings="
                             f"{self.model.config.max_position_embeddings}")
-        self.params = self.method.init_params(self.model.params, tokenizer=self.model.tokenizer,
-                                              rng=jax.random.key(cfg.seed + 1))
+        self.params = self.plan.put(self.method.init_params(
+            self.model.params, tokenizer=self.model.tokenizer, rng=jax.random.key(cfg.seed + 1)))
         self.mask = self.method.mask(self.params)
         self.buckets = data.length_buckets(cfg.max_seq_length)
         train = self.raw_train.take(cfg.max_train_examples) if cfg.max_train_examples else self.raw_train
@@ -271,22 +285,40 @@ class Trainer:
     def evaluate(self, predict_fn, trainable, frozen) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, (split, enc) in enumerate(self.eval_data.items()):
+            to_device = lambda idx, e=enc: self.device_batch(self.host_batch(e, idx))  # noqa: E731
             logits = predict_logits(predict_fn, trainable, frozen, enc, self.cfg.eval_batch_size,
-                                    self.buckets)
+                                    self.buckets, to_device)
             preds = logits_to_predictions(logits, self.task.is_regression)
             m = metrics.compute(self.task.name, preds, enc.labels)
             out.update(m if i == 0 else {f"{split}_{k}": v for k, v in m.items()})
         return out
 
     # -- state and batches (where sharding and checkpoint restore plug in) --------------------
+    def make_plan(self) -> sharding.MeshPlan:
+        """Joins the other processes of a multi-process run, then builds the device mesh."""
+        cfg = self.cfg
+        multihost.initialize(cfg.distributed, cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+        plan = sharding.create_plan(cfg.mesh, cfg.fsdp_min_size)
+        plan.check_batch_size(cfg.batch_size, "batch_size")
+        plan.check_batch_size(cfg.eval_batch_size, "eval_batch_size")
+        return plan
+
     def make_state(self, tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
-        """The initial train state and the frozen params."""
+        """The initial train state and the frozen params, on the mesh (``self.plan.state_shardings``
+        and ``self.plan.tree_shardings`` say where; a restored state must be placed the same way)."""
         trainable, frozen = masks.split(self.params, self.mask)
-        return init_state(trainable, tx, self.cfg.seed), frozen
+        state, _ = self.plan.init(lambda t: init_state(t, tx, self.cfg.seed), trainable,
+                                  shardings=self.plan.state_shardings)
+        return state, frozen
+
+    def host_batch(self, encoded: data.Encoded, idx: np.ndarray) -> dict:
+        """This process's rows of the global batch ``idx`` (all of them in a one-process run)."""
+        return data.make_batch(encoded, idx, self.buckets, rows=self.plan.process_rows(len(idx)))
 
     def device_batch(self, batch: dict) -> dict:
-        """A host batch as the step's input (drops host-only keys)."""
-        return _device_batch(batch)
+        """A host batch as the step's input: host-only keys dropped, the processes' rows assembled
+        into global arrays split over the mesh's batch axes."""
+        return self.plan.global_batch(_device_batch(batch))
 
     def on_step_end(self, step: int, state: TrainState) -> None:
         """Called after every train step (checkpointing hooks in here)."""
@@ -298,7 +330,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg, task = self.cfg, self.task
         self.out.mkdir(parents=True, exist_ok=True)
-        self.jlog = jlog = JsonLog(self.out / "log.jsonl")
+        self.jlog = jlog = JsonLog(self.out / "log.jsonl", enabled=self.is_main)
         report = self.param_report()
         self.echo(f"{cfg.method} on {task.name} with {cfg.model}: " + masks.describe(self.params, self.mask)
                   + f" (method {report['method_params']:,} = {report['method_pct']:.4f}%, "
@@ -306,13 +338,20 @@ class Trainer:
         total = self.total_steps()
         tx, schedule = make_optimizer(cfg, total)
         state, frozen = self.make_state(tx)
-        step_fn = jax.jit(make_train_step(self.model.module, tx, task.is_regression), donate_argnums=(0,))
-        predict_fn = jax.jit(make_predict_step(self.model.module))
+        # one compilation per bucket length at most (the plan raises beyond that)
+        state_sh, frozen_sh = self.plan.state_shardings(state), self.plan.tree_shardings(frozen)
+        state, frozen = self.plan.put(state, state_sh), self.plan.put(frozen, frozen_sh)  # no-op if placed
+        step_fn = self.plan.jit_train_step(make_train_step(self.model.module, tx, task.is_regression),
+                                           state_sh, frozen_sh, max_traces=len(self.buckets))
+        predict_fn = self.plan.jit_predict(make_predict_step(self.model.module), state_sh.trainable,
+                                           frozen_sh, max_traces=len(self.buckets))
         jlog.write(event="start", config=cfg.to_dict(), method_options=self.method.options(),
                    train_examples=len(self.train_data), total_steps=total, buckets=self.buckets,
-                   devices=[str(d) for d in jax.devices()], **report)
+                   devices=[str(d) for d in jax.devices()], mesh=self.plan.describe(),
+                   processes=jax.process_count(), **report)
         self.echo(f"{len(self.train_data):,} training examples, {total:,} steps of {cfg.batch_size}, "
-                  f"buckets {list(self.buckets)}, devices {jax.device_count()}x {jax.devices()[0].platform}")
+                  f"buckets {list(self.buckets)}, devices {jax.device_count()}x {jax.devices()[0].platform}"
+                  f" (mesh {self.plan.describe()}, {jax.process_count()} process(es))")
 
         spe = self.steps_per_epoch()
         best: dict[str, float] | None = None
@@ -322,7 +361,7 @@ class Trainer:
         pending: list[tuple[int, dict]] = []
         window_t, window_ex = time.perf_counter(), 0
         step = int(state.step)
-        bar = _progress(total, cfg.progress, initial=step)
+        bar = _progress(total, cfg.progress and self.is_main, initial=step)
 
         def do_eval():
             nonlocal best, best_step, last_eval, eval_seconds
@@ -339,9 +378,10 @@ class Trainer:
         while step < total:
             epoch, start = divmod(step, spe)
             order = data.epoch_order(self.train_data.lengths, cfg.batch_size, cfg.seed, epoch)
-            for batch in data.iterate(self.train_data, order, self.buckets, start=start):
-                n_real = int(batch["weights"].sum())
-                state, m = step_fn(state, frozen, self.device_batch(batch), np.float32(schedule(step)))
+            for idx in order[start:]:
+                n_real = int((idx >= 0).sum())
+                state, m = step_fn(state, frozen, self.device_batch(self.host_batch(self.train_data, idx)),
+                                   np.float32(schedule(step)))
                 step += 1
                 examples += n_real
                 window_ex += n_real
@@ -383,8 +423,11 @@ class Trainer:
             "train_seconds": train_seconds, "examples_per_second": examples / max(train_seconds, 1e-9),
             "seed": cfg.seed, "config": cfg.to_dict(),
             "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+            "mesh": self.plan.describe(), "processes": jax.process_count(),
         }
-        (self.out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+        if self.is_main:
+            text = json.dumps(results, indent=2, default=_json_default) + "\n"
+            (self.out / "results.json").write_text(text)
         jlog.write(event="end", **{k: results[k] for k in ("steps", "train_seconds", "examples_per_second")})
         self.echo(f"done: best {task.main_metric}={best[task.main_metric]:.4f} at step {best_step}, "
                   f"final {last_eval[task.main_metric]:.4f}; {step} steps in {train_seconds:.1f}s "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -37,9 +37,24 @@ def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids}
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> Any:
-    """Random params of ``module`` (jitted init, so no op-by-op dispatch)."""
-    return jax.jit(lambda r: module.init(r, **dummy_inputs())["params"])(rng)
+def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[Any], Any] | None = None,
+                skip: Iterable[str] = ()) -> Any:
+    """Random params of ``module`` (jitted init, so no op-by-op dispatch).
+
+    ``param_shardings(abstract_params)`` gives each leaf's sharding; the params are then created
+    directly on their shardings, never whole on one device. Paths in ``skip`` (those a checkpoint
+    provides) come back as ``optax.MaskedNode`` holes and are never computed.
+    """
+    skip = frozenset(skip)
+
+    def fn(r):
+        params = module.init(r, **dummy_inputs())["params"]
+        if not skip:
+            return params
+        return masks.unflatten({p: v for p, v in masks.flatten(params).items() if p not in skip}, params)
+
+    kw = {} if param_shardings is None else {"out_shardings": param_shardings(jax.eval_shape(fn, rng))}
+    return jax.jit(fn, **kw)(rng)
 
 
 def param_shapes(module: nn.Module) -> Any:
@@ -47,13 +62,14 @@ def param_shapes(module: nn.Module) -> Any:
     return jax.eval_shape(lambda r: module.init(r, **dummy_inputs())["params"], jax.random.key(0))
 
 
-def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: str) -> Any:
-    """Replaces the ``bert/`` leaves of ``params`` with the checkpoint's tensors.
+def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """``{param path: host array}`` of the checkpoint tensors for the ``bert/`` leaves of ``shapes``
+    (a params tree or its ``jax.eval_shape``), in the params' dtypes.
 
     Every encoder tensor must be in the checkpoint; a missing pooler is tolerated (kept random,
     with a warning) because some checkpoints ship without one.
     """
-    flat = masks.flatten(params)
+    flat = masks.flatten(shapes)
     expected = {p[len("bert/"):]: v for p, v in flat.items() if p.startswith("bert/")}
     loaded = hf_weights.convert_state_dict(state_dict, expected, source)
     missing = sorted(set(expected) - set(loaded))
@@ -63,26 +79,55 @@ def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: s
                         f"{missing_encoder[:3]} (not a BERT checkpoint of this shape?)")
     if missing:
         log.warning("%s has no pooler weights; the pooler starts from random init", source)
-    for p, arr in loaded.items():
-        flat["bert/" + p] = jnp.asarray(arr, dtype=flat["bert/" + p].dtype)
-    return masks.unflatten(flat, params)
+    return {"bert/" + p: np.asarray(a, dtype=flat["bert/" + p].dtype) for p, a in loaded.items()}
+
+
+def place_tensors(params: Any, tensors: dict[str, np.ndarray], like: Any,
+                  shardings: Any = None) -> Any:
+    """``params`` (holes allowed) with the host ``tensors`` put in, as a tree shaped like ``like``.
+
+    A tensor goes on its path's sharding in ``shardings``, each device receiving only its slice
+    (``jax.make_array_from_callback``); without ``shardings``, on the default device.
+    """
+    flat = masks.flatten(params)
+    where = masks.flatten(shardings) if shardings is not None else {}
+    for p, host in tensors.items():
+        if p in where:
+            flat[p] = jax.make_array_from_callback(host.shape, where[p], lambda idx, h=host: h[idx])
+        else:
+            flat[p] = jnp.asarray(host)
+    return masks.unflatten(flat, like)
+
+
+def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: str) -> Any:
+    """Replaces the ``bert/`` leaves of ``params`` with the checkpoint's tensors, on the same
+    shardings (see :func:`pretrained_tensors` for what must be in the checkpoint)."""
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    return place_tensors(params, pretrained_tensors(params, state_dict, source), params, shardings)
 
 
 def load_classifier(name_or_path: str, num_labels: int, *,
                     adapter: Callable[[BertConfig], nn.Module | None] | None = None,
                     seed: int = 0, dtype: str = "float32", attention_impl: str = "dense",
-                    remat: bool = False, with_weights: bool = True) -> LoadedModel:
+                    remat: bool = False, with_weights: bool = True,
+                    param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
 
     ``adapter(config)`` builds the method's extra module (prompts, prefixes), if any.
     ``with_weights=False`` keeps the random init (benchmarks of a model's shape).
+    ``param_shardings(abstract_params)`` places the params on a device mesh as they are created
+    (see :func:`init_params`); pretrained tensors go from the host to each device's slice.
+    Encoder weights the checkpoint provides are never randomly initialised.
     """
     model_dir = hf_weights.resolve_model_dir(name_or_path)
     config = hf_weights.load_config(model_dir, dtype=dtype, attention_impl=attention_impl, remat=remat)
     module = BertForSequenceClassification(config, num_labels=num_labels,
                                            adapter=adapter(config) if adapter else None)
-    params = init_params(module, jax.random.key(seed))
-    if with_weights:
-        params = overlay_pretrained(params, hf_weights.load_state_dict(model_dir), str(model_dir))
+    shapes = param_shapes(module)
+    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir))
+               if with_weights else {})
+    # random init only for what the checkpoint lacks (head, adapter, maybe the pooler)
+    params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
+    params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
     tokenizer = hf_weights.load_tokenizer(model_dir)
     return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer)
