@@ -231,12 +231,14 @@ class Trainer:
         self.out = check_output_dir(cfg.output_dir)
         self.task = data.get_task(cfg.task)
         self.method = methods.create(cfg.method, cfg.to_dict())
-        self.prng_impl = set_prng_impl(cfg.prng_impl)
+        if cfg.prng_impl not in ("auto",) + PRNG_IMPLS:
+            raise UserError(f"unknown prng_impl {cfg.prng_impl!r}; known: auto, {', '.join(PRNG_IMPLS)}")
         if cfg.batch_size <= 0 or cfg.eval_batch_size <= 0:
             raise UserError("batch sizes must be positive")
         if cfg.max_seq_length < 8:
             raise UserError(f"max_seq_length={cfg.max_seq_length} is too short")
         self.plan = self.make_plan()   # before anything else touches JAX (multi-process init)
+        self.prng_impl = set_prng_impl(cfg.prng_impl)
         self.is_main = multihost.is_main_process()
         if not self.is_main:
             self.echo = lambda s: None
