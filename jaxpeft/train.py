@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from jaxpeft import data, masks, methods, metrics
+from jaxpeft.checkpoint import TrainerCheckpoints
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.models.loading import LoadedModel, load_classifier
@@ -177,6 +178,8 @@ def check_output_dir(path: str) -> Path:
 class Trainer:
     """Holds everything of one run; ``run()`` trains, evaluates and writes ``results.json``."""
 
+    checkpoints: TrainerCheckpoints | None = None  # opened by resume()
+
     def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] = print):
         self.cfg = cfg
         self.echo = echo
@@ -242,17 +245,38 @@ class Trainer:
     def make_state(self, tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
         """The initial train state and the frozen params."""
         trainable, frozen = masks.split(self.params, self.mask)
-        return init_state(trainable, tx, self.cfg.seed), frozen
+        return self.resume(init_state(trainable, tx, self.cfg.seed)), frozen
+
+    def resume(self, state: TrainState) -> TrainState:
+        """Opens ``output_dir/checkpoints``; returns the latest complete checkpoint's state when
+        resuming, else ``state``. ``state`` (freshly built) gives the target shapes and shardings."""
+        self.checkpoints = TrainerCheckpoints(self)
+        return self.checkpoints.resume(state)
 
     def device_batch(self, batch: dict) -> dict:
         """A host batch as the step's input (drops host-only keys)."""
         return _device_batch(batch)
 
     def on_step_end(self, step: int, state: TrainState) -> None:
-        """Called after every train step (checkpointing hooks in here)."""
+        """Called after every train step: a checkpoint every ``save_every`` steps."""
+        if self.checkpoints is not None:
+            self.checkpoints.after_step(step, state)
 
     def on_eval(self, step: int, state: TrainState, metrics_: dict[str, float], is_best: bool) -> None:
-        """Called after every evaluation."""
+        """Called after every evaluation: a checkpoint ranked by the dev metric."""
+        if self.checkpoints is not None:
+            self.checkpoints.after_eval(step, state, metrics_, is_best)
+
+    def resumed_best(self) -> tuple[dict[str, float] | None, int]:
+        """The best dev metrics and their step so far: ``(None, 0)``, or those of the resumed run."""
+        if self.checkpoints is None:
+            return None, 0
+        return self.checkpoints.best, self.checkpoints.best_step
+
+    def on_train_end(self, state: TrainState, frozen: Any) -> dict[str, Any]:
+        """Called after the final evaluation: waits for checkpoint writes, exports the adapter;
+        returns entries for ``results.json``."""
+        return {} if self.checkpoints is None else self.checkpoints.finish(state, frozen)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -275,8 +299,8 @@ class Trainer:
                   f"buckets {list(self.buckets)}, devices {jax.device_count()}x {jax.devices()[0].platform}")
 
         spe = self.steps_per_epoch()
-        best: dict[str, float] | None = None
-        best_step, last_eval = 0, None
+        best, best_step = self.resumed_best()
+        last_eval = None
         eval_seconds, examples = 0.0, 0
         t_start = time.perf_counter()
         pending: list[tuple[int, dict]] = []
@@ -343,6 +367,7 @@ class Trainer:
             "train_seconds": train_seconds, "examples_per_second": examples / max(train_seconds, 1e-9),
             "seed": cfg.seed, "config": cfg.to_dict(),
             "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+            **self.on_train_end(state, frozen),
         }
         (self.out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
         jlog.write(event="end", **{k: results[k] for k in ("steps", "train_seconds", "examples_per_second")})
