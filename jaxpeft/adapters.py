@@ -90,8 +90,12 @@ def save_adapter(directory: str | Path, params: Any, method: Method, task: data.
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    safetensors.numpy.save_file(arrays, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        safetensors.numpy.save_file(arrays, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         directory.rename(old)

@@ -143,11 +143,15 @@ class RunCheckpoints:
         self.directory = Path(directory).absolute()
         self.main_metric = main_metric
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
-        if main_metric:
-            policies.append(checkpoint_managers.BestN(get_metric_fn=_ranking(main_metric), n=1,
+        rank = _ranking(main_metric) if main_metric else None
+        if rank:
+            policies.append(checkpoint_managers.BestN(get_metric_fn=rank, n=1,
                                                       keep_checkpoints_without_metrics=False))
+        # best_fn (with the policy above deciding what is kept) makes Orbax write each checkpoint's
+        # metrics to disk, so the best one is still known after a restart.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=rank, best_mode="max",
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,

@@ -113,7 +113,10 @@ def test_bad_latest_checkpoint_falls_back_to_previous_complete_one(finished, how
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
     for k in ("best_dev", "best_step", "final_dev", "steps"):
         assert res2[k] == res[k], k
-    assert 12 in res2["checkpoint_steps"]
+    assert 12 in res2["checkpoint_steps"] and res["best_step"] in res2["checkpoint_steps"]
+    # The best dev result of the steps before the resume point (only the evaluation at 6) carried over.
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "resume"] == [{"event": "resume", "step": 8, "best_step": 6}]
 
 
 def test_wrong_base_or_other_flags_rejected_before_anything_is_written(finished, tmp_path, glue,
@@ -215,6 +218,28 @@ def test_sharded_state_saves_and_restores_onto_another_layout(tmp_path):
     p = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "ckpt")], capture_output=True,
                        text=True, env=env, timeout=600, cwd=REPO)
     assert p.returncode == 0 and "sharded ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_latest_and_best_are_kept_across_restarts(tmp_path):
+    state = {"w": np.arange(3, dtype=np.float32)}
+    scores = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: None, 6: 0.9}
+
+    def save(ckpt, steps):
+        for s in steps:
+            m = None if scores.get(s) is None else {"accuracy": scores[s]}
+            assert ckpt.save(s, {"w": state["w"] + s}, {"step": s}, metrics=m)
+        ckpt.wait()
+
+    ckpt = checkpoint.RunCheckpoints(tmp_path, keep=2, main_metric="accuracy")
+    save(ckpt, [1, 2, 3])
+    ckpt.close()
+    ckpt = checkpoint.RunCheckpoints(tmp_path, keep=2, main_metric="accuracy")  # a restarted process
+    save(ckpt, [4, 5, 6, 7])
+    assert ckpt.steps() == [2, 6, 7]          # best (0.9 first reached at 2, kept over the tie at 6)
+    assert ckpt.manager.best_step() == 2       # and the 2 latest
+    assert not ckpt.save(7, state, {})         # a step that exists is not written again
+    ckpt.close()
+    assert checkpoint.complete_steps(tmp_path) == [2, 6, 7]
 
 
 def test_nest_rejects_ambiguous_paths():
