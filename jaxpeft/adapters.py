@@ -93,6 +93,9 @@ def save_adapter(directory: str | Path, params: Any, method: Method, task: data.
     try:
         safetensors.numpy.save_file(arrays, str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        mode = 0o666 & ~_umask()   # safetensors creates its file owner-only; adapters are for sharing
+        for f in (tmp / ADAPTER_WEIGHTS, tmp / ADAPTER_CONFIG):
+            f.chmod(mode)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,6 +107,12 @@ def save_adapter(directory: str | Path, params: Any, method: Method, task: data.
     else:
         tmp.rename(directory)
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------- reading

@@ -43,6 +43,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class _PeriodicSaveFilter(logging.Filter):
+    """Periodic checkpoints carry no dev metrics on purpose (only evaluations rank checkpoints);
+    Orbax warns about each of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_PeriodicSaveFilter())
+
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"
 ADAPTER_DIR = "adapter"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -117,6 +118,7 @@ def check(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
         return
     kind = ("another architecture or size" if expected["structure_sha256"] != actual["structure_sha256"]
             else "other weights")
-    where = expected.get("model_dir") or expected.get("model")
+    model = str(expected.get("model"))
+    where = expected.get("model_dir") or model if Path(model).expanduser().is_dir() else model
     raise UserError(f"{what} was trained on base model {describe(expected)}, but the base loaded now is "
                     f"{describe(actual)} ({kind}); use --model={where}")
