@@ -301,6 +301,7 @@ class TrainerCheckpoints:
                 self.check_compatible(meta, step)
                 restored = self.run.restore(step, state)
             except UserError:
+                self.run.close()
                 raise
             except Exception as e:  # noqa: BLE001 -- any read failure means "not a good checkpoint"
                 dest = self.run.set_aside(step)

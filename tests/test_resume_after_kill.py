@@ -86,10 +86,11 @@ def test_sigkill_mid_training_then_resume_is_bitwise_identical(glue, tiny_bert_d
     la, lb = losses(straight, from_step), losses(killed, from_step)
     assert la and la == lb
     # The best dev result before the resume point carried over (the first maximum, as the loop keeps it).
-    evals = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    evals = [r for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if r["event"] == "eval"]
     before = [e for e in evals if e["step"] <= from_step]
     best_before = max(before, key=lambda e: (e["accuracy"], -e["step"]))["step"] if before else 0
-    resume_events = [json.loads(x) for x in (killed / "log.jsonl").read_text().splitlines() if '"resume"' in x]
+    records = [json.loads(x) for x in (killed / "log.jsonl").read_text().splitlines()]
+    resume_events = [r for r in records if r["event"] == "resume"]
     assert [e["best_step"] for e in resume_events] == [best_before]
     ra = json.loads((straight / "results.json").read_text())
     rb = json.loads((killed / "results.json").read_text())
