@@ -14,7 +14,9 @@ An adapter folder holds two files:
   ``jaxpeft_version``.
 
 :func:`load_adapter` rebuilds the base model from its source, checks it against the fingerprint
-and overlays the adapter; :func:`predict` returns logits for raw texts.
+and overlays the adapter; :func:`predict` returns logits for raw texts. Readers need `method`,
+`method_options`, `task`, `num_labels`, `base_model` and `fingerprint`, and ignore keys they do not
+know.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 FORMAT = "jaxpeft-adapter"
 FORMAT_VERSION = 1
 #: Keys every adapter_config.json has, with their JSON types.
-REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "format": str, "method": str, "method_options": dict, "task": str, "num_labels": int,
-    "base_model": str, "fingerprint": dict}
+REQUIRED: dict[str, type] = {
+    "method": str, "method_options": dict, "task": str, "num_labels": int, "base_model": str,
+    "fingerprint": dict}
 
 
 def base_model_ref(model: str) -> str:
@@ -136,12 +138,17 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: expected a JSON object")
     for key, kind in REQUIRED.items():
         if key not in cfg:
-            raise UserError(f"{path}: missing key {key!r}")
+            hint = (" (an adapter written without the base-model fingerprint: export it with "
+                    "jaxpeft.adapters.save_adapter)" if key == "fingerprint" else "")
+            raise UserError(f"{path}: missing key {key!r}{hint}")
         if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool):
             raise UserError(f"{path}: {key!r} should be a {kind.__name__}, got {cfg[key]!r}")
-    if cfg["format"] != FORMAT:
+    if cfg.get("format", FORMAT) != FORMAT:
         raise UserError(f"{path}: format {cfg['format']!r} is not {FORMAT!r}")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+    version = cfg.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{path}: 'format_version' should be an int, got {version!r}")
+    if version > FORMAT_VERSION:
         raise UserError(f"{path}: format version {cfg['format_version']} is newer than this jaxpeft "
                         f"reads ({FORMAT_VERSION}); upgrade jaxpeft")
     return cfg
