@@ -14,9 +14,9 @@ An adapter folder holds two files:
   ``jaxpeft_version``.
 
 :func:`load_adapter` rebuilds the base model from its source, checks it against the fingerprint
-and overlays the adapter; :func:`predict` returns logits for raw texts. Readers need `method`,
-`method_options`, `task`, `num_labels`, `base_model` and `fingerprint`, and ignore keys they do not
-know.
+and overlays the adapter; :func:`predict` returns logits for raw texts. Readers need ``method``,
+``method_options``, ``task``, ``num_labels``, ``base_model`` and ``fingerprint``, and ignore keys
+they do not know.
 """
 
 from __future__ import annotations
