@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxpeft import adapter_files
+from jaxpeft import adapters as adapter_io
 from jaxpeft.errors import UserError
 from jaxpeft.masks import BERT_BIAS_TERMS
 
@@ -118,7 +118,8 @@ def analyze(adapters: Sequence[str | Path], model: str | None = None) -> BiasCha
         raise UserError("no adapter folder given")
     tables, bases = [], {}
     for folder in adapters:
-        cfg, arrays = adapter_files.load(folder)
+        cfg = adapter_io.read_adapter_config(folder)
+        arrays = {k: np.asarray(v, np.float32) for k, v in adapter_io.read_adapter_weights(folder).items()}
         base_id = model or cfg["base_model"]
         paths = sorted(p for p in arrays if classify(p) is not None)
         key = (base_id, tuple(paths))

@@ -61,6 +61,10 @@ class TrainConfig:
     bitfit_terms: str | None = None
     # method options: prompt methods (prompt, ptuning, prefix, ptuning_v2)
     # checkpoints and adapters
+    save_every: int = 500           # checkpoint every N steps (and at every evaluation); 0: evaluations only
+    keep: int = 2                   # keep the N latest checkpoints plus the best by the dev metric; 0: none
+    resume: bool | None = None      # None: resume when output_dir holds a checkpoint; True: must; False: must not
+    export_adapter: bool = True     # write output_dir/adapter/ (final params) at the end
     # devices and sharding
     mesh: str | None = None                # "data:4,fsdp:2"; default: every device on "data"
     fsdp_min_size: int = 65536             # leaves this big (elements) or bigger shard over "fsdp"

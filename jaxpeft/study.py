@@ -360,19 +360,15 @@ _WORKER = ("import sys; sys.path.insert(0, {root!r}); from jaxpeft import cli, s
 
 
 def run_one(folder: str | Path) -> int:
-    """Trains the run described by ``folder/spec.json``; saves its adapter where one is due."""
-    from jaxpeft import adapter_files, masks, train
+    """Trains the run described by ``folder/spec.json``; the Trainer exports its adapter to
+    ``folder/adapter`` where one is due (the run's output dir is its folder)."""
+    from jaxpeft import train
 
     folder = Path(folder)
     spec = json.loads((folder / SPEC).read_text())
-    cfg = config_lib.TrainConfig(**spec["config"])
-    trainer = train.Trainer(cfg)
-    trainer.run()
-    if spec.get("save_adapter"):
-        params = masks.merge(trainer.final_state.trainable, trainer.frozen)
-        adapter_files.save(folder / ADAPTER, trainer.method.export_params(params), method=cfg.method,
-                           method_options=trainer.method.options(), task=cfg.task,
-                           num_labels=trainer.task.num_labels, base_model=cfg.model)
+    cfg = config_lib.TrainConfig(**{**spec["config"], "export_adapter": bool(spec.get("save_adapter")),
+                                    "keep": 0})
+    train.Trainer(cfg).run()
     return 0
 
 

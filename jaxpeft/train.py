@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from jaxpeft import data, masks, methods, metrics, multihost, sharding
+from jaxpeft.checkpoint import TrainerCheckpoints
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.models.loading import LoadedModel, load_classifier
@@ -225,6 +226,8 @@ def check_output_dir(path: str) -> Path:
 class Trainer:
     """Holds everything of one run; ``run()`` trains, evaluates and writes ``results.json``."""
 
+    checkpoints: TrainerCheckpoints | None = None  # opened by resume()
+
     def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] = print):
         self.cfg = cfg
         self.echo = echo
@@ -311,7 +314,14 @@ class Trainer:
         trainable, frozen = masks.split(self.params, self.mask)
         state, _ = self.plan.init(lambda t: init_state(t, tx, self.cfg.seed), trainable,
                                   shardings=self.plan.state_shardings)
-        return state, frozen
+        return self.resume(state), frozen
+
+    def resume(self, state: TrainState) -> TrainState:
+        """Opens ``output_dir/checkpoints``; returns the latest complete checkpoint's state when
+        resuming, else ``state``. ``state`` (freshly built, on the mesh) gives the target shapes and
+        shardings of the restore."""
+        self.checkpoints = TrainerCheckpoints(self)
+        return self.checkpoints.resume(state)
 
     def host_batch(self, encoded: data.Encoded, idx: np.ndarray) -> dict:
         """This process's rows of the global batch ``idx`` (all of them in a one-process run)."""
@@ -323,10 +333,25 @@ class Trainer:
         return self.plan.global_batch(_device_batch(batch))
 
     def on_step_end(self, step: int, state: TrainState) -> None:
-        """Called after every train step (checkpointing hooks in here)."""
+        """Called after every train step: a checkpoint every ``save_every`` steps."""
+        if self.checkpoints is not None:
+            self.checkpoints.after_step(step, state)
 
     def on_eval(self, step: int, state: TrainState, metrics_: dict[str, float], is_best: bool) -> None:
-        """Called after every evaluation."""
+        """Called after every evaluation: a checkpoint ranked by the dev metric."""
+        if self.checkpoints is not None:
+            self.checkpoints.after_eval(step, state, metrics_, is_best)
+
+    def resumed_best(self) -> tuple[dict[str, float] | None, int]:
+        """The best dev metrics and their step so far: ``(None, 0)``, or those of the resumed run."""
+        if self.checkpoints is None:
+            return None, 0
+        return self.checkpoints.best, self.checkpoints.best_step
+
+    def on_train_end(self, state: TrainState, frozen: Any) -> dict[str, Any]:
+        """Called after the final evaluation: waits for checkpoint writes, exports the adapter;
+        returns entries for ``results.json``."""
+        return {} if self.checkpoints is None else self.checkpoints.finish(state, frozen)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -356,8 +381,8 @@ class Trainer:
                   f" (mesh {self.plan.describe()}, {jax.process_count()} process(es))")
 
         spe = self.steps_per_epoch()
-        best: dict[str, float] | None = None
-        best_step, last_eval = 0, None
+        best, best_step = self.resumed_best()
+        last_eval = None
         eval_seconds, examples = 0.0, 0
         t_start = time.perf_counter()
         pending: list[tuple[int, dict]] = []
@@ -426,6 +451,7 @@ class Trainer:
             "seed": cfg.seed, "config": cfg.to_dict(),
             "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
             "mesh": self.plan.describe(), "processes": jax.process_count(),
+            **self.on_train_end(state, frozen),
         }
         if self.is_main:
             text = json.dumps(results, indent=2, default=_json_default) + "\n"

@@ -58,3 +58,19 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_dir / f, d / f)
     return d
+
+
+@pytest.fixture(scope="session")
+def other_tiny_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The shapes of ``tiny_bert_dir`` with other random weights (a different base model)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("other-tiny-bert")
+    torch.manual_seed(1)
+    BertModel(BertConfig(**TINY)).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(tiny_bert_dir / f, d / f)
+    return d

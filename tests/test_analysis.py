@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpeft import adapter_files, analysis
+from jaxpeft import adapters, analysis, data, masks, methods
+from jaxpeft.fingerprint import fingerprint
 from jaxpeft.errors import UserError
-from jaxpeft.models import hf_weights
+from jaxpeft.models import hf_weights, load_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 TERMS = list(analysis.SYMBOLS)
@@ -33,15 +34,20 @@ def delta(layer, term, scale=1.0):
     return scale * (layer + 1) / 8 + TERMS.index(term) / 64
 
 
-def make_adapter(folder, model_dir, terms=TERMS, scale=1.0):
-    arrays = {"classifier/kernel": np.ones((48, 2)), "classifier/bias": np.ones(2)}
+def make_adapter(folder, model_dir, terms=TERMS, scale=1.0, method="bitfit"):
+    """An adapter written by the library's own exporter, with known bias changes."""
+    loaded = load_classifier(str(model_dir), 2)
+    flat = masks.flatten(loaded.params)
     for path, b in base_biases(model_dir).items():
         layer, term = analysis.classify(path)
         if term in terms:
             signs = np.where(np.arange(b.size) % 2 == 0, 1.0, -1.0)  # |Δb| is what counts
-            arrays[path] = b + signs * delta(layer, term, scale)
-    return adapter_files.save(folder, arrays, method="bitfit", method_options={"bitfit_terms": None},
-                              task="rte", num_labels=2, base_model=str(model_dir))
+            flat[path] = b + signs * delta(layer, term, scale)
+    params = masks.unflatten(flat, loaded.params)
+    options = {} if method != "bitfit" or list(terms) == TERMS else {"bitfit_terms": ",".join(terms)}
+    return adapters.save_adapter(folder, params, methods.create(method, options), data.get_task("rte"),
+                                 base_model=str(model_dir),
+                                 fingerprint=fingerprint(loaded.params, str(model_dir), str(loaded.model_dir)))
 
 
 def test_known_changes_give_the_known_table(tiny_bert_dir, tmp_path):
@@ -93,7 +99,7 @@ def test_partial_adapter_and_aggregate(tiny_bert_dir, tmp_path):
 
 
 def test_bad_adapters(tiny_bert_dir, minilm_dir, tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="not found"):
         analysis.analyze([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not an adapter folder"):
@@ -101,8 +107,7 @@ def test_bad_adapters(tiny_bert_dir, minilm_dir, tmp_path):
     a = make_adapter(tmp_path / "a", tiny_bert_dir)
     with pytest.raises(UserError, match="another base model"):  # tiny adapter on MiniLM: other shapes
         analysis.analyze([a], model=str(minilm_dir))
-    head_only = adapter_files.save(tmp_path / "h", {"classifier/bias": np.zeros(2)}, method="frozen",
-                                   method_options={}, task="rte", num_labels=2, base_model=str(tiny_bert_dir))
+    head_only = make_adapter(tmp_path / "h", tiny_bert_dir, method="frozen")
     with pytest.raises(UserError, match="not a BitFit adapter"):
         analysis.analyze([head_only])
 
@@ -119,4 +124,4 @@ def test_script_writes_outputs_and_rejects_bad_input(tiny_bert_dir, tmp_path):
     p = subprocess.run([sys.executable, script, str(tmp_path / "missing")], capture_output=True, text=True,
                        env=env, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        f"error: adapter folder {str(tmp_path / 'missing')!r} does not exist"]
+        f"error: adapter folder {tmp_path / 'missing'} not found"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpeft import adapter_files, analysis, study, study_table
+from jaxpeft import adapters, analysis, study, study_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,9 +57,11 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
         assert r["config"]["model"] == str(tiny_bert_dir)
 
     # the adapter: exactly the trainable leaves (every bias + the head), moved by training
-    cfg, arrays = adapter_files.load(out / f"rte/bitfit/lr{chosen:g}-seed1/adapter")
-    assert cfg == {"method": "bitfit", "method_options": {"bitfit_terms": None}, "task": "rte",
-                   "num_labels": 2, "base_model": str(tiny_bert_dir)}
+    adapter = out / f"rte/bitfit/lr{chosen:g}-seed1/adapter"
+    cfg, arrays = adapters.read_adapter_config(adapter), adapters.read_adapter_weights(adapter)
+    assert {k: cfg[k] for k in ("method", "method_options", "task", "num_labels")} == {
+        "method": "bitfit", "method_options": {"bitfit_terms": None}, "task": "rte", "num_labels": 2}
+    assert cfg["base_model"] == str(tiny_bert_dir.resolve())
     assert all(k.endswith("/bias") or k == "classifier/kernel" for k in arrays)
     assert {"classifier/kernel", "classifier/bias", "bert/encoder/layer_2/intermediate/dense/bias",
             "bert/embeddings/LayerNorm/bias", "bert/pooler/dense/bias"} <= set(arrays)

@@ -1,0 +1,395 @@
+"""Training checkpoints with Orbax: the trainable subtree, its optimizer state, step and RNG.
+
+``<output_dir>/checkpoints/<step>/`` holds two Orbax items:
+
+* ``state`` (``StandardSave``): the real leaves of the :class:`~jaxpeft.train.TrainState` as a
+  nested dict -- ``step``, ``rng``, ``trainable/<param path>`` and ``opt_state/<...>/mu/<param
+  path>``. Frozen weights are holes (``optax.MaskedNode``) of the state, so they are never saved;
+  the base model is reloaded from its source and checked against a fingerprint.
+* ``meta`` (``JsonSave``): the run's config, the method and its options, the base-model
+  fingerprint, the data position (epoch, batch, a hash of the remaining batch order and of the
+  training data), and the best dev metrics so far.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a write cut short
+(a killed process) is never listed as a checkpoint; temporary folders are removed when the manager
+opens. A complete-looking checkpoint that cannot be read is moved to
+``<output_dir>/unreadable_checkpoints/`` and resume falls back to the one before it.
+
+Saving is asynchronous: ``save`` returns once the arrays are copied to host memory. Restoring takes
+shapes, dtypes and shardings from a freshly built state, so a state saved on one device layout
+restores onto another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+import jaxpeft
+from jaxpeft import data, fingerprint, masks
+from jaxpeft.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxpeft.train import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class _PeriodicSaveFilter(logging.Filter):
+    """Periodic checkpoints carry no dev metrics on purpose (only evaluations rank checkpoints);
+    Orbax warns about each of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_PeriodicSaveFilter())
+
+CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+
+#: Config fields that decide the training trajectory: resuming with other values would not continue
+#: the same run. (The method's own options are compared too; output/logging/device options are free.)
+MUST_MATCH = ("method", "task", "learning_rate", "batch_size", "num_epochs", "max_steps", "warmup_ratio",
+              "weight_decay", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps", "seed", "max_seq_length",
+              "max_train_examples", "max_eval_examples", "dtype")
+
+
+# ----------------------------------------------------------------------------- state <-> saved tree
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``.
+
+    >>> nest({"a/b": 1, "a/c": 2, "d": 3})
+    {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"path {path!r} runs through a leaf")
+        if name in node:
+            raise ValueError(f"path {path!r} is not unique")
+        node[name] = leaf
+    return out
+
+
+def saved_tree(state: Any) -> dict[str, Any]:
+    """The nested dict of ``state``'s real leaves (holes of frozen weights left out) that is saved."""
+    return nest(masks.flatten(state))
+
+
+def abstract_tree(tree: Any) -> Any:
+    """Shape, dtype and sharding of every leaf: the restore target."""
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def state_from_tree(tree: Any, like: Any) -> Any:
+    """Puts the leaves of a restored nested dict back into the structure of ``like`` (holes included)."""
+    flat = masks.flatten(tree)
+    want = set(masks.flatten(like))
+    if set(flat) != want:
+        raise ValueError(f"restored tree differs from the state: missing {sorted(want - set(flat))[:3]}, "
+                         f"extra {sorted(set(flat) - want)[:3]}")
+    return masks.unflatten(flat, like)
+
+
+def sha256_arrays(*arrays: Any) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """Steps of the complete (finalized) checkpoints in ``directory``; creates nothing."""
+    return sorted(ocp.path.step.checkpoint_steps(Path(directory)))
+
+
+# ----------------------------------------------------------------------------- the Orbax manager
+
+
+def _ranking(main_metric: str):
+    """Best-checkpoint key: the dev metric (NaN counts as worst), earlier step first on ties --
+    the same order as the Trainer's ``best``."""
+
+    def rank(m: Mapping[str, Any]) -> tuple[float, int]:
+        v = float(m[main_metric])
+        return (-math.inf if math.isnan(v) else v, -int(m["step"]))
+
+    return rank
+
+
+class RunCheckpoints:
+    """An Orbax ``CheckpointManager`` of train states (without frozen weights) plus JSON metadata.
+
+    Keeps the ``keep`` latest checkpoints and, when ``main_metric`` is given, the best one by it
+    (checkpoints saved with ``metrics``; higher is better).
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int, main_metric: str | None = None,
+                 async_save: bool = True):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.directory = Path(directory).absolute()
+        self.main_metric = main_metric
+        policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
+        rank = _ranking(main_metric) if main_metric else None
+        if rank:
+            policies.append(checkpoint_managers.BestN(get_metric_fn=rank, n=1,
+                                                      keep_checkpoints_without_metrics=False))
+        # best_fn (with the policy above deciding what is kept) makes Orbax write each checkpoint's
+        # metrics to disk, so the best one is still known after a restart.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=rank, best_mode="max",
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any],
+             metrics: Mapping[str, float] | None = None) -> bool:
+        """Starts saving ``state`` at ``step`` (returns once arrays are on the host); ``False`` when
+        a checkpoint of this step or a later one exists. ``metrics`` rank it for "best"."""
+        if metrics is not None and self.main_metric:
+            metrics = {self.main_metric: float(metrics[self.main_metric]), "step": int(step)}
+        else:
+            metrics = None
+        args = ocp.args.Composite(state=ocp.args.StandardSave(saved_tree(state)),
+                                  meta=ocp.args.JsonSave(dict(meta)))
+        return bool(self.manager.save(step, args=args, metrics=metrics))
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def saved_paths(self, step: int) -> list[str]:
+        """The ``/``-joined keys of the arrays saved at ``step`` (read from Orbax's metadata)."""
+        md = self.manager.item_metadata(step)["state"]
+        return sorted(masks.flatten(getattr(md, "tree", md)))
+
+    def restore(self, step: int, like: Any) -> Any:
+        """The state saved at ``step``, with the structure, dtypes and shardings of ``like``."""
+        like_tree = saved_tree(like)
+        saved, want = set(self.saved_paths(step)), set(masks.flatten(like_tree))
+        if saved != want:
+            raise UserError(
+                f"checkpoint {self.step_dir(step)} holds other arrays than this run trains: "
+                f"{len(want - saved)} missing (e.g. {sorted(want - saved)[:2]}), "
+                f"{len(saved - want)} unexpected (e.g. {sorted(saved - want)[:2]})")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree(like_tree)))
+        return state_from_tree(self.manager.restore(step, args=args)["state"], like)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves an unreadable checkpoint out of the way (kept for inspection, never loaded again)."""
+        dest = self.directory.parent / UNREADABLE_DIR / str(step)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.step_dir(step)), str(dest))
+        self.manager.reload()
+        return dest
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------- the Trainer's side
+
+
+def _short(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+class TrainerCheckpoints:
+    """What a :class:`~jaxpeft.train.Trainer` persists besides its logs: checkpoints every
+    ``save_every`` steps and at every evaluation, exact resume, and the adapter at the end."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        cfg = self.cfg = trainer.cfg
+        self.directory = Path(cfg.output_dir).absolute() / CHECKPOINT_DIR
+        self.enabled = cfg.keep > 0
+        self.total = trainer.total_steps()
+        self.steps_per_epoch = trainer.steps_per_epoch()
+        self.fingerprint = fingerprint.fingerprint(trainer.model.params, cfg.model,
+                                                   str(trainer.model.model_dir))
+        td = trainer.train_data
+        self.train_data_sha = sha256_arrays(td.input_ids, td.token_type_ids, td.lengths, td.labels)
+        self.best: dict[str, float] | None = None
+        self.best_step = 0
+        self.resumed_from: int | None = None
+        self.run: RunCheckpoints | None = None
+        self._orders: dict[int, list[np.ndarray]] = {}
+
+    # -- data position ------------------------------------------------------------------------
+    def data_position(self, step: int) -> dict[str, Any]:
+        """Where the batch iterator stands after ``step`` steps, and a hash of the batches left in
+        that epoch: the loop derives the position from the step because the order is a function of
+        ``(seed, epoch)``; the hash checks that on resume."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: data.epoch_order(self.trainer.train_data.lengths, self.cfg.batch_size,
+                                                    self.cfg.seed, epoch)}
+        rest = self._orders[epoch][batch:]
+        return {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
+                "batch_order_sha256": sha256_arrays(*rest) if rest else None}
+
+    def meta(self, step: int) -> dict[str, Any]:
+        t = self.trainer
+        return {"format_version": FORMAT_VERSION, "jaxpeft_version": jaxpeft.__version__, "step": step,
+                "total_steps": self.total, "config": self.cfg.to_dict(), "method": t.method.name,
+                "method_options": t.method.options(), "task": t.task.name, "num_labels": t.task.num_labels,
+                "fingerprint": self.fingerprint, "train_examples": len(t.train_data),
+                "train_data_sha256": self.train_data_sha, "data_position": self.data_position(step),
+                "best": self.best, "best_step": self.best_step}
+
+    # -- resume -------------------------------------------------------------------------------
+    def resume(self, state: Any) -> Any:
+        """Opens the checkpoints; returns the state of the latest complete one when resuming,
+        ``state`` otherwise. ``state`` (freshly built) gives the target shapes and shardings."""
+        cfg, where = self.cfg, self.directory
+        steps = complete_steps(where)
+        if not self.enabled:
+            if cfg.resume:
+                raise UserError("--resume needs checkpoints, but --keep=0 turns them off")
+            if steps:
+                raise UserError(f"{where} holds checkpoints (latest step {steps[-1]}) that --keep=0 would "
+                                "neither resume from nor update; use --keep>0 or another --output_dir")
+            return state
+        if cfg.resume is False and steps:
+            raise UserError(f"--no-resume, but {where} holds checkpoints of an earlier run (latest step "
+                            f"{steps[-1]}); use another --output_dir or remove that folder")
+        if cfg.resume and not steps:
+            raise UserError(f"--resume: no complete checkpoint in {where}")
+        if steps:  # fail on a wrong base or other flags before anything is written
+            self.check_compatible(*self._newest_readable_meta(steps))
+        self.run = RunCheckpoints(where, keep=cfg.keep, main_metric=self.trainer.task.main_metric)
+        for step in reversed(self.run.steps()):
+            try:
+                meta = self.run.read_meta(step)
+                self.check_compatible(meta, step)
+                restored = self.run.restore(step, state)
+            except UserError:
+                self.run.close()
+                raise
+            except Exception as e:  # noqa: BLE001 -- any read failure means "not a good checkpoint"
+                dest = self.run.set_aside(step)
+                log.warning("checkpoint %s cannot be read (%s: %s); moved to %s, trying the one before",
+                            where / str(step), type(e).__name__, str(e).splitlines()[0][:200], dest)
+                self.trainer.echo(f"checkpoint of step {step} is unreadable; moved to {dest}")
+                continue
+            if int(restored.step) != step:
+                raise UserError(f"checkpoint {where / str(step)} holds step {int(restored.step)}, not {step}")
+            self.best, self.best_step = meta.get("best"), int(meta.get("best_step", 0))
+            self.resumed_from = step
+            self.trainer.echo(f"resuming from step {step} of {self.total} ({where / str(step)})")
+            jlog = getattr(self.trainer, "jlog", None)
+            if jlog is not None:
+                jlog.write(event="resume", step=step, best_step=self.best_step)
+            return restored
+        if steps:
+            raise UserError(f"no checkpoint in {where} could be read (moved to "
+                            f"{where.parent / UNREADABLE_DIR}); run again to start from step 0")
+        return state
+
+    def _newest_readable_meta(self, steps: list[int]) -> tuple[dict[str, Any], int]:
+        """The metadata of the newest checkpoint whose JSON reads, without opening a manager."""
+        for step in reversed(steps):
+            try:
+                meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+                    self.directory / str(step) / "meta", ocp.args.JsonRestore())
+                if isinstance(meta, dict):
+                    return meta, step
+            except Exception:  # noqa: BLE001 -- handled when the manager restores
+                continue
+        return {}, 0
+
+    def check_compatible(self, meta: Mapping[str, Any], step: int) -> None:
+        """Raises one clear :class:`UserError` if the checkpoint belongs to another base model or to
+        a run with other trajectory-relevant settings or data."""
+        if not meta:
+            return
+        what = f"checkpoint {self.directory / str(step)}"
+        fingerprint.check(meta.get("fingerprint"), self.fingerprint, what)
+        saved_cfg, now = meta.get("config", {}), self.cfg.to_dict()
+        diffs = [f"{k}={_short(saved_cfg.get(k))} (now {_short(now[k])})"
+                 for k in MUST_MATCH if k in saved_cfg and saved_cfg.get(k) != now[k]]
+        opts_now = self.trainer.method.options()
+        diffs += [f"{k}={_short(v)} (now {_short(opts_now.get(k))})"
+                  for k, v in (meta.get("method_options") or {}).items()
+                  if meta.get("method") == self.trainer.method.name and opts_now.get(k) != v]
+        if not diffs and meta.get("total_steps") != self.total:
+            diffs.append(f"total_steps={meta.get('total_steps')} (now {self.total})")
+        if diffs:
+            raise UserError(f"{what} belongs to a run with other settings: {', '.join(diffs)}; "
+                            "use the same flags or another --output_dir")
+        if meta.get("train_data_sha256") != self.train_data_sha:
+            raise UserError(f"{what} was trained on other training data ({meta.get('train_examples')} "
+                            f"examples, now {len(self.trainer.train_data)}, or other texts/tokenizer); "
+                            "use the same data or another --output_dir")
+        pos = meta.get("data_position") or {}
+        if pos.get("batch_order_sha256") != self.data_position(step)["batch_order_sha256"]:
+            raise UserError(f"{what}: the batch order of epoch {pos.get('epoch')} differs from the one it "
+                            "was trained with (other numpy version?); the run cannot resume exactly")
+
+    # -- the loop's hooks ---------------------------------------------------------------------
+    def after_step(self, step: int, state: Any) -> None:
+        # The last step is saved by the final evaluation, with its metrics.
+        if self.run and self.cfg.save_every > 0 and step % self.cfg.save_every == 0 and step < self.total:
+            self.run.save(step, state, self.meta(step))
+
+    def after_eval(self, step: int, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
+        if is_best:
+            self.best, self.best_step = dict(metrics), step
+        if self.run:
+            self.run.save(step, state, self.meta(step), metrics=metrics)
+
+    def finish(self, state: Any, frozen: Any) -> dict[str, Any]:
+        """Waits for pending writes, exports the final params as an adapter (``--export_adapter``);
+        returns the paths for ``results.json``."""
+        out: dict[str, Any] = {}
+        if self.run is not None:
+            self.run.close()
+            out["checkpoint_dir"] = str(self.directory)
+            out["checkpoint_steps"] = self.run.steps()
+        if self.cfg.export_adapter:
+            from jaxpeft import adapters
+
+            t = self.trainer
+            path = adapters.save_adapter(
+                Path(self.cfg.output_dir) / ADAPTER_DIR, masks.merge(state.trainable, frozen), t.method,
+                t.task, base_model=self.cfg.model, fingerprint=self.fingerprint,
+                max_seq_length=self.cfg.max_seq_length, dtype=self.cfg.dtype, step=int(state.step))
+            out["adapter_dir"] = str(path)
+        return out

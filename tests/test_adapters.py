@@ -1,0 +1,209 @@
+"""Adapter folders: exported predictions equal the trained model's, BitFit adapters are small, and
+scripts/predict.py reads TSV files, --text and stdin and rejects bad input with one line."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from jaxpeft import adapters, cli, config, data, fingerprint, masks, methods, train
+from jaxpeft.errors import UserError
+from jaxpeft.models.loading import load_classifier
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ, BATCH = 32, 16
+
+
+@pytest.fixture(scope="module")
+def trained(glue, tiny_bert_dir, tmp_path_factory):
+    """Short runs on the tiny BERT, one per method, trained lazily: ``trained(method) -> Trainer``."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(method) / "out"
+            cfg = config.build(dict(method=method, task="sst2", model=str(tiny_bert_dir), data_dir=str(glue),
+                                    output_dir=str(out), max_steps=10, batch_size=8, max_train_examples=80,
+                                    max_eval_examples=32, max_seq_length=SEQ, eval_every=0, keep=1,
+                                    learning_rate=5e-3, progress=False, seed=2))
+            trainer = train.Trainer(cfg, echo=lambda s: None)
+            trainer.run()
+            runs[method] = trainer
+        return runs[method]
+
+    return get
+
+
+def dev_examples(glue, n=48):
+    return data.load_split(data.get_task("sst2"), "dev", glue).take(n)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_exported_adapter_predicts_exactly_like_the_trained_model(method, trained, glue):
+    t = trained(method)
+    examples = dev_examples(glue)
+    enc = data.encode(t.model.tokenizer, examples, SEQ)
+    fn = jax.jit(train.make_predict_step(t.model.module))
+    in_memory = train.predict_logits(fn, t.final_state.trainable, t.frozen, enc, BATCH, data.length_buckets(SEQ))
+
+    adapter = Path(t.cfg.output_dir) / "adapter"
+    loaded, params, m, task = adapters.load_adapter(adapter)
+    assert (m.name, task.name) == (method, "sst2")
+    exported = adapters.predict(loaded, params, m, examples, max_seq_length=SEQ, batch_size=BATCH)
+    np.testing.assert_array_equal(exported, in_memory)
+    assert len(set(in_memory.argmax(-1))) >= 1 and np.isfinite(in_memory).all()
+
+    arrays = safetensors.numpy.load_file(str(adapter / "adapter.safetensors"))
+    assert sorted(arrays) == masks.trainable_paths(t.mask)
+    assert all(a.dtype == np.float32 for a in arrays.values())
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["method"] == method and cfg["task"] == "sst2" and cfg["num_labels"] == 2
+    assert cfg["base_model"] == str(Path(t.cfg.model).resolve()) and cfg["step"] == 10
+    assert cfg["fingerprint"] == t.checkpoints.fingerprint and cfg["jaxpeft_version"]
+    assert cfg["max_seq_length"] == SEQ and cfg["num_params"] == sum(a.size for a in arrays.values())
+
+
+def test_bitfit_adapter_of_bundled_model_is_under_1mb(minilm_dir, tmp_path):
+    method = methods.create("bitfit")
+    task = data.get_task("sst2")
+    model = load_classifier(str(minilm_dir), task.num_labels)
+    params = model.params
+    fp = fingerprint.fingerprint(params, str(minilm_dir))
+    d = adapters.save_adapter(tmp_path / "a", params, method, task, base_model=str(minilm_dir), fingerprint=fp)
+    size = sum(f.stat().st_size for f in d.iterdir())
+    n_trainable, n_all = masks.count(params, method.mask(params))
+    assert size < 1_000_000 and 4 * n_trainable < size < 4 * n_trainable + 20_000, size
+    assert n_all * 4 > 80e6   # the copy it replaces: ~90 MB of float32
+    _, loaded_params, _, _ = adapters.load_adapter(d)
+    for path, v in method.export_params(params).items():
+        assert np.asarray(masks.flatten(loaded_params)[path]).tobytes() == np.asarray(v).tobytes()
+
+
+def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypatch):
+    t = trained("bitfit")
+    d = shutil.copytree(Path(t.cfg.output_dir) / "adapter", tmp_path / "a")
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    params = masks.merge(t.final_state.trainable, t.frozen)
+
+    def full_disk(arrays, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(adapters.safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError):
+        adapters.save_adapter(d, params, t.method, t.task, base_model=t.cfg.model,
+                              fingerprint=t.checkpoints.fingerprint)
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+# ----------------------------------------------------------------------------- scripts/predict.py
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("predict_script", REPO / "scripts" / "predict.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_script(args, capsys, stdin_text=None, monkeypatch=None):
+    if stdin_text is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin_text))
+    rc = cli.guarded(lambda: load_script().main(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_predict_script_on_tsv_text_and_stdin(trained, glue, tmp_path, capsys, monkeypatch):
+    t = trained("bitfit")
+    adapter = str(Path(t.cfg.output_dir) / "adapter")
+    test_tsv = tmp_path / "test.tsv"
+    test_tsv.write_text("".join((glue / "SST-2" / "test.tsv").read_text().splitlines(True)[:21]))
+    out = tmp_path / "preds" / "sst2.tsv"
+    rc, _, err = run_script([f"--adapter={adapter}", f"--input={test_tsv}", f"--output={out}"], capsys)
+    assert rc == 0, err
+    rows = [r.split("\t") for r in out.read_text().splitlines()]
+    assert rows[0] == ["index", "prediction", "prob_0", "prob_1"] and len(rows) == 21
+    probs = np.array([[float(x) for x in r[2:]] for r in rows[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert [r[1] for r in rows[1:]] == [str(i) for i in probs.argmax(1)]
+    # Same numbers as the library on the same texts.
+    loaded, params, m, task = adapters.load_adapter(adapter)
+    logits = adapters.predict(loaded, params, m, data.read_tsv(task, test_tsv), max_seq_length=SEQ)
+    np.testing.assert_allclose(probs, adapters.scores(logits, task), atol=1e-6)
+
+    texts = data.read_tsv(task, test_tsv).texts[0][:2]
+    rc, stdout, err = run_script([f"--adapter={adapter}", f"--text={texts[0]}", f"--text={texts[1]}"], capsys)
+    assert rc == 0, err
+    assert stdout.splitlines()[1:] == ["\t".join(r) for r in rows[1:3]]
+    rc, stdout, err = run_script([f"--adapter={adapter}"], capsys, "\n".join(texts) + "\n", monkeypatch)
+    assert rc == 0, err
+    assert stdout.splitlines()[1:] == ["\t".join(r) for r in rows[1:3]]
+
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("".join((glue / "SST-2" / "dev.tsv").read_text().splitlines(True)[:30]))
+    rc, stdout, err = run_script([f"--adapter={adapter}", f"--input={dev}"], capsys)
+    assert rc == 0 and "sst2 on 29 labelled examples: accuracy=" in err, err
+
+
+def _bad_adapters(src: Path, tmp: Path) -> dict:
+    cases = {}
+    broken = shutil.copytree(src, tmp / "broken_json")
+    (broken / "adapter_config.json").write_text('{"format": "jaxpeft-adapter", ')
+    cases["broken_json"] = (broken, "adapter_config.json is not valid JSON")
+    nokey = shutil.copytree(src, tmp / "no_key")
+    cfg = json.loads((nokey / "adapter_config.json").read_text())
+    del cfg["fingerprint"]
+    (nokey / "adapter_config.json").write_text(json.dumps(cfg))
+    cases["no_key"] = (nokey, "missing key 'fingerprint'")
+    badm = shutil.copytree(src, tmp / "bad_method")
+    (badm / "adapter_config.json").write_text(
+        (src / "adapter_config.json").read_text().replace('"method": "bitfit"', '"method": "lora"'))
+    cases["bad_method"] = (badm, "unknown method 'lora'")
+    cases["missing"] = (tmp / "nope", "adapter folder")
+    noweights = shutil.copytree(src, tmp / "no_weights")
+    (noweights / "adapter.safetensors").unlink()
+    cases["no_weights"] = (noweights, "has no adapter.safetensors")
+    damaged = shutil.copytree(src, tmp / "damaged")
+    (damaged / "adapter.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    cases["damaged"] = (damaged, "adapter.safetensors cannot be read")
+    return cases
+
+
+def test_predict_script_bad_input_is_one_line_and_keeps_output(trained, glue, tmp_path, capsys):
+    src = Path(trained("bitfit").cfg.output_dir) / "adapter"
+    out = tmp_path / "out.tsv"
+    out.write_text("previous\n")
+    cases = _bad_adapters(src, tmp_path)
+    cases["missing_input"] = (src, "data file")
+    for name, (adapter, needle) in cases.items():
+        extra = [f"--input={tmp_path / 'none.tsv'}"] if name == "missing_input" else ["--text=fine"]
+        rc, _, err = run_script([f"--adapter={adapter}", *extra, f"--output={out}"], capsys)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (name, err)
+        assert out.read_text() == "previous\n"
+
+
+def test_adapter_of_another_base_is_rejected_at_the_cli(trained, other_tiny_bert_dir, tiny_bert_dir, tmp_path):
+    adapter = Path(trained("bitfit").cfg.output_dir) / "adapter"
+    with pytest.raises(UserError, match="other weights"):
+        adapters.load_adapter(adapter, str(other_tiny_bert_dir))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), f"--adapter={adapter}",
+                        f"--model={other_tiny_bert_dir}", "--text=a fine film"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"error: adapter {adapter} was trained on base model {tiny_bert_dir.resolve()}")
+    assert f"use --model={tiny_bert_dir.resolve()}" in lines[0]
