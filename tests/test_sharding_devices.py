@@ -133,10 +133,19 @@ def test_two_processes_match_one_process(reference, glue, tiny_bert_dir, tmp_pat
     # only process 0 wrote: one start and one end record, 8 train records
     assert p0["log_events"].count("start") == 1 and p0["log_events"].count("end") == 1
     assert p0["log_events"].count("train") == 8
-    assert sorted(x.name for x in out_dir.iterdir()) == ["log.jsonl", "results.json"]
+    assert sorted(x.name for x in out_dir.iterdir()) == ["adapter", "checkpoints", "log.jsonl", "results.json"]
     # each process fed half of every global batch: no example twice, none skipped
     for a, b in zip(p0["fed"], p1["fed"]):
         assert a["batch"] == b["batch"]
         assert len(a["rows"]) == len(b["rows"]) == 8
         assert sorted(a["rows"] + b["rows"]) == sorted(a["batch"])
     assert p0["fed"][-1]["batch"].count(-1) == 8   # the filler rows are covered too
+    # the checkpoint the two processes wrote (fsdp:8 over both) restores in this one-device process:
+    # the run resumes at its last step and holds exactly the trained leaves
+    one = mesh_worker.run_one(base_config("bitfit", glue, tiny_bert_dir, out_dir))
+    assert (one["processes"], one["devices"], one["mesh"]) == (1, 1, "data:1,fsdp:1")
+    assert sorted(one["trainable"]) == sorted(p0["trainable"])
+    for path, value in p0["trainable"].items():
+        np.testing.assert_array_equal(np.asarray(one["trainable"][path], np.float32),
+                                      np.asarray(value, np.float32), err_msg=path)
+    assert one["final_dev"] == p0["final_dev"]
