@@ -53,6 +53,7 @@ class BenchConfig:
     remat: bool = False
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
+    mesh: str | None = None     # e.g. "data:2" or "data:1,fsdp:2"; None: one device, plain jit
 
 
 def analytic_flops(cfg: BertConfig, method: str, batch: int, seq: int, virtual: int = 20) -> float:
@@ -109,7 +110,13 @@ def _cost(compiled) -> dict[str, float]:
 
 
 def build_step(bc: BenchConfig):
-    """Module, compiled step, state, frozen params and batch for one configuration."""
+    """Module, compiled step, state, frozen params and batch for one configuration.
+
+    With ``bc.mesh`` the step is the Trainer's sharded one (``jaxpeft.sharding``): ``batch`` is the
+    global batch, split over the mesh's data-parallel devices.
+    """
+    from jaxpeft import sharding
+
     set_prng_impl(bc.prng_impl)
     cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat)
     if bc.dropout is not None:
@@ -118,25 +125,31 @@ def build_step(bc: BenchConfig):
     adapter = method.adapter(cfg)
     module = BertForSequenceClassification(cfg, num_labels=2, adapter=adapter)
     dummy = _random_batch(cfg, 1, 8)
-    params = jax.jit(lambda r: module.init(r, dummy["input_ids"], dummy["attention_mask"],
-                                           dummy["token_type_ids"])["params"])(jax.random.key(0))
+    plan = sharding.create_plan(bc.mesh or "data:1", devices=None if bc.mesh else jax.devices()[:1])
+    plan.check_batch_size(bc.batch)
+
+    def init(r):
+        return module.init(r, dummy["input_ids"], dummy["attention_mask"], dummy["token_type_ids"])["params"]
+
+    params, _ = plan.init(init, jax.random.key(0), shardings=plan.tree_shardings)
     mask = method.mask(params)
     counts = masks.count(params, mask)
     tx, _ = make_optimizer(TrainConfig(learning_rate=1e-4), total_steps=10_000)
     trainable, frozen = masks.split(params, mask)
-    state = init_state(trainable, tx, seed=0)
+    state, state_sh = plan.init(lambda t: init_state(t, tx, 0), trainable, shardings=plan.state_shardings)
+    frozen_sh = plan.tree_shardings(frozen)
     del params, trainable
-    batch = _random_batch(cfg, bc.batch, bc.seq)
-    step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
+    batch = plan.global_batch({k: np.asarray(v) for k, v in _random_batch(cfg, bc.batch, bc.seq).items()})
+    step = plan.jit_train_step(make_train_step(module, tx, regression=False), state_sh, frozen_sh)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch, np.float32(1e-4)).compile()
     compile_s = time.perf_counter() - t0
-    return cfg, compiled, state, frozen, batch, compile_s, counts
+    return cfg, compiled, state, frozen, batch, compile_s, counts, plan.mesh.size
 
 
 def run(bc: BenchConfig) -> dict[str, Any]:
     """Benchmarks one configuration; returns one JSON-able record."""
-    cfg, compiled, state, frozen, batch, compile_s, (trainable, total) = build_step(bc)
+    cfg, compiled, state, frozen, batch, compile_s, (trainable, total), ndev = build_step(bc)
     lr = np.float32(1e-4)
     for _ in range(bc.warmup):
         state, m = compiled(state, frozen, batch, lr)
@@ -155,11 +168,12 @@ def run(bc: BenchConfig) -> dict[str, Any]:
     rec = {
         **dataclasses.asdict(bc),
         "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+        "devices": ndev,
         "trainable_params": trainable, "total_params": total,
         "step_ms": 1e3 * step_s, "step_ms_spread": 1e3 * (max(times) - min(times)),
         "seq_per_s": bc.batch / step_s, "tokens_per_s": bc.batch * bc.seq / step_s,
         "compile_s": compile_s, "analytic_flops": flops,
-        "mfu": flops / step_s / (bc.peak_tflops * 1e12),
+        "mfu": flops / step_s / (bc.peak_tflops * 1e12 * ndev),
         "peak_bytes": stats.get("peak_bytes_in_use"), "loss": float(m["loss"]),
         **_cost(compiled),
     }
@@ -193,6 +207,10 @@ def _key(r: dict) -> tuple:
     return (r["size"], r["method"], r["batch"], r["seq"])
 
 
+def _single(r: dict) -> bool:
+    return not r.get("mesh")
+
+
 def _fmt(x: float | None, spec: str = ",.0f") -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
@@ -200,7 +218,7 @@ def _fmt(x: float | None, spec: str = ",.0f") -> str:
 def speed_table(records: list[dict]) -> str:
     """Markdown: ours vs the peer (eager, torch.compile) per size/method/batch, with ratios."""
     ours = {_key(r): r for r in records if r.get("framework", "jaxpeft") == "jaxpeft"
-            and "seq_per_s" in r and not r.get("capacity")}
+            and "seq_per_s" in r and not r.get("capacity") and _single(r)}
     peer = {(_key(r), r["mode"]): r for r in records if r.get("framework", "").startswith("torch")}
     lines = ["| size | method | batch | jaxpeft seq/s | MFU | step GiB | compile s | peft eager seq/s "
              "| peft compile seq/s | ours / compile | ours / eager |",
@@ -229,7 +247,7 @@ def memory_table(records: list[dict]) -> str:
     """Markdown: peak memory per method vs full fine-tuning, and the largest batch that ran."""
     ours = [dict(r, peak_bytes=r.get("step_bytes") or r.get("peak_bytes")) for r in records
             if r.get("framework", "jaxpeft") == "jaxpeft" and (r.get("step_bytes") or r.get("peak_bytes"))
-            and not r.get("capacity")]
+            and not r.get("capacity") and _single(r)]
     cap = {(r["size"], r["method"], r["seq"]): r for r in records if r.get("capacity")}
     peer = {(_key(r)): r for r in records if r.get("framework", "").startswith("torch")
             and r.get("mode") == "eager" and r.get("peak_bytes")}
@@ -249,6 +267,31 @@ def memory_table(records: list[dict]) -> str:
 
 
 METHOD_ORDER = ["full", "frozen", "bitfit", "prompt", "ptuning", "prefix", "ptuning_v2"]
+
+
+def scaling_table(records: list[dict]) -> str:
+    """Markdown: runs on a mesh of several devices against one device at the same per-device batch."""
+    one = {(r["size"], r["method"], r["batch"], r["seq"]): r for r in records
+           if r.get("framework", "jaxpeft") == "jaxpeft" and "seq_per_s" in r and _single(r)}
+    lines = ["| size | method | mesh | global batch | seq/s | seq/s per device | 1-device seq/s (same "
+             "per-device batch) | scaling efficiency | step GiB per device |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if _single(r) or "seq_per_s" not in r:
+            continue
+        n = r.get("devices", 1)
+        ref = one.get((r["size"], r["method"], r["batch"] // n, r["seq"]))
+        eff = f"{r['seq_per_s'] / (n * ref['seq_per_s']):.0%}" if ref else "—"
+        lines.append(f"| {r['size']} | {r['method']} | {r['mesh']} | {r['batch']} | {r['seq_per_s']:,.0f} "
+                     f"| {r['seq_per_s'] / n:,.0f} | {_fmt(ref['seq_per_s'] if ref else None)} | {eff} "
+                     f"| {_fmt((r.get('step_bytes') or float('nan')) / GIB, '.2f')} |")
+    return "\n".join(lines)
+
+
+def markdown_report(records: list[dict], header: str) -> str:
+    parts = [header, "", "## Speed", "", speed_table(records), "", "## Memory", "", memory_table(records)]
+    if any(not _single(r) for r in records):
+        parts += ["", "## Several devices", "", scaling_table(records)]
+    return "\n".join(parts) + "\n"
 
 
 def predict_capacity(records: list[dict], size: str, method: str, limit_bytes: float,

@@ -53,8 +53,24 @@ def main() -> int:
     ap.add_argument("--capacity", action="store_true", help="predict the largest batch per method")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="0: measure a bf16 matmul here")
     ap.add_argument("--timeout", type=int, default=600, help="per peer configuration")
+    ap.add_argument("--mesh", default=None, help="run ours on a device mesh, e.g. data:2 (global batches)")
+    ap.add_argument("--no_ours", action="store_true", help="only the peer")
+    ap.add_argument("--report", nargs="+", default=None, help="only build OUT/bench.md from these jsonl files")
     ap.add_argument("--out", default="bench")
     a = ap.parse_args()
+    if a.report:
+        from jaxpeft import benchmark
+
+        recs = [json.loads(x) for f in a.report for x in Path(f).read_text().splitlines() if x.strip()]
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        head = next((r for r in recs if r.get("framework") == "jaxpeft" and "device" in r), {})
+        text = benchmark.markdown_report(recs, f"# Benchmark\n\n{head.get('device', '?')}, attention "
+                                         f"`{head.get('attention_impl', '?')}`, jax {head.get('jax', '?')}, "
+                                         f"bf16 matmul {head.get('peak_tflops', 0):.0f} TFLOP/s measured")
+        (out / "bench.md").write_text(text)
+        print(text)
+        return 0
 
     import jax
 
@@ -95,10 +111,11 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            for batch in batches:
+            for batch in ([] if a.no_ours else batches):
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
                                            attention_impl=impl, steps=a.steps, repeats=a.repeats,
-                                           peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout)
+                                           peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
+                                           mesh=a.mesh)
                 try:
                     rec = {"framework": "jaxpeft", **benchmark.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)
@@ -113,12 +130,11 @@ def main() -> int:
                 cap = benchmark.predict_capacity(records, size, method, limit) if limit else None
                 if cap:
                     emit(cap)
-    md = ["# Benchmark", "",
-          f"{dev.device_kind}, bf16 matmul {peak:.0f} TFLOP/s measured, attention `{impl}`, "
-          f"prng `{a.prng_impl}`, seq {a.seq}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}", "",
-          "## Speed", "", benchmark.speed_table(records), "", "## Memory", "", benchmark.memory_table(records)]
-    (out / "bench.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md[5:]))
+    text = benchmark.markdown_report(
+        records, f"# Benchmark\n\n{dev.device_kind}, bf16 matmul {peak:.0f} TFLOP/s measured, attention "
+        f"`{impl}`, prng `{a.prng_impl}`, seq {a.seq}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+    (out / "bench.md").write_text(text)
+    print(text)
     print(f"# {time.time() - t0:.0f}s", flush=True)
     return 0
 
