@@ -28,6 +28,7 @@ class TrainConfig:
     method: str = "bitfit"
     task: str = "sst2"
     model: str = DEFAULT_MODEL
+    random_init: bool = False   # benchmarks: the model's shape from config.json, weights random
     data_dir: str | None = None
     output_dir: str | None = None
     config: str | None = None

@@ -254,7 +254,7 @@ class Trainer:
         self.model: LoadedModel = load_classifier(
             cfg.model, self.task.num_labels, adapter=self.method.adapter, seed=cfg.seed,
             dtype=cfg.dtype, attention_impl=cfg.attention_impl, remat=cfg.remat,
-            param_shardings=self.plan.tree_shardings)
+            with_weights=not cfg.random_init, param_shardings=self.plan.tree_shardings)
         need = cfg.max_seq_length + self.method.extra_positions()
         if need > self.model.config.max_position_embeddings:
             raise UserError(f"max_seq_length={cfg.max_seq_length} plus {self.method.extra_positions()} "
