@@ -67,6 +67,7 @@ class TrainConfig:
     encoder_num_layers: int = 2                # ptuning: LSTM layers
     prefix_projection: bool | None = None      # prefix: MLP reparameterisation (None: prefix on, ptuning_v2 off)
     prefix_dropout: float | None = None        # prefix: dropout on prefixes (None: prefix 0.0, ptuning_v2 0.1)
+    head_learning_rate: float | None = None    # peak lr of the task head (None: learning_rate)
     # checkpoints and adapters
     # devices and sharding
 

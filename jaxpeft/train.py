@@ -66,8 +66,23 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                    weight_decay=cfg.weight_decay, mask=decay_mask))
+                    weight_decay=cfg.weight_decay, mask=decay_mask),
+        head_rate_scale(cfg))
     return tx, schedule
+
+
+def head_rate_scale(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Scales the task head's updates by ``head_learning_rate / learning_rate`` (same schedule,
+    other peak), so reparameterised prompt methods can train their encoder slowly and the head at
+    a usual rate. Identity when ``head_learning_rate`` is unset."""
+    if cfg.head_learning_rate is None or cfg.head_learning_rate == cfg.learning_rate:
+        return optax.identity()
+    if cfg.head_learning_rate <= 0 or cfg.learning_rate <= 0:
+        raise UserError("learning_rate and head_learning_rate must be positive")
+    head = re.compile(methods.HEAD_PATTERN)
+    return optax.masked(optax.scale(cfg.head_learning_rate / cfg.learning_rate),
+                        lambda tree: jax.tree_util.tree_map_with_path(
+                            lambda kp, _: bool(head.search(masks.path_str(kp))), tree))
 
 
 # ----------------------------------------------------------------------------- steps

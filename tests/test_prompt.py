@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from jaxpeft import masks, methods
+from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.methods.prompt import ordinary_token_ids
 from jaxpeft.models import BertModel, load_classifier
 from jaxpeft.models.bert import BertForSequenceClassification
+from jaxpeft.train import make_optimizer
 
 from masked_step import assert_export_round_trip, assert_only_masked_leaves_changed, train_steps
 
@@ -88,11 +90,19 @@ def test_masked_out_prompt_leaves_the_base_model_unchanged(minilm, name, options
 
 @pytest.mark.parametrize("name,options", METHODS[:2])
 def test_pooled_output_reads_the_real_cls(minilm, name, options):
+    """The pooler reads sequence position 0, and position 0 is the real [CLS] at position id 0:
+    its layer-0 key (a function of its own embedding only) is the base model's [CLS] key."""
     method = methods.create(name, options)
     module, params = _with_adapter(minilm, method)
     enc = _inputs(minilm.tokenizer)
     prompt = module.adapter.apply({"params": params["adapter"]}, 3)["prompt_embeds"]
-    seq, pooled = BertModel(minilm.config).apply({"params": params["bert"]}, **enc, prompt_embeds=prompt)
+    bert = BertModel(minilm.config)
+    (seq, pooled), state = bert.apply({"params": params["bert"]}, **enc, prompt_embeds=prompt,
+                                      mutable=["intermediates"])
+    _, base_state = bert.apply({"params": params["bert"]}, **enc, mutable=["intermediates"])
+    key0 = lambda st: np.asarray(st["intermediates"]["encoder"]["layer_0"]["attention"]["self"]["key_value"][0][0])  # noqa: E731
+    np.testing.assert_allclose(key0(state)[:, 0], key0(base_state)[:, 0], atol=1e-5)
+    assert np.abs(key0(state)[:, 1] - key0(base_state)[:, 0]).max() > 1e-2
     pool = params["bert"]["pooler"]["dense"]
     at = lambda i: np.tanh(np.asarray(seq[:, i]) @ np.asarray(pool["kernel"]) + np.asarray(pool["bias"]))  # noqa: E731
     np.testing.assert_allclose(np.asarray(pooled), at(0), atol=1e-5)
@@ -196,3 +206,21 @@ def test_train_step_changes_only_prompt_encoder_and_head_and_export_round_trips(
         assert sorted(exported) == ["adapter/prompt_embeddings", "classifier/bias", "classifier/kernel"]
         assert exported["adapter/prompt_embeddings"].shape == (5, 32)
         assert isinstance(method.for_inference(), methods.PromptTuning)
+
+
+def test_head_learning_rate_scales_only_the_head_updates():
+    params = {"adapter": {"prompt_embeddings": jnp.ones((2, 3))},
+              "classifier": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
+
+    def first_update(**kw):
+        tx, _ = make_optimizer(TrainConfig(learning_rate=1e-3, warmup_ratio=0.0, **kw), total_steps=10)
+        return masks.flatten(tx.update(grads, tx.init(params), params)[0])
+
+    same, split = first_update(), first_update(head_learning_rate=3e-2)
+    np.testing.assert_allclose(split["adapter/prompt_embeddings"], same["adapter/prompt_embeddings"])
+    for p in ("classifier/kernel", "classifier/bias"):
+        np.testing.assert_allclose(split[p], 30 * np.asarray(same[p]), rtol=1e-5)
+    assert float(np.abs(same["classifier/kernel"]).max()) > 0
+    with pytest.raises(UserError, match="must be positive"):
+        first_update(head_learning_rate=-1.0)
