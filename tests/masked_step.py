@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import numpy as np
 
@@ -38,13 +40,17 @@ def train_steps(method, config: BertConfig = SMALL, steps: int = 3, seed: int = 
     """Runs ``steps`` jitted train steps; returns ``(module, params before, params after, mask, state)``."""
     module, params = build(method, config, seed)
     mask = method.mask(params)
-    tx, _ = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_ratio=0.0), total_steps=10)
+    tx, schedule = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_ratio=0.0), total_steps=10)
     trainable, frozen = masks.split(params, mask)
     state = init_state(trainable, tx, seed=seed)
-    step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
+    step_fn = make_train_step(module, tx, regression=False)
+    # steps that take the update's learning rate as an argument: step(state, frozen, batch, lr)
+    takes_lr = len(inspect.signature(step_fn).parameters) == 4
+    step = jax.jit(step_fn, donate_argnums=(0,))
     rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        state, metrics = step(state, frozen, random_batch(rng))
+    for i in range(steps):
+        lr = (np.float32(schedule(i)),) if takes_lr else ()
+        state, metrics = step(state, frozen, random_batch(rng), *lr)
         assert np.isfinite(float(metrics["loss"]))
     return module, params, masks.merge(state.trainable, frozen), mask, state
 
