@@ -61,6 +61,15 @@ class TrainConfig:
     # method options: bitfit
     bitfit_terms: str | None = None
     # method options: prompt methods (prompt, ptuning, prefix, ptuning_v2)
+    num_virtual_tokens: int = 20               # virtual tokens (prompt, ptuning) or prefix length
+    prompt_init: str = "random"                # prompt: random | sample_vocab | text
+    prompt_init_text: str | None = None        # prompt: text for prompt_init=text
+    encoder_type: str = "lstm"                 # ptuning: lstm | mlp
+    encoder_hidden_size: int | None = None     # ptuning encoder / prefix MLP width (None: method default)
+    encoder_num_layers: int = 2                # ptuning: LSTM layers
+    prefix_projection: bool | None = None      # prefix: MLP reparameterisation (None: prefix on, ptuning_v2 off)
+    prefix_dropout: float | None = None        # prefix: dropout on prefixes (None: prefix 0.0, ptuning_v2 0.1)
+    head_learning_rate: float | None = None    # peak lr of the task head (None: learning_rate)
     # checkpoints and adapters
     save_every: int = 500           # checkpoint every N steps (and at every evaluation); 0: evaluations only
     keep: int = 2                   # keep the N latest checkpoints plus the best by the dev metric; 0: none

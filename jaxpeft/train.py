@@ -33,7 +33,7 @@ from jaxpeft.models.loading import LoadedModel, load_classifier
 
 log = logging.getLogger(__name__)
 
-_NO_DECAY = re.compile(r"(bias|scale|embedding)$|LayerNorm")
+_NO_DECAY = re.compile(r"(bias|scale|embeddings?|prefix_keys|prefix_values)$|LayerNorm")
 
 
 @flax.struct.dataclass
@@ -88,8 +88,23 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
         optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask) if cfg.weight_decay
         else optax.identity(),
-        optax.scale(-1.0))
+        optax.scale(-1.0),
+        head_rate_scale(cfg))
     return tx, schedule
+
+
+def head_rate_scale(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Scales the task head's updates by ``head_learning_rate / learning_rate`` (same schedule,
+    other peak), so reparameterised prompt methods can train their encoder slowly and the head at
+    a usual rate. Identity when ``head_learning_rate`` is unset."""
+    if cfg.head_learning_rate is None or cfg.head_learning_rate == cfg.learning_rate:
+        return optax.identity()
+    if cfg.head_learning_rate <= 0 or cfg.learning_rate <= 0:
+        raise UserError("learning_rate and head_learning_rate must be positive")
+    head = re.compile(methods.HEAD_PATTERN)
+    return optax.masked(optax.scale(cfg.head_learning_rate / cfg.learning_rate),
+                        lambda tree: jax.tree_util.tree_map_with_path(
+                            lambda kp, _: bool(head.search(masks.path_str(kp))), tree))
 
 
 # ----------------------------------------------------------------------------- steps

@@ -9,8 +9,11 @@ from typing import Any, Mapping
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import HEAD_PATTERN, Method
 from jaxpeft.methods.bitfit import BitFit, Frozen, Full
+from jaxpeft.methods.prefix import PrefixTuning, PTuningV2
+from jaxpeft.methods.prompt import PromptTuning, PTuning
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Full, Frozen, BitFit)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (Full, Frozen, BitFit, PromptTuning, PTuning, PrefixTuning, PTuningV2)}
 
 
 def create(name: str, options: Mapping[str, Any] | None = None) -> Method:
@@ -22,4 +25,5 @@ def create(name: str, options: Mapping[str, Any] | None = None) -> Method:
     return cls(**{k: v for k, v in (options or {}).items() if k in fields})
 
 
-__all__ = ["HEAD_PATTERN", "Method", "REGISTRY", "create", "BitFit", "Frozen", "Full"]
+__all__ = ["HEAD_PATTERN", "Method", "REGISTRY", "create", "BitFit", "Frozen", "Full", "PromptTuning",
+           "PTuning", "PrefixTuning", "PTuningV2"]

@@ -291,7 +291,7 @@ class BertModel(nn.Module):
                 jnp.broadcast_to(prompt_mask.astype(bool), (b, p))
             mask = jnp.concatenate([mask[:, :1], pm, mask[:, 1:]], axis=1)
             token_type_ids = jnp.concatenate(
-                [token_type_ids[:, :1], jnp.zeros((b, p), token_type_ids.dtype), token_type_ids[:, 1:]], 1)
+                [token_type_ids[:, :1], jnp.zeros((b, p), jnp.int32), token_type_ids[:, 1:]], 1)
             length += p
         if length > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {length} tokens (virtual tokens included) exceeds "

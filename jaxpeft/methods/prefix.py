@@ -1,0 +1,184 @@
+"""Per-layer key/value prefixes: Prefix Tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022).
+
+Every self-attention layer gets ``num_virtual_tokens`` extra keys and values in front of its own
+(see :class:`~jaxpeft.models.bert.BertSelfAttention`). Queries stay the real tokens, so the output
+keeps the input's length, no position is used up, and the pooler reads the real ``[CLS]``. The
+BERT encoder is frozen; the prefixes (and their projection MLP, if any) and the head train.
+
+Two parameterisations:
+
+* direct (P-tuning v2's default): ``adapter/prefix_keys`` and ``adapter/prefix_values``, each
+  ``[layers, P, hidden]`` (hidden = heads x head_dim), initialised ``N(0, 1)`` like the
+  ``nn.Embedding`` of the reference implementations;
+* ``prefix_projection`` (Li & Liang's reparameterisation, ``--method=prefix``'s default): a
+  ``[P, hidden]`` embedding ``adapter/prefix_projection/prefix_embeddings`` fed through
+  ``Dense(E) -> tanh -> Dense(layers * 2 * hidden)``. The MLP only helps optimisation:
+  :meth:`PrefixTuning.export_params` evaluates it once and returns the direct parameters, and
+  :meth:`PrefixTuning.for_inference` is the direct form.
+
+``prefix_dropout`` (P-tuning v2: 0.1) drops prefix entries independently per batch row in
+training, as P-tuning v2 does on its ``past_key_values``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpeft import masks
+from jaxpeft.errors import UserError
+from jaxpeft.methods.base import HEAD_PATTERN, Method
+from jaxpeft.methods.prompt import ADAPTER_PATTERN, check_num_virtual_tokens
+from jaxpeft.models.bert import BertConfig
+
+#: ``encoder_hidden_size`` of the projection MLP when none is given (Li & Liang's 512).
+DEFAULT_PROJECTION_HIDDEN = 512
+
+
+class PrefixProjection(nn.Module):
+    """Li & Liang's reparameterisation: ``[layers, P, hidden]`` keys and values from an MLP.
+
+    Attributes:
+        num_virtual_tokens: P.
+        hidden_size: the encoder's hidden size.
+        num_layers: the encoder's number of layers.
+        encoder_hidden_size: width E of the MLP.
+    """
+
+    num_virtual_tokens: int
+    hidden_size: int
+    num_layers: int
+    encoder_hidden_size: int = DEFAULT_PROJECTION_HIDDEN
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        p, h, n = self.num_virtual_tokens, self.hidden_size, self.num_layers
+        e = self.param("prefix_embeddings", nn.initializers.normal(1.0), (p, h), jnp.float32)
+        x = jnp.tanh(nn.Dense(self.encoder_hidden_size, name="dense_in")(e))
+        kv = nn.Dense(n * 2 * h, name="dense_out")(x).reshape(p, n, 2, h).transpose(2, 1, 0, 3)
+        return kv[0], kv[1]
+
+    @classmethod
+    def from_params(cls, params: Any) -> "PrefixProjection":
+        """The module whose params ``params`` (``adapter/prefix_projection``) are, by their shapes."""
+        p, h = params["prefix_embeddings"].shape
+        e, out = params["dense_out"]["kernel"].shape
+        return cls(p, h, out // (2 * h), e)
+
+
+class PrefixKV(nn.Module):
+    """The adapter: per-layer ``(key, value)`` prefixes for :class:`~jaxpeft.models.bert.BertModel`.
+
+    Attributes:
+        num_virtual_tokens: P.
+        num_layers, num_heads, hidden_size: the encoder's shape.
+        projection: produce the prefixes with :class:`PrefixProjection` instead of holding them.
+        encoder_hidden_size: width of the projection MLP.
+        dropout: dropout rate on the prefixes in training (per batch row).
+    """
+
+    num_virtual_tokens: int
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    projection: bool = False
+    encoder_hidden_size: int = DEFAULT_PROJECTION_HIDDEN
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
+        p, n, h = self.num_virtual_tokens, self.num_layers, self.hidden_size
+        if self.projection:
+            keys, values = PrefixProjection(p, h, n, self.encoder_hidden_size, name="prefix_projection")()
+        else:
+            init = nn.initializers.normal(1.0)
+            keys = self.param("prefix_keys", init, (n, p, h), jnp.float32)
+            values = self.param("prefix_values", init, (n, p, h), jnp.float32)
+        keys, values = keys[:, None], values[:, None]          # [layers, 1, P, hidden]
+        if self.dropout > 0.0 and not deterministic:
+            shape = (n, batch_size, p, h)
+            drop = nn.Dropout(self.dropout)
+            keys = drop(jnp.broadcast_to(keys, shape), deterministic=False)
+            values = drop(jnp.broadcast_to(values, shape), deterministic=False)
+        d = h // self.num_heads
+        kv = [(keys[i].reshape(keys.shape[1], p, self.num_heads, d),
+               values[i].reshape(values.shape[1], p, self.num_heads, d)) for i in range(n)]
+        return {"prefix_kv": kv}
+
+
+@dataclasses.dataclass
+class PrefixTuning(Method):
+    """Prefix tuning: trainable keys/values in front of every attention layer's own.
+
+    ``None`` options take the method's defaults: ``prefix_projection`` True for ``prefix`` (Li &
+    Liang) and False for ``ptuning_v2``; ``prefix_dropout`` 0.0 and 0.1; ``encoder_hidden_size`` 512.
+
+    Attributes:
+        num_virtual_tokens: prefix length P (default 20).
+        prefix_projection: reparameterise through an MLP during training.
+        encoder_hidden_size: width of that MLP.
+        prefix_dropout: dropout on the prefixes in training.
+    """
+
+    name = "prefix"
+    default_projection: ClassVar[bool] = True
+    default_dropout: ClassVar[float] = 0.0
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool | None = None
+    encoder_hidden_size: int | None = None
+    prefix_dropout: float | None = None
+
+    def __post_init__(self):
+        check_num_virtual_tokens(self.num_virtual_tokens)
+        if self.prefix_projection is None:
+            self.prefix_projection = self.default_projection
+        if self.prefix_dropout is None:
+            self.prefix_dropout = self.default_dropout
+        if self.encoder_hidden_size is None:
+            self.encoder_hidden_size = DEFAULT_PROJECTION_HIDDEN
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            raise UserError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
+        if self.encoder_hidden_size < 1:
+            raise UserError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
+
+    def adapter(self, config: BertConfig) -> nn.Module:
+        return PrefixKV(self.num_virtual_tokens, config.num_hidden_layers, config.num_attention_heads,
+                        config.hidden_size, bool(self.prefix_projection), self.encoder_hidden_size,
+                        float(self.prefix_dropout))
+
+    def trainable(self, params: Any) -> Any:
+        return masks.match(params, include=ADAPTER_PATTERN)
+
+    def compute_prefixes(self, params: Any) -> tuple[jax.Array, jax.Array]:
+        """``(keys, values)``, each ``[layers, P, hidden]``, as the model uses them (no dropout)."""
+        adapter = params["adapter"]
+        if not self.prefix_projection:
+            return adapter["prefix_keys"], adapter["prefix_values"]
+        proj = adapter["prefix_projection"]
+        return PrefixProjection.from_params(proj).apply({"params": proj})
+
+    def export_params(self, params: Any) -> dict[str, Any]:
+        """The prefixes as direct parameters (the projection MLP evaluated once) and the head."""
+        if not self.prefix_projection:
+            return super().export_params(params)
+        keys, values = self.compute_prefixes(params)
+        head = masks.flatten(masks.split(params, masks.match(params, include=HEAD_PATTERN))[0])
+        return {"adapter/prefix_keys": keys, "adapter/prefix_values": values, **head}
+
+    def for_inference(self) -> Method:
+        return dataclasses.replace(self, prefix_projection=False, prefix_dropout=0.0)
+
+
+@dataclasses.dataclass
+class PTuningV2(PrefixTuning):
+    """P-tuning v2: deep prompts (prefixes) at every layer, no reparameterisation by default,
+    dropout 0.1 on the prefixes, the head on the real ``[CLS]``."""
+
+    name = "ptuning_v2"
+    default_projection: ClassVar[bool] = False
+    default_dropout: ClassVar[float] = 0.1

@@ -1,0 +1,267 @@
+"""Input-level soft prompts: Prompt Tuning (Lester et al. 2021) and P-tuning v1 (Liu et al. 2021).
+
+Both put ``num_virtual_tokens`` trainable vectors into the input sequence of a frozen encoder; the
+task head trains too. Where they sit (see :class:`~jaxpeft.models.bert.BertModel`):
+
+* right after ``[CLS]``: ``[CLS] p_1 .. p_P x_1 .. x_n [SEP]``, so the pooler and the head read the
+  real ``[CLS]``, at position 0 as in pretraining;
+* position ids ``0 .. n+P``: the prompt occupies positions ``1..P`` exactly as ``P`` words of text
+  written after ``[CLS]`` would, and the real tokens move up by ``P``. A prompt initialised from
+  text is therefore *the same model* as that text typed into the input (a test checks this), and
+  ``max_seq_length + P`` must fit ``max_position_embeddings``;
+* token type 0 and attention-mask 1 for every virtual token.
+
+Prompt tuning holds the ``[P, H]`` prompt directly (``adapter/prompt_embeddings``). P-tuning
+computes it with a prompt encoder (bidirectional LSTM + MLP as in the paper, or an MLP) from a
+trainable ``[P, H]`` input (``adapter/input_embeddings``). The encoder is needed only for
+training: :meth:`PTuning.export_params` evaluates it once and returns the prompt under prompt
+tuning's path, and :meth:`PTuning.for_inference` is plain prompt tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft import masks
+from jaxpeft.errors import UserError
+from jaxpeft.methods.base import HEAD_PATTERN, Method
+from jaxpeft.models.bert import BertConfig
+
+PROMPT_INITS = ("random", "sample_vocab", "text")
+ENCODER_TYPES = ("lstm", "mlp")
+ADAPTER_PATTERN = r"^adapter/"
+WORD_EMBEDDINGS = "bert/embeddings/word_embeddings/embedding"
+
+
+def check_num_virtual_tokens(n: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise UserError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+
+
+# ----------------------------------------------------------------------------- adapter modules
+
+
+class PromptEmbeddings(nn.Module):
+    """Prompt tuning's adapter: a ``[P, H]`` parameter put after ``[CLS]``.
+
+    Attributes:
+        num_virtual_tokens: P.
+        hidden_size: H, the encoder's hidden size.
+        init_std: standard deviation of the random init (replaced by :meth:`PromptTuning.init_params`
+            once the pretrained word embeddings are known).
+    """
+
+    num_virtual_tokens: int
+    hidden_size: int
+    init_std: float = 0.02
+
+    @nn.compact
+    def prompts(self) -> jax.Array:
+        """The ``[P, H]`` virtual-token embeddings."""
+        return self.param("prompt_embeddings", nn.initializers.normal(self.init_std),
+                          (self.num_virtual_tokens, self.hidden_size), jnp.float32)
+
+    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, jax.Array]:
+        del batch_size, deterministic  # one prompt for every row, broadcast by the model
+        return {"prompt_embeds": self.prompts()[None]}
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's adapter: virtual tokens computed by an encoder from trainable inputs.
+
+    ``lstm`` (the paper's): a bidirectional LSTM of ``encoder_num_layers`` layers with
+    ``encoder_hidden_size`` units E per direction, then ``Dense(2E) -> ReLU -> Dense(H)``.
+    ``mlp``: ``Dense(E) -> ReLU -> Dense(E) -> ReLU -> Dense(H)``. Either reads a ``[P, H]``
+    parameter ``input_embeddings`` and returns a ``[P, H]`` prompt; the LSTM lets every virtual
+    token depend on the others, which the paper found to stabilise training.
+
+    Attributes:
+        num_virtual_tokens: P.
+        hidden_size: H, the encoder's hidden size (input and output width).
+        encoder_type: ``lstm`` or ``mlp``.
+        encoder_hidden_size: E.
+        encoder_num_layers: LSTM layers (``lstm`` only).
+    """
+
+    num_virtual_tokens: int
+    hidden_size: int
+    encoder_type: str = "lstm"
+    encoder_hidden_size: int = 384
+    encoder_num_layers: int = 2
+
+    @nn.compact
+    def prompts(self) -> jax.Array:
+        """The ``[P, H]`` prompt computed from ``input_embeddings``."""
+        e = self.param("input_embeddings", nn.initializers.normal(1.0),
+                       (self.num_virtual_tokens, self.hidden_size), jnp.float32)
+        width = self.encoder_hidden_size
+        if self.encoder_type == "lstm":
+            h = e[None]
+            for i in range(self.encoder_num_layers):
+                forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"))
+                backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"))
+                h = nn.Bidirectional(forward, backward)(h)
+            h = nn.relu(nn.Dense(2 * width, name="mlp_in")(h[0]))
+        elif self.encoder_type == "mlp":
+            h = nn.relu(nn.Dense(width, name="mlp_in")(e))
+            h = nn.relu(nn.Dense(width, name="mlp_hidden")(h))
+        else:
+            raise UserError(f"unknown encoder_type {self.encoder_type!r}; known: {', '.join(ENCODER_TYPES)}")
+        return nn.Dense(self.hidden_size, name="mlp_out")(h)
+
+    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, jax.Array]:
+        del batch_size, deterministic
+        return {"prompt_embeds": self.prompts()[None]}
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def ordinary_token_ids(tokenizer: Any) -> np.ndarray:
+    """Ids of the vocabulary's ordinary whole-word tokens: no special tokens, no ``[unusedN]``
+    placeholders, no ``##`` continuation pieces."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = [i for tok, i in tokenizer.get_vocab().items()
+           if i not in special and not tok.startswith("##")
+           and not (len(tok) > 2 and tok.startswith("[") and tok.endswith("]"))]
+    if not ids:
+        raise UserError("prompt_init=sample_vocab: the tokenizer has no ordinary tokens to sample")
+    return np.asarray(sorted(ids), np.int32)
+
+
+def text_token_ids(tokenizer: Any, text: str, length: int) -> np.ndarray:
+    """Token ids of ``text`` (no special tokens), repeated or cut to ``length``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise UserError(f"prompt_init_text {text!r} tokenizes to nothing")
+    return np.resize(np.asarray(ids, np.int32), length)
+
+
+def initial_prompt(word_embeddings: jax.Array, num_virtual_tokens: int, prompt_init: str,
+                   tokenizer: Any, text: str | None, rng: jax.Array) -> jax.Array:
+    """A ``[P, H]`` prompt: ``random`` (normal with the word embeddings' std), ``sample_vocab``
+    (rows of uniformly sampled ordinary tokens) or ``text`` (rows of the tokenized text)."""
+    if prompt_init == "random":
+        std = jnp.std(word_embeddings)
+        return std * jax.random.normal(rng, (num_virtual_tokens, word_embeddings.shape[1]), jnp.float32)
+    if tokenizer is None:
+        raise UserError(f"prompt_init={prompt_init} needs the model's tokenizer")
+    if prompt_init == "sample_vocab":
+        pool = ordinary_token_ids(tokenizer)
+        ids = np.asarray(jax.random.choice(rng, pool, (num_virtual_tokens,), replace=False))
+    else:
+        ids = text_token_ids(tokenizer, text, num_virtual_tokens)
+    return jnp.asarray(word_embeddings)[ids]
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass
+class PromptTuning(Method):
+    """Prompt tuning: ``num_virtual_tokens`` trainable input embeddings after ``[CLS]``; the encoder
+    is frozen; the prompt and the head train.
+
+    Attributes:
+        num_virtual_tokens: number of virtual tokens (peft's name; default 20).
+        prompt_init: ``random`` | ``sample_vocab`` | ``text``.
+        prompt_init_text: the text for ``prompt_init=text`` (peft: ``prompt_tuning_init_text``).
+    """
+
+    name = "prompt"
+    num_virtual_tokens: int = 20
+    prompt_init: str = "random"
+    prompt_init_text: str | None = None
+
+    def __post_init__(self):
+        check_num_virtual_tokens(self.num_virtual_tokens)
+        if self.prompt_init not in PROMPT_INITS:
+            raise UserError(f"unknown prompt_init {self.prompt_init!r}; known: {', '.join(PROMPT_INITS)}")
+        if self.prompt_init == "text" and not (self.prompt_init_text or "").strip():
+            raise UserError("prompt_init=text needs --prompt_init_text")
+
+    def adapter(self, config: BertConfig) -> nn.Module:
+        return PromptEmbeddings(self.num_virtual_tokens, config.hidden_size, config.initializer_range)
+
+    def extra_positions(self) -> int:
+        return self.num_virtual_tokens
+
+    def trainable(self, params: Any) -> Any:
+        return masks.match(params, include=ADAPTER_PATTERN)
+
+    def init_params(self, params: Any, *, tokenizer: Any = None, rng: Any = None) -> Any:
+        flat = masks.flatten(params)
+        rng = jax.random.key(0) if rng is None else rng
+        flat["adapter/prompt_embeddings"] = initial_prompt(
+            flat[WORD_EMBEDDINGS], self.num_virtual_tokens, self.prompt_init, tokenizer,
+            self.prompt_init_text, rng)
+        return masks.unflatten(flat, params)
+
+
+@dataclasses.dataclass
+class PTuning(Method):
+    """P-tuning v1: virtual tokens after ``[CLS]`` produced by a prompt encoder; the encoder and the
+    head train, the BERT encoder is frozen. Export keeps the computed prompt only.
+
+    Attributes:
+        num_virtual_tokens: number of virtual tokens (default 20).
+        encoder_type: ``lstm`` (bidirectional LSTM + MLP, the paper's) or ``mlp``.
+        encoder_hidden_size: width E of the prompt encoder; ``None``: ``H // 2`` per LSTM
+            direction (so the two directions together are ``H`` wide, as in the P-tuning code),
+            ``H`` for the MLP.
+        encoder_num_layers: LSTM layers (default 2, as peft).
+        prompt_init: must be ``random``: the prompt comes out of the encoder, so the vocabulary and
+            text initialisations of prompt tuning do not apply.
+    """
+
+    name = "ptuning"
+    num_virtual_tokens: int = 20
+    encoder_type: str = "lstm"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    prompt_init: str = "random"
+
+    def __post_init__(self):
+        check_num_virtual_tokens(self.num_virtual_tokens)
+        if self.encoder_type not in ENCODER_TYPES:
+            raise UserError(f"unknown encoder_type {self.encoder_type!r}; known: {', '.join(ENCODER_TYPES)}")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise UserError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
+        if self.encoder_num_layers < 1:
+            raise UserError(f"encoder_num_layers must be positive, got {self.encoder_num_layers}")
+        if self.prompt_init != "random":
+            raise UserError(f"prompt_init={self.prompt_init} applies to --method=prompt; P-tuning's "
+                            f"prompt comes out of its encoder (use prompt_init=random)")
+
+    def encoder(self, hidden_size: int) -> PromptEncoder:
+        width = self.encoder_hidden_size or (hidden_size // 2 if self.encoder_type == "lstm" else hidden_size)
+        return PromptEncoder(self.num_virtual_tokens, hidden_size, self.encoder_type, width,
+                             self.encoder_num_layers)
+
+    def adapter(self, config: BertConfig) -> nn.Module:
+        return self.encoder(config.hidden_size)
+
+    def extra_positions(self) -> int:
+        return self.num_virtual_tokens
+
+    def trainable(self, params: Any) -> Any:
+        return masks.match(params, include=ADAPTER_PATTERN)
+
+    def compute_prompt(self, params: Any) -> jax.Array:
+        """The ``[P, H]`` prompt the encoder produces from ``params["adapter"]``."""
+        hidden = params["adapter"]["input_embeddings"].shape[-1]
+        return self.encoder(hidden).apply({"params": params["adapter"]}, method=PromptEncoder.prompts)
+
+    def export_params(self, params: Any) -> dict[str, Any]:
+        """The computed prompt (under prompt tuning's path) and the head; no encoder."""
+        head = masks.flatten(masks.split(params, masks.match(params, include=HEAD_PATTERN))[0])
+        return {"adapter/prompt_embeddings": self.compute_prompt(params), **head}
+
+    def for_inference(self) -> Method:
+        return PromptTuning(num_virtual_tokens=self.num_virtual_tokens)

@@ -1,0 +1,86 @@
+"""Shared checks of the prompt-method tests: a few real train steps on a small random BERT, then
+"exactly the masked leaves changed", and the export round trip."""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import numpy as np
+
+from jaxpeft import masks
+from jaxpeft.config import TrainConfig
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.loading import init_params
+from jaxpeft.train import init_state, make_optimizer, make_train_step
+
+SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   vocab_size=120, max_position_embeddings=96)
+
+
+def random_batch(rng: np.random.Generator, b: int = 8, t: int = 16, vocab: int = 120,
+                 labels: int = 2) -> dict[str, np.ndarray]:
+    """A padded batch of random ids (row lengths 4..t) with labels."""
+    lengths = rng.integers(4, t + 1, size=b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    types = ((np.arange(t)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+    return {"input_ids": rng.integers(1, vocab, size=(b, t)).astype(np.int32) * mask,
+            "attention_mask": mask, "token_type_ids": types,
+            "labels": rng.integers(0, labels, size=b).astype(np.int32),
+            "weights": np.ones(b, np.float32)}
+
+
+def build(method, config: BertConfig = SMALL, seed: int = 0):
+    """``(module, params)`` of a random classifier with ``method``'s adapter."""
+    module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config))
+    return module, init_params(module, jax.random.key(seed))
+
+
+def train_steps(method, config: BertConfig = SMALL, steps: int = 3, seed: int = 0):
+    """Runs ``steps`` jitted train steps; returns ``(module, params before, params after, mask, state)``."""
+    module, params = build(method, config, seed)
+    mask = method.mask(params)
+    tx, schedule = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_ratio=0.0), total_steps=10)
+    trainable, frozen = masks.split(params, mask)
+    state = init_state(trainable, tx, seed=seed)
+    step_fn = make_train_step(module, tx, regression=False)
+    # steps that take the update's learning rate as an argument: step(state, frozen, batch, lr)
+    takes_lr = len(inspect.signature(step_fn).parameters) == 4
+    step = jax.jit(step_fn, donate_argnums=(0,))
+    rng = np.random.default_rng(seed)
+    for i in range(steps):
+        lr = (np.float32(schedule(i)),) if takes_lr else ()
+        state, metrics = step(state, frozen, random_batch(rng), *lr)
+        assert np.isfinite(float(metrics["loss"]))
+    return module, params, masks.merge(state.trainable, frozen), mask, state
+
+
+def assert_only_masked_leaves_changed(before, after, mask) -> None:
+    """Every trainable leaf moved; every frozen leaf is bit-identical."""
+    flags, b, a = masks.flatten(mask), masks.flatten(before), masks.flatten(after)
+    assert b.keys() == a.keys() == flags.keys()
+    for path, value in b.items():
+        if flags[path]:
+            assert not np.array_equal(np.asarray(a[path]), np.asarray(value)), f"{path} did not train"
+        else:
+            assert np.array_equal(np.asarray(a[path]), np.asarray(value)), f"{path} changed"
+
+
+def assert_export_round_trip(method, params, config: BertConfig = SMALL) -> dict:
+    """Exports ``params``, loads them into ``method.for_inference()``'s model (same frozen encoder)
+    and checks that the logits agree; returns the exported arrays."""
+    exported = method.export_params(params)
+    inference = method.for_inference()
+    inf_module = BertForSequenceClassification(config, num_labels=2, adapter=inference.adapter(config))
+    like = init_params(inf_module, jax.random.key(123))
+    like = {**like, "bert": params["bert"]}                    # the reloaded base model
+    inf_mask = inference.mask(like)
+    assert sorted(exported) == masks.trainable_paths(inf_mask)
+    inf_params = masks.merge(masks.unflatten(exported, like), masks.split(like, inf_mask)[1])
+    batch = random_batch(np.random.default_rng(7))
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    trained_module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config))
+    want = trained_module.apply({"params": params}, *args)
+    got = inf_module.apply({"params": inf_params}, *args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    return exported

@@ -1,0 +1,171 @@
+"""Prefix tuning and P-tuning v2: the equivalence with real prefix tokens (keys/values of [p; x]
+reused as prefixes of x), zero effect of a masked prefix, dropout, masked train steps, export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpeft import masks, methods
+from jaxpeft.errors import UserError
+from jaxpeft.models import BertModel, load_classifier
+from jaxpeft.models.bert import BertForSequenceClassification
+
+from masked_step import SMALL, assert_export_round_trip, assert_only_masked_leaves_changed, train_steps
+
+SENTENCES = [
+    ("it 's a charming and often affecting journey .", None),
+    ("unflinchingly bleak and desperate", None),
+    ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing."),
+]
+PREFIX_TEXT = "the weather was cold that day ."
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return load_classifier(str(minilm_dir), 2)
+
+
+def _inputs(tokenizer):
+    enc = tokenizer([a for a, _ in SENTENCES], [b or "" for _, b in SENTENCES], padding=True,
+                    return_tensors="np")
+    assert (enc["attention_mask"] == 0).any()
+    return {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _layer_kv(intermediates, n_layers):
+    enc = intermediates["bert"]["encoder"] if "bert" in intermediates else intermediates["encoder"]
+    return [enc[f"layer_{i}"]["attention"]["self"]["key_value"][0] for i in range(n_layers)]
+
+
+@pytest.mark.parametrize("impl,dtype,atol", [("dense", "float32", 2e-5), ("xla", "float32", 2e-5),
+                                             ("dense", "bfloat16", None), ("xla", "bfloat16", None)])
+def test_prefix_equals_real_tokens_in_front(minilm, impl, dtype, atol):
+    """Keys/values of real tokens p, taken from a run on [p; x], as prefixes of x (positions shifted
+    by |p|) give x the outputs it has in [p; x]."""
+    cfg = minilm.config.replace(attention_impl=impl, dtype=dtype)
+    bert = {"params": minilm.params["bert"]}
+    enc = _inputs(minilm.tokenizer)
+    b, length = enc["input_ids"].shape
+    p_ids = np.asarray(minilm.tokenizer(PREFIX_TEXT, add_special_tokens=False)["input_ids"], np.int32)
+    p = len(p_ids)
+    joined = {"input_ids": np.concatenate([np.tile(p_ids, (b, 1)), enc["input_ids"]], 1),
+              "attention_mask": np.concatenate([np.ones((b, p), np.int32), enc["attention_mask"]], 1),
+              "token_type_ids": np.concatenate([np.zeros((b, p), np.int32), enc["token_type_ids"]], 1)}
+    (seq_joined, _), state = BertModel(cfg).apply(bert, **joined, mutable=["intermediates"])
+    prefix_kv = [(k[:, :p], v[:, :p]) for k, v in _layer_kv(state["intermediates"], cfg.num_hidden_layers)]
+    assert prefix_kv[0][0].shape == (b, p, cfg.num_attention_heads, cfg.head_dim)
+    positions = jnp.broadcast_to(p + jnp.arange(length), (b, length))
+    seq, _ = BertModel(cfg).apply(bert, **enc, position_ids=positions, prefix_kv=prefix_kv)
+    assert seq.shape == (b, length, cfg.hidden_size)
+    valid = enc["attention_mask"].astype(bool)
+    got = np.asarray(seq, np.float32)[valid]
+    want = np.asarray(seq_joined, np.float32)[:, p:][valid]
+    err = np.abs(got - want)
+    if atol is not None:
+        np.testing.assert_allclose(got, want, atol=atol)
+    else:
+        # bf16: the two runs round differently, but far less than bf16 differs from fp32
+        ref, _ = BertModel(cfg.replace(dtype="float32")).apply(bert, **joined)
+        bf16_vs_fp32 = np.abs(want - np.asarray(ref)[:, p:][valid])
+        # (on CPU both runs round identically: err is 0; bf16 vs fp32 is ~2e-3 mean, 3e-2 max)
+        assert err.max() < 0.1 and err.mean() <= 0.5 * bf16_vs_fp32.mean(), (err.mean(), err.max())
+    # without the prefixes x's outputs are different: the test is not vacuous
+    alone, _ = BertModel(cfg).apply(bert, **enc, position_ids=positions)
+    assert np.abs(np.asarray(alone, np.float32)[valid] - want).mean() > 10 * max(err.mean(), 1e-4)
+
+
+def _with_prefix(minilm, method, seed=3):
+    adapter = method.adapter(minilm.config)
+    module = BertForSequenceClassification(minilm.config, 2, adapter=adapter)
+    k_head, k_adapter = jax.random.split(jax.random.key(seed))
+    h = minilm.config.hidden_size
+    params = {"bert": minilm.params["bert"],
+              "classifier": {"kernel": 0.5 * jax.random.normal(k_head, (h, 2)), "bias": jnp.zeros(2)},
+              "adapter": adapter.init(k_adapter, 1)["params"]}
+    return module, params
+
+
+@pytest.mark.parametrize("name", ["prefix", "ptuning_v2"])
+@pytest.mark.parametrize("impl", ["dense", "xla"])
+def test_masked_out_prefix_leaves_the_base_model_unchanged(minilm, name, impl):
+    method = methods.create(name, {"num_virtual_tokens": 7})
+    module, params = _with_prefix(minilm, method)
+    cfg = minilm.config.replace(attention_impl=impl)
+    enc = _inputs(minilm.tokenizer)
+    b = enc["input_ids"].shape[0]
+    extra = module.adapter.apply({"params": params["adapter"]}, b)
+    assert set(extra) == {"prefix_kv"} and len(extra["prefix_kv"]) == cfg.num_hidden_layers
+    base = BertForSequenceClassification(cfg, 2).apply(
+        {"params": {"bert": params["bert"], "classifier": params["classifier"]}}, **enc)
+    seq, pooled = BertModel(cfg).apply({"params": params["bert"]}, **enc, **extra, prefix_mask=jnp.zeros((b, 7)))
+    c = params["classifier"]
+    np.testing.assert_allclose(np.asarray(pooled) @ np.asarray(c["kernel"]) + np.asarray(c["bias"]),
+                               np.asarray(base), atol=2e-5)
+    active = BertForSequenceClassification(cfg, 2, adapter=module.adapter).apply({"params": params}, **enc)
+    assert np.abs(np.asarray(active) - np.asarray(base)).max() > 1e-3
+
+
+def test_adapter_shapes_defaults_and_dropout():
+    v2 = methods.create("ptuning_v2")
+    prefix = methods.create("prefix")
+    assert (v2.prefix_projection, v2.prefix_dropout) == (False, 0.1)
+    assert (prefix.prefix_projection, prefix.prefix_dropout, prefix.encoder_hidden_size) == (True, 0.0, 512)
+    assert v2.extra_positions() == prefix.extra_positions() == 0
+    adapter = methods.create("ptuning_v2", {"num_virtual_tokens": 16, "prefix_dropout": 0.5}).adapter(SMALL)
+    params = adapter.init(jax.random.key(0), 1)["params"]
+    assert params["prefix_keys"].shape == (2, 16, 32)
+    kv = adapter.apply({"params": params}, 4)["prefix_kv"]
+    assert kv[1][0].shape == (1, 16, 4, 8)
+    np.testing.assert_array_equal(np.asarray(kv[1][1]).reshape(16, 32), np.asarray(params["prefix_values"][1]))
+    dropped = adapter.apply({"params": params}, 4, deterministic=False,
+                            rngs={"dropout": jax.random.key(1)})["prefix_kv"]
+    k = np.asarray(dropped[0][0])
+    assert k.shape == (4, 16, 4, 8)
+    zero = k == 0
+    assert 0.4 < zero.mean() < 0.6
+    assert not np.array_equal(zero[0], zero[1]), "each row draws its own dropout mask"
+    kept = np.broadcast_to(np.asarray(params["prefix_keys"][0]).reshape(16, 4, 8) * 2, k.shape)
+    np.testing.assert_allclose(k[~zero], kept[~zero], rtol=1e-6)
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"prefix_dropout": 1.0}, "prefix_dropout must be in"),
+    ({"num_virtual_tokens": -3}, "num_virtual_tokens must be a positive integer"),
+    ({"encoder_hidden_size": 0}, "encoder_hidden_size must be positive"),
+])
+def test_bad_prefix_options(options, needle):
+    with pytest.raises(UserError, match=needle):
+        methods.create("prefix", options)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("prefix", {"num_virtual_tokens": 5, "encoder_hidden_size": 16}),
+    ("ptuning_v2", {"num_virtual_tokens": 5}),
+    ("ptuning_v2", {"num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 16,
+                    "prefix_dropout": 0.0}),
+])
+def test_train_step_changes_only_prefix_mlp_and_head_and_export_round_trips(name, options):
+    method = methods.create(name, options)
+    _, before, after, mask, _ = train_steps(method)
+    paths = masks.trainable_paths(mask)
+    assert all(p.startswith(("adapter/", "classifier/")) for p in paths)
+    assert_only_masked_leaves_changed(before, after, mask)
+
+    exported = assert_export_round_trip(method, after)
+    assert sorted(exported) == ["adapter/prefix_keys", "adapter/prefix_values", "classifier/bias",
+                                "classifier/kernel"]
+    assert exported["adapter/prefix_keys"].shape == (2, 5, 32)
+    inference = method.for_inference()
+    assert type(inference) is type(method) and inference.prefix_projection is False
+    if not method.prefix_projection:
+        for p in exported:
+            np.testing.assert_array_equal(np.asarray(exported[p]), np.asarray(masks.flatten(after)[p]))
+
+
+def test_bfloat16_train_step():
+    method = methods.create("ptuning_v2", {"num_virtual_tokens": 4})
+    cfg = SMALL.replace(dtype="bfloat16")
+    _, before, after, mask, _ = train_steps(method, config=cfg, steps=2)
+    assert_only_masked_leaves_changed(before, after, mask)
+    assert masks.flatten(after)["adapter/prefix_keys"].dtype == jnp.float32

@@ -1,0 +1,226 @@
+"""Prompt tuning and P-tuning v1: zero effect when masked out, pooling on the real [CLS], the
+text-initialised prompt equals the same text typed into the input, initialisations, masked train
+steps, export of the computed prompt."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpeft import masks, methods
+from jaxpeft.config import TrainConfig
+from jaxpeft.errors import UserError
+from jaxpeft.methods.prompt import ordinary_token_ids
+from jaxpeft.models import BertModel, load_classifier
+from jaxpeft.models.bert import BertForSequenceClassification
+from jaxpeft.train import make_optimizer
+
+from masked_step import assert_export_round_trip, assert_only_masked_leaves_changed, train_steps
+
+PAIRS = [
+    ("it 's a charming and often affecting journey .", None),
+    ("unflinchingly bleak and desperate", None),
+    ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing."),
+]
+TEXT = "Is this review positive or negative?"
+
+
+def _inputs(tokenizer):
+    enc = tokenizer([a for a, _ in PAIRS], [b or "" for _, b in PAIRS], padding=True, return_tensors="np")
+    assert (enc["attention_mask"] == 0).any() and (enc["token_type_ids"] == 1).any()
+    return {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return load_classifier(str(minilm_dir), 2)
+
+
+def _with_adapter(minilm, method, seed=3):
+    """The MiniLM classifier with ``method``'s adapter: pretrained encoder, the method's own
+    initialisation, random head. Returns ``(module, params)``."""
+    adapter = method.adapter(minilm.config)
+    module = BertForSequenceClassification(minilm.config, 2, adapter=adapter)
+    k_head, k_adapter, k_init = jax.random.split(jax.random.key(seed), 3)
+    h = minilm.config.hidden_size
+    params = {"bert": minilm.params["bert"],
+              "classifier": {"kernel": 0.5 * jax.random.normal(k_head, (h, 2)), "bias": jnp.zeros(2)},
+              "adapter": adapter.init(k_adapter, 1)["params"]}
+    return module, method.init_params(params, tokenizer=minilm.tokenizer, rng=k_init)
+
+
+def _head(params, pooled):
+    c = params["classifier"]
+    return np.asarray(pooled) @ np.asarray(c["kernel"]) + np.asarray(c["bias"])
+
+
+METHODS = [("prompt", {"prompt_init": "sample_vocab"}), ("ptuning", {}), ("ptuning", {"encoder_type": "mlp"})]
+
+
+@pytest.mark.parametrize("name,options", METHODS)
+@pytest.mark.parametrize("impl", ["dense", "xla"])
+def test_masked_out_prompt_leaves_the_base_model_unchanged(minilm, name, options, impl):
+    method = methods.create(name, options)
+    module, params = _with_adapter(minilm, method)
+    cfg = minilm.config.replace(attention_impl=impl)
+    enc = _inputs(minilm.tokenizer)
+    b, length = enc["input_ids"].shape
+    p = method.extra_positions()
+    prompt = module.adapter.apply({"params": params["adapter"]}, b)["prompt_embeds"]
+    assert prompt.shape == (1, p, cfg.hidden_size)
+
+    base_seq, base_pooled = BertModel(cfg).apply({"params": params["bert"]}, **enc)
+    base_logits = BertForSequenceClassification(cfg, 2).apply(
+        {"params": {"bert": params["bert"], "classifier": params["classifier"]}}, **enc)
+    # zero-effect setting: nobody attends to the prompt, real tokens at their own positions
+    real_pos = np.concatenate([[0], np.zeros(p, int), np.arange(1, length)])
+    seq, pooled = BertModel(cfg).apply({"params": params["bert"]}, **enc, prompt_embeds=prompt,
+                                       prompt_mask=jnp.zeros((b, p)),
+                                       position_ids=jnp.broadcast_to(real_pos, (b, length + p)))
+    assert seq.shape == (b, length + p, cfg.hidden_size)
+    real = np.r_[0, p + 1:length + p]
+    valid = enc["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(seq)[:, real][valid], np.asarray(base_seq)[valid], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(base_pooled), atol=2e-5)
+    np.testing.assert_allclose(_head(params, pooled), np.asarray(base_logits), atol=2e-5)
+    # ... and with the prompt attended to, it does change the outputs
+    active = module.apply({"params": params}, **enc)
+    assert np.abs(np.asarray(active) - np.asarray(base_logits)).max() > 1e-3
+
+
+@pytest.mark.parametrize("name,options", METHODS[:2])
+def test_pooled_output_reads_the_real_cls(minilm, name, options):
+    """The pooler reads sequence position 0, and position 0 is the real [CLS] at position id 0:
+    its layer-0 key (a function of its own embedding only) is the base model's [CLS] key."""
+    method = methods.create(name, options)
+    module, params = _with_adapter(minilm, method)
+    enc = _inputs(minilm.tokenizer)
+    prompt = module.adapter.apply({"params": params["adapter"]}, 3)["prompt_embeds"]
+    bert = BertModel(minilm.config)
+    (seq, pooled), state = bert.apply({"params": params["bert"]}, **enc, prompt_embeds=prompt,
+                                      mutable=["intermediates"])
+    _, base_state = bert.apply({"params": params["bert"]}, **enc, mutable=["intermediates"])
+    key0 = lambda st: np.asarray(st["intermediates"]["encoder"]["layer_0"]["attention"]["self"]["key_value"][0][0])  # noqa: E731
+    np.testing.assert_allclose(key0(state)[:, 0], key0(base_state)[:, 0], atol=1e-5)
+    assert np.abs(key0(state)[:, 1] - key0(base_state)[:, 0]).max() > 1e-2
+    pool = params["bert"]["pooler"]["dense"]
+    at = lambda i: np.tanh(np.asarray(seq[:, i]) @ np.asarray(pool["kernel"]) + np.asarray(pool["bias"]))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(pooled), at(0), atol=1e-5)
+    assert np.abs(np.asarray(pooled) - at(1)).max() > 1e-2       # position 1 is the first virtual token
+    logits = module.apply({"params": params}, **enc)
+    np.testing.assert_allclose(np.asarray(logits), _head(params, at(0)), atol=1e-5)
+
+
+def _expected_text_ids(tokenizer, text, n):
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [3, 7, 20])   # cut, exactly the text (7 tokens), repeated
+def test_text_init_is_the_word_embeddings_of_the_tokenized_text(minilm, n):
+    method = methods.create("prompt", {"num_virtual_tokens": n, "prompt_init": "text", "prompt_init_text": TEXT})
+    module, params = _with_adapter(minilm, method)
+    ids = _expected_text_ids(minilm.tokenizer, TEXT, n)
+    assert len(minilm.tokenizer.tokenize(TEXT)) == 7
+    words = np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"])
+    np.testing.assert_array_equal(np.asarray(params["adapter"]["prompt_embeddings"]), words[ids])
+
+
+def test_text_prompt_equals_the_text_typed_after_cls(minilm):
+    """Layout check: a text-initialised prompt of the text's length is the same model as the
+    text written right after [CLS] (same positions, token types, attention)."""
+    n = len(minilm.tokenizer.tokenize(TEXT))
+    method = methods.create("prompt", {"num_virtual_tokens": n, "prompt_init": "text", "prompt_init_text": TEXT})
+    module, params = _with_adapter(minilm, method)
+    enc = _inputs(minilm.tokenizer)
+    b = enc["input_ids"].shape[0]
+    text_ids = np.asarray(_expected_text_ids(minilm.tokenizer, TEXT, n), np.int32)
+    typed = {"input_ids": np.concatenate([enc["input_ids"][:, :1], np.tile(text_ids, (b, 1)),
+                                          enc["input_ids"][:, 1:]], 1),
+             "attention_mask": np.concatenate([enc["attention_mask"][:, :1], np.ones((b, n), np.int32),
+                                               enc["attention_mask"][:, 1:]], 1),
+             "token_type_ids": np.concatenate([enc["token_type_ids"][:, :1], np.zeros((b, n), np.int32),
+                                               enc["token_type_ids"][:, 1:]], 1)}
+    want = BertForSequenceClassification(minilm.config, 2).apply(
+        {"params": {"bert": params["bert"], "classifier": params["classifier"]}}, **typed)
+    got = module.apply({"params": params}, **enc)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_sample_vocab_and_random_init(minilm):
+    _, params = _with_adapter(minilm, methods.create("prompt", {"prompt_init": "sample_vocab"}))
+    words = np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"])
+    prompt = np.asarray(params["adapter"]["prompt_embeddings"])
+    rows = [np.flatnonzero((words == r).all(axis=1)) for r in prompt]
+    assert all(len(r) == 1 for r in rows), "every virtual token is one row of the vocabulary"
+    ids = [int(r[0]) for r in rows]
+    assert len(set(ids)) == len(ids)
+    ordinary = set(ordinary_token_ids(minilm.tokenizer).tolist())
+    assert set(ids) <= ordinary and minilm.tokenizer.cls_token_id not in ordinary
+    for t in minilm.tokenizer.convert_ids_to_tokens(ids):
+        assert not t.startswith("##") and not (len(t) > 2 and t.startswith("[")), t
+    _, again = _with_adapter(minilm, methods.create("prompt", {"prompt_init": "sample_vocab"}))
+    np.testing.assert_array_equal(np.asarray(again["adapter"]["prompt_embeddings"]), prompt)
+
+    _, params = _with_adapter(minilm, methods.create("prompt", {"prompt_init": "random"}))
+    rnd = np.asarray(params["adapter"]["prompt_embeddings"])
+    assert abs(rnd.std() / words.std() - 1) < 0.1 and abs(rnd.mean()) < 0.1 * words.std()
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"prompt_init": "vocab"}, "unknown prompt_init 'vocab'"),
+    ({"prompt_init": "text"}, "needs --prompt_init_text"),
+    ({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
+])
+def test_bad_prompt_options(options, needle):
+    with pytest.raises(UserError, match=needle):
+        methods.create("prompt", options)
+
+
+def test_bad_ptuning_options():
+    with pytest.raises(UserError, match="unknown encoder_type 'gru'"):
+        methods.create("ptuning", {"encoder_type": "gru"})
+    with pytest.raises(UserError, match="P-tuning's prompt comes out of its encoder"):
+        methods.create("ptuning", {"prompt_init": "text", "prompt_init_text": "hi"})
+
+
+@pytest.mark.parametrize("name,options", [
+    ("prompt", {"num_virtual_tokens": 5}),
+    ("ptuning", {"num_virtual_tokens": 5}),
+    ("ptuning", {"num_virtual_tokens": 5, "encoder_type": "mlp", "encoder_hidden_size": 24}),
+])
+def test_train_step_changes_only_prompt_encoder_and_head_and_export_round_trips(name, options):
+    method = methods.create(name, options)
+    _, before, after, mask, state = train_steps(method)
+    paths = masks.trainable_paths(mask)
+    assert all(p.startswith(("adapter/", "classifier/")) for p in paths)
+    assert "adapter/prompt_embeddings" in paths or "adapter/input_embeddings" in paths
+    assert_only_masked_leaves_changed(before, after, mask)
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if getattr(x, "ndim", 0) > 0)
+    assert n_opt == 2 * masks.count(before, mask)[0]
+
+    exported = assert_export_round_trip(method, after)   # logits of the exported adapter agree
+    if name == "prompt":
+        assert sorted(exported) == paths
+    else:   # the computed prompt under prompt tuning's path, no encoder
+        assert sorted(exported) == ["adapter/prompt_embeddings", "classifier/bias", "classifier/kernel"]
+        assert exported["adapter/prompt_embeddings"].shape == (5, 32)
+        assert isinstance(method.for_inference(), methods.PromptTuning)
+
+
+def test_head_learning_rate_scales_only_the_head_updates():
+    params = {"adapter": {"prompt_embeddings": jnp.ones((2, 3))},
+              "classifier": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
+
+    def first_update(**kw):
+        tx, _ = make_optimizer(TrainConfig(learning_rate=1e-3, warmup_ratio=0.0, **kw), total_steps=10)
+        return masks.flatten(tx.update(grads, tx.init(params), params)[0])
+
+    same, split = first_update(), first_update(head_learning_rate=3e-2)
+    np.testing.assert_allclose(split["adapter/prompt_embeddings"], same["adapter/prompt_embeddings"])
+    for p in ("classifier/kernel", "classifier/bias"):
+        np.testing.assert_allclose(split[p], 30 * np.asarray(same[p]), rtol=1e-5)
+    assert float(np.abs(same["classifier/kernel"]).max()) > 0
+    with pytest.raises(UserError, match="must be positive"):
+        first_update(head_learning_rate=-1.0)
