@@ -20,7 +20,7 @@ WORKER = Path(__file__).with_name("mesh_worker.py")
 
 #: Methods whose sharded runs must match the one-device run: ``name: extra config``. A new method
 #: is one more entry here.
-METHODS = {"bitfit": {}, "prompt": {"num_virtual_tokens": 4, "learning_rate": 3e-2}}
+METHODS = {"bitfit": {}, "prompt": {"num_virtual_tokens": 4}}
 
 
 def base_config(method: str, glue: Path, model: Path, out: Path) -> dict:
