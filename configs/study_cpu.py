@@ -1,0 +1,40 @@
+"""The BitFit study sized for a 2-core CPU (a few hours), for machines without a GPU.
+
+Same five settings and the same protocol as ``configs/study.py`` (learning rate chosen on dev with
+seed 0, then seeds 1 and 2 at that rate), on a smaller budget: the three smallest labelled GLUE
+tasks, two learning rates per setting (around the best of the SST-2 sweep on a GPU, see
+docs/results.md), fewer epochs and at most 128 tokens. ``python scripts/study.py plan
+--config=configs/study_cpu.py --data_dir=$GLUE`` prints the budget.
+"""
+
+TASKS = ("cola", "mrpc", "rte")
+OTHER_TERMS = "key,value,attention_output,attention_layernorm,output,output_layernorm"
+
+
+def get_config(task: str) -> dict:
+    cfg = dict(batch_size=32, warmup_ratio=0.06, weight_decay=0.0, max_grad_norm=1.0, dtype="float32",
+               eval_batch_size=256, eval_every=0, log_every=100, progress=False)
+    per_task = {
+        "cola": dict(num_epochs=2, max_seq_length=64),
+        "mrpc": dict(num_epochs=3, max_seq_length=128),
+        "rte": dict(num_epochs=3, max_seq_length=128),
+    }
+    cfg.update(per_task.get(task, {}))
+    return cfg
+
+
+def get_study() -> dict:
+    bitfit_lrs = (1e-3, 3e-3)
+    return dict(
+        tasks=TASKS,
+        seeds=(0, 1, 2),
+        settings={
+            "full": dict(label="Full fine-tuning", method="full", learning_rates=(5e-5, 1e-4)),
+            "bitfit": dict(label="BitFit (all biases)", method="bitfit", learning_rates=bitfit_lrs),
+            "bitfit_qi": dict(label="BitFit, b_q + b_m2 only", method="bitfit",
+                              bitfit_terms="query,intermediate", learning_rates=bitfit_lrs),
+            "bitfit_no_qi": dict(label="BitFit, all but b_q, b_m2", method="bitfit",
+                                 bitfit_terms=OTHER_TERMS, learning_rates=bitfit_lrs),
+            "frozen": dict(label="Frozen (head only)", method="frozen", learning_rates=(3e-3, 1e-2)),
+        },
+    )
