@@ -7,20 +7,10 @@ max length 128; we keep it as is for RTE on the 6-layer, 384-wide bundled model 
 same rate and length for the other tasks with epochs scaled to the dataset size.
 """
 
+from prompt_common import for_task
+
 
 def get_config(task: str) -> dict:
     cfg = dict(learning_rate=1e-2, batch_size=32, num_epochs=10, max_seq_length=128, warmup_ratio=0.06,
                weight_decay=0.0, num_virtual_tokens=20, prefix_projection=False, prefix_dropout=0.1)
-    per_task = {
-        "sst2": dict(max_seq_length=64, eval_every=2000),
-        "cola": dict(num_epochs=40, max_seq_length=64),
-        "mrpc": dict(num_epochs=40),
-        "stsb": dict(num_epochs=40),
-        "rte": dict(num_epochs=60),
-        "wnli": dict(num_epochs=20),
-        "qnli": dict(num_epochs=5, eval_every=5000),
-        "qqp": dict(num_epochs=5, eval_every=10000),
-        "mnli": dict(num_epochs=5, eval_every=10000),
-    }
-    cfg.update(per_task.get(task, {}))
-    return cfg
+    return for_task(cfg, task)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import sys
 import types
 import typing
 from pathlib import Path
@@ -101,17 +102,21 @@ def _field_types() -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
-    """Calls ``get_config(task)`` of a Python config file and checks its keys."""
+    """Calls ``get_config(task)`` of a Python config file and checks its keys. The file's folder is
+    importable while it loads, so configs can share a module (``configs/prompt_common.py``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     spec = importlib.util.spec_from_file_location(f"jaxpeft_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         values = dict(module.get_config(task))
     except Exception as e:
         raise UserError(f"config file {path}: {type(e).__name__}: {e}") from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
     unknown = sorted(set(values) - set(_field_types()))
     if unknown:
         raise UserError(f"config file {path}: unknown keys {unknown}")
