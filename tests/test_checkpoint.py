@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tiny_cfg(glue, model, out, **kw):
     base = dict(method="bitfit", task="sst2", model=str(model), data_dir=str(glue), output_dir=str(out),
-                max_steps=12, batch_size=8, max_train_examples=64, max_eval_examples=32,
+                max_steps=12, batch_size=8, learning_rate=1e-3, max_train_examples=64, max_eval_examples=32,
                 max_seq_length=16, eval_every=6, save_every=4, keep=2, log_every=4, progress=False, seed=5)
     base.update(kw)
     return config.build(base)

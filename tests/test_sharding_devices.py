@@ -103,8 +103,12 @@ def test_meshes_on_8_devices_match_one_device(method, reference, glue, tiny_bert
     assert all(s == "()" for s in {**data8["frozen_specs"], **data8["trainable_specs"]}.values())
     assert fsdp2["frozen_specs"]["bert/embeddings/word_embeddings/embedding"] == "('fsdp',)"
     assert fsdp2["frozen_specs"]["bert/encoder/layer_0/intermediate/dense/kernel"] == "(None, 'fsdp')"
-    assert fsdp2["trainable_specs"]["bert/encoder/layer_0/intermediate/dense/bias"] == "('fsdp',)"
-    assert fsdp2["trainable_specs"]["bert/encoder/layer_0/output/LayerNorm/bias"] == "()"
+    if method == "bitfit":
+        assert fsdp2["trainable_specs"]["bert/encoder/layer_0/intermediate/dense/bias"] == "('fsdp',)"
+        assert fsdp2["trainable_specs"]["bert/encoder/layer_0/output/LayerNorm/bias"] == "()"
+    else:   # the (4, 48) virtual-token table shards like any leaf over the threshold
+        (prompt,) = [s for p, s in fsdp2["trainable_specs"].items() if p.endswith("prompt_embeddings")]
+        assert "fsdp" in prompt
     moments = {p: s for p, s in fsdp2["opt_specs"].items() if "/mu/" in p or "/nu/" in p}
     assert len(moments) == 2 * len(fsdp2["trainable_specs"])
     for p, s in moments.items():
