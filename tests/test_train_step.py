@@ -131,3 +131,24 @@ def test_bitfit_step_costs_about_two_thirds_of_full_on_bert_base_shapes():
     print(f"full {full:.3e} bitfit {bitfit:.3e} frozen {frozen:.3e} ratio {ratio:.3f}")
     assert ratio <= 0.72, ratio
     assert frozen < 0.45 * full  # head only: forward pass, no backward through the encoder
+
+
+def test_key_bias_gets_no_gradient():
+    """Softmax attention is invariant to adding q·b_k to every logit of a query, so the key bias's
+    gradient is zero up to rounding (why b_k does not move in BitFit), while the query bias's is not."""
+    module = BertForSequenceClassification(SMALL, num_labels=2)
+    params = init_params(module, jax.random.key(1))
+    batch = _batch(np.random.default_rng(0))
+
+    def loss(p):
+        logits = module.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"], deterministic=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    grads = jax.grad(loss)(params)["bert"]["encoder"]
+    for i in range(SMALL.num_hidden_layers):
+        attn = grads[f"layer_{i}"]["attention"]["self"]
+        g_q = np.abs(np.asarray(attn["query"]["bias"])).max()
+        g_k = np.abs(np.asarray(attn["key"]["bias"])).max()
+        assert g_q > 0, i
+        assert g_k < 1e-4 * g_q, (i, g_k, g_q)
