@@ -50,7 +50,9 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 3
     peak_tflops: float = 790.0  # measured bf16 matmul rate of the device (H200: ~790)
-    remat: bool = False
+    remat: str = "none"
+    fuse_qkv: bool = True
+    dropout_bits: int = 32
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
     mesh: str | None = None     # e.g. "data:2" or "data:1,fsdp:2"; None: one device, plain jit
@@ -118,7 +120,8 @@ def build_step(bc: BenchConfig):
     from jaxpeft import sharding
 
     set_prng_impl(bc.prng_impl)
-    cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat)
+    cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat,
+                                    fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits)
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, METHOD_OPTIONS)
@@ -207,6 +210,16 @@ def _key(r: dict) -> tuple:
     return (r["size"], r["method"], r["batch"], r["seq"])
 
 
+def variant(r: dict) -> str:
+    """How our step was built, beyond the shape: ``remat=...``, ``qkv=fused|split``, dropout."""
+    parts = [f"remat={r.get('remat', 'none')}", "qkv=" + ("fused" if r.get("fuse_qkv", True) else "split")]
+    if r.get("dropout_bits", 32) != 32:
+        parts.append(f"dropout_bits={r['dropout_bits']}")
+    if r.get("dropout") is not None:
+        parts.append(f"dropout={r['dropout']:g}")
+    return " ".join(parts)
+
+
 def _single(r: dict) -> bool:
     return not r.get("mesh")
 
@@ -217,15 +230,15 @@ def _fmt(x: float | None, spec: str = ",.0f") -> str:
 
 def speed_table(records: list[dict]) -> str:
     """Markdown: ours vs the peer (eager, torch.compile) per size/method/batch, with ratios."""
-    ours = {_key(r): r for r in records if r.get("framework", "jaxpeft") == "jaxpeft"
+    ours = {_key(r) + (variant(r),): r for r in records if r.get("framework", "jaxpeft") == "jaxpeft"
             and "seq_per_s" in r and not r.get("capacity") and _single(r)}
     peer = {(_key(r), r["mode"]): r for r in records if r.get("framework", "").startswith("torch")}
-    lines = ["| size | method | batch | jaxpeft seq/s | MFU | step GiB | compile s | peft eager seq/s "
+    lines = ["| size | method | batch | variant | jaxpeft seq/s | MFU | step GiB | compile s | peft eager seq/s "
              "| peft compile seq/s | ours / compile | ours / eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(ours, key=lambda k: (k[0], METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99,
-                                         k[2], k[3])):
-        r = ours[k]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kv in sorted(ours, key=lambda k: (k[0], METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99,
+                                          k[2], k[3], k[4])):
+        r, k = ours[kv], kv[:4]
         pe, pc = peer.get((k, "eager"), {}), peer.get((k, "compile"), {})
 
         def peer_cell(p):
@@ -237,7 +250,7 @@ def speed_table(records: list[dict]) -> str:
             return f"{r['seq_per_s'] / p['seq_per_s']:.2f}x" if p.get("seq_per_s") else "—"
 
         mem = r.get("step_bytes") or r.get("peak_bytes") or float("nan")
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {_fmt(r['seq_per_s'])} | {100 * r['mfu']:.1f}% "
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {kv[4]} | {_fmt(r['seq_per_s'])} | {100 * r['mfu']:.1f}% "
                      f"| {_fmt(mem / GIB, '.2f')} | {r['compile_s']:.1f} "
                      f"| {peer_cell(pe)} | {peer_cell(pc)} | {ratio(pc)} | {ratio(pe)} |")
     return "\n".join(lines)
@@ -251,15 +264,16 @@ def memory_table(records: list[dict]) -> str:
     cap = {(r["size"], r["method"], r["seq"]): r for r in records if r.get("capacity")}
     peer = {(_key(r)): r for r in records if r.get("framework", "").startswith("torch")
             and r.get("mode") == "eager" and r.get("peak_bytes")}
-    full = {(r["size"], r["batch"], r["seq"]): r["peak_bytes"] for r in ours if r["method"] == "full"}
-    lines = ["| size | method | batch | step GiB (XLA) | vs full | peft eager peak GiB | largest batch |",
-             "|---|---|---|---|---|---|---|"]
+    full = {(r["size"], r["batch"], r["seq"], variant(r)): r["peak_bytes"] for r in ours
+            if r["method"] == "full"}
+    lines = ["| size | method | batch | variant | step GiB (XLA) | vs full (same variant) | peft eager peak GiB "
+             "| largest batch |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["size"], r["batch"], METHOD_ORDER.index(r["method"])
-                                         if r["method"] in METHOD_ORDER else 99)):
-        f = full.get((r["size"], r["batch"], r["seq"]))
+                                         if r["method"] in METHOD_ORDER else 99, variant(r))):
+        f = full.get((r["size"], r["batch"], r["seq"], variant(r)))
         c = cap.get((r["size"], r["method"], r["seq"]))
         p = peer.get(_key(r))
-        lines.append(f"| {r['size']} | {r['method']} | {r['batch']} | {r['peak_bytes'] / GIB:.2f} "
+        lines.append(f"| {r['size']} | {r['method']} | {r['batch']} | {variant(r)} | {r['peak_bytes'] / GIB:.2f} "
                      f"| {(r['peak_bytes'] / f if f else float('nan')):.2f}x "
                      f"| {_fmt(p['peak_bytes'] / GIB if p else None, '.2f')} "
                      f"| {_fmt(c.get('max_batch') if c else None)} |")

@@ -53,7 +53,8 @@ class TrainConfig:
     # compute
     dtype: str = "float32"
     attention_impl: str = "dense"
-    remat: bool = False
+    remat: str = "none"       # what the backward pass recomputes: none | elementwise | layer
+    dropout_bits: int = 32    # random bits per hidden-dropout mask element: 32 (exact) | 16 | 8 (faster)
     prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
     # bookkeeping
     eval_every: int = 0
@@ -85,8 +86,18 @@ class TrainConfig:
     process_id: int | None = None
 
     def __post_init__(self):
+        from jaxpeft.models.bert import ATTENTION_IMPLS, REMAT_POLICIES
+
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}-{self.task}"
+        if isinstance(self.remat, bool):  # configs written before remat had policies
+            self.remat = "layer" if self.remat else "none"
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"--remat={self.remat}: choose one of {', '.join(REMAT_POLICIES)}")
+        if self.dropout_bits not in (32, 16, 8):
+            raise UserError(f"--dropout_bits={self.dropout_bits}: choose one of 32, 16, 8")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -268,7 +268,7 @@ class Trainer:
                 raise UserError(f"{ex.source}: split {s!r} has no labels")
         self.model: LoadedModel = load_classifier(
             cfg.model, self.task.num_labels, adapter=self.method.adapter, seed=cfg.seed,
-            dtype=cfg.dtype, attention_impl=cfg.attention_impl, remat=cfg.remat,
+            dtype=cfg.dtype, attention_impl=cfg.attention_impl, remat=cfg.remat, dropout_bits=cfg.dropout_bits,
             with_weights=not cfg.random_init, param_shardings=self.plan.tree_shardings)
         need = cfg.max_seq_length + self.method.extra_positions()
         if need > self.model.config.max_position_embeddings:

@@ -53,6 +53,10 @@ def main() -> int:
     ap.add_argument("--capacity", action="store_true", help="predict the largest batch per method")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="0: measure a bf16 matmul here")
     ap.add_argument("--timeout", type=int, default=600, help="per peer configuration")
+    ap.add_argument("--remat", default="none",
+                    help="comma list of remat policies to run each configuration with: none,elementwise,layer")
+    ap.add_argument("--fuse_qkv", default="1", help="comma list: 1 (one [H,3H] matmul), 0 (three)")
+    ap.add_argument("--dropout_bits", default="32", help="comma list: 32 (nn.Dropout), 16, 8")
     ap.add_argument("--mesh", default=None, help="run ours on a device mesh, e.g. data:2 (global batches)")
     ap.add_argument("--no_ours", action="store_true", help="only the peer")
     ap.add_argument("--report", nargs="+", default=None, help="only build OUT/bench.md from these jsonl files")
@@ -97,7 +101,7 @@ def main() -> int:
         jsonl.write(json.dumps(rec) + "\n")
         jsonl.flush()
         who = f"{rec.get('framework', '')[:7]:>7} {rec.get('mode', ''):>7} {rec['size']:>6} {rec['method']:>10} " \
-              f"b{rec['batch']:<5}"
+              f"b{rec['batch']:<5}" + (f" {benchmark.variant(rec):>18}" if "remat" in rec else "")
         if "error" in rec:
             print(f"{who} ERROR {rec['error'][:200]}", flush=True)
         elif rec.get("capacity"):
@@ -111,11 +115,13 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            for batch in ([] if a.no_ours else batches):
+            variants = [(r, f == "1", int(d)) for r in a.remat.split(",") for f in a.fuse_qkv.split(",")
+                        for d in a.dropout_bits.split(",")]
+            for batch, (remat, fuse, bits) in [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
                                            attention_impl=impl, steps=a.steps, repeats=a.repeats,
                                            peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
-                                           mesh=a.mesh)
+                                           mesh=a.mesh, remat=remat, fuse_qkv=fuse, dropout_bits=bits)
                 try:
                     rec = {"framework": "jaxpeft", **benchmark.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)

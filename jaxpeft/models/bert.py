@@ -29,6 +29,14 @@ import jax.numpy as jnp
 Array = jax.Array
 
 ATTENTION_IMPLS = ("dense", "xla", "cudnn")
+# What the backward pass recomputes instead of keeping from the forward pass:
+#   none         keep everything XLA asks for;
+#   elementwise  LayerNorms and the FFN activation are recomputed from their (compute-dtype)
+#                inputs, so the float32 LayerNorm temporaries and the activation's
+#                intermediates are not kept; matmuls and attention are not redone;
+#   layer        each encoder layer is recomputed from its input (least memory, one more forward).
+REMAT_POLICIES = ("none", "elementwise", "layer")
+DROPOUT_BITS = (32, 16, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +63,24 @@ class BertConfig:
     # applies no dropout to the attention probabilities (hidden-state dropout stays).
     dtype: str = "float32"
     attention_impl: str = "dense"
-    remat: bool = False
+    remat: str = "none"
+    # one [H, 3H] matmul for query/key/value instead of three (same params, same paths)
+    fuse_qkv: bool = True
+    # random bits per element behind the hidden-state dropout masks: 32 (flax's nn.Dropout,
+    # exact rate), 16 or 8 (cheaper; the rate is rounded to a multiple of 2**-bits, e.g. 0.1 -> 0.1016
+    # with 8 bits)
+    dropout_bits: int = 32
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
+            object.__setattr__(self, "remat", "layer" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
+        if self.dropout_bits not in DROPOUT_BITS:
+            raise ValueError(f"dropout_bits must be one of {DROPOUT_BITS}, got {self.dropout_bits!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
@@ -78,7 +98,7 @@ class BertConfig:
         get = hf_config.get if isinstance(hf_config, dict) else (lambda k, d=None: getattr(hf_config, k, d))
         kw = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("dtype", "attention_impl", "remat"):
+            if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -114,8 +134,47 @@ def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
+class LowBitDropout(nn.Module):
+    """Inverted dropout whose mask comes from ``bits``-bit random integers (a quarter or half of the
+    random bits of ``nn.Dropout``'s float32 uniforms): an element is kept when its integer is at least
+    ``round(rate * 2**bits)``, so the rate is that over ``2**bits``."""
+
+    rate: float
+    bits: int = 8
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        threshold = min(round(self.rate * 2 ** self.bits), 2 ** self.bits - 1)
+        keep_prob = 1.0 - threshold / 2 ** self.bits
+        r = jax.random.bits(self.make_rng("dropout"), x.shape, {8: jnp.uint8, 16: jnp.uint16}[self.bits])
+        return jnp.where(r >= threshold, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+def _dropout(cfg: BertConfig, rate: float) -> nn.Module:
+    return nn.Dropout(rate) if cfg.dropout_bits == 32 else LowBitDropout(rate, cfg.dropout_bits)
+
+
+class _DenseParams(nn.Module):
+    """The params of an ``nn.Dense`` (same names, shapes and initialisers), returned unapplied."""
+
+    features: int
+    initializer_range: float
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
+        kernel = self.param("kernel", nn.initializers.normal(self.initializer_range),
+                            (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return kernel, bias
+
+
 def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+    cls = nn.remat(nn.LayerNorm) if cfg.remat == "elementwise" else nn.LayerNorm
+    return cls(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                         name=name)
 
 
@@ -138,7 +197,7 @@ class BertEmbeddings(nn.Module):
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
                          param_dtype=jnp.float32, name="token_type_embeddings")(token_type_ids)
         x = _layer_norm(cfg)(words + pos + types)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _dropout(cfg, cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -153,9 +212,19 @@ class BertSelfAttention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         n, d = cfg.num_attention_heads, cfg.head_dim
-        q = _dense(cfg, cfg.hidden_size, "query")(x).reshape(b, t, n, d)
-        k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
-        v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
+        if cfg.fuse_qkv:
+            qkv = [_DenseParams(cfg.hidden_size, cfg.initializer_range, name=name)(x.shape[-1])
+                   for name in ("query", "key", "value")]
+            dt = cfg.compute_dtype
+            kernel = jnp.concatenate([w for w, _ in qkv], axis=1).astype(dt)
+            bias = jnp.concatenate([bb for _, bb in qkv]).astype(dt)
+            y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+            q, k, v = (y[..., i * cfg.hidden_size:(i + 1) * cfg.hidden_size].reshape(b, t, n, d)
+                       for i in range(3))
+        else:
+            q = _dense(cfg, cfg.hidden_size, "query")(x).reshape(b, t, n, d)
+            k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
+            v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
         self.sow("intermediates", "key_value", (k, v))
         if prefix is not None:
             pk, pv = prefix
@@ -196,7 +265,7 @@ class BertOutput(nn.Module):
     def __call__(self, h: Array, residual: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         h = _dense(cfg, cfg.hidden_size, "dense")(h)
-        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        h = _dropout(cfg, cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(cfg)(h + residual)
 
 
@@ -230,7 +299,10 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        return _activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "dense")(x))
+        act = _activation(cfg.hidden_act)
+        if cfg.remat == "elementwise":
+            act = jax.checkpoint(act)
+        return act(_dense(cfg, cfg.intermediate_size, "dense")(x))
 
 
 class BertEncoder(nn.Module):
@@ -243,7 +315,7 @@ class BertEncoder(nn.Module):
         cfg = self.config
         if prefix_kv is not None and len(prefix_kv) != cfg.num_hidden_layers:
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {cfg.num_hidden_layers}")
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat == "layer" else BertLayer
         for i in range(cfg.num_hidden_layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
             x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix, key_lengths)
@@ -335,7 +407,7 @@ class BertForSequenceClassification(nn.Module):
         _, pooled = BertModel(cfg, name="bert")(input_ids, attention_mask, token_type_ids,
                                                 deterministic=deterministic, **extra)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        pooled = _dropout(cfg, rate)(pooled, deterministic=deterministic)
         logits = nn.Dense(self.num_labels, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(cfg.initializer_range), name="classifier")(pooled)
         return logits.astype(jnp.float32)
