@@ -295,6 +295,7 @@ class Plan:
                     except (OSError, json.JSONDecodeError, KeyError):
                         old = None
                     new = self.config(run)
+                    old = _as_current(old)
                     diff = [k for k in new if k not in NOT_COMPARED and (old or {}).get(k) != new[k]]
                     if old is None or diff:
                         stale.append((run, diff[:3]))
@@ -315,6 +316,19 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- results
+
+
+def _as_current(old: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run config written by an earlier version, in today's terms: keys added since take their
+    defaults (which is what that version did), ``remat`` booleans become policy names."""
+    if old is None:
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    out = {**defaults, **old}
+    if isinstance(out.get("remat"), bool):
+        out["remat"] = "layer" if out["remat"] else "none"
+    return out
 
 
 def read_results(path: Path) -> dict[str, Any] | None:
