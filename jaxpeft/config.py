@@ -86,7 +86,7 @@ class TrainConfig:
     process_id: int | None = None
 
     def __post_init__(self):
-        from jaxpeft.models.bert import ATTENTION_IMPLS, REMAT_POLICIES
+        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, REMAT_POLICIES
 
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}-{self.task}"
@@ -94,8 +94,9 @@ class TrainConfig:
             self.remat = "layer" if self.remat else "none"
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"--remat={self.remat}: choose one of {', '.join(REMAT_POLICIES)}")
-        if self.dropout_bits not in (32, 16, 8):
-            raise UserError(f"--dropout_bits={self.dropout_bits}: choose one of 32, 16, 8")
+        if self.dropout_bits not in DROPOUT_BITS:
+            raise UserError(f"--dropout_bits={self.dropout_bits}: choose one of "
+                            f"{', '.join(map(str, DROPOUT_BITS))}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
 

@@ -174,8 +174,7 @@ class _DenseParams(nn.Module):
 
 def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
     cls = nn.remat(nn.LayerNorm) if cfg.remat == "elementwise" else nn.LayerNorm
-    return cls(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                        name=name)
+    return cls(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
 
 
 class BertEmbeddings(nn.Module):
