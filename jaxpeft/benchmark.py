@@ -53,6 +53,7 @@ class BenchConfig:
     remat: str = "none"
     fuse_qkv: bool = True
     dropout_bits: int = 32
+    lean_residuals: bool = True  # LayerNorm/GELU backward from their bf16 inputs (lean_ops)
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
     mesh: str | None = None     # e.g. "data:2" or "data:1,fsdp:2"; None: one device, plain jit
@@ -121,7 +122,8 @@ def build_step(bc: BenchConfig):
 
     set_prng_impl(bc.prng_impl)
     cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat,
-                                    fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits)
+                                    fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits,
+                                    lean_residuals=bc.lean_residuals)
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, METHOD_OPTIONS)
@@ -211,8 +213,10 @@ def _key(r: dict) -> tuple:
 
 
 def variant(r: dict) -> str:
-    """How our step was built, beyond the shape: ``remat=...``, ``qkv=fused|split``, dropout."""
-    parts = [f"remat={r.get('remat', 'none')}", "qkv=" + ("fused" if r.get("fuse_qkv", True) else "split")]
+    """How our step was built, beyond the shape: ``remat=...``, ``qkv=fused|split``, dropout, and
+    ``residuals=lean|autodiff`` (records written before ``lean_residuals`` existed are autodiff)."""
+    parts = [f"remat={r.get('remat', 'none')}", "qkv=" + ("fused" if r.get("fuse_qkv", True) else "split"),
+             "residuals=" + ("lean" if r.get("lean_residuals", False) else "autodiff")]
     if r.get("dropout_bits", 32) != 32:
         parts.append(f"dropout_bits={r['dropout_bits']}")
     if r.get("dropout") is not None:

@@ -1,5 +1,5 @@
-"""How the step is computed must not change what it computes: fused QKV, the remat policies and
-the low-bit dropout masks against the plain paths."""
+"""How the step is computed must not change what it computes: fused QKV, the remat policies, the
+hand-written LayerNorm/GELU backward passes and the low-bit dropout masks against the plain paths."""
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,9 @@ def _grads(cfg, method, params, deterministic):
 
 
 @pytest.mark.parametrize("method", ["bitfit", "full"])
-@pytest.mark.parametrize("change", [dict(fuse_qkv=False), dict(remat="elementwise"), dict(remat="layer")])
+@pytest.mark.parametrize("change", [dict(fuse_qkv=False), dict(remat="elementwise"), dict(remat="layer"),
+                                    dict(lean_residuals=False),
+                                    dict(lean_residuals=False, remat="elementwise")])
 def test_same_loss_and_gradients(method, change):
     """Same params, same dropout key: the loss and every gradient agree with the default path."""
     params = init_params(BertForSequenceClassification(SMALL, num_labels=2), jax.random.key(0))

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.models import lean_ops
+
 Array = jax.Array
 
 ATTENTION_IMPLS = ("dense", "xla", "cudnn")
@@ -70,6 +72,9 @@ class BertConfig:
     # exact rate), 16 or 8 (cheaper; the rate is rounded to a multiple of 2**-bits, e.g. 0.1 -> 0.1016
     # with 8 bits)
     dropout_bits: int = 32
+    # LayerNorm and GELU with hand-written backward passes that keep only their compute-dtype input
+    # (``jaxpeft.models.lean_ops``) instead of autodiff's float32 temporaries; same params and math
+    lean_residuals: bool = True
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
@@ -98,7 +103,8 @@ class BertConfig:
         get = hf_config.get if isinstance(hf_config, dict) else (lambda k, d=None: getattr(hf_config, k, d))
         kw = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits"):
+            if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
+                          "lean_residuals"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -113,12 +119,13 @@ class BertConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _activation(name: str):
+def _activation(name: str, lean: bool = False):
+    gelu = lean_ops.gelu if lean else (lambda x, approximate: jax.nn.gelu(x, approximate=approximate))
     acts = {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: gelu(x, False),
+        "gelu_new": lambda x: gelu(x, True),
+        "gelu_pytorch_tanh": lambda x: gelu(x, True),
+        "gelu_fast": lambda x: gelu(x, True),
         "relu": jax.nn.relu,
         "silu": jax.nn.silu,
         "swish": jax.nn.silu,
@@ -172,8 +179,9 @@ class _DenseParams(nn.Module):
         return kernel, bias
 
 
-def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
-    cls = nn.remat(nn.LayerNorm) if cfg.remat == "elementwise" else nn.LayerNorm
+def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.Module:
+    cls = lean_ops.LayerNorm if cfg.lean_residuals else nn.LayerNorm
+    cls = nn.remat(cls) if cfg.remat == "elementwise" else cls
     return cls(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
 
 
@@ -298,7 +306,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        act = _activation(cfg.hidden_act)
+        act = _activation(cfg.hidden_act, cfg.lean_residuals)
         if cfg.remat == "elementwise":
             act = jax.checkpoint(act)
         return act(_dense(cfg, cfg.intermediate_size, "dense")(x))
