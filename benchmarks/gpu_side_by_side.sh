@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2030,SC2031  # each GPU stream sets its own CUDA_VISIBLE_DEVICES in its subshell
 # Ours (GPU 0) and the PyTorch + peft peer with torch.compile (GPU 1) at the same time, every method,
 # BERT-base shapes, seq 128, batches 256 and 64; on GPU 0 also the lean-residuals A/B and two XLA
 # flag A/Bs (Triton normalization fusions off, Triton GEMMs off) for BitFit at batch 256.

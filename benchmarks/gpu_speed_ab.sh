@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2030,SC2031  # each GPU stream sets its own CUDA_VISIBLE_DEVICES in its subshell
 # Speed/memory A/B of how the train step is built (remat policy, fused QKV, dropout) on GPU 0,
 # with the PyTorch + peft peer (torch.compile) on GPU 1 at the same time.
 #   bash benchmarks/gpu_speed_ab.sh OUT_DIR

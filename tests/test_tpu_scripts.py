@@ -1,4 +1,4 @@
-"""tpu/pod.sh: the gcloud commands its dry run prints, its errors, and shellcheck."""
+"""tpu/pod.sh: the gcloud commands its dry run prints, its errors; shellcheck on every shell script."""
 
 import os
 import shlex
@@ -100,8 +100,8 @@ def test_help_lists_the_commands():
 
 
 def test_shellcheck_clean():
-    scripts = sorted(str(p) for p in (REPO / "tpu").glob("*.sh"))
-    assert len(scripts) >= 2
+    scripts = sorted(str(p) for d in ("tpu", "benchmarks", "scripts") for p in (REPO / d).glob("*.sh"))
+    assert len(scripts) >= 6
     if shutil.which("shellcheck") is None:
         if os.environ.get("JAXPEFT_CI"):
             pytest.fail("shellcheck is not installed (.ci/run installs it)")
