@@ -119,10 +119,6 @@ class BertConfig:
         return dataclasses.replace(self, **kw)
 
 
-#: the GELU activations by HF name: ``approximate`` (tanh form) or not
-_GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
-
-
 def _activation(name: str, lean: bool = False):
     gelu = lean_ops.gelu if lean else (lambda x, approximate: jax.nn.gelu(x, approximate=approximate))
     acts = {
@@ -310,14 +306,6 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        approximate = _GELU_APPROXIMATE.get(cfg.hidden_act)
-        if cfg.lean_residuals and approximate is not None:
-            # the bias add joins the activation: its backward keeps the matmul's output
-            kernel, bias = _DenseParams(cfg.intermediate_size, cfg.initializer_range,
-                                        name="dense")(x.shape[-1])
-            dt = cfg.compute_dtype
-            h = jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
-            return lean_ops.bias_gelu(h, bias, approximate)
         act = _activation(cfg.hidden_act, cfg.lean_residuals)
         if cfg.remat == "elementwise":
             act = jax.checkpoint(act)

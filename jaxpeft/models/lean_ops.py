@@ -2,7 +2,7 @@
 
 Autodiff of the plain formulas keeps what the forward pass happened to compute: for Flax's
 ``LayerNorm`` three float32 ``[..., H]`` temporaries, for exact GELU four ``[..., 4H]`` tensors
-(``x``, ``erfc``, ``exp``, the product), and the biased pre-activation is one more tensor. At BERT-base sizes that is most of what a BitFit step
+(``x``, ``erfc``, ``exp``, the product). At BERT-base sizes that is most of what a BitFit step
 writes to and reads back from memory. These versions write the backward pass by hand
 (``jax.custom_vjp``) and keep the input as it came (bfloat16 under mixed precision) plus, for
 LayerNorm, one float32 mean and reciprocal standard deviation per row. The arithmetic is float32
@@ -88,28 +88,6 @@ def _gelu_bwd(approximate, x, dy):
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bias_gelu(h: Array, bias: Array, approximate: bool = False) -> Array:
-    """``gelu(h + bias)`` whose backward keeps ``h`` (a matmul's output, alive anyway) and the bias
-    instead of the biased pre-activation, so the forward pass writes one tensor, not two."""
-    return _bias_gelu_fwd(h, bias, approximate)[0]
-
-
-def _bias_gelu_fwd(h, bias, approximate):
-    x = h.astype(jnp.float32) + bias.astype(jnp.float32)
-    return _gelu_fwd(x, approximate)[0].astype(h.dtype), (h, bias)
-
-
-def _bias_gelu_bwd(approximate, res, dy):
-    h, bias = res
-    (dx,) = _gelu_bwd(approximate, h.astype(jnp.float32) + bias.astype(jnp.float32), dy)
-    dbias = jnp.sum(dx, axis=tuple(range(h.ndim - 1))).astype(bias.dtype)
-    return dx.astype(h.dtype), dbias
-
-
-bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 class LayerNorm(nn.Module):
