@@ -76,4 +76,3 @@ def test_backward_keeps_only_the_compute_dtype_input():
     assert not big_f32(lean_ln.apply, lean_ln.init(k, x))
     res = saved_residuals(lambda x: lean_ops.gelu(x, False).astype(jnp.float32).sum(), x)
     assert [(a.shape, a.dtype) for a, _ in res if a.size >= x.size] == [(x.shape, jnp.bfloat16)]
-
