@@ -34,8 +34,8 @@ ATTENTION_IMPLS = ("dense", "xla", "cudnn")
 # What the backward pass recomputes instead of keeping from the forward pass:
 #   none         keep everything XLA asks for;
 #   elementwise  LayerNorms and the FFN activation are recomputed from their (compute-dtype)
-#                inputs, so the float32 LayerNorm temporaries and the activation's
-#                intermediates are not kept; matmuls and attention are not redone;
+#                inputs; with ``lean_residuals`` (the default) they already keep only those
+#                inputs, so this saves nothing more; it matters with ``lean_residuals=False``;
 #   layer        each encoder layer is recomputed from its input (least memory, one more forward).
 REMAT_POLICIES = ("none", "elementwise", "layer")
 DROPOUT_BITS = (32, 16, 8)
