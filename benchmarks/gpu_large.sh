@@ -3,22 +3,13 @@
 # (torch.compile) on GPU 1 at the same time. BERT-large, seq 128, bf16, batch 64 (and 128 for ours);
 # then BERT-base batches near the predicted capacity (OOM is recorded as an error row, not fatal).
 #   bash benchmarks/gpu_large.sh OUT_DIR [SECONDS]
-# Finished stages are packed into OUT_DIR/ours.tgz and OUT_DIR/peer.tgz; a stage starts only with
-# 30 s left.
+# Finished stages are packed into OUT_DIR/ours.tgz and OUT_DIR/peer.tgz (benchmarks/stages.sh).
 # shellcheck disable=SC2030,SC2031  # each GPU stream sets its own CUDA_VISIBLE_DEVICES in its subshell
 set -u
 out=${1:?usage: gpu_large.sh OUT_DIR [SECONDS]}; budget=${2:-450}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-end=$(( $(date +%s) + budget ))
-left() { echo $(( end - $(date +%s) )); }
-stage() {  # stage WORK_DIR TGZ MAX_SECONDS LOG cmd...
-  local work=$1 tgz=$2 cap=$3 log=$4; shift 4
-  local t=$(( $(left) < cap ? $(left) : cap ))
-  if (( t < 30 )); then echo "skipped (no time): $*" >> "$work/$log"; return; fi
-  timeout "$t" "$@" >> "$work/$log" 2>&1
-  tar -czf "$out/$tgz" -C "$work" .
-}
+# shellcheck source=benchmarks/stages.sh
+source "$(dirname "$0")/stages.sh" "$out" "$budget"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 bench=(python3 scripts/bench.py --steps=10 --repeats=3 --peak_tflops=790)
 (
   export CUDA_VISIBLE_DEVICES=0

@@ -4,21 +4,12 @@
 # BERT-base shapes, seq 128, batches 256 and 64; on GPU 0 also the lean-residuals A/B and two XLA
 # flag A/Bs (Triton normalization fusions off, Triton GEMMs off) for BitFit at batch 256.
 #   bash benchmarks/gpu_side_by_side.sh OUT_DIR [SECONDS]
-# Finished stages are packed into OUT_DIR/ours.tgz and OUT_DIR/peer.tgz; a stage starts only with
-# 30 s left.
+# Finished stages are packed into OUT_DIR/ours.tgz and OUT_DIR/peer.tgz (benchmarks/stages.sh).
 set -u
 out=${1:?usage: gpu_side_by_side.sh OUT_DIR [SECONDS]}; budget=${2:-450}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-end=$(( $(date +%s) + budget ))
-left() { echo $(( end - $(date +%s) )); }
-stage() {  # stage WORK_DIR TGZ MAX_SECONDS LOG cmd...
-  local work=$1 tgz=$2 cap=$3 log=$4; shift 4
-  local t=$(( $(left) < cap ? $(left) : cap ))
-  if (( t < 30 )); then echo "skipped (no time): $*" >> "$work/$log"; return; fi
-  timeout "$t" "$@" >> "$work/$log" 2>&1
-  tar -czf "$out/$tgz" -C "$work" .
-}
+# shellcheck source=benchmarks/stages.sh
+source "$(dirname "$0")/stages.sh" "$out" "$budget"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 bench=(python3 scripts/bench.py --steps=10 --repeats=3 --peak_tflops=790)
 (
   export CUDA_VISIBLE_DEVICES=0
