@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention_impl", default=None)
     p.add_argument("--remat", default="none")
     p.add_argument("--dropout_bits", type=int, default=32)
+    p.add_argument("--dropout_impl", default="random", choices=("random", "hash"))
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--lean", type=int, default=1, choices=(0, 1), help="lean LayerNorm/GELU backward")
     p.add_argument("--steps", type=int, default=5)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     attention = a.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "dense")
     bc = BenchConfig(size=a.size, method=a.method, batch=a.batch, seq=a.seq, dtype=a.dtype,
                      attention_impl=attention, remat=a.remat, dropout_bits=a.dropout_bits,
-                     dropout=a.dropout, lean_residuals=bool(a.lean))
+                     dropout_impl=a.dropout_impl, dropout=a.dropout, lean_residuals=bool(a.lean))
     name = a.name or f"{a.method}_b{a.batch}"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
     busy = sum(kinds.values()) / 1e3
     lines = [f"# Profile: {name} ({bc.size}, batch {bc.batch}, seq {bc.seq}, {bc.dtype}, "
              f"attention {attention}, remat {bc.remat}, dropout_bits {bc.dropout_bits}, "
+             f"dropout masks {bc.dropout_impl}, "
              f"lean residuals {bc.lean_residuals})", "",
              f"- device: {jax.devices()[0].device_kind}, jax {jax.__version__}, compile {compile_s:.1f} s",
              f"- wall per step under the profiler: {wall_ms:.2f} ms; device kernel time per step: "

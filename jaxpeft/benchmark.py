@@ -53,6 +53,7 @@ class BenchConfig:
     remat: str = "none"
     fuse_qkv: bool = True
     dropout_bits: int = 32
+    dropout_impl: str = "random"  # hidden-dropout masks: random (jax.random, kept) | hash (recomputed)
     lean_residuals: bool = True  # LayerNorm/GELU backward from their bf16 inputs (lean_ops)
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
@@ -123,7 +124,7 @@ def build_step(bc: BenchConfig):
     set_prng_impl(bc.prng_impl)
     cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat,
                                     fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits,
-                                    lean_residuals=bc.lean_residuals)
+                                    dropout_impl=bc.dropout_impl, lean_residuals=bc.lean_residuals)
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, METHOD_OPTIONS)
@@ -219,6 +220,8 @@ def variant(r: dict) -> str:
              "residuals=" + ("lean" if r.get("lean_residuals", False) else "autodiff")]
     if r.get("dropout_bits", 32) != 32:
         parts.append(f"dropout_bits={r['dropout_bits']}")
+    if r.get("dropout_impl", "random") != "random":
+        parts.append(f"dropout_masks={r['dropout_impl']}")
     if r.get("dropout") is not None:
         parts.append(f"dropout={r['dropout']:g}")
     return " ".join(parts)

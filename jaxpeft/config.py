@@ -55,6 +55,7 @@ class TrainConfig:
     attention_impl: str = "dense"
     remat: str = "none"       # what the backward pass recomputes: none | elementwise | layer
     dropout_bits: int = 32    # random bits per hidden-dropout mask element: 32 (exact) | 16 | 8 (faster)
+    dropout_impl: str = "random"  # hidden-dropout masks: random (jax.random, kept) | hash (recomputed)
     prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
     # bookkeeping
     eval_every: int = 0
@@ -86,7 +87,7 @@ class TrainConfig:
     process_id: int | None = None
 
     def __post_init__(self):
-        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, REMAT_POLICIES
+        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, DROPOUT_IMPLS, REMAT_POLICIES
 
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}-{self.task}"
@@ -97,6 +98,8 @@ class TrainConfig:
         if self.dropout_bits not in DROPOUT_BITS:
             raise UserError(f"--dropout_bits={self.dropout_bits}: choose one of "
                             f"{', '.join(map(str, DROPOUT_BITS))}")
+        if self.dropout_impl not in DROPOUT_IMPLS:
+            raise UserError(f"--dropout_impl={self.dropout_impl}: choose one of {', '.join(DROPOUT_IMPLS)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
 

@@ -57,6 +57,8 @@ def main() -> int:
                     help="comma list of remat policies to run each configuration with: none,elementwise,layer")
     ap.add_argument("--fuse_qkv", default="1", help="comma list: 1 (one [H,3H] matmul), 0 (three)")
     ap.add_argument("--dropout_bits", default="32", help="comma list: 32 (nn.Dropout), 16, 8")
+    ap.add_argument("--dropout_impl", default="random",
+                    help="comma list: random (jax.random masks, kept), hash (hashed, recomputed)")
     ap.add_argument("--lean", default="1",
                     help="comma list: 1 (LayerNorm/GELU backward from their bf16 inputs), 0 (autodiff's)")
     ap.add_argument("--mesh", default=None, help="run ours on a device mesh, e.g. data:2 (global batches)")
@@ -121,15 +123,15 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            variants = [(r, f == "1", int(d), lean == "1") for r in a.remat.split(",")
+            variants = [(r, f == "1", int(d), lean == "1", di) for r in a.remat.split(",")
                         for f in a.fuse_qkv.split(",") for d in a.dropout_bits.split(",")
-                        for lean in a.lean.split(",")]
-            for batch, (remat, fuse, bits, lean) in [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
+                        for lean in a.lean.split(",") for di in a.dropout_impl.split(",")]
+            for batch, (remat, fuse, bits, lean, dimpl) in [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
                                            attention_impl=impl, steps=a.steps, repeats=a.repeats,
                                            peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
                                            mesh=a.mesh, remat=remat, fuse_qkv=fuse, dropout_bits=bits,
-                                           lean_residuals=lean)
+                                           dropout_impl=dimpl, lean_residuals=lean)
                 try:
                     rec = {"framework": "jaxpeft", **benchmark.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)

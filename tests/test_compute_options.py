@@ -88,7 +88,8 @@ def test_low_bit_dropout_trains_like_a_dropout():
     assert abs(float(l_drop8) - float(l_det)) > 1e-6
 
 
-@pytest.mark.parametrize("flag,value", [("remat", "sometimes"), ("dropout_bits", 4), ("attention_impl", "flash")])
+@pytest.mark.parametrize("flag,value", [("remat", "sometimes"), ("dropout_bits", 4), ("dropout_impl", "fast"),
+                                        ("attention_impl", "flash")])
 def test_bad_compute_options_are_one_line_errors(flag, value):
     with pytest.raises(UserError, match=f"--{flag}={value}: choose one of"):
         TrainConfig(**{flag: value})

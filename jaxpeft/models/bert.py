@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.models import lean_ops
+from jaxpeft.models.hash_dropout import HashDropout
 
 Array = jax.Array
 
@@ -39,6 +40,7 @@ ATTENTION_IMPLS = ("dense", "xla", "cudnn")
 #   layer        each encoder layer is recomputed from its input (least memory, one more forward).
 REMAT_POLICIES = ("none", "elementwise", "layer")
 DROPOUT_BITS = (32, 16, 8)
+DROPOUT_IMPLS = ("random", "hash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,10 @@ class BertConfig:
     # exact rate), 16 or 8 (cheaper; the rate is rounded to a multiple of 2**-bits, e.g. 0.1 -> 0.1016
     # with 8 bits)
     dropout_bits: int = 32
+    # where the hidden-state dropout masks come from: ``random`` (``jax.random`` bits, the mask kept
+    # for the backward pass) or ``hash`` (a keyed hash of each element's position, fused into the
+    # kernels that use it and recomputed in the backward pass: ``jaxpeft.models.hash_dropout``)
+    dropout_impl: str = "random"
     # LayerNorm and GELU with hand-written backward passes that keep only their compute-dtype input
     # (``jaxpeft.models.lean_ops``) instead of autodiff's float32 temporaries; same params and math
     lean_residuals: bool = True
@@ -86,6 +92,8 @@ class BertConfig:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.dropout_bits not in DROPOUT_BITS:
             raise ValueError(f"dropout_bits must be one of {DROPOUT_BITS}, got {self.dropout_bits!r}")
+        if self.dropout_impl not in DROPOUT_IMPLS:
+            raise ValueError(f"dropout_impl must be one of {DROPOUT_IMPLS}, got {self.dropout_impl!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
@@ -104,7 +112,7 @@ class BertConfig:
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
-                          "lean_residuals"):
+                          "dropout_impl", "lean_residuals"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -162,6 +170,8 @@ class LowBitDropout(nn.Module):
 
 
 def _dropout(cfg: BertConfig, rate: float) -> nn.Module:
+    if cfg.dropout_impl == "hash":
+        return HashDropout(rate)
     return nn.Dropout(rate) if cfg.dropout_bits == 32 else LowBitDropout(rate, cfg.dropout_bits)
 
 

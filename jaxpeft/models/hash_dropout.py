@@ -1,0 +1,99 @@
+"""Dropout whose mask is a keyed hash of each element's position, fused into the kernels that use it.
+
+``flax.linen.Dropout`` draws a random array the size of its input (``jax.random.bits``: one
+kernel that writes it), compares it in a second kernel, and autodiff keeps the boolean mask for the
+backward pass, which reads it again. Here the mask bit of element ``i`` is
+``mix(mix(i ^ seed0) + seed1) >= threshold``, where ``mix`` is a 32-bit integer hash (a bijection,
+"lowbias32" by C. Wellons) and ``seed0, seed1`` are 32 random bits each drawn per call from the
+``dropout`` RNG stream. The hash is a handful of integer operations on an iota, so XLA fuses it into
+the kernel that applies the mask: no random array is written and read back. The backward pass
+(``jax.custom_vjp``) needs only the two seed words and hashes again. XLA may still find the
+backward's hash equal to the forward's and keep the boolean mask instead (one byte per element); in
+the BERT-base step on GPU it does.
+
+The rate is exact to 2**-32 (``threshold = round(rate * 2**32)``), kept elements are scaled by
+``1 / keep_prob`` in float32 before the cast back, and the mask depends only on the seed and the
+element's position in the (global) array, so a sharded array gets the same mask as an unsharded one.
+Masks of arrays with 2**32 elements or more repeat with that period.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _mix(h: Array) -> Array:
+    """lowbias32: a bijective avalanche hash on uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _threshold(rate: float) -> int:
+    return min(int(round(rate * 2 ** 32)), 2 ** 32 - 1)
+
+
+def keep_prob(rate: float) -> float:
+    """The exact probability that an element is kept for ``rate`` (``1 - rate`` to within 2**-32)."""
+    return 1.0 - _threshold(rate) / 2 ** 32
+
+
+def element_hash(seed: Array, shape: tuple[int, ...]) -> Array:
+    """The uint32 hash of every position of an array of ``shape`` under ``seed`` (2 uint32 words)."""
+    idx = jnp.zeros(shape, jnp.uint32)
+    for d, n in enumerate(shape):  # row-major flat index, modulo 2**32
+        idx = idx * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+    return _mix(_mix(idx ^ seed[0]) + seed[1])
+
+
+def keep_mask(seed: Array, shape: tuple[int, ...], rate: float) -> Array:
+    """Which elements ``hash_dropout(x, seed, rate)`` keeps, for ``x`` of ``shape``."""
+    return element_hash(seed, shape) >= jnp.uint32(_threshold(rate))
+
+
+def _apply(x: Array, seed: Array, rate: float) -> Array:
+    scale = jnp.float32(1.0 / keep_prob(rate))
+    return jnp.where(keep_mask(seed, x.shape, rate), x.astype(jnp.float32) * scale, 0.0).astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def hash_dropout(x: Array, seed: Array, rate: float) -> Array:
+    """Inverted dropout of ``x`` with the mask :func:`keep_mask` (``seed``: 2 uint32 words)."""
+    return _apply(x, seed, rate)
+
+
+def _fwd(x, seed, rate):
+    return _apply(x, seed, rate), seed
+
+
+def _bwd(rate, seed, g):
+    return _apply(g, seed, rate), np.zeros(seed.shape, dtype=jax.dtypes.float0)
+
+
+hash_dropout.defvjp(_fwd, _bwd)
+
+
+class HashDropout(nn.Module):
+    """Drop-in for ``flax.linen.Dropout`` (same ``rate``, ``deterministic`` and ``dropout`` RNG
+    stream) whose mask is :func:`keep_mask` of two seed words drawn from that stream."""
+
+    rate: float
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        seed = jax.random.bits(self.make_rng(self.rng_collection), (2,), jnp.uint32)
+        return hash_dropout(x, seed, self.rate)
