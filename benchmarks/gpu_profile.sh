@@ -13,6 +13,6 @@ prof=(python3 benchmarks/profile_step.py --out="$work")
 s 90 prof.log "${prof[@]}" --method=bitfit --batch=256 --name=bitfit_b256
 s 90 prof.log "${prof[@]}" --method=full --batch=256 --name=full_b256
 s 100 ab.log python3 scripts/bench.py --steps=10 --repeats=3 --peak_tflops=790 \
-    --methods=bitfit --batches=256 --dropout_bits=32,8 --out="$work/ab"
-s 90 prof.log "${prof[@]}" --method=bitfit --batch=256 --dropout_bits=8 --name=bitfit_b256_bits8
+    --methods=bitfit --batches=256 --dropout_impl=random --dropout_bits=32,8 --out="$work/ab"
+s 90 prof.log "${prof[@]}" --method=bitfit --batch=256 --dropout_impl=random --dropout_bits=8 --name=bitfit_b256_bits8
 s 90 prof.log "${prof[@]}" --method=bitfit --batch=256 --dropout=0 --name=bitfit_b256_nodrop

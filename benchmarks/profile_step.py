@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention_impl", default=None)
     p.add_argument("--remat", default="none")
     p.add_argument("--dropout_bits", type=int, default=32)
-    p.add_argument("--dropout_impl", default="random", choices=("random", "hash"))
+    p.add_argument("--dropout_impl", default="hash", choices=("hash", "random"))
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--lean", type=int, default=1, choices=(0, 1), help="lean LayerNorm/GELU backward")
     p.add_argument("--steps", type=int, default=5)

@@ -53,7 +53,7 @@ class BenchConfig:
     remat: str = "none"
     fuse_qkv: bool = True
     dropout_bits: int = 32
-    dropout_impl: str = "random"  # hidden-dropout masks: random (jax.random, kept) | hash (recomputed)
+    dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
     lean_residuals: bool = True  # LayerNorm/GELU backward from their bf16 inputs (lean_ops)
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
@@ -220,8 +220,7 @@ def variant(r: dict) -> str:
              "residuals=" + ("lean" if r.get("lean_residuals", False) else "autodiff")]
     if r.get("dropout_bits", 32) != 32:
         parts.append(f"dropout_bits={r['dropout_bits']}")
-    if r.get("dropout_impl", "random") != "random":
-        parts.append(f"dropout_masks={r['dropout_impl']}")
+    parts.append(f"dropout_masks={r.get('dropout_impl', 'random')}")
     if r.get("dropout") is not None:
         parts.append(f"dropout={r['dropout']:g}")
     return " ".join(parts)
@@ -281,7 +280,7 @@ def memory_table(records: list[dict]) -> str:
         c = cap.get((r["size"], r["method"], r["seq"]))
         p = peer.get(_key(r))
         lines.append(f"| {r['size']} | {r['method']} | {r['batch']} | {variant(r)} | {r['peak_bytes'] / GIB:.2f} "
-                     f"| {(r['peak_bytes'] / f if f else float('nan')):.2f}x "
+                     f"| {_fmt(r['peak_bytes'] / f if f else None, '.2f')}{'x' if f else ''} "
                      f"| {_fmt(p['peak_bytes'] / GIB if p else None, '.2f')} "
                      f"| {_fmt(c.get('max_batch') if c else None)} |")
     return "\n".join(lines)

@@ -55,7 +55,7 @@ class TrainConfig:
     attention_impl: str = "dense"
     remat: str = "none"       # what the backward pass recomputes: none | elementwise | layer
     dropout_bits: int = 32    # random bits per hidden-dropout mask element: 32 (exact) | 16 | 8 (faster)
-    dropout_impl: str = "random"  # hidden-dropout masks: random (jax.random, kept) | hash (recomputed)
+    dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
     prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
     # bookkeeping
     eval_every: int = 0
@@ -100,6 +100,9 @@ class TrainConfig:
                             f"{', '.join(map(str, DROPOUT_BITS))}")
         if self.dropout_impl not in DROPOUT_IMPLS:
             raise UserError(f"--dropout_impl={self.dropout_impl}: choose one of {', '.join(DROPOUT_IMPLS)}")
+        if self.dropout_bits != 32 and self.dropout_impl != "random":
+            raise UserError(f"--dropout_bits={self.dropout_bits} needs --dropout_impl=random "
+                            f"(--dropout_impl={self.dropout_impl} draws no random bits per element)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
 

@@ -320,9 +320,11 @@ class Plan:
 
 def _as_current(old: dict[str, Any] | None) -> dict[str, Any] | None:
     """A run config written by an earlier version, in today's terms: keys added since take their
-    defaults (which is what that version did), ``remat`` booleans become policy names."""
+    defaults (which is what that version did), except ``dropout_impl``, whose default changed: runs
+    written before it existed used ``random`` masks. ``remat`` booleans become policy names."""
     if old is None:
         return None
+    old = {"dropout_impl": "random", **old}
     defaults = {f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)
                 if f.default is not dataclasses.MISSING}
     out = {**defaults, **old}

@@ -57,8 +57,8 @@ def main() -> int:
                     help="comma list of remat policies to run each configuration with: none,elementwise,layer")
     ap.add_argument("--fuse_qkv", default="1", help="comma list: 1 (one [H,3H] matmul), 0 (three)")
     ap.add_argument("--dropout_bits", default="32", help="comma list: 32 (nn.Dropout), 16, 8")
-    ap.add_argument("--dropout_impl", default="random",
-                    help="comma list: random (jax.random masks, kept), hash (hashed, recomputed)")
+    ap.add_argument("--dropout_impl", default="hash",
+                    help="comma list: hash (masks from a keyed position hash), random (jax.random masks)")
     ap.add_argument("--lean", default="1",
                     help="comma list: 1 (LayerNorm/GELU backward from their bf16 inputs), 0 (autodiff's)")
     ap.add_argument("--mesh", default=None, help="run ours on a device mesh, e.g. data:2 (global batches)")

@@ -47,3 +47,13 @@ def test_bench_script_runs_tiny_on_cpu(tmp_path):
     assert by[("frozen", 4)]["xla_flops"] < by[("bitfit", 4)]["xla_flops"] < by[("full", 4)]["xla_flops"]
     md = (out / "bench.md").read_text()
     assert "| tiny | bitfit | 4 |" in md and "## Memory" in md
+
+
+def test_memory_table_without_a_full_row_says_so():
+    gib = 2 ** 30
+    recs = [dict(framework="jaxpeft", size="base", method=m, batch=b, seq=128, step_bytes=g * gib)
+            for m, b, g in [("bitfit", 64, 2), ("full", 256, 4), ("bitfit", 256, 3)]]
+    rows = {line.split("|")[2].strip() + line.split("|")[3].strip(): line
+            for line in benchmark.memory_table(recs).splitlines()[2:]}
+    assert "| 0.75x |" in rows["bitfit256"] and "| 1.00x |" in rows["full256"]
+    assert "| — |" in rows["bitfit64"] and "nan" not in rows["bitfit64"]

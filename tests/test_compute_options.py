@@ -82,8 +82,9 @@ def test_low_bit_dropout_trains_like_a_dropout():
     """The model with 8-bit masks: deterministic output unchanged, stochastic output differs."""
     params = init_params(BertForSequenceClassification(SMALL, num_labels=2), jax.random.key(0))
     l_det, _ = _grads(SMALL, "bitfit", params, deterministic=True)
-    l_det8, _ = _grads(SMALL.replace(dropout_bits=8), "bitfit", params, deterministic=True)
-    l_drop8, _ = _grads(SMALL.replace(dropout_bits=8), "bitfit", params, deterministic=False)
+    low = SMALL.replace(dropout_impl="random", dropout_bits=8)
+    l_det8, _ = _grads(low, "bitfit", params, deterministic=True)
+    l_drop8, _ = _grads(low, "bitfit", params, deterministic=False)
     np.testing.assert_allclose(l_det8, l_det, rtol=1e-6)
     assert abs(float(l_drop8) - float(l_det)) > 1e-6
 
@@ -92,4 +93,10 @@ def test_low_bit_dropout_trains_like_a_dropout():
                                         ("attention_impl", "flash")])
 def test_bad_compute_options_are_one_line_errors(flag, value):
     with pytest.raises(UserError, match=f"--{flag}={value}: choose one of"):
-        TrainConfig(**{flag: value})
+        TrainConfig(**{flag: value, **({"dropout_impl": "random"} if flag == "dropout_bits" else {})})
+
+
+def test_dropout_bits_need_random_masks():
+    with pytest.raises(UserError, match="--dropout_bits=8 needs --dropout_impl=random"):
+        TrainConfig(dropout_bits=8)
+    assert TrainConfig(dropout_bits=8, dropout_impl="random").dropout_bits == 8

@@ -147,3 +147,14 @@ def test_lr_choice_and_settings():
     assert st.setting_of("bitfit", "query") is None and st.setting_of("full", None) == "full"
     terms = [t for s in ("bitfit_qi", "bitfit_no_qi") for t in st.settings[s].bitfit_terms.split(",")]
     assert sorted(terms) == sorted(analysis.SYMBOLS)   # the two ablations split the 8 per-layer terms
+
+
+def test_configs_from_before_hashed_dropout_count_as_random_masks():
+    from jaxpeft.config import TrainConfig
+
+    now = TrainConfig().to_dict()
+    assert now["dropout_impl"] == "hash"
+    old = {k: v for k, v in now.items() if k not in ("dropout_impl", "dropout_bits")}
+    assert study._as_current(old)["dropout_impl"] == "random"       # what that version did
+    assert study._as_current(old)["dropout_bits"] == 32
+    assert study._as_current(now) == now

@@ -40,7 +40,7 @@ ATTENTION_IMPLS = ("dense", "xla", "cudnn")
 #   layer        each encoder layer is recomputed from its input (least memory, one more forward).
 REMAT_POLICIES = ("none", "elementwise", "layer")
 DROPOUT_BITS = (32, 16, 8)
-DROPOUT_IMPLS = ("random", "hash")
+DROPOUT_IMPLS = ("hash", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,10 @@ class BertConfig:
     # exact rate), 16 or 8 (cheaper; the rate is rounded to a multiple of 2**-bits, e.g. 0.1 -> 0.1016
     # with 8 bits)
     dropout_bits: int = 32
-    # where the hidden-state dropout masks come from: ``random`` (``jax.random`` bits, the mask kept
-    # for the backward pass) or ``hash`` (a keyed hash of each element's position, fused into the
-    # kernels that use it and recomputed in the backward pass: ``jaxpeft.models.hash_dropout``)
-    dropout_impl: str = "random"
+    # where the hidden-state dropout masks come from: ``hash`` (a keyed hash of each element's
+    # position, fused into the kernels that use it: ``jaxpeft.models.hash_dropout``) or ``random``
+    # (``jax.random`` bits as in flax's ``nn.Dropout``; ``dropout_bits`` applies to these only)
+    dropout_impl: str = "hash"
     # LayerNorm and GELU with hand-written backward passes that keep only their compute-dtype input
     # (``jaxpeft.models.lean_ops``) instead of autodiff's float32 temporaries; same params and math
     lean_residuals: bool = True
@@ -94,6 +94,9 @@ class BertConfig:
             raise ValueError(f"dropout_bits must be one of {DROPOUT_BITS}, got {self.dropout_bits!r}")
         if self.dropout_impl not in DROPOUT_IMPLS:
             raise ValueError(f"dropout_impl must be one of {DROPOUT_IMPLS}, got {self.dropout_impl!r}")
+        if self.dropout_bits != 32 and self.dropout_impl != "random":
+            raise ValueError(f"dropout_bits={self.dropout_bits} needs dropout_impl='random' "
+                             f"(dropout_impl={self.dropout_impl!r} draws no random bits per element)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 

@@ -109,7 +109,7 @@ def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: s
 def load_classifier(name_or_path: str, num_labels: int, *,
                     adapter: Callable[[BertConfig], nn.Module | None] | None = None,
                     seed: int = 0, dtype: str = "float32", attention_impl: str = "dense",
-                    remat: str = "none", dropout_bits: int = 32, dropout_impl: str = "random",
+                    remat: str = "none", dropout_bits: int = 32, dropout_impl: str = "hash",
                     with_weights: bool = True,
                     param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
