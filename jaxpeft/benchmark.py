@@ -214,8 +214,9 @@ def _key(r: dict) -> tuple:
 
 
 def variant(r: dict) -> str:
-    """How our step was built, beyond the shape: ``remat=...``, ``qkv=fused|split``, dropout, and
-    ``residuals=lean|autodiff`` (records written before ``lean_residuals`` existed are autodiff)."""
+    """How our step was built, beyond the shape: ``remat=...``, ``qkv=fused|split``, dropout,
+    ``residuals=lean|autodiff`` (records written before ``lean_residuals`` existed are autodiff)
+    and the attention kernel when it is not cuDNN's."""
     parts = [f"remat={r.get('remat', 'none')}", "qkv=" + ("fused" if r.get("fuse_qkv", True) else "split"),
              "residuals=" + ("lean" if r.get("lean_residuals", False) else "autodiff")]
     if r.get("dropout_bits", 32) != 32:
@@ -223,6 +224,8 @@ def variant(r: dict) -> str:
     parts.append(f"dropout_masks={r.get('dropout_impl', 'random')}")
     if r.get("dropout") is not None:
         parts.append(f"dropout={r['dropout']:g}")
+    if r.get("attention_impl", "cudnn") != "cudnn":
+        parts.append(f"attention={r['attention_impl']}")
     return " ".join(parts)
 
 

@@ -43,7 +43,8 @@ def main() -> int:
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--attention_impl", default=None, help="default: cudnn on GPU, xla elsewhere")
+    ap.add_argument("--attention_impl", default=None,
+                    help="comma list: cudnn, pallas, xla, dense (default: cudnn on GPU, xla elsewhere)")
     ap.add_argument("--prng_impl", default="auto", help="auto (rbg on GPU), threefry2x32, rbg, unsafe_rbg")
     ap.add_argument("--dropout", type=float, default=None, help="override BERT's dropout (0.1)")
     ap.add_argument("--steps", type=int, default=20)
@@ -91,7 +92,8 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
-    impl = a.attention_impl or ("cudnn" if dev.platform == "gpu" else "xla")
+    impls = (a.attention_impl or ("cudnn" if dev.platform == "gpu" else "xla")).split(",")
+    impl = ",".join(impls)
     peak = a.peak_tflops or (benchmark.matmul_peak_tflops() if dev.platform == "gpu" else 1.0)
     print(f"# {dev.device_kind}: bf16 matmul {peak:.0f} TFLOP/s, attention {impl}", flush=True)
     wanted = [m for m in a.methods.split(",") if m]
@@ -123,12 +125,13 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            variants = [(r, f == "1", int(d), lean == "1", di) for r in a.remat.split(",")
+            variants = [(r, f == "1", int(d), lean == "1", di, att) for r in a.remat.split(",")
                         for f in a.fuse_qkv.split(",") for d in a.dropout_bits.split(",")
-                        for lean in a.lean.split(",") for di in a.dropout_impl.split(",")]
-            for batch, (remat, fuse, bits, lean, dimpl) in [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
+                        for lean in a.lean.split(",") for di in a.dropout_impl.split(",") for att in impls]
+            for batch, (remat, fuse, bits, lean, dimpl, att) in \
+                    [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
-                                           attention_impl=impl, steps=a.steps, repeats=a.repeats,
+                                           attention_impl=att, steps=a.steps, repeats=a.repeats,
                                            peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
                                            mesh=a.mesh, remat=remat, fuse_qkv=fuse, dropout_bits=bits,
                                            dropout_impl=dimpl, lean_residuals=lean)

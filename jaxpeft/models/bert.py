@@ -26,12 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import lean_ops
+from jaxpeft.models import lean_ops, pallas_attention
 from jaxpeft.models.hash_dropout import HashDropout
 
 Array = jax.Array
 
-ATTENTION_IMPLS = ("dense", "xla", "cudnn")
+ATTENTION_IMPLS = ("dense", "xla", "cudnn", "pallas")
 # What the backward pass recomputes instead of keeping from the forward pass:
 #   none         keep everything XLA asks for;
 #   elementwise  LayerNorms and the FFN activation are recomputed from their (compute-dtype)
@@ -64,7 +64,11 @@ class BertConfig:
     # Not part of the HF config: how we compute. ``attention_impl``: ``dense`` (einsum + softmax,
     # with dropout on the attention probabilities, exactly BERT) or a fused kernel through
     # ``jax.nn.dot_product_attention`` (``xla``, or ``cudnn`` on NVIDIA GPUs with bf16/fp16), which
-    # applies no dropout to the attention probabilities (hidden-state dropout stays).
+    # applies no dropout to the attention probabilities (hidden-state dropout stays); ``pallas``
+    # is our own kernel for short sequences (``jaxpeft.models.pallas_attention``, no dropout on
+    # the probabilities either), which reads q/k/v straight out of the fused projection and keeps
+    # no attention output for the backward pass; for lengths that are not a power of two (prompt
+    # tokens added) JAX's fused attention runs instead (cuDNN where it can).
     dtype: str = "float32"
     attention_impl: str = "dense"
     remat: str = "none"
@@ -99,6 +103,10 @@ class BertConfig:
                              f"(dropout_impl={self.dropout_impl!r} draws no random bits per element)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl == "pallas":
+            why = pallas_attention.supported(1, 0, self.hidden_size // self.num_attention_heads)
+            if why:
+                raise ValueError(f"attention_impl='pallas': {why}")
 
     @property
     def head_dim(self) -> int:
@@ -239,13 +247,25 @@ class BertSelfAttention(nn.Module):
             kernel = jnp.concatenate([w for w, _ in qkv], axis=1).astype(dt)
             bias = jnp.concatenate([bb for _, bb in qkv]).astype(dt)
             y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
-            q, k, v = (y[..., i * cfg.hidden_size:(i + 1) * cfg.hidden_size].reshape(b, t, n, d)
-                       for i in range(3))
+            qkv = y.reshape(b, t, 3, n, d)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             q = _dense(cfg, cfg.hidden_size, "query")(x).reshape(b, t, n, d)
             k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
             v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
+            qkv = None
         self.sow("intermediates", "key_value", (k, v))
+        if cfg.attention_impl == "pallas" and pallas_attention.fast_length(t):
+            # one kernel reads q/k/v from the fused projection and writes dq/dk/dv back into one
+            # array: no split or concatenation around it (``pallas_attention``)
+            if qkv is None:
+                qkv = jnp.stack([q, k, v], axis=2)
+            p = 0 if prefix is None else prefix[0].shape[-3]
+            if key_mask.shape != (b, p + t):
+                raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, p + t)}")
+            out = pallas_attention.attention(qkv, key_mask[:, p:], prefix,
+                                             key_mask[:, :p] if p else None)
+            return out.reshape(b, t, n * d)
         if prefix is not None:
             pk, pv = prefix
             shape = (b,) + pk.shape[-3:]
@@ -256,15 +276,24 @@ class BertSelfAttention(nn.Module):
         if cfg.attention_impl == "dense":
             dropout = 0.0 if deterministic else cfg.attention_probs_dropout_prob
             out = self._dense_attention(q, k, v, key_mask, dropout)
-        elif key_lengths is not None:
-            # Fused kernels (no dropout on attention probabilities): valid keys are a prefix
-            # of each row, so sequence lengths describe the mask without materialising it.
-            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
-                                               implementation=cfg.attention_impl)
+        elif cfg.attention_impl == "pallas":
+            # lengths that are not a power of two (prompt tokens added): the kernel would pad
+            # them to the next one, so JAX's fused attention (cuDNN where it can) runs instead
+            out = self._fused_attention(q, k, v, key_mask, key_lengths, None)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
-                                               implementation=cfg.attention_impl)
+            out = self._fused_attention(q, k, v, key_mask, key_lengths, cfg.attention_impl)
         return out.reshape(b, t, n * d)
+
+    @staticmethod
+    def _fused_attention(q: Array, k: Array, v: Array, key_mask: Array, key_lengths: Array | None,
+                         implementation: str | None) -> Array:
+        # Fused kernels (no dropout on attention probabilities). When the valid keys are a prefix
+        # of each row, sequence lengths describe the mask without materialising it.
+        if key_lengths is not None:
+            return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
+                                                implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
+                                            implementation=implementation)
 
     def _dense_attention(self, q: Array, k: Array, v: Array, key_mask: Array, dropout: float) -> Array:
         scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))

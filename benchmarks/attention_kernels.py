@@ -1,0 +1,121 @@
+"""Attention alone, forward and forward+backward: our Pallas kernel against cuDNN, as the model uses them.
+
+Both sides start from the fused projection's ``[B, T, 3H]`` output and end with the gradient of it,
+so cuDNN's side includes the q/k/v split and the dq/dk/dv concatenation the model pays for.
+Prints one JSON line per configuration (median milliseconds over ``--iters`` calls) and the largest
+difference of each against a float32 ``jax.numpy`` reference on the same inputs.
+
+    python benchmarks/attention_kernels.py --batch=256 --seq=128 --prefix=0,20 --out=OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxpeft.models import pallas_attention as pa  # noqa: E402
+
+
+def _cudnn(qkv, valid, prefix, prefix_valid):
+    b, t, _, n, d = qkv.shape
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if prefix is None:
+        lengths = valid.sum(-1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    pk, pv = (jnp.broadcast_to(x, (b,) + x.shape[1:]) for x in prefix)
+    k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+    lengths = valid.sum(-1).astype(jnp.int32) + pk.shape[1]
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
+def _time(fn, args, iters):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seq", type=_ints, default=[128])
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head_dim", type=int, default=64)
+    ap.add_argument("--prefix", type=_ints, default=[0])
+    ap.add_argument("--block_q", type=_ints, default=[128, 64])
+    ap.add_argument("--warps", type=_ints, default=[4, 8])
+    ap.add_argument("--block_q_bwd", type=_ints, default=[32, 64, 128])
+    ap.add_argument("--warps_bwd", type=_ints, default=[4, 8])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no_cudnn", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    rows = []
+    on_gpu = jax.default_backend() == "gpu"
+    for t, p in itertools.product(a.seq, a.prefix):
+        b, n, d = a.batch, a.heads, a.head_dim
+        rng = np.random.default_rng(0)
+        qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, d)), jnp.bfloat16)
+        lengths = rng.integers(t // 2, t + 1, size=b)
+        valid = jnp.asarray(np.arange(t)[None] < lengths[:, None])
+        prefix = None if not p else tuple(jnp.asarray(rng.normal(size=(1, p, n, d)), jnp.bfloat16)
+                                          for _ in range(2))
+        dout = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16)
+        ref_f = jax.jit(lambda x, pr: pa.reference(x.astype(jnp.float32), valid,
+                                                   None if pr is None else tuple(y.astype(jnp.float32) for y in pr)))
+        want = ref_f(qkv, prefix)
+        want_g = jax.grad(lambda x, pr: jnp.sum(ref_f(x, pr) * dout.astype(jnp.float32)), argnums=(0, 1))(qkv, prefix)
+
+        def measure(name, attn, **extra):
+            fwd = jax.jit(lambda x, pr: attn(x, valid, pr))
+            loss = lambda x, pr: jnp.sum(attn(x, valid, pr).astype(jnp.float32) * dout.astype(jnp.float32))
+            bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            row = {"impl": name, "batch": b, "seq": t, "prefix": p, "heads": n, "head_dim": d, **extra}
+            try:
+                got = fwd(qkv, prefix)
+                got_g = bwd(qkv, prefix)
+                row["fwd_err"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+                row["grad_err"] = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y)))
+                                      for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)))
+                row["fwd_ms"] = round(_time(fwd, (qkv, prefix), a.iters), 4)
+                row["fwd_bwd_ms"] = round(_time(bwd, (qkv, prefix), a.iters), 4)
+            except Exception as e:  # noqa: BLE001 - a failing configuration is a result too
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+        if on_gpu and not a.no_cudnn:
+            measure("cudnn", lambda x, v, pr: _cudnn(x, v, pr, None))
+        for bq, w, bqb, wb in itertools.product(a.block_q, a.warps, a.block_q_bwd, a.warps_bwd):
+            tuning = pa.Tuning(bq, w, bqb, wb)
+            measure("pallas", lambda x, v, pr, tuning=tuning: pa.attention(x, v, pr, tuning=tuning),
+                    block_q=bq, warps=w, block_q_bwd=bqb, warps_bwd=wb)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "attention_kernels.jsonl"), "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

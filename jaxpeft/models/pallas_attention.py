@@ -1,0 +1,406 @@
+"""Attention for short sequences as one Pallas (Triton) kernel per (batch row, head), both ways.
+
+BERT fine-tuning runs at 128 tokens or fewer: every key and value of one head fits on one SM, so
+nothing needs the flash-attention machinery that long sequences do. The forward kernel computes a
+block of queries against all keys at once (no running max). The backward kernel loops over the
+query blocks of its head and finishes ``dq`` of each block, and ``dk``/``dv`` of the head, without
+atomics, a ``dq`` accumulator or a separate ``rowsum(o * do)`` pass. Because every key of a row is
+in the block, that row sum is ``rowsum(p * dp)`` of values the backward kernel computes anyway, so
+the attention output is not kept for the backward pass: only q/k/v (which the projection's own
+backward needs too) and one float32 log-sum-exp per query. Where nothing else needs the output
+(BitFit, prefix and prompt methods: the output projection is frozen) that is one ``[B, T, H]``
+activation per layer less than cuDNN's kernel keeps.
+
+Both kernels read q, k and v straight out of the fused projection's output ``[B, T, 3, N, D]``
+(the ``[B, T, 3H]`` matmul result, reshaped for free) and the backward kernel writes
+``dq``/``dk``/``dv`` into one ``[B, T, 3, N, D]`` array, which is the gradient of that matmul
+output. So there is no split of q/k/v before attention and no concatenation after it.
+
+Prefix keys/values (prefix tuning, P-tuning v2) come in as their own small inputs, shared by the
+batch or per row, and are attended to together with the sequence's own keys (one softmax); their
+gradients are summed over the batch outside the kernel. Masked-out keys (padding, masked prefixes)
+get zero weight; a query row whose keys are all masked averages the values (no NaN).
+
+No dropout on the attention probabilities (as with the cuDNN kernel). Off GPU the kernels run in
+Pallas's interpreter, which is how the CPU tests check them against plain ``jax.numpy`` attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# beyond this many (padded) keys or queries one head no longer fits the single-block design
+MAX_LENGTH = 512
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+# indices into the fused projection's "3" axis, as 0-d arrays (Pallas's interpreter wants arrays)
+_Q, _K, _V = (np.int32(i) for i in range(3))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def fast_length(t: int) -> bool:
+    """Whether ``t`` tokens fill the kernel's blocks (a power of two up to MAX_LENGTH); other lengths
+    are padded to the next power of two, which is correct but slower than cuDNN's kernel (3.3x at
+    148 tokens on an H200)."""
+    return _pow2(t) == t and 16 <= t <= MAX_LENGTH
+
+
+def supported(t: int, prefix_len: int, head_dim: int) -> str | None:
+    """Why these shapes cannot use the kernel (``None`` if they can)."""
+    if _pow2(head_dim) != head_dim or head_dim < 16:
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if _pow2(t) > MAX_LENGTH or (prefix_len and _pow2(prefix_len) > MAX_LENGTH):
+        return f"sequence of {t} tokens (+{prefix_len} prefix) is longer than {MAX_LENGTH}"
+    return None
+
+
+def _dot(a, b, trans_b=False, trans_a=False):
+    """``a @ b`` (either side transposed) with float32 accumulation, as Triton's ``tl.dot``."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+    if has_prefix:
+        pk_ref, pv_ref, pvalid_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
+    tp = kvalid_ref.shape[0]
+    start = pl.program_id(2) * block_q
+    row_ok = (start + jnp.arange(block_q)) < t
+    key_in = jnp.arange(tp) < t
+    q = plgpu.load(qkv_ref.at[pl.ds(start, block_q), _Q, :], mask=row_ok[:, None], other=0.0)
+    k = plgpu.load(qkv_ref.at[:, _K, :], mask=key_in[:, None], other=0.0)
+    v = plgpu.load(qkv_ref.at[:, _V, :], mask=key_in[:, None], other=0.0)
+    key_ok = plgpu.load(kvalid_ref, mask=key_in, other=0) != 0
+    c = scale * LOG2E
+    s = jnp.where(key_ok[None, :], _dot(q, k, trans_b=True) * c, MASK_VALUE)
+    m = jnp.max(s, axis=1)
+    if has_prefix:
+        pin = jnp.arange(pvalid_ref.shape[0]) < p
+        pk = plgpu.load(pk_ref, mask=pin[:, None], other=0.0)
+        pv = plgpu.load(pv_ref, mask=pin[:, None], other=0.0)
+        pok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
+        sp = jnp.where(pok[None, :], _dot(q, pk, trans_b=True) * c, MASK_VALUE)
+        m = jnp.maximum(m, jnp.max(sp, axis=1))
+    e = jnp.exp2(s - m[:, None])
+    l = jnp.sum(e, axis=1)
+    acc = _dot(e.astype(v.dtype), v)
+    if has_prefix:
+        ep = jnp.exp2(sp - m[:, None])
+        l = l + jnp.sum(ep, axis=1)
+        acc = acc + _dot(ep.astype(pv.dtype), pv)
+    o = acc / l[:, None]
+    plgpu.store(o_ref, o.astype(o_ref.dtype), mask=row_ok[:, None])
+    lse_ref[...] = m + jnp.log2(l)
+
+
+def _bwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+    if has_prefix:
+        pk_ref, pv_ref, pvalid_ref, do_ref, lse_ref, dqkv_ref, dpk_ref, dpv_ref = refs
+    else:
+        do_ref, lse_ref, dqkv_ref = refs
+    tp = kvalid_ref.shape[0]
+    key_in = jnp.arange(tp) < t
+    k = plgpu.load(qkv_ref.at[:, _K, :], mask=key_in[:, None], other=0.0)
+    v = plgpu.load(qkv_ref.at[:, _V, :], mask=key_in[:, None], other=0.0)
+    key_ok = plgpu.load(kvalid_ref, mask=key_in, other=0) != 0
+    d = k.shape[-1]
+    dt = k.dtype
+    c = scale * LOG2E
+    zeros = jnp.zeros((tp, d), jnp.float32)
+    if has_prefix:
+        pp_ = pvalid_ref.shape[0]
+        pin = jnp.arange(pp_) < p
+        pk = plgpu.load(pk_ref, mask=pin[:, None], other=0.0)
+        pv = plgpu.load(pv_ref, mask=pin[:, None], other=0.0)
+        pok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
+        pzeros = jnp.zeros((pp_, d), jnp.float32)
+        init = (zeros, zeros, pzeros, pzeros)
+    else:
+        init = (zeros, zeros)
+
+    def body(i, carry):
+        start = i * block_q
+        rows = pl.ds(start, block_q)
+        row_ok = ((start + jnp.arange(block_q)) < t)[:, None]
+        q = plgpu.load(qkv_ref.at[rows, _Q, :], mask=row_ok, other=0.0)
+        do = plgpu.load(do_ref.at[rows, :], mask=row_ok, other=0.0)
+        lse = lse_ref[rows]
+        s = jnp.where(key_ok[None, :], _dot(q, k, trans_b=True) * c, MASK_VALUE)
+        pr = jnp.exp2(s - lse[:, None])
+        dp = _dot(do, v, trans_b=True)
+        # every key of the row is here, so rowsum(p * dp) gives the softmax backward's
+        # rowsum(o * do) without keeping the output o for the backward pass
+        delta = jnp.sum(pr * dp, axis=1)
+        if has_prefix:
+            sp = jnp.where(pok[None, :], _dot(q, pk, trans_b=True) * c, MASK_VALUE)
+            pp = jnp.exp2(sp - lse[:, None])
+            dpp = _dot(do, pv, trans_b=True)
+            delta = delta + jnp.sum(pp * dpp, axis=1)
+        dv = carry[1] + _dot(pr.astype(dt), do, trans_a=True)
+        ds = (pr * (dp - delta[:, None])).astype(dt)
+        dq = _dot(ds, k)
+        dk = carry[0] + _dot(ds, q, trans_a=True)
+        out = (dk, dv)
+        if has_prefix:
+            dpv = carry[3] + _dot(pp.astype(dt), do, trans_a=True)
+            dsp = (pp * (dpp - delta[:, None])).astype(dt)
+            dq = dq + _dot(dsp, pk)
+            dpk = carry[2] + _dot(dsp, q, trans_a=True)
+            out = (dk, dv, dpk, dpv)
+        plgpu.store(dqkv_ref.at[rows, _Q, :], (dq * scale).astype(dqkv_ref.dtype), mask=row_ok)
+        return out
+
+    out = jax.lax.fori_loop(0, tp // block_q, body, init)
+    plgpu.store(dqkv_ref.at[:, _K, :], (out[0] * scale).astype(dqkv_ref.dtype), mask=key_in[:, None])
+    plgpu.store(dqkv_ref.at[:, _V, :], out[1].astype(dqkv_ref.dtype), mask=key_in[:, None])
+    if has_prefix:
+        dpk_ref[...] = out[2] * scale
+        dpv_ref[...] = out[3]
+
+
+def _batch_parallel(call, batched: tuple[bool, ...], args):
+    """``call(*args)`` with every program independent along the batch: under a sharded ``jit`` each
+    device runs the kernel on its own rows (``custom_partitioning``), instead of XLA gathering the
+    whole batch around a kernel it cannot split. Args with ``batched[i]`` False (a prefix shared by
+    the batch) and every other dimension are replicated; all outputs are batch-major."""
+    fn = custom_partitioning(call)
+
+    def batch_axes(arg_shapes):
+        for shape, is_batched in zip(arg_shapes, batched):
+            sh = shape.sharding
+            if is_batched and isinstance(sh, NamedSharding) and len(sh.spec):
+                return sh.spec[0]
+        return None
+
+    def shardings(mesh, axes, ranks, batch_flags):
+        return tuple(NamedSharding(mesh, P(axes if bf else None, *([None] * (r - 1))))
+                     for r, bf in zip(ranks, batch_flags))
+
+    def infer(mesh, arg_shapes, result_shape):
+        ranks = [len(r.shape) for r in result_shape]
+        return shardings(mesh, batch_axes(arg_shapes), ranks, [True] * len(ranks))
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = batch_axes(arg_shapes)
+        ranks = [len(r.shape) for r in result_shape]
+        arg_sh = shardings(mesh, axes, [len(a.shape) for a in arg_shapes], batched)
+        return mesh, call, shardings(mesh, axes, ranks, [True] * len(ranks)), arg_sh
+
+    names = iter(f"f{i}" for i in range(1000))
+    others: list[str] = []
+
+    def dims(rank, is_batched):
+        ds = ["b" if (i == 0 and is_batched) else next(names) for i in range(rank)]
+        others.extend(d for d in ds if d != "b")
+        return " ".join(ds)
+
+    out_shapes = jax.eval_shape(call, *args)
+    out_ranks = [len(o.shape) for o in out_shapes]
+    rule = (", ".join(dims(a.ndim, bf) for a, bf in zip(args, batched)) + " -> "
+            + ", ".join(dims(r, True) for r in out_ranks))
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                     need_replication_factors=tuple(others))
+    return fn(*args)
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _specs(b, t, n, d, tp, p, pp, batched_prefix, grid_q: bool):
+    """Block specs shared by both kernels; ``grid_q`` adds the query-block grid axis."""
+    if grid_q:
+        qkv = pl.BlockSpec((None, tp, 3, None, d), lambda i, j, _: (i, 0, 0, j, 0))
+        row = pl.BlockSpec((None, tp), lambda i, j, _: (i, 0))
+        pref = pl.BlockSpec((None, pp, None, d),
+                            (lambda i, j, _: (i, 0, j, 0)) if batched_prefix else (lambda i, j, _: (0, 0, j, 0)))
+        prow = pl.BlockSpec((None, pp), lambda i, j, _: (i, 0))
+    else:
+        qkv = pl.BlockSpec((None, tp, 3, None, d), lambda i, j: (i, 0, 0, j, 0))
+        row = pl.BlockSpec((None, tp), lambda i, j: (i, 0))
+        pref = pl.BlockSpec((None, pp, None, d),
+                            (lambda i, j: (i, 0, j, 0)) if batched_prefix else (lambda i, j: (0, 0, j, 0)))
+        prow = pl.BlockSpec((None, pp), lambda i, j: (i, 0))
+    return qkv, row, pref, prow
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Kernel launch parameters: queries per block and Triton warps, forward and backward."""
+
+    block_q: int = 128
+    num_warps: int = 8
+    block_q_bwd: int = 64
+    num_warps_bwd: int = 4
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(qkv, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
+    return _forward(qkv, key_valid, prefix_k, prefix_v, prefix_valid, tuning)[0]
+
+
+def _shapes(qkv, prefix_k):
+    b, t, _, n, d = qkv.shape
+    p = 0 if prefix_k is None else prefix_k.shape[1]
+    pp = _pow2(max(p, 16)) if p else 0
+    batched = prefix_k is not None and prefix_k.shape[0] != 1
+    return b, t, n, d, _pow2(t), p, pp, batched
+
+
+def _fwd_call(tuning, qkv, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
+    """The forward kernel on whatever rows it is given (all of them, or one device's)."""
+    b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
+    bq = min(tuning.block_q, tp)
+    has_prefix = prefix_k is not None
+    qkv_spec, row_spec, pref_spec, prow_spec = _specs(b, t, n, d, tp, p, pp, batched, grid_q=True)
+    in_specs = [qkv_spec, row_spec] + ([pref_spec, pref_spec, prow_spec] if has_prefix else [])
+    kernel = functools.partial(_fwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
+                               has_prefix=has_prefix)
+    args = [qkv, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
+    return tuple(pl.pallas_call(
+        kernel,
+        grid=(b, n, tp // bq),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, j, k: (i, k, j, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, j, k: (i, j, k))],
+        out_shape=[jax.ShapeDtypeStruct((b, t, n, d), qkv.dtype),
+                   jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
+        compiler_params=_CompilerParams(num_warps=tuning.num_warps, num_stages=1),
+        interpret=_interpret(),
+        name="short_attention_fwd",
+    )(*args))
+
+
+def _bwd_call(tuning, qkv, key_valid, *rest):
+    """The backward kernel: ``rest`` is ``[prefix_k, prefix_v, prefix_valid,] dout, lse``."""
+    has_prefix = len(rest) == 5
+    prefix_k = rest[0] if has_prefix else None
+    b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
+    bq = min(tuning.block_q_bwd, tp)
+    qkv_spec, row_spec, pref_spec, prow_spec = _specs(b, t, n, d, tp, p, pp, batched, grid_q=False)
+    od_spec = pl.BlockSpec((None, tp, None, d), lambda i, j: (i, 0, j, 0))
+    lse_spec = pl.BlockSpec((None, None, tp), lambda i, j: (i, j, 0))
+    in_specs = [qkv_spec, row_spec]
+    out_specs = [qkv_spec]
+    out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
+    if has_prefix:
+        in_specs += [pref_spec, pref_spec, prow_spec]
+        part = pl.BlockSpec((None, None, pp, d), lambda i, j: (i, j, 0, 0))
+        out_specs += [part, part]
+        out_shape += [jax.ShapeDtypeStruct((b, n, pp, d), jnp.float32)] * 2
+    in_specs += [od_spec, lse_spec]
+    kernel = functools.partial(_bwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
+                               has_prefix=has_prefix)
+    return tuple(pl.pallas_call(
+        kernel,
+        grid=(b, n),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
+        interpret=_interpret(),
+        name="short_attention_bwd",
+    )(qkv, key_valid, *rest))
+
+
+def _forward(qkv, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
+    args = [qkv, key_valid] + ([prefix_k, prefix_v, prefix_valid] if prefix_k is not None else [])
+    b = qkv.shape[0]
+    out, lse = _batch_parallel(functools.partial(_fwd_call, tuning),
+                               tuple(a.shape[0] == b for a in args), args)
+    # the output itself is not kept: the backward kernel needs only the log-sum-exp per query
+    return out, (qkv, key_valid, prefix_k, prefix_v, prefix_valid, lse)
+
+
+def _backward(tuning, res, dout):
+    qkv, key_valid, prefix_k, prefix_v, prefix_valid, lse = res
+    has_prefix = prefix_k is not None
+    args = [qkv, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else []) + \
+        [dout.astype(qkv.dtype), lse]
+    b = qkv.shape[0]
+    grads = _batch_parallel(functools.partial(_bwd_call, tuning),
+                            tuple(a.shape[0] == b for a in args), args)
+    dqkv = grads[0]
+    if not has_prefix:
+        return dqkv, None, None, None, None
+    p = prefix_k.shape[1]
+    dpk, dpv = (g[:, :, :p].transpose(0, 2, 1, 3) for g in grads[1:])   # [B, P, N, D]
+    if prefix_k.shape[0] != b or b == 1:
+        dpk, dpv = dpk.sum(0, keepdims=True), dpv.sum(0, keepdims=True)
+    return dqkv, None, dpk.astype(prefix_k.dtype), dpv.astype(prefix_v.dtype), None
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,
+              prefix_valid: Array | None = None, *, tuning: Tuning = Tuning()) -> Array:
+    """Softmax attention of each query over the valid keys (prefix keys first), per head.
+
+    Args:
+      qkv: ``[B, T, 3, N, D]``: queries, keys and values as the fused projection writes them.
+      key_valid: ``[B, T]``: which of the sequence's own keys may be attended to.
+      prefix: optional ``(keys, values)``, each ``[1 or B, P, N, D]``, in front of the own keys.
+      prefix_valid: ``[B, P]``: which prefix keys may be attended to (default: all).
+      tuning: block sizes and warps of the two kernels.
+
+    Returns:
+      ``[B, T, N, D]`` in ``qkv``'s dtype, scaled by ``1/sqrt(D)`` as usual.
+    """
+    b, t, three, n, d = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must be [B, T, 3, N, D], got {qkv.shape}")
+    p = 0 if prefix is None else prefix[0].shape[1]
+    why = supported(t, p, d)
+    if why:
+        raise ValueError(f"pallas attention: {why}")
+    key_valid = jnp.broadcast_to(key_valid, (b, t)).astype(jnp.int32)
+    if prefix is None:
+        return _attention(qkv, key_valid, None, None, None, tuning)
+    pk, pv = (x.astype(qkv.dtype) for x in prefix)
+    if pk.ndim != 4 or pk.shape[0] not in (1, b) or pk.shape[2:] != (n, d) or pv.shape != pk.shape:
+        raise ValueError(f"prefix keys/values must be [1 or {b}, P, {n}, {d}], got {pk.shape}, {pv.shape}")
+    pvalid = jnp.ones((b, p), jnp.int32) if prefix_valid is None else \
+        jnp.broadcast_to(prefix_valid, (b, p)).astype(jnp.int32)
+    return _attention(qkv, key_valid, pk, pv, pvalid, tuning)
+
+
+def reference(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,
+              prefix_valid: Array | None = None) -> Array:
+    """The same attention in plain ``jax.numpy`` (float32 softmax), for tests."""
+    b, t, _, n, d = qkv.shape
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    valid = jnp.broadcast_to(key_valid, (b, t)).astype(bool)
+    if prefix is not None:
+        pk, pv = (jnp.broadcast_to(x.astype(qkv.dtype), (b,) + x.shape[1:]) for x in prefix)
+        pvalid = jnp.ones((b, pk.shape[1]), bool) if prefix_valid is None else \
+            jnp.broadcast_to(prefix_valid, (b, pk.shape[1])).astype(bool)
+        k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+        valid = jnp.concatenate([pvalid, valid], 1)
+    s = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    s = jnp.where(valid[:, None, None, :], s, MASK_VALUE)
+    w = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bnts,bsnd->btnd", w.astype(v.dtype), v,
+                      preferred_element_type=jnp.float32).astype(qkv.dtype)
