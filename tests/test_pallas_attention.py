@@ -133,6 +133,9 @@ def test_shapes_the_kernel_does_not_take():
         pa.attention(jnp.zeros((1, 8, 2, 2, 16)), jnp.ones((1, 8), bool))
     with pytest.raises(ValueError, match="head_dim 12"):
         BertConfig(hidden_size=48, num_attention_heads=4, attention_impl="pallas")
+    with pytest.raises(ValueError, match="four powers of two"):
+        BertConfig(attention_impl="pallas", attention_tuning="128:8:48:8")
+    assert pa.Tuning.parse("64:4:32:8") == pa.Tuning(64, 4, 32, 8) and pa.Tuning.parse("") == pa.Tuning()
 
 
 def test_model_with_pallas_attention_equals_dense_attention(minilm_dir):

@@ -85,6 +85,9 @@ class BertConfig:
     # LayerNorm and GELU with hand-written backward passes that keep only their compute-dtype input
     # (``jaxpeft.models.lean_ops``) instead of autodiff's float32 temporaries; same params and math
     lean_residuals: bool = True
+    # launch parameters of the pallas attention kernels, "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD"
+    # (empty: ``pallas_attention.Tuning()``'s defaults)
+    attention_tuning: str = ""
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
@@ -107,6 +110,7 @@ class BertConfig:
             why = pallas_attention.supported(1, 0, self.hidden_size // self.num_attention_heads)
             if why:
                 raise ValueError(f"attention_impl='pallas': {why}")
+        pallas_attention.Tuning.parse(self.attention_tuning)   # raises on a malformed string
 
     @property
     def head_dim(self) -> int:
@@ -123,7 +127,7 @@ class BertConfig:
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
-                          "dropout_impl", "lean_residuals"):
+                          "dropout_impl", "lean_residuals", "attention_tuning"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -264,7 +268,8 @@ class BertSelfAttention(nn.Module):
             if key_mask.shape != (b, p + t):
                 raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, p + t)}")
             out = pallas_attention.attention(qkv, key_mask[:, p:], prefix,
-                                             key_mask[:, :p] if p else None)
+                                             key_mask[:, :p] if p else None,
+                                             tuning=pallas_attention.Tuning.parse(cfg.attention_tuning))
             return out.reshape(b, t, n * d)
         if prefix is not None:
             pk, pv = prefix

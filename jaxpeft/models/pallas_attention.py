@@ -253,7 +253,18 @@ class Tuning:
     block_q: int = 128
     num_warps: int = 8
     block_q_bwd: int = 64
-    num_warps_bwd: int = 4
+    num_warps_bwd: int = 8
+
+    @classmethod
+    def parse(cls, spec: str) -> "Tuning":
+        """``"128:8:64:8"`` (block_q:num_warps:block_q_bwd:num_warps_bwd); empty: the defaults."""
+        if not spec:
+            return cls()
+        parts = spec.split(":")
+        if len(parts) != 4 or not all(x.isdigit() and _pow2(int(x)) == int(x) > 0 for x in parts):
+            raise ValueError(f"attention tuning {spec!r}: expected four powers of two "
+                             "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD, e.g. 128:8:64:8")
+        return cls(*map(int, parts))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
