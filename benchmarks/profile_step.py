@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     p.add_argument("--out", default="profile")
     a = p.parse_args(argv)
-    attention = a.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "dense")
+    attention = a.attention_impl or ("pallas" if jax.default_backend() == "gpu" else "dense")
     bc = BenchConfig(size=a.size, method=a.method, batch=a.batch, seq=a.seq, dtype=a.dtype,
                      attention_impl=attention, remat=a.remat, dropout_bits=a.dropout_bits,
                      dropout_impl=a.dropout_impl, dropout=a.dropout, lean_residuals=bool(a.lean))
