@@ -229,20 +229,13 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _specs(b, t, n, d, tp, p, pp, batched_prefix, grid_q: bool):
-    """Block specs shared by both kernels; ``grid_q`` adds the query-block grid axis."""
-    if grid_q:
-        qkv = pl.BlockSpec((None, tp, 3, None, d), lambda i, j, _: (i, 0, 0, j, 0))
-        row = pl.BlockSpec((None, tp), lambda i, j, _: (i, 0))
-        pref = pl.BlockSpec((None, pp, None, d),
-                            (lambda i, j, _: (i, 0, j, 0)) if batched_prefix else (lambda i, j, _: (0, 0, j, 0)))
-        prow = pl.BlockSpec((None, pp), lambda i, j, _: (i, 0))
-    else:
-        qkv = pl.BlockSpec((None, tp, 3, None, d), lambda i, j: (i, 0, 0, j, 0))
-        row = pl.BlockSpec((None, tp), lambda i, j: (i, 0))
-        pref = pl.BlockSpec((None, pp, None, d),
-                            (lambda i, j: (i, 0, j, 0)) if batched_prefix else (lambda i, j: (0, 0, j, 0)))
-        prow = pl.BlockSpec((None, pp), lambda i, j: (i, 0))
+def _specs(d, tp, pp, batched_prefix):
+    """Block specs shared by both kernels: program ``(row, head[, query block])`` sees all of its
+    row's q/k/v for its head, its row's key mask, and the prefix of its row (or the shared one)."""
+    qkv = pl.BlockSpec((None, tp, 3, None, d), lambda i, j, *_: (i, 0, 0, j, 0))
+    row = pl.BlockSpec((None, tp), lambda i, j, *_: (i, 0))
+    pref = pl.BlockSpec((None, pp, None, d), lambda i, j, *_: (i if batched_prefix else 0, 0, j, 0))
+    prow = pl.BlockSpec((None, pp), lambda i, j, *_: (i, 0))
     return qkv, row, pref, prow
 
 
@@ -289,7 +282,7 @@ def _fwd_call(tuning, qkv, key_valid, prefix_k=None, prefix_v=None, prefix_valid
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
     bq = min(tuning.block_q, tp)
     has_prefix = prefix_k is not None
-    qkv_spec, row_spec, pref_spec, prow_spec = _specs(b, t, n, d, tp, p, pp, batched, grid_q=True)
+    qkv_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
     in_specs = [qkv_spec, row_spec] + ([pref_spec, pref_spec, prow_spec] if has_prefix else [])
     kernel = functools.partial(_fwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
                                has_prefix=has_prefix)
@@ -314,7 +307,7 @@ def _bwd_call(tuning, qkv, key_valid, *rest):
     prefix_k = rest[0] if has_prefix else None
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
     bq = min(tuning.block_q_bwd, tp)
-    qkv_spec, row_spec, pref_spec, prow_spec = _specs(b, t, n, d, tp, p, pp, batched, grid_q=False)
+    qkv_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
     od_spec = pl.BlockSpec((None, tp, None, d), lambda i, j: (i, 0, j, 0))
     lse_spec = pl.BlockSpec((None, None, tp), lambda i, j: (i, j, 0))
     in_specs = [qkv_spec, row_spec]
