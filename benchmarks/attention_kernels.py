@@ -1,7 +1,8 @@
 """Attention alone, forward and forward+backward: our Pallas kernel against cuDNN, as the model uses them.
 
-Both sides start from the fused projection's ``[B, T, 3H]`` output and end with the gradient of it,
-so cuDNN's side includes the q/k/v split and the dq/dk/dv concatenation the model pays for.
+Both sides start from the fused projection's ``[B, T, 3H]`` output (before its bias) and end with
+the gradient of it and of the bias, so cuDNN's side includes the bias add, the q/k/v split, the
+dq/dk/dv concatenation and the bias gradient's reduction that the model pays for around it.
 Prints one JSON line per configuration (median milliseconds over ``--iters`` calls) and the largest
 difference of each against a float32 ``jax.numpy`` reference on the same inputs.
 
@@ -27,8 +28,9 @@ import numpy as np  # noqa: E402
 from jaxpeft.models import pallas_attention as pa  # noqa: E402
 
 
-def _cudnn(qkv, valid, prefix, prefix_valid):
+def _cudnn(qkv, valid, prefix, prefix_valid, bias):
     b, t, _, n, d = qkv.shape
+    qkv = qkv + bias
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if prefix is None:
         lengths = valid.sum(-1).astype(jnp.int32)
@@ -81,34 +83,40 @@ def main(argv=None):
         prefix = None if not p else tuple(jnp.asarray(rng.normal(size=(1, p, n, d)), jnp.bfloat16)
                                           for _ in range(2))
         dout = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16)
-        ref_f = jax.jit(lambda x, pr: pa.reference(x.astype(jnp.float32), valid,
-                                                   None if pr is None else tuple(y.astype(jnp.float32) for y in pr)))
-        want = ref_f(qkv, prefix)
-        want_g = jax.grad(lambda x, pr: jnp.sum(ref_f(x, pr) * dout.astype(jnp.float32)), argnums=(0, 1))(qkv, prefix)
+        bias = jnp.asarray(0.1 * rng.normal(size=(3, n, d)), jnp.bfloat16)
+        ref_f = jax.jit(lambda x, bb, pr: pa.reference(
+            x.astype(jnp.float32), valid, None if pr is None else tuple(y.astype(jnp.float32) for y in pr),
+            bias=bb.astype(jnp.float32)))
+        want = ref_f(qkv, bias, prefix)
+        want_g = jax.grad(lambda x, bb, pr: jnp.sum(ref_f(x, bb, pr) * dout.astype(jnp.float32)),
+                          argnums=(0, 1, 2))(qkv, bias, prefix)
 
         def measure(name, attn, **extra):
-            fwd = jax.jit(lambda x, pr: attn(x, valid, pr))
-            loss = lambda x, pr: jnp.sum(attn(x, valid, pr).astype(jnp.float32) * dout.astype(jnp.float32))
-            bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            fwd = jax.jit(lambda x, bb, pr: attn(x, valid, pr, bb))
+            loss = lambda x, bb, pr: jnp.sum(attn(x, valid, pr, bb).astype(jnp.float32) * dout.astype(jnp.float32))
+            bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             row = {"impl": name, "batch": b, "seq": t, "prefix": p, "heads": n, "head_dim": d, **extra}
+            args = (qkv, bias, prefix)
             try:
-                got = fwd(qkv, prefix)
-                got_g = bwd(qkv, prefix)
+                got = fwd(*args)
+                got_g = bwd(*args)
+                # gradients relative to the reference's largest entry (the bias gradient is a sum
+                # over the batch)
                 row["fwd_err"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
-                row["grad_err"] = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y)))
+                row["grad_err"] = max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y)) / jnp.max(jnp.abs(y)))
                                       for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)))
-                row["fwd_ms"] = round(_time(fwd, (qkv, prefix), a.iters), 4)
-                row["fwd_bwd_ms"] = round(_time(bwd, (qkv, prefix), a.iters), 4)
+                row["fwd_ms"] = round(_time(fwd, args, a.iters), 4)
+                row["fwd_bwd_ms"] = round(_time(bwd, args, a.iters), 4)
             except Exception as e:  # noqa: BLE001 - a failing configuration is a result too
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             print(json.dumps(row), flush=True)
             rows.append(row)
 
         if on_gpu and not a.no_cudnn:
-            measure("cudnn", lambda x, v, pr: _cudnn(x, v, pr, None))
+            measure("cudnn", lambda x, v, pr, bb: _cudnn(x, v, pr, None, bb))
         for bq, w, bqb, wb in itertools.product(a.block_q, a.warps, a.block_q_bwd, a.warps_bwd):
             tuning = pa.Tuning(bq, w, bqb, wb)
-            measure("pallas", lambda x, v, pr, tuning=tuning: pa.attention(x, v, pr, tuning=tuning),
+            measure("pallas", lambda x, v, pr, bb, tuning=tuning: pa.attention(x, v, pr, bias=bb, tuning=tuning),
                     block_q=bq, warps=w, block_q_bwd=bqb, warps_bwd=wb)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -82,6 +82,33 @@ def test_matches_jax_attention_forward_and_backward(b, t, n, d, p, batched):
         assert np.abs(np.asarray(g[1][0])).max() > 0
 
 
+@pytest.mark.parametrize("b,t,n,d,p", [
+    (3, 16, 2, 16, 0),     # padding masks
+    (2, 20, 2, 16, 0),     # padded to 32 inside the kernel: the bias must not reach padded rows
+    (2, 12, 3, 32, 5),     # with a prefix (which has no projection bias)
+])
+def test_projection_bias_added_inside_the_kernel_and_its_gradient(b, t, n, d, p):
+    qkv, valid, prefix, pvalid, dout = _case(b, t, n, d, p, seed=1)
+    bias = jnp.asarray(np.random.default_rng(2).normal(size=(3, n, d)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, bb, pr: jnp.sum(fn(x, bb, pr) * dout)
+
+    ours = lambda x, bb, pr: pa.attention(x, valid, pr, pvalid, bias=bb, tuning=SMALL)
+    xla = lambda x, bb, pr: _xla_attention(x + bb, valid, pr, pvalid)
+    np.testing.assert_allclose(np.asarray(ours(qkv, bias, prefix)), np.asarray(xla(qkv, bias, prefix)),
+                               atol=2e-6, rtol=1e-5)
+    g = jax.grad(loss(ours), argnums=(0, 1, 2))(qkv, bias, prefix)
+    w = jax.grad(loss(xla), argnums=(0, 1, 2))(qkv, bias, prefix)
+    assert g[1].shape == (3, n, d)
+    for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-4)
+    # the bias gradient is the sum of dq/dk/dv over the batch and the sequence
+    np.testing.assert_allclose(np.asarray(g[1]), np.asarray(g[0]).sum((0, 1)), atol=1e-5)
+    # a bias changes the result (the check above is not vacuous)
+    assert np.abs(np.asarray(ours(qkv, bias, prefix)) - np.asarray(ours(qkv, 0 * bias, prefix))).max() > 1e-2
+
+
 def test_block_sizes_do_not_change_the_result():
     qkv, valid, prefix, pvalid, dout = _case(2, 32, 2, 16, p=4)
     outs = []
@@ -165,7 +192,7 @@ def test_model_with_pallas_attention_equals_dense_attention(minilm_dir):
 def test_batch_sharded_over_four_devices_needs_no_gather_and_gives_the_same_gradients():
     """Under a jit with the batch sharded over a 2x2 mesh each device runs the kernels on its own
     rows (custom_partitioning): no all-gather in the compiled step, same loss and gradients
-    (the shared prefix's gradient is the only all-reduce besides the loss)."""
+    (the shared prefix's and the bias's gradients are the only all-reduces besides the loss)."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -178,20 +205,23 @@ def test_batch_sharded_over_four_devices_needs_no_gather_and_gives_the_same_grad
         prefix = tuple(jnp.asarray(r.normal(size=(1, p, n, d)), jnp.float32) for _ in range(2))
         pvalid = jnp.asarray(r.random((b, p)) > 0.2)
         dout = jnp.asarray(r.normal(size=(b, t, n, d)), jnp.float32)
+        bias = jnp.asarray(r.normal(size=(3, n, d)), jnp.float32)
         tun = pa.Tuning(8, 4, 8, 4)
-        loss = lambda x, pr, v, pv, do: jnp.sum(pa.attention(x, v, pr, pv, tuning=tun) * do)
-        g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        want = g(qkv, prefix, valid, pvalid, dout)
+        loss = lambda x, pr, bb, v, pv, do: jnp.sum(pa.attention(x, v, pr, pv, bias=bb, tuning=tun) * do)
+        g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        want = g(qkv, prefix, bias, valid, pvalid, dout)
         rows, rep = NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P())
-        args = (jax.device_put(qkv, rows), jax.device_put(prefix, rep), jax.device_put(valid, rows),
-                jax.device_put(pvalid, rows), jax.device_put(dout, rows))
+        args = (jax.device_put(qkv, rows), jax.device_put(prefix, rep), jax.device_put(bias, rep),
+                jax.device_put(valid, rows), jax.device_put(pvalid, rows), jax.device_put(dout, rows))
         hlo = g.lower(*args).compile().as_text()
         assert "all-gather" not in hlo, "gathered"
         got = g(*args)
         assert got[1][0].sharding.spec[0] == ("data", "fsdp"), got[1][0].sharding
-        err = max(float(np.abs(np.asarray(a) - np.asarray(c)).max())
+        # relative to each array's largest entry: the loss and the bias gradient are sums of
+        # hundreds of terms, added in another order on four devices
+        err = max(float(np.abs(np.asarray(a) - np.asarray(c)).max() / (1 + np.abs(np.asarray(c)).max()))
                   for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-        assert err < 1e-5, err
+        assert err < 2e-5, err
         print("same", err)
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu",

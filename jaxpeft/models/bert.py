@@ -249,26 +249,29 @@ class BertSelfAttention(nn.Module):
                    for name in ("query", "key", "value")]
             dt = cfg.compute_dtype
             kernel = jnp.concatenate([w for w, _ in qkv], axis=1).astype(dt)
-            bias = jnp.concatenate([bb for _, bb in qkv]).astype(dt)
-            y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
-            qkv = y.reshape(b, t, 3, n, d)
+            bias = jnp.concatenate([bb for _, bb in qkv]).astype(dt).reshape(3, n, d)
+            y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            y = y.reshape(b, t, 3, n, d)
+            qkv = y + bias
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             q = _dense(cfg, cfg.hidden_size, "query")(x).reshape(b, t, n, d)
             k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
             v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
-            qkv = None
-        self.sow("intermediates", "key_value", (k, v))
+            y = bias = None
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "key_value", (k, v))
         if cfg.attention_impl == "pallas" and pallas_attention.fast_length(t):
-            # one kernel reads q/k/v from the fused projection and writes dq/dk/dv back into one
-            # array: no split or concatenation around it (``pallas_attention``)
-            if qkv is None:
-                qkv = jnp.stack([q, k, v], axis=2)
+            # one kernel reads the fused projection's output, adds its bias and writes dq/dk/dv
+            # back into one array (and the bias gradient): no split, bias pass or concatenation
+            # around it (``pallas_attention``)
+            if y is None:
+                y = jnp.stack([q, k, v], axis=2)
             p = 0 if prefix is None else prefix[0].shape[-3]
             if key_mask.shape != (b, p + t):
                 raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, p + t)}")
-            out = pallas_attention.attention(qkv, key_mask[:, p:], prefix,
-                                             key_mask[:, :p] if p else None,
+            out = pallas_attention.attention(y, key_mask[:, p:], prefix,
+                                             key_mask[:, :p] if p else None, bias=bias,
                                              tuning=pallas_attention.Tuning.parse(cfg.attention_tuning))
             return out.reshape(b, t, n * d)
         if prefix is not None:

@@ -14,7 +14,10 @@ activation per layer less than cuDNN's kernel keeps.
 Both kernels read q, k and v straight out of the fused projection's output ``[B, T, 3, N, D]``
 (the ``[B, T, 3H]`` matmul result, reshaped for free) and the backward kernel writes
 ``dq``/``dk``/``dv`` into one ``[B, T, 3, N, D]`` array, which is the gradient of that matmul
-output. So there is no split of q/k/v before attention and no concatenation after it.
+output. So there is no split of q/k/v before attention and no concatenation after it. The projection's bias
+is an input too: the kernels add it to q/k/v as they load them, and the backward kernel sums its
+gradient per (row, head), so there is no pass over the projection's output to add the bias and none
+over its gradient to reduce it.
 
 Prefix keys/values (prefix tuning, P-tuning v2) come in as their own small inputs, shared by the
 batch or per row, and are attended to together with the sequence's own keys (one softmax); their
@@ -80,7 +83,16 @@ def _dot(a, b, trans_b=False, trans_a=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+def _load(qkv_ref, bias_ref, which, rows, ok):
+    """Rows ``rows`` of q, k or v (``which``) for this program's head, with the projection's bias
+    added (in float32, rounded once to the input dtype, as an XLA add of the two would be) and rows
+    past the sequence zero."""
+    x = plgpu.load(qkv_ref.at[rows, which, :], mask=ok[:, None], other=0.0)
+    b = plgpu.load(bias_ref.at[which, :]).astype(jnp.float32)
+    return jnp.where(ok[:, None], x.astype(jnp.float32) + b[None, :], 0.0).astype(x.dtype)
+
+
+def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
     if has_prefix:
         pk_ref, pv_ref, pvalid_ref, o_ref, lse_ref = refs
     else:
@@ -89,9 +101,9 @@ def _fwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
     start = pl.program_id(2) * block_q
     row_ok = (start + jnp.arange(block_q)) < t
     key_in = jnp.arange(tp) < t
-    q = plgpu.load(qkv_ref.at[pl.ds(start, block_q), _Q, :], mask=row_ok[:, None], other=0.0)
-    k = plgpu.load(qkv_ref.at[:, _K, :], mask=key_in[:, None], other=0.0)
-    v = plgpu.load(qkv_ref.at[:, _V, :], mask=key_in[:, None], other=0.0)
+    q = _load(qkv_ref, bias_ref, _Q, pl.ds(start, block_q), row_ok)
+    k = _load(qkv_ref, bias_ref, _K, slice(None), key_in)
+    v = _load(qkv_ref, bias_ref, _V, slice(None), key_in)
     key_ok = plgpu.load(kvalid_ref, mask=key_in, other=0) != 0
     c = scale * LOG2E
     s = jnp.where(key_ok[None, :], _dot(q, k, trans_b=True) * c, MASK_VALUE)
@@ -115,15 +127,15 @@ def _fwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
     lse_ref[...] = m + jnp.log2(l)
 
 
-def _bwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
     if has_prefix:
-        pk_ref, pv_ref, pvalid_ref, do_ref, lse_ref, dqkv_ref, dpk_ref, dpv_ref = refs
+        pk_ref, pv_ref, pvalid_ref, do_ref, lse_ref, dqkv_ref, dbias_ref, dpk_ref, dpv_ref = refs
     else:
-        do_ref, lse_ref, dqkv_ref = refs
+        do_ref, lse_ref, dqkv_ref, dbias_ref = refs
     tp = kvalid_ref.shape[0]
     key_in = jnp.arange(tp) < t
-    k = plgpu.load(qkv_ref.at[:, _K, :], mask=key_in[:, None], other=0.0)
-    v = plgpu.load(qkv_ref.at[:, _V, :], mask=key_in[:, None], other=0.0)
+    k = _load(qkv_ref, bias_ref, _K, slice(None), key_in)
+    v = _load(qkv_ref, bias_ref, _V, slice(None), key_in)
     key_ok = plgpu.load(kvalid_ref, mask=key_in, other=0) != 0
     d = k.shape[-1]
     dt = k.dtype
@@ -136,15 +148,15 @@ def _bwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
         pv = plgpu.load(pv_ref, mask=pin[:, None], other=0.0)
         pok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
         pzeros = jnp.zeros((pp_, d), jnp.float32)
-        init = (zeros, zeros, pzeros, pzeros)
+        init = (zeros, zeros, jnp.zeros((d,), jnp.float32), pzeros, pzeros)
     else:
-        init = (zeros, zeros)
+        init = (zeros, zeros, jnp.zeros((d,), jnp.float32))
 
     def body(i, carry):
         start = i * block_q
         rows = pl.ds(start, block_q)
         row_ok = ((start + jnp.arange(block_q)) < t)[:, None]
-        q = plgpu.load(qkv_ref.at[rows, _Q, :], mask=row_ok, other=0.0)
+        q = _load(qkv_ref, bias_ref, _Q, rows, row_ok[:, 0])
         do = plgpu.load(do_ref.at[rows, :], mask=row_ok, other=0.0)
         lse = lse_ref[rows]
         s = jnp.where(key_ok[None, :], _dot(q, k, trans_b=True) * c, MASK_VALUE)
@@ -162,22 +174,26 @@ def _bwd_kernel(qkv_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
         ds = (pr * (dp - delta[:, None])).astype(dt)
         dq = _dot(ds, k)
         dk = carry[0] + _dot(ds, q, trans_a=True)
-        out = (dk, dv)
         if has_prefix:
-            dpv = carry[3] + _dot(pp.astype(dt), do, trans_a=True)
+            dpv = carry[4] + _dot(pp.astype(dt), do, trans_a=True)
             dsp = (pp * (dpp - delta[:, None])).astype(dt)
             dq = dq + _dot(dsp, pk)
-            dpk = carry[2] + _dot(dsp, q, trans_a=True)
-            out = (dk, dv, dpk, dpv)
+            dpk = carry[3] + _dot(dsp, q, trans_a=True)
+        # rows past the sequence have no output gradient, so their dq is zero
+        dq_sum = carry[2] + jnp.sum(dq, axis=0)
         plgpu.store(dqkv_ref.at[rows, _Q, :], (dq * scale).astype(dqkv_ref.dtype), mask=row_ok)
-        return out
+        return (dk, dv, dq_sum, dpk, dpv) if has_prefix else (dk, dv, dq_sum)
 
     out = jax.lax.fori_loop(0, tp // block_q, body, init)
     plgpu.store(dqkv_ref.at[:, _K, :], (out[0] * scale).astype(dqkv_ref.dtype), mask=key_in[:, None])
     plgpu.store(dqkv_ref.at[:, _V, :], out[1].astype(dqkv_ref.dtype), mask=key_in[:, None])
+    # this (row, head)'s share of the projection bias's gradient, summed over the batch outside
+    dbias_ref[_Q, :] = out[2] * scale
+    dbias_ref[_K, :] = jnp.sum(jnp.where(key_in[:, None], out[0], 0.0), axis=0) * scale
+    dbias_ref[_V, :] = jnp.sum(jnp.where(key_in[:, None], out[1], 0.0), axis=0)
     if has_prefix:
-        dpk_ref[...] = out[2] * scale
-        dpv_ref[...] = out[3]
+        dpk_ref[...] = out[3] * scale
+        dpv_ref[...] = out[4]
 
 
 def _batch_parallel(call, batched: tuple[bool, ...], args):
@@ -231,12 +247,14 @@ def _interpret() -> bool:
 
 def _specs(d, tp, pp, batched_prefix):
     """Block specs shared by both kernels: program ``(row, head[, query block])`` sees all of its
-    row's q/k/v for its head, its row's key mask, and the prefix of its row (or the shared one)."""
+    row's q/k/v for its head, the head's q/k/v bias, its row's key mask, and the prefix of its row
+    (or the shared one)."""
     qkv = pl.BlockSpec((None, tp, 3, None, d), lambda i, j, *_: (i, 0, 0, j, 0))
+    bias = pl.BlockSpec((3, None, d), lambda i, j, *_: (0, j, 0))
     row = pl.BlockSpec((None, tp), lambda i, j, *_: (i, 0))
     pref = pl.BlockSpec((None, pp, None, d), lambda i, j, *_: (i if batched_prefix else 0, 0, j, 0))
     prow = pl.BlockSpec((None, pp), lambda i, j, *_: (i, 0))
-    return qkv, row, pref, prow
+    return qkv, bias, row, pref, prow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +282,9 @@ class Tuning:
         return cls(*map(int, parts))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(qkv, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
-    return _forward(qkv, key_valid, prefix_k, prefix_v, prefix_valid, tuning)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
+    return _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning)[0]
 
 
 def _shapes(qkv, prefix_k):
@@ -277,16 +295,16 @@ def _shapes(qkv, prefix_k):
     return b, t, n, d, _pow2(t), p, pp, batched
 
 
-def _fwd_call(tuning, qkv, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
+def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
     """The forward kernel on whatever rows it is given (all of them, or one device's)."""
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
     bq = min(tuning.block_q, tp)
     has_prefix = prefix_k is not None
-    qkv_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
-    in_specs = [qkv_spec, row_spec] + ([pref_spec, pref_spec, prow_spec] if has_prefix else [])
+    qkv_spec, bias_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
+    in_specs = [qkv_spec, bias_spec, row_spec] + ([pref_spec, pref_spec, prow_spec] if has_prefix else [])
     kernel = functools.partial(_fwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
                                has_prefix=has_prefix)
-    args = [qkv, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
+    args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, n, tp // bq),
@@ -301,18 +319,21 @@ def _fwd_call(tuning, qkv, key_valid, prefix_k=None, prefix_v=None, prefix_valid
     )(*args))
 
 
-def _bwd_call(tuning, qkv, key_valid, *rest):
-    """The backward kernel: ``rest`` is ``[prefix_k, prefix_v, prefix_valid,] dout, lse``."""
+def _bwd_call(tuning, qkv, bias, key_valid, *rest):
+    """The backward kernel: ``rest`` is ``[prefix_k, prefix_v, prefix_valid,] dout, lse``. Returns
+    dq/dk/dv, each (row, head)'s partial sums of them (the bias gradient before the sum over the
+    batch) and, with a prefix, each (row, head)'s prefix key/value gradients."""
     has_prefix = len(rest) == 5
     prefix_k = rest[0] if has_prefix else None
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
     bq = min(tuning.block_q_bwd, tp)
-    qkv_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
+    qkv_spec, bias_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
     od_spec = pl.BlockSpec((None, tp, None, d), lambda i, j: (i, 0, j, 0))
     lse_spec = pl.BlockSpec((None, None, tp), lambda i, j: (i, j, 0))
-    in_specs = [qkv_spec, row_spec]
-    out_specs = [qkv_spec]
-    out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
+    in_specs = [qkv_spec, bias_spec, row_spec]
+    out_specs = [qkv_spec, pl.BlockSpec((None, None, 3, d), lambda i, j: (i, j, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                 jax.ShapeDtypeStruct((b, n, 3, d), jnp.float32)]
     if has_prefix:
         in_specs += [pref_spec, pref_spec, prow_spec]
         part = pl.BlockSpec((None, None, pp, d), lambda i, j: (i, j, 0, 0))
@@ -330,45 +351,49 @@ def _bwd_call(tuning, qkv, key_valid, *rest):
         compiler_params=_CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
         interpret=_interpret(),
         name="short_attention_bwd",
-    )(qkv, key_valid, *rest))
+    )(qkv, bias, key_valid, *rest))
 
 
-def _forward(qkv, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
-    args = [qkv, key_valid] + ([prefix_k, prefix_v, prefix_valid] if prefix_k is not None else [])
-    b = qkv.shape[0]
-    out, lse = _batch_parallel(functools.partial(_fwd_call, tuning),
-                               tuple(a.shape[0] == b for a in args), args)
+def _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
+    has_prefix = prefix_k is not None
+    args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
+    batched = (True, False, True) + ((prefix_k.shape[0] != 1,) * 2 + (True,) if has_prefix else ())
+    out, lse = _batch_parallel(functools.partial(_fwd_call, tuning), batched, args)
     # the output itself is not kept: the backward kernel needs only the log-sum-exp per query
-    return out, (qkv, key_valid, prefix_k, prefix_v, prefix_valid, lse)
+    return out, (qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, lse)
 
 
 def _backward(tuning, res, dout):
-    qkv, key_valid, prefix_k, prefix_v, prefix_valid, lse = res
+    qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, lse = res
     has_prefix = prefix_k is not None
-    args = [qkv, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else []) + \
+    args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else []) + \
         [dout.astype(qkv.dtype), lse]
-    b = qkv.shape[0]
-    grads = _batch_parallel(functools.partial(_bwd_call, tuning),
-                            tuple(a.shape[0] == b for a in args), args)
+    batched = (True, False, True) + ((prefix_k.shape[0] != 1,) * 2 + (True,) if has_prefix else ()) + \
+        (True, True)
+    grads = _batch_parallel(functools.partial(_bwd_call, tuning), batched, args)
     dqkv = grads[0]
+    dbias = grads[1].sum(0).transpose(1, 0, 2).astype(bias.dtype)          # [3, N, D]
     if not has_prefix:
-        return dqkv, None, None, None, None
-    p = prefix_k.shape[1]
-    dpk, dpv = (g[:, :, :p].transpose(0, 2, 1, 3) for g in grads[1:])   # [B, P, N, D]
+        return dqkv, dbias, None, None, None, None
+    b, p = qkv.shape[0], prefix_k.shape[1]
+    dpk, dpv = (g[:, :, :p].transpose(0, 2, 1, 3) for g in grads[2:])   # [B, P, N, D]
     if prefix_k.shape[0] != b or b == 1:
         dpk, dpv = dpk.sum(0, keepdims=True), dpv.sum(0, keepdims=True)
-    return dqkv, None, dpk.astype(prefix_k.dtype), dpv.astype(prefix_v.dtype), None
+    return dqkv, dbias, None, dpk.astype(prefix_k.dtype), dpv.astype(prefix_v.dtype), None
 
 
 _attention.defvjp(_forward, _backward)
 
 
 def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,
-              prefix_valid: Array | None = None, *, tuning: Tuning = Tuning()) -> Array:
+              prefix_valid: Array | None = None, *, bias: Array | None = None,
+              tuning: Tuning = Tuning()) -> Array:
     """Softmax attention of each query over the valid keys (prefix keys first), per head.
 
     Args:
       qkv: ``[B, T, 3, N, D]``: queries, keys and values as the fused projection writes them.
+      bias: optional ``[3, N, D]`` projection bias, added to q/k/v inside the kernels (so the
+        projection's output is read once, unbiased, and the bias gradient is summed there too).
       key_valid: ``[B, T]``: which of the sequence's own keys may be attended to.
       prefix: optional ``(keys, values)``, each ``[1 or B, P, N, D]``, in front of the own keys.
       prefix_valid: ``[B, P]``: which prefix keys may be attended to (default: all).
@@ -385,20 +410,27 @@ def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None =
     if why:
         raise ValueError(f"pallas attention: {why}")
     key_valid = jnp.broadcast_to(key_valid, (b, t)).astype(jnp.int32)
+    if bias is None:
+        bias = jnp.zeros((3, n, d), qkv.dtype)
+    elif bias.shape != (3, n, d):
+        raise ValueError(f"qkv bias must be [3, {n}, {d}], got {bias.shape}")
+    bias = bias.astype(qkv.dtype)
     if prefix is None:
-        return _attention(qkv, key_valid, None, None, None, tuning)
+        return _attention(qkv, bias, key_valid, None, None, None, tuning)
     pk, pv = (x.astype(qkv.dtype) for x in prefix)
     if pk.ndim != 4 or pk.shape[0] not in (1, b) or pk.shape[2:] != (n, d) or pv.shape != pk.shape:
         raise ValueError(f"prefix keys/values must be [1 or {b}, P, {n}, {d}], got {pk.shape}, {pv.shape}")
     pvalid = jnp.ones((b, p), jnp.int32) if prefix_valid is None else \
         jnp.broadcast_to(prefix_valid, (b, p)).astype(jnp.int32)
-    return _attention(qkv, key_valid, pk, pv, pvalid, tuning)
+    return _attention(qkv, bias, key_valid, pk, pv, pvalid, tuning)
 
 
 def reference(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,
-              prefix_valid: Array | None = None) -> Array:
+              prefix_valid: Array | None = None, bias: Array | None = None) -> Array:
     """The same attention in plain ``jax.numpy`` (float32 softmax), for tests."""
     b, t, _, n, d = qkv.shape
+    if bias is not None:
+        qkv = qkv + bias.astype(qkv.dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     valid = jnp.broadcast_to(key_valid, (b, t)).astype(bool)
     if prefix is not None:
