@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--dropout_bits", type=int, default=32)
     p.add_argument("--dropout_impl", default="hash", choices=("hash", "random"))
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--norm_impl", default="xla", choices=("xla", "pallas"))
     p.add_argument("--lean", type=int, default=1, choices=(0, 1), help="lean LayerNorm/GELU backward")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--name", default=None)
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     attention = a.attention_impl or ("pallas" if jax.default_backend() == "gpu" else "dense")
     bc = BenchConfig(size=a.size, method=a.method, batch=a.batch, seq=a.seq, dtype=a.dtype,
                      attention_impl=attention, remat=a.remat, dropout_bits=a.dropout_bits,
-                     dropout_impl=a.dropout_impl, dropout=a.dropout, lean_residuals=bool(a.lean))
+                     dropout_impl=a.dropout_impl, dropout=a.dropout, lean_residuals=bool(a.lean),
+                     norm_impl=a.norm_impl)
     name = a.name or f"{a.method}_b{a.batch}"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

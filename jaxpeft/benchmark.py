@@ -55,6 +55,8 @@ class BenchConfig:
     dropout_bits: int = 32
     dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
     attention_tuning: str = ""  # pallas kernel launch parameters (BertConfig.attention_tuning)
+    norm_impl: str = "xla"      # sublayer outputs: xla | pallas (BertConfig.norm_impl)
+    norm_tuning: str = ""       # their kernels' launch parameters (BertConfig.norm_tuning)
     lean_residuals: bool = True  # LayerNorm/GELU backward from their bf16 inputs (lean_ops)
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
@@ -126,7 +128,8 @@ def build_step(bc: BenchConfig):
     cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat,
                                     fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits,
                                     dropout_impl=bc.dropout_impl, lean_residuals=bc.lean_residuals,
-                                    attention_tuning=bc.attention_tuning)
+                                    attention_tuning=bc.attention_tuning, norm_impl=bc.norm_impl,
+                                    norm_tuning=bc.norm_tuning)
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, METHOD_OPTIONS)
@@ -230,6 +233,8 @@ def variant(r: dict) -> str:
         parts.append(f"attention={r['attention_impl']}")
     if r.get("attention_impl") == "pallas" and r.get("attention_tuning"):
         parts.append(f"tuning={r['attention_tuning']}")
+    if r.get("norm_impl", "xla") != "xla":
+        parts.append(f"norm={r['norm_impl']}" + (f":{r['norm_tuning']}" if r.get("norm_tuning") else ""))
     return " ".join(parts)
 
 

@@ -49,6 +49,11 @@ def main() -> int:
     ap.add_argument("--attention_tuning", default="",
                     help="comma list of pallas kernel launch parameters BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD "
                          "(empty: the defaults); each runs with --attention_impl=pallas")
+    ap.add_argument("--norm_impl", default="xla",
+                    help="comma list: xla (sublayer outputs as separate ops), pallas (one kernel each way)")
+    ap.add_argument("--norm_tuning", default="",
+                    help="comma list of launch parameters ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD "
+                         "for --norm_impl=pallas (empty: the defaults)")
     ap.add_argument("--prng_impl", default="auto", help="auto (rbg on GPU), threefry2x32, rbg, unsafe_rbg")
     ap.add_argument("--dropout", type=float, default=None, help="override BERT's dropout (0.1)")
     ap.add_argument("--steps", type=int, default=20)
@@ -131,17 +136,20 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            variants = [(r, f == "1", int(d), lean == "1", di, att, tun) for r in a.remat.split(",")
+            variants = [(r, f == "1", int(d), lean == "1", di, att, tun, ni, nt) for r in a.remat.split(",")
                         for f in a.fuse_qkv.split(",") for d in a.dropout_bits.split(",")
                         for lean in a.lean.split(",") for di in a.dropout_impl.split(",")
-                        for att in impls for tun in (a.attention_tuning.split(",") if att == "pallas" else [""])]
-            for batch, (remat, fuse, bits, lean, dimpl, att, tun) in \
+                        for att in impls for tun in (a.attention_tuning.split(",") if att == "pallas" else [""])
+                        for ni in a.norm_impl.split(",")
+                        for nt in (a.norm_tuning.split(",") if ni == "pallas" else [""])]
+            for batch, (remat, fuse, bits, lean, dimpl, att, tun, ni, nt) in \
                     [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
                                            attention_impl=att, steps=a.steps, repeats=a.repeats,
                                            peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
                                            mesh=a.mesh, remat=remat, fuse_qkv=fuse, dropout_bits=bits,
-                                           dropout_impl=dimpl, lean_residuals=lean, attention_tuning=tun)
+                                           dropout_impl=dimpl, lean_residuals=lean, attention_tuning=tun,
+                                           norm_impl=ni, norm_tuning=nt)
                 try:
                     rec = {"framework": "jaxpeft", **benchmark.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)

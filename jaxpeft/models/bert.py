@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import lean_ops, pallas_attention
-from jaxpeft.models.hash_dropout import HashDropout
+from jaxpeft.models import lean_ops, pallas_attention, pallas_norm
+from jaxpeft.models.hash_dropout import HashDropout, HashDropoutSeed
 
 Array = jax.Array
 
@@ -41,6 +41,7 @@ ATTENTION_IMPLS = ("dense", "xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "elementwise", "layer")
 DROPOUT_BITS = (32, 16, 8)
 DROPOUT_IMPLS = ("hash", "random")
+NORM_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,12 @@ class BertConfig:
     # launch parameters of the pallas attention kernels, "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD"
     # (empty: ``pallas_attention.Tuning()``'s defaults)
     attention_tuning: str = ""
+    # how each sublayer's output, LayerNorm(dropout(x @ W + b) + residual), is computed: ``xla``
+    # (the layers one by one, fused by XLA) or ``pallas`` (one kernel each way with the hash
+    # dropout mask recomputed inside: ``jaxpeft.models.pallas_norm``; same params and results)
+    norm_impl: str = "xla"
+    # launch parameters of those kernels, "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD"
+    norm_tuning: str = ""
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
@@ -111,6 +118,12 @@ class BertConfig:
             if why:
                 raise ValueError(f"attention_impl='pallas': {why}")
         pallas_attention.Tuning.parse(self.attention_tuning)   # raises on a malformed string
+        if self.norm_impl not in NORM_IMPLS:
+            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        if self.norm_impl == "pallas" and self.dropout_impl != "hash":
+            raise ValueError("norm_impl='pallas' recomputes hash_dropout's masks in its kernels: it "
+                             f"needs dropout_impl='hash', got {self.dropout_impl!r}")
+        pallas_norm.Tuning.parse(self.norm_tuning)
 
     @property
     def head_dim(self) -> int:
@@ -127,7 +140,8 @@ class BertConfig:
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
-                          "dropout_impl", "lean_residuals", "attention_tuning"):
+                          "dropout_impl", "lean_residuals", "attention_tuning", "norm_impl",
+                          "norm_tuning"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -202,6 +216,28 @@ class _DenseParams(nn.Module):
                             (in_features, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         return kernel, bias
+
+
+class _LayerNormParams(nn.Module):
+    """The params of a ``LayerNorm`` over ``features`` (same names, shapes and initialisers)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        return (self.param("scale", nn.initializers.ones, (self.features,), jnp.float32),
+                self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
+
+
+def _first(x: Array | tuple[Array, Array]) -> Array:
+    """The hidden state for the next projection (a sublayer with ``norm_impl='pallas'`` returns
+    its output twice: for the next projection and for the next residual connection)."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _second(x: Array | tuple[Array, Array]) -> Array:
+    """The hidden state for the next residual connection."""
+    return x[1] if isinstance(x, tuple) else x
 
 
 def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.Module:
@@ -321,6 +357,19 @@ class BertOutput(nn.Module):
     @nn.compact
     def __call__(self, h: Array, residual: Array, deterministic: bool = True) -> Array:
         cfg = self.config
+        if cfg.norm_impl == "pallas":
+            # the projection without its bias, then one kernel: bias, dropout, residual, LayerNorm
+            # (returns the output twice, see ``pallas_norm.dropout_add_norm``)
+            kernel, bias = _DenseParams(cfg.hidden_size, cfg.initializer_range, name="dense")(h.shape[-1])
+            dt = cfg.compute_dtype
+            y = jax.lax.dot_general(h.astype(dt), kernel.astype(dt), (((h.ndim - 1,), (0,)), ((), ())))
+            scale, ln_bias = _LayerNormParams(cfg.hidden_size, name="LayerNorm")()
+            rate = 0.0 if deterministic else cfg.hidden_dropout_prob
+            # named as the unfused path's dropout module: the same RNG stream, so the same mask
+            seed = HashDropoutSeed(name="HashDropout_0")() if rate else None
+            return pallas_norm.dropout_add_norm(y, bias, residual, scale, ln_bias, seed, rate=rate,
+                                                eps=cfg.layer_norm_eps,
+                                                tuning=pallas_norm.Tuning.parse(cfg.norm_tuning))
         h = _dense(cfg, cfg.hidden_size, "dense")(h)
         h = _dropout(cfg, cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(cfg)(h + residual)
@@ -333,8 +382,9 @@ class BertAttention(nn.Module):
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
                  prefix: tuple[Array, Array] | None = None,
                  key_lengths: Array | None = None) -> Array:
-        h = BertSelfAttention(self.config, name="self")(x, key_mask, deterministic, prefix, key_lengths)
-        return BertOutput(self.config, name="output")(h, x, deterministic)
+        h = BertSelfAttention(self.config, name="self")(_first(x), key_mask, deterministic, prefix,
+                                                         key_lengths)
+        return BertOutput(self.config, name="output")(h, _second(x), deterministic)
 
 
 class BertLayer(nn.Module):
@@ -346,8 +396,8 @@ class BertLayer(nn.Module):
                  key_lengths: Array | None = None) -> Array:
         cfg = self.config
         a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix, key_lengths)
-        h = BertIntermediate(cfg, name="intermediate")(a)
-        return BertOutput(cfg, name="output")(h, a, deterministic)
+        h = BertIntermediate(cfg, name="intermediate")(_first(a))
+        return BertOutput(cfg, name="output")(h, _second(a), deterministic)
 
 
 class BertIntermediate(nn.Module):
@@ -376,7 +426,7 @@ class BertEncoder(nn.Module):
         for i in range(cfg.num_hidden_layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
             x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix, key_lengths)
-        return x
+        return _first(x)
 
 
 class BertPooler(nn.Module):

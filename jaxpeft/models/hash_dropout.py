@@ -83,6 +83,17 @@ def _bwd(rate, seed, g):
 hash_dropout.defvjp(_fwd, _bwd)
 
 
+class HashDropoutSeed(nn.Module):
+    """The two seed words :class:`HashDropout` draws, for kernels that apply the mask themselves
+    (a module of the same name in the same place draws the same words)."""
+
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return jax.random.bits(self.make_rng(self.rng_collection), (2,), jnp.uint32)
+
+
 class HashDropout(nn.Module):
     """Drop-in for ``flax.linen.Dropout`` (same ``rate``, ``deterministic`` and ``dropout`` RNG
     stream) whose mask is :func:`keep_mask` of two seed words drawn from that stream."""
