@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--dropout_bits", type=int, default=32)
     p.add_argument("--dropout_impl", default="hash", choices=("hash", "random"))
     p.add_argument("--dropout", type=float, default=None)
-    p.add_argument("--norm_impl", default="xla", choices=("xla", "pallas"))
+    p.add_argument("--norm_impl", default="pallas", choices=("xla", "pallas"))
     p.add_argument("--lean", type=int, default=1, choices=(0, 1), help="lean LayerNorm/GELU backward")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--name", default=None)

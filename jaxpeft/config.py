@@ -56,6 +56,7 @@ class TrainConfig:
     remat: str = "none"       # what the backward pass recomputes: none | elementwise | layer
     dropout_bits: int = 32    # random bits per hidden-dropout mask element: 32 (exact) | 16 | 8 (faster)
     dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
+    norm_impl: str = "xla"    # sublayer outputs (bias, dropout, residual, LayerNorm): xla | pallas
     prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
     # bookkeeping
     eval_every: int = 0
@@ -87,7 +88,7 @@ class TrainConfig:
     process_id: int | None = None
 
     def __post_init__(self):
-        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, DROPOUT_IMPLS, REMAT_POLICIES
+        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, DROPOUT_IMPLS, NORM_IMPLS, REMAT_POLICIES
 
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}-{self.task}"
@@ -105,6 +106,11 @@ class TrainConfig:
                             f"(--dropout_impl={self.dropout_impl} draws no random bits per element)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
+        if self.norm_impl not in NORM_IMPLS:
+            raise UserError(f"--norm_impl={self.norm_impl}: choose one of {', '.join(NORM_IMPLS)}")
+        if self.norm_impl == "pallas" and self.dropout_impl != "hash":
+            raise UserError(f"--norm_impl=pallas needs --dropout_impl=hash (its kernels recompute the "
+                            f"hashed masks), got --dropout_impl={self.dropout_impl}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,8 +49,9 @@ def main() -> int:
     ap.add_argument("--attention_tuning", default="",
                     help="comma list of pallas kernel launch parameters BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD "
                          "(empty: the defaults); each runs with --attention_impl=pallas")
-    ap.add_argument("--norm_impl", default="xla",
-                    help="comma list: xla (sublayer outputs as separate ops), pallas (one kernel each way)")
+    ap.add_argument("--norm_impl", default=None,
+                    help="comma list: xla (sublayer outputs as separate ops), pallas (one kernel each way); "
+                         "default: pallas on one GPU, xla with --mesh or on the CPU")
     ap.add_argument("--norm_tuning", default="",
                     help="comma list of launch parameters ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD "
                          "for --norm_impl=pallas (empty: the defaults)")
@@ -104,6 +105,9 @@ def main() -> int:
     # our own kernel on one GPU; on a mesh it is tested on CPU devices only, so cuDNN's there
     gpu_default = "cudnn" if a.mesh else "pallas"
     impls = (a.attention_impl or (gpu_default if dev.platform == "gpu" else "xla")).split(",")
+    # likewise our sublayer-output kernels (on the CPU they would run in Pallas's interpreter)
+    if a.norm_impl is None:
+        a.norm_impl = "pallas" if dev.platform == "gpu" and not a.mesh else "xla"
     impl = ",".join(impls)
     peak = a.peak_tflops or (benchmark.matmul_peak_tflops() if dev.platform == "gpu" else 1.0)
     print(f"# {dev.device_kind}: bf16 matmul {peak:.0f} TFLOP/s, attention {impl}", flush=True)

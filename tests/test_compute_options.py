@@ -90,7 +90,7 @@ def test_low_bit_dropout_trains_like_a_dropout():
 
 
 @pytest.mark.parametrize("flag,value", [("remat", "sometimes"), ("dropout_bits", 4), ("dropout_impl", "fast"),
-                                        ("attention_impl", "flash")])
+                                        ("attention_impl", "flash"), ("norm_impl", "triton")])
 def test_bad_compute_options_are_one_line_errors(flag, value):
     with pytest.raises(UserError, match=f"--{flag}={value}: choose one of"):
         TrainConfig(**{flag: value, **({"dropout_impl": "random"} if flag == "dropout_bits" else {})})
@@ -100,3 +100,5 @@ def test_dropout_bits_need_random_masks():
     with pytest.raises(UserError, match="--dropout_bits=8 needs --dropout_impl=random"):
         TrainConfig(dropout_bits=8)
     assert TrainConfig(dropout_bits=8, dropout_impl="random").dropout_bits == 8
+    with pytest.raises(UserError, match="--norm_impl=pallas needs --dropout_impl=hash"):
+        TrainConfig(norm_impl="pallas", dropout_impl="random")

@@ -322,8 +322,11 @@ class BertSelfAttention(nn.Module):
             out = self._dense_attention(q, k, v, key_mask, dropout)
         elif cfg.attention_impl == "pallas":
             # lengths that are not a power of two (prompt tokens added): the kernel would pad
-            # them to the next one, so JAX's fused attention (cuDNN where it can) runs instead
-            out = self._fused_attention(q, k, v, key_mask, key_lengths, None)
+            # them to the next one, so cuDNN's kernel runs instead where it can (JAX's
+            # ``implementation=None`` picks XLA's, which keeps the probabilities and is slower)
+            half = q.dtype in (jnp.bfloat16, jnp.float16)
+            impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+            out = self._fused_attention(q, k, v, key_mask, key_lengths, impl)
         else:
             out = self._fused_attention(q, k, v, key_mask, key_lengths, cfg.attention_impl)
         return out.reshape(b, t, n * d)
