@@ -57,6 +57,7 @@ class TrainConfig:
     dropout_bits: int = 32    # random bits per hidden-dropout mask element: 32 (exact) | 16 | 8 (faster)
     dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
     norm_impl: str = "xla"    # sublayer outputs (bias, dropout, residual, LayerNorm): xla | pallas
+    activation_impl: str = "xla"  # feed-forward bias + GELU: xla | pallas
     prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
     # bookkeeping
     eval_every: int = 0
@@ -108,6 +109,8 @@ class TrainConfig:
             raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
         if self.norm_impl not in NORM_IMPLS:
             raise UserError(f"--norm_impl={self.norm_impl}: choose one of {', '.join(NORM_IMPLS)}")
+        if self.activation_impl not in NORM_IMPLS:
+            raise UserError(f"--activation_impl={self.activation_impl}: choose one of {', '.join(NORM_IMPLS)}")
         if self.norm_impl == "pallas" and self.dropout_impl != "hash":
             raise UserError(f"--norm_impl=pallas needs --dropout_impl=hash (its kernels recompute the "
                             f"hashed masks), got --dropout_impl={self.dropout_impl}")

@@ -269,7 +269,7 @@ class Trainer:
         self.model: LoadedModel = load_classifier(
             cfg.model, self.task.num_labels, adapter=self.method.adapter, seed=cfg.seed,
             dtype=cfg.dtype, attention_impl=cfg.attention_impl, remat=cfg.remat, dropout_bits=cfg.dropout_bits,
-            dropout_impl=cfg.dropout_impl, norm_impl=cfg.norm_impl,
+            dropout_impl=cfg.dropout_impl, norm_impl=cfg.norm_impl, activation_impl=cfg.activation_impl,
             with_weights=not cfg.random_init, param_shardings=self.plan.tree_shardings)
         need = cfg.max_seq_length + self.method.extra_positions()
         if need > self.model.config.max_position_embeddings:

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import lean_ops, pallas_attention, pallas_norm
+from jaxpeft.models import lean_ops, pallas_attention, pallas_gelu, pallas_norm
 from jaxpeft.models.hash_dropout import HashDropout, HashDropoutSeed
 
 Array = jax.Array
@@ -95,6 +95,10 @@ class BertConfig:
     norm_impl: str = "xla"
     # launch parameters of those kernels, "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD"
     norm_tuning: str = ""
+    # the feed-forward block's bias + GELU: ``xla`` (``lean_ops.gelu`` after the biased matmul) or
+    # ``pallas`` (one kernel each way that keeps only the matmul's output:
+    # ``jaxpeft.models.pallas_gelu``; GELU activations only)
+    activation_impl: str = "xla"
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
@@ -124,6 +128,10 @@ class BertConfig:
             raise ValueError("norm_impl='pallas' recomputes hash_dropout's masks in its kernels: it "
                              f"needs dropout_impl='hash', got {self.dropout_impl!r}")
         pallas_norm.Tuning.parse(self.norm_tuning)
+        if self.activation_impl not in NORM_IMPLS:
+            raise ValueError(f"activation_impl must be one of {NORM_IMPLS}, got {self.activation_impl!r}")
+        if self.activation_impl == "pallas" and self.hidden_act not in _GELU_APPROXIMATE:
+            raise ValueError(f"activation_impl='pallas' computes GELU; hidden_act={self.hidden_act!r}")
 
     @property
     def head_dim(self) -> int:
@@ -141,7 +149,7 @@ class BertConfig:
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
                           "dropout_impl", "lean_residuals", "attention_tuning", "norm_impl",
-                          "norm_tuning"):
+                          "norm_tuning", "activation_impl"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -154,6 +162,10 @@ class BertConfig:
 
     def replace(self, **kw: Any) -> "BertConfig":
         return dataclasses.replace(self, **kw)
+
+
+# GELU variants by name: whether each is the tanh approximation
+_GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
 
 
 def _activation(name: str, lean: bool = False):
@@ -409,6 +421,13 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
+        if cfg.activation_impl == "pallas":
+            # the matmul without its bias, then one kernel adds it and applies GELU; the backward
+            # pass keeps only the matmul's output (``pallas_gelu``)
+            kernel, bias = _DenseParams(cfg.intermediate_size, cfg.initializer_range, name="dense")(x.shape[-1])
+            dt = cfg.compute_dtype
+            y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
+            return pallas_gelu.bias_gelu(y, bias, approximate=_GELU_APPROXIMATE[cfg.hidden_act])
         act = _activation(cfg.hidden_act, cfg.lean_residuals)
         if cfg.remat == "elementwise":
             act = jax.checkpoint(act)

@@ -110,7 +110,7 @@ def load_classifier(name_or_path: str, num_labels: int, *,
                     adapter: Callable[[BertConfig], nn.Module | None] | None = None,
                     seed: int = 0, dtype: str = "float32", attention_impl: str = "dense",
                     remat: str = "none", dropout_bits: int = 32, dropout_impl: str = "hash",
-                    norm_impl: str = "xla", with_weights: bool = True,
+                    norm_impl: str = "xla", activation_impl: str = "xla", with_weights: bool = True,
                     param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
 
@@ -123,7 +123,7 @@ def load_classifier(name_or_path: str, num_labels: int, *,
     model_dir = hf_weights.resolve_model_dir(name_or_path)
     config = hf_weights.load_config(model_dir, dtype=dtype, attention_impl=attention_impl, remat=remat,
                                       dropout_bits=dropout_bits, dropout_impl=dropout_impl,
-                                      norm_impl=norm_impl)
+                                      norm_impl=norm_impl, activation_impl=activation_impl)
     module = BertForSequenceClassification(config, num_labels=num_labels,
                                            adapter=adapter(config) if adapter else None)
     shapes = param_shapes(module)
