@@ -3,17 +3,14 @@ mask across positions and seeds (binomial and chi-square tests from scipy), a ba
 recomputes the forward's mask and keeps nothing the size of the input, the same mask on a sharded
 array, and the model with hashed masks against the same model differentiated by autodiff."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
 from scipy import stats
+
+import cpu_devices
 
 from jaxpeft.models import hash_dropout as hd
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
@@ -100,7 +97,7 @@ def test_backward_recomputes_the_mask_and_keeps_only_the_seed(dtype):
 
 def test_same_mask_when_the_array_is_sharded():
     """4 CPU devices, batch sharded over them: the mask is that of the whole array."""
-    code = textwrap.dedent("""
+    code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from jaxpeft.models import hash_dropout as hd
@@ -115,11 +112,8 @@ def test_same_mask_when_the_array_is_sharded():
         assert len(many.sharding.device_set) == 4
         np.testing.assert_array_equal(np.asarray(many), one)
         print("same")
-    """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "same" in p.stdout, p.stdout + p.stderr
+    """
+    cpu_devices.run(code)
 
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

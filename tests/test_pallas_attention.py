@@ -4,15 +4,12 @@ path): outputs and gradients with padding masks, lengths that are not powers of 
 per-row prefixes with masked prefix keys, bf16; the whole model against the dense-attention model;
 and clear errors for shapes the kernel does not take."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import cpu_devices
 
 from jaxpeft.models import pallas_attention as pa
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
@@ -193,7 +190,7 @@ def test_batch_sharded_over_four_devices_needs_no_gather_and_gives_the_same_grad
     """Under a jit with the batch sharded over a 2x2 mesh each device runs the kernels on its own
     rows (custom_partitioning): no all-gather in the compiled step, same loss and gradients
     (the shared prefix's and the bias's gradients are the only all-reduces besides the loss)."""
-    code = textwrap.dedent("""
+    code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from jaxpeft.models import pallas_attention as pa
@@ -217,17 +214,11 @@ def test_batch_sharded_over_four_devices_needs_no_gather_and_gives_the_same_grad
         assert "all-gather" not in hlo, "gathered"
         got = g(*args)
         assert got[1][0].sharding.spec[0] == ("data", "fsdp"), got[1][0].sharding
-        # relative to each array's largest entry: the loss and the bias gradient are sums of
-        # hundreds of terms, added in another order on four devices
-        err = max(float(np.abs(np.asarray(a) - np.asarray(c)).max() / (1 + np.abs(np.asarray(c)).max()))
-                  for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        err = rel_err(got, want)
         assert err < 2e-5, err
         print("same", err)
-    """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "same" in p.stdout, p.stdout + p.stderr
+    """
+    cpu_devices.run(code)
 
 
 def test_backward_keeps_no_attention_output():

@@ -3,15 +3,12 @@ the CPU, against the unfused layers (the biased matmul's add and lean_ops.gelu, 
 against jax.nn.gelu): outputs and gradients, exact and tanh GELU, bf16; erf against jax.lax.erf;
 the whole model against the model without; the batch sharded over four CPU devices."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import cpu_devices
 
 from jaxpeft.models import lean_ops
 from jaxpeft.models import pallas_gelu as pg
@@ -88,7 +85,7 @@ def test_model_with_the_kernels_equals_the_model_without():
 
 
 def test_batch_sharded_over_four_devices_gives_the_same_gradients():
-    code = textwrap.dedent("""
+    code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from jaxpeft.models import pallas_gelu as pg, pallas_norm as pn
@@ -103,12 +100,8 @@ def test_batch_sharded_over_four_devices_gives_the_same_gradients():
         args = (jax.device_put(x, rows), jax.device_put(bias, rep), jax.device_put(dy, rows))
         assert "all-gather" not in g.lower(*args).compile().as_text(), "gathered"
         got = g(*args)
-        err = max(float(np.abs(np.asarray(a) - np.asarray(c)).max() / (1 + np.abs(np.asarray(c)).max()))
-                  for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        err = rel_err(got, want)
         assert err < 2e-5, err
         print("same", err)
-    """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "same" in p.stdout, p.stdout + p.stderr
+    """
+    cpu_devices.run(code)

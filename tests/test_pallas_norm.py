@@ -4,15 +4,12 @@ which are themselves tested against Flax's LayerNorm and autodiff): same dropout
 every gradient; the whole model with it against the model without; the same result with the
 batch sharded over four CPU devices; clear errors for bad arguments."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import cpu_devices
 
 from jaxpeft.models import hash_dropout
 from jaxpeft.models import pallas_norm as pn
@@ -138,7 +135,7 @@ def test_model_with_the_fused_output_equals_the_model_without():
 
 
 def test_batch_sharded_over_four_devices_gives_the_unsharded_mask_and_gradients():
-    code = textwrap.dedent("""
+    code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from jaxpeft.models import pallas_norm as pn
@@ -162,12 +159,8 @@ def test_batch_sharded_over_four_devices_gives_the_unsharded_mask_and_gradients(
         assert "all-gather" not in hlo, "gathered"
         got = g(*args)
         assert got[1][0].sharding.spec[0] == ("data", "fsdp"), got[1][0].sharding
-        err = max(float(np.abs(np.asarray(a) - np.asarray(c)).max() / (1 + np.abs(np.asarray(c)).max()))
-                  for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        err = rel_err(got, want)
         assert err < 2e-5, err
         print("same", err)
-    """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "same" in p.stdout, p.stdout + p.stderr
+    """
+    cpu_devices.run(code)
