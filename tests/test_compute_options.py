@@ -1,5 +1,6 @@
 """How the step is computed must not change what it computes: fused QKV, the remat policies, the
-hand-written LayerNorm/GELU backward passes and the low-bit dropout masks against the plain paths."""
+hand-written LayerNorm/GELU backward passes, our sublayer-output and bias + GELU kernels and the
+low-bit dropout masks against the plain paths."""
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,9 @@ def _grads(cfg, method, params, deterministic):
 @pytest.mark.parametrize("method", ["bitfit", "full"])
 @pytest.mark.parametrize("change", [dict(fuse_qkv=False), dict(remat="elementwise"), dict(remat="layer"),
                                     dict(lean_residuals=False),
-                                    dict(lean_residuals=False, remat="elementwise")])
+                                    dict(lean_residuals=False, remat="elementwise"),
+                                    dict(norm_impl="pallas"), dict(norm_impl="pallas", remat="layer"),
+                                    dict(activation_impl="pallas")])
 def test_same_loss_and_gradients(method, change):
     """Same params, same dropout key: the loss and every gradient agree with the default path."""
     params = init_params(BertForSequenceClassification(SMALL, num_labels=2), jax.random.key(0))
@@ -52,6 +55,16 @@ def test_same_loss_and_gradients(method, change):
     assert jax.tree.structure(g0) == jax.tree.structure(g1)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_keep_param_paths():
+    shapes = lambda cfg: jax.eval_shape(  # noqa: E731
+        lambda: init_params(BertForSequenceClassification(cfg, 2), jax.random.key(0)))
+    cfg = SMALL.replace(num_attention_heads=2)     # head_dim 16: the attention kernel's smallest
+    want = shapes(cfg)
+    got = shapes(cfg.replace(norm_impl="pallas", activation_impl="pallas", attention_impl="pallas"))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert [x.shape for x in jax.tree.leaves(got)] == [x.shape for x in jax.tree.leaves(want)]
 
 
 def test_fused_qkv_keeps_param_paths():
