@@ -37,10 +37,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.experimental import pallas as pl
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+
+from jaxpeft.models.pallas_common import CompilerParams, batch_parallel, interpret, pow2
 
 Array = jax.Array
 
@@ -49,29 +49,22 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # beyond this many (padded) keys or queries one head no longer fits the single-block design
 MAX_LENGTH = 512
 
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-
-
 # indices into the fused projection's "3" axis, as 0-d arrays (Pallas's interpreter wants arrays)
 _Q, _K, _V = (np.int32(i) for i in range(3))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def fast_length(t: int) -> bool:
     """Whether ``t`` tokens fill the kernel's blocks (a power of two up to MAX_LENGTH); other lengths
     are padded to the next power of two, which is correct but slower than cuDNN's kernel (3.3x at
     148 tokens on an H200)."""
-    return _pow2(t) == t and 16 <= t <= MAX_LENGTH
+    return pow2(t) == t and 16 <= t <= MAX_LENGTH
 
 
 def supported(t: int, prefix_len: int, head_dim: int) -> str | None:
     """Why these shapes cannot use the kernel (``None`` if they can)."""
-    if _pow2(head_dim) != head_dim or head_dim < 16:
+    if pow2(head_dim) != head_dim or head_dim < 16:
         return f"head_dim {head_dim} is not a power of two >= 16"
-    if _pow2(t) > MAX_LENGTH or (prefix_len and _pow2(prefix_len) > MAX_LENGTH):
+    if pow2(t) > MAX_LENGTH or (prefix_len and pow2(prefix_len) > MAX_LENGTH):
         return f"sequence of {t} tokens (+{prefix_len} prefix) is longer than {MAX_LENGTH}"
     return None
 
@@ -196,55 +189,6 @@ def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
         dpv_ref[...] = out[4]
 
 
-def _batch_parallel(call, batched: tuple[bool, ...], args):
-    """``call(*args)`` with every program independent along the batch: under a sharded ``jit`` each
-    device runs the kernel on its own rows (``custom_partitioning``), instead of XLA gathering the
-    whole batch around a kernel it cannot split. Args with ``batched[i]`` False (a prefix shared by
-    the batch) and every other dimension are replicated; all outputs are batch-major."""
-    fn = custom_partitioning(call)
-
-    def batch_axes(arg_shapes):
-        for shape, is_batched in zip(arg_shapes, batched):
-            sh = shape.sharding
-            if is_batched and isinstance(sh, NamedSharding) and len(sh.spec):
-                return sh.spec[0]
-        return None
-
-    def shardings(mesh, axes, ranks, batch_flags):
-        return tuple(NamedSharding(mesh, P(axes if bf else None, *([None] * (r - 1))))
-                     for r, bf in zip(ranks, batch_flags))
-
-    def infer(mesh, arg_shapes, result_shape):
-        ranks = [len(r.shape) for r in result_shape]
-        return shardings(mesh, batch_axes(arg_shapes), ranks, [True] * len(ranks))
-
-    def partition(mesh, arg_shapes, result_shape):
-        axes = batch_axes(arg_shapes)
-        ranks = [len(r.shape) for r in result_shape]
-        arg_sh = shardings(mesh, axes, [len(a.shape) for a in arg_shapes], batched)
-        return mesh, call, shardings(mesh, axes, ranks, [True] * len(ranks)), arg_sh
-
-    names = iter(f"f{i}" for i in range(1000))
-    others: list[str] = []
-
-    def dims(rank, is_batched):
-        ds = ["b" if (i == 0 and is_batched) else next(names) for i in range(rank)]
-        others.extend(d for d in ds if d != "b")
-        return " ".join(ds)
-
-    out_shapes = jax.eval_shape(call, *args)
-    out_ranks = [len(o.shape) for o in out_shapes]
-    rule = (", ".join(dims(a.ndim, bf) for a, bf in zip(args, batched)) + " -> "
-            + ", ".join(dims(r, True) for r in out_ranks))
-    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                     need_replication_factors=tuple(others))
-    return fn(*args)
-
-
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
-
-
 def _specs(d, tp, pp, batched_prefix):
     """Block specs shared by both kernels: program ``(row, head[, query block])`` sees all of its
     row's q/k/v for its head, the head's q/k/v bias, its row's key mask, and the prefix of its row
@@ -276,7 +220,7 @@ class Tuning:
         if not spec:
             return cls()
         parts = spec.split(":")
-        if len(parts) != 4 or not all(x.isdigit() and _pow2(int(x)) == int(x) > 0 for x in parts):
+        if len(parts) != 4 or not all(x.isdigit() and pow2(int(x)) == int(x) > 0 for x in parts):
             raise ValueError(f"attention tuning {spec!r}: expected four powers of two "
                              "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD, e.g. 128:8:64:8")
         return cls(*map(int, parts))
@@ -290,9 +234,9 @@ def _attention(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
 def _shapes(qkv, prefix_k):
     b, t, _, n, d = qkv.shape
     p = 0 if prefix_k is None else prefix_k.shape[1]
-    pp = _pow2(max(p, 16)) if p else 0
+    pp = pow2(max(p, 16)) if p else 0
     batched = prefix_k is not None and prefix_k.shape[0] != 1
-    return b, t, n, d, _pow2(t), p, pp, batched
+    return b, t, n, d, pow2(t), p, pp, batched
 
 
 def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
@@ -313,8 +257,8 @@ def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix
                    pl.BlockSpec((None, None, bq), lambda i, j, k: (i, j, k))],
         out_shape=[jax.ShapeDtypeStruct((b, t, n, d), qkv.dtype),
                    jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
-        compiler_params=_CompilerParams(num_warps=tuning.num_warps, num_stages=1),
-        interpret=_interpret(),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps, num_stages=1),
+        interpret=interpret(),
         name="short_attention_fwd",
     )(*args))
 
@@ -348,8 +292,8 @@ def _bwd_call(tuning, qkv, bias, key_valid, *rest):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
-        interpret=_interpret(),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
+        interpret=interpret(),
         name="short_attention_bwd",
     )(qkv, bias, key_valid, *rest))
 
@@ -358,7 +302,7 @@ def _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
     has_prefix = prefix_k is not None
     args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
     batched = (True, False, True) + ((prefix_k.shape[0] != 1,) * 2 + (True,) if has_prefix else ())
-    out, lse = _batch_parallel(functools.partial(_fwd_call, tuning), batched, args)
+    out, lse = batch_parallel(functools.partial(_fwd_call, tuning), batched, args)
     # the output itself is not kept: the backward kernel needs only the log-sum-exp per query
     return out, (qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, lse)
 
@@ -370,7 +314,7 @@ def _backward(tuning, res, dout):
         [dout.astype(qkv.dtype), lse]
     batched = (True, False, True) + ((prefix_k.shape[0] != 1,) * 2 + (True,) if has_prefix else ()) + \
         (True, True)
-    grads = _batch_parallel(functools.partial(_bwd_call, tuning), batched, args)
+    grads = batch_parallel(functools.partial(_bwd_call, tuning), batched, args)
     dqkv = grads[0]
     dbias = grads[1].sum(0).transpose(1, 0, 2).astype(bias.dtype)          # [3, N, D]
     if not has_prefix:

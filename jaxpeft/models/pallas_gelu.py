@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpeft.models.pallas_attention import _CompilerParams, _batch_parallel, _interpret, _pow2
+from jaxpeft.models.pallas_common import CompilerParams, batch_parallel, interpret, pow2
 from jaxpeft.models.pallas_norm import Tuning
 
 # rows x 1024 columns per forward program; the backward as pallas_norm's (rows per loop step, rows
@@ -109,12 +109,12 @@ def _bwd_kernel(x_ref, bias_ref, dy_ref, dx_ref, dbias_ref, *, t, n, approximate
 
 
 def _col_block(n: int) -> int:
-    return min(1024, _pow2(n))
+    return min(1024, pow2(n))
 
 
 def _fwd_call(approximate, tuning, x, bias):
     b, t, n = x.shape
-    bm, bc = min(tuning.block_rows, _pow2(t)), _col_block(n)
+    bm, bc = min(tuning.block_rows, pow2(t)), _col_block(n)
     big = pl.BlockSpec((None, bm, bc), lambda i, j, k: (i, j, k))
     return (pl.pallas_call(
         functools.partial(_fwd_kernel, t=t, n=n, approximate=approximate),
@@ -122,15 +122,15 @@ def _fwd_call(approximate, tuning, x, bias):
         in_specs=[big, pl.BlockSpec((bc,), lambda i, j, k: (k,))],
         out_specs=big,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        compiler_params=_CompilerParams(num_warps=tuning.num_warps, num_stages=1),
-        interpret=_interpret(),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps, num_stages=1),
+        interpret=interpret(),
         name="bias_gelu_fwd",
     )(x, bias),)
 
 
 def _bwd_call(approximate, tuning, x, bias, dy):
     b, t, n = x.shape
-    rp, bc = min(tuning.rows_bwd, _pow2(t)), _col_block(n)
+    rp, bc = min(tuning.rows_bwd, pow2(t)), _col_block(n)
     bm = min(tuning.block_rows_bwd, rp)
     g = pl.cdiv(t, rp)
     big = pl.BlockSpec((None, rp, bc), lambda i, j, k: (i, j, k))
@@ -140,8 +140,8 @@ def _bwd_call(approximate, tuning, x, bias, dy):
         in_specs=[big, pl.BlockSpec((bc,), lambda i, j, k: (k,)), big],
         out_specs=[big, pl.BlockSpec((None, None, bc), lambda i, j, k: (i, j, k))],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, g, n), jnp.float32)],
-        compiler_params=_CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
-        interpret=_interpret(),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
+        interpret=interpret(),
         name="bias_gelu_bwd",
     )(x, bias, dy))
 
@@ -152,7 +152,7 @@ def _bias_gelu(x, bias, approximate, tuning):
 
 
 def _forward(x, bias, approximate, tuning):
-    (y,) = _batch_parallel(functools.partial(_fwd_call, approximate, tuning), (True, False),
+    (y,) = batch_parallel(functools.partial(_fwd_call, approximate, tuning), (True, False),
                            [x, bias.astype(x.dtype)])
     # only the matmul's output is kept (it exists anyway) and the bias
     return y, (x, bias)
@@ -160,7 +160,7 @@ def _forward(x, bias, approximate, tuning):
 
 def _backward(approximate, tuning, res, dy):
     x, bias = res
-    dx, dbias = _batch_parallel(functools.partial(_bwd_call, approximate, tuning), (True, False, True),
+    dx, dbias = batch_parallel(functools.partial(_bwd_call, approximate, tuning), (True, False, True),
                                 [x, bias.astype(x.dtype), dy.astype(x.dtype)])
     return dx, dbias.sum((0, 1)).astype(bias.dtype)
 

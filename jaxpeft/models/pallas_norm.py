@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxpeft.models import hash_dropout
-from jaxpeft.models.pallas_attention import _CompilerParams, _batch_parallel, _interpret, _pow2
+from jaxpeft.models.pallas_common import CompilerParams, batch_parallel, interpret, pow2
 
 Array = jax.Array
 
@@ -174,7 +174,7 @@ class Tuning:
         if not spec:
             return cls()
         parts = spec.split(":")
-        if len(parts) != 5 or not all(x.isdigit() and _pow2(int(x)) == int(x) > 0 for x in parts):
+        if len(parts) != 5 or not all(x.isdigit() and pow2(int(x)) == int(x) > 0 for x in parts):
             raise ValueError(f"norm tuning {spec!r}: expected five powers of two "
                              "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD, e.g. 4:4:4:64:4")
         tuning = cls(*map(int, parts))
@@ -185,8 +185,8 @@ class Tuning:
 
 def _fwd_call(rate, eps, tuning, h, res, rows, bias, scale, lnb, seed):
     b, t, n = h.shape
-    hp = _pow2(n)
-    bm = min(tuning.block_rows, _pow2(t))
+    hp = pow2(n)
+    bm = min(tuning.block_rows, pow2(t))
     big = pl.BlockSpec((None, bm, hp), lambda i, j: (i, j, 0))
     row = pl.BlockSpec((None, bm), lambda i, j: (i, j))
     vec = pl.BlockSpec((hp,), lambda i, j: (0,))
@@ -199,16 +199,16 @@ def _fwd_call(rate, eps, tuning, h, res, rows, bias, scale, lnb, seed):
         out_specs=[big, big, row, row],
         out_shape=[jax.ShapeDtypeStruct(h.shape, h.dtype), jax.ShapeDtypeStruct(h.shape, h.dtype),
                    jax.ShapeDtypeStruct((b, t), jnp.float32), jax.ShapeDtypeStruct((b, t), jnp.float32)],
-        compiler_params=_CompilerParams(num_warps=tuning.num_warps, num_stages=1),
-        interpret=_interpret(),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps, num_stages=1),
+        interpret=interpret(),
         name="add_norm_fwd",
     )(h, res, rows, bias, scale, lnb, seed))
 
 
 def _bwd_call(rate, tuning, dya, dyb, s, mean, rstd, rows, scale, seed):
     b, t, n = s.shape
-    hp = _pow2(n)
-    rp = min(tuning.rows_bwd, _pow2(t))
+    hp = pow2(n)
+    rp = min(tuning.rows_bwd, pow2(t))
     bm = min(tuning.block_rows_bwd, rp)
     g = pl.cdiv(t, rp)
     big = pl.BlockSpec((None, rp, hp), lambda i, j: (i, j, 0))
@@ -224,8 +224,8 @@ def _bwd_call(rate, tuning, dya, dyb, s, mean, rstd, rows, scale, seed):
         out_specs=[big, big, part, part, part],
         out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype)] * 2
         + [jax.ShapeDtypeStruct((b, g, n), jnp.float32)] * 3,
-        compiler_params=_CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
-        interpret=_interpret(),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
+        interpret=interpret(),
         name="add_norm_bwd",
     )(dya, dyb, s, mean, rstd, rows, scale, seed))
 
@@ -242,7 +242,7 @@ def _add_norm(h, bias, residual, scale, ln_bias, rows, seed, rate, eps, tuning):
 
 def _forward(h, bias, residual, scale, ln_bias, rows, seed, rate, eps, tuning):
     args = [h, residual, rows, bias.astype(h.dtype), scale, ln_bias, seed]
-    y, s, mean, rstd = _batch_parallel(functools.partial(_fwd_call, rate, eps, tuning), _BATCHED_FWD, args)
+    y, s, mean, rstd = batch_parallel(functools.partial(_fwd_call, rate, eps, tuning), _BATCHED_FWD, args)
     return (y, y), (s, mean, rstd, rows, scale, seed, bias, ln_bias)
 
 
@@ -250,7 +250,7 @@ def _backward(rate, eps, tuning, res, cts):
     s, mean, rstd, rows, scale, seed, bias, ln_bias = res
     dya, dyb = cts
     args = [dya.astype(s.dtype), dyb.astype(s.dtype), s, mean, rstd, rows, scale, seed]
-    dres, dh, dscale, dlnb, dbias = _batch_parallel(
+    dres, dh, dscale, dlnb, dbias = batch_parallel(
         functools.partial(_bwd_call, rate, tuning), _BATCHED_BWD, args)
     total = lambda x, like: x.sum((0, 1)).astype(like.dtype)   # noqa: E731
     return (dh, total(dbias, bias), dres, total(dscale, scale), total(dlnb, ln_bias), None, None)
