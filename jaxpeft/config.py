@@ -89,7 +89,7 @@ class TrainConfig:
     process_id: int | None = None
 
     def __post_init__(self):
-        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, DROPOUT_IMPLS, NORM_IMPLS, REMAT_POLICIES
+        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, DROPOUT_IMPLS, KERNEL_IMPLS, REMAT_POLICIES
 
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}-{self.task}"
@@ -107,10 +107,10 @@ class TrainConfig:
                             f"(--dropout_impl={self.dropout_impl} draws no random bits per element)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
-        if self.norm_impl not in NORM_IMPLS:
-            raise UserError(f"--norm_impl={self.norm_impl}: choose one of {', '.join(NORM_IMPLS)}")
-        if self.activation_impl not in NORM_IMPLS:
-            raise UserError(f"--activation_impl={self.activation_impl}: choose one of {', '.join(NORM_IMPLS)}")
+        if self.norm_impl not in KERNEL_IMPLS:
+            raise UserError(f"--norm_impl={self.norm_impl}: choose one of {', '.join(KERNEL_IMPLS)}")
+        if self.activation_impl not in KERNEL_IMPLS:
+            raise UserError(f"--activation_impl={self.activation_impl}: choose one of {', '.join(KERNEL_IMPLS)}")
         if self.norm_impl == "pallas" and self.dropout_impl != "hash":
             raise UserError(f"--norm_impl=pallas needs --dropout_impl=hash (its kernels recompute the "
                             f"hashed masks), got --dropout_impl={self.dropout_impl}")

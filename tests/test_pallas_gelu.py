@@ -1,7 +1,8 @@
 """The feed-forward bias + GELU kernels (jaxpeft.models.pallas_gelu), run by Pallas's interpreter on
 the CPU, against the unfused layers (the biased matmul's add and lean_ops.gelu, itself tested
 against jax.nn.gelu): outputs and gradients, exact and tanh GELU, bf16; erf against jax.lax.erf;
-the whole model against the model without; the batch sharded over four CPU devices."""
+the batch sharded over four CPU devices. The whole model with the kernels against the model
+without, in the train loss: tests/test_compute_options.py."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import cpu_devices
 from jaxpeft.models import lean_ops
 from jaxpeft.models import pallas_gelu as pg
 from jaxpeft.models import pallas_norm as pn
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig
 
 SMALL = pn.Tuning(block_rows=4, num_warps=4, block_rows_bwd=2, rows_bwd=4, num_warps_bwd=4)
 
@@ -61,27 +62,6 @@ def test_bfloat16_and_what_the_backward_pass_keeps():
         pg.bias_gelu(x, bias[:8])
     with pytest.raises(ValueError, match="computes GELU"):
         BertConfig(activation_impl="pallas", hidden_act="relu")
-
-
-def test_model_with_the_kernels_equals_the_model_without():
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, hidden_dropout_prob=0.1, attention_impl="dense",
-                     attention_probs_dropout_prob=0.0)
-    ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, size=(2, 10)))
-    params = BertForSequenceClassification(cfg, 2).init(jax.random.key(0), ids)["params"]
-    results = {}
-    for impl in ("xla", "pallas"):
-        model = BertForSequenceClassification(cfg.replace(activation_impl=impl), 2)
-
-        def loss(p, model=model):
-            logits = model.apply({"params": p}, ids, deterministic=False, rngs={"dropout": jax.random.key(3)})
-            return jnp.sum(jax.nn.log_softmax(logits)[:, 0]), logits
-        results[impl] = jax.grad(loss, has_aux=True)(params)
-    np.testing.assert_allclose(np.asarray(results["pallas"][1]), np.asarray(results["xla"][1]), atol=1e-5)
-    flat = dict(jax.tree_util.tree_leaves_with_path(results["xla"][0]))
-    for path, g in jax.tree_util.tree_leaves_with_path(results["pallas"][0]):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(flat[path]), atol=2e-5,
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_batch_sharded_over_four_devices_gives_the_same_gradients():

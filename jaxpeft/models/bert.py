@@ -41,7 +41,8 @@ ATTENTION_IMPLS = ("dense", "xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "elementwise", "layer")
 DROPOUT_BITS = (32, 16, 8)
 DROPOUT_IMPLS = ("hash", "random")
-NORM_IMPLS = ("xla", "pallas")
+# norm_impl, activation_impl: XLA's ops or our Pallas kernels
+KERNEL_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +123,14 @@ class BertConfig:
             if why:
                 raise ValueError(f"attention_impl='pallas': {why}")
         pallas_attention.Tuning.parse(self.attention_tuning)   # raises on a malformed string
-        if self.norm_impl not in NORM_IMPLS:
-            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        if self.norm_impl not in KERNEL_IMPLS:
+            raise ValueError(f"norm_impl must be one of {KERNEL_IMPLS}, got {self.norm_impl!r}")
         if self.norm_impl == "pallas" and self.dropout_impl != "hash":
             raise ValueError("norm_impl='pallas' recomputes hash_dropout's masks in its kernels: it "
                              f"needs dropout_impl='hash', got {self.dropout_impl!r}")
         pallas_norm.Tuning.parse(self.norm_tuning)
-        if self.activation_impl not in NORM_IMPLS:
-            raise ValueError(f"activation_impl must be one of {NORM_IMPLS}, got {self.activation_impl!r}")
+        if self.activation_impl not in KERNEL_IMPLS:
+            raise ValueError(f"activation_impl must be one of {KERNEL_IMPLS}, got {self.activation_impl!r}")
         if self.activation_impl == "pallas" and self.hidden_act not in _GELU_APPROXIMATE:
             raise ValueError(f"activation_impl='pallas' computes GELU; hidden_act={self.hidden_act!r}")
 

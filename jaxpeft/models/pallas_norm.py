@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpeft.models import hash_dropout
+from jaxpeft.models import hash_dropout, lean_ops
 from jaxpeft.models.pallas_common import CompilerParams, batch_parallel, interpret, pow2
 
 Array = jax.Array
@@ -297,8 +297,6 @@ def dropout_add_norm(h: Array, bias: Array, residual: Array, scale: Array, ln_bi
 def reference(h: Array, bias: Array, residual: Array, scale: Array, ln_bias: Array,
               seed: Array | None, *, rate: float, eps: float) -> Array:
     """The same output from the unfused layers (``hash_dropout`` and ``lean_ops.layer_norm``)."""
-    from jaxpeft.models import lean_ops
-
     x = h + bias.astype(h.dtype)
     if rate > 0.0:
         x = hash_dropout.hash_dropout(x, seed, rate)
