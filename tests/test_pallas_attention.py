@@ -59,6 +59,8 @@ def _grads(fn, qkv, prefix, dout):
     (2, 20, 2, 16, 0, False),    # a length that is not a power of two
     (3, 16, 2, 16, 5, False),    # a prefix shared by the batch, some prefix keys masked
     (2, 12, 3, 32, 20, True),    # a prefix per row, longer than the sequence
+    (3, 40, 2, 16, 0, False),    # a main segment and a tail: 32 + 16 keys, 8 of them padding
+    (2, 48, 2, 16, 5, True),     # main and tail segments both full, with a prefix per row
 ])
 def test_matches_jax_attention_forward_and_backward(b, t, n, d, p, batched):
     qkv, valid, prefix, pvalid, dout = _case(b, t, n, d, p, batched)
@@ -106,8 +108,10 @@ def test_projection_bias_added_inside_the_kernel_and_its_gradient(b, t, n, d, p)
     assert np.abs(np.asarray(ours(qkv, bias, prefix)) - np.asarray(ours(qkv, 0 * bias, prefix))).max() > 1e-2
 
 
-def test_block_sizes_do_not_change_the_result():
-    qkv, valid, prefix, pvalid, dout = _case(2, 32, 2, 16, p=4)
+@pytest.mark.parametrize("t", [32, 40])
+def test_block_sizes_do_not_change_the_result(t):
+    # at 40 tokens the tail's queries go to the last of 4, 1 or 2 programs per (row, head)
+    qkv, valid, prefix, pvalid, dout = _case(2, t, 2, 16, p=4)
     outs = []
     for tuning in (pa.Tuning(8, 4, 8, 4), pa.Tuning(32, 4, 16, 4), pa.Tuning(16, 4, 32, 4)):
         fn = lambda x, pr, tuning=tuning: pa.attention(x, valid, pr, pvalid, tuning=tuning)
@@ -127,8 +131,10 @@ def test_bfloat16_is_as_close_as_jax_attention_in_bfloat16():
     assert np.abs(ours - exact).max() <= 2 * np.abs(theirs - exact).max() + 1e-3
 
 
-def test_a_row_with_every_key_masked_stays_finite():
-    qkv, valid, _, _, dout = _case(2, 8, 2, 16)
+@pytest.mark.parametrize("t", [8, 40])
+def test_a_row_with_every_key_masked_stays_finite(t):
+    # padding past the sequence (to 16 keys, or to a tail of 16) is not averaged in
+    qkv, valid, _, _, dout = _case(2, t, 2, 16)
     valid = valid.at[1].set(False)
     out = pa.attention(qkv, valid, tuning=SMALL)
     g = _grads(lambda x, _: pa.attention(x, valid, tuning=SMALL), qkv, None, dout)[0]
@@ -232,4 +238,4 @@ def test_backward_keeps_no_attention_output():
     shapes = [tuple(r[0].shape) for r in res]
     assert (2, 16, 3, 2, 16) in shapes and (2, 2, 16) in shapes, shapes
     assert (2, 16, 2, 16) not in shapes, shapes
-    assert pa.fast_length(128) and not pa.fast_length(148) and not pa.fast_length(8)
+    assert pa.fast_length(128) and pa.fast_length(148) and not pa.fast_length(200) and not pa.fast_length(8)

@@ -334,8 +334,8 @@ class BertSelfAttention(nn.Module):
             dropout = 0.0 if deterministic else cfg.attention_probs_dropout_prob
             out = self._dense_attention(q, k, v, key_mask, dropout)
         elif cfg.attention_impl == "pallas":
-            # lengths that are not a power of two (prompt tokens added): the kernel would pad
-            # them to the next one, so cuDNN's kernel runs instead where it can (JAX's
+            # lengths the kernel's segments would pad by more than a quarter
+            # (``pallas_attention.fast_length``): cuDNN's kernel runs instead where it can (JAX's
             # ``implementation=None`` picks XLA's, which keeps the probabilities and is slower)
             half = q.dtype in (jnp.bfloat16, jnp.float16)
             impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"

@@ -19,6 +19,11 @@ is an input too: the kernels add it to q/k/v as they load them, and the backward
 gradient per (row, head), so there is no pass over the projection's output to add the bias and none
 over its gradient to reduce it.
 
+Lengths that are not a power of two (prompt tuning's 20 tokens in front of 128) are covered by a
+power-of-two main segment and a short tail segment (148 = 128 + 32, 12 of them padding), attended to
+together; the last query block of each (row, head) takes the tail's queries too. Padding past the
+sequence never gets weight.
+
 Prefix keys/values (prefix tuning, P-tuning v2) come in as their own small inputs, shared by the
 batch or per row, and are attended to together with the sequence's own keys (one softmax); their
 gradients are summed over the batch outside the kernel. Masked-out keys (padding, masked prefixes)
@@ -54,10 +59,23 @@ _Q, _K, _V = (np.int32(i) for i in range(3))
 
 
 def fast_length(t: int) -> bool:
-    """Whether ``t`` tokens fill the kernel's blocks (a power of two up to MAX_LENGTH); other lengths
-    are padded to the next power of two, which is correct but slower than cuDNN's kernel (3.3x at
-    148 tokens on an H200)."""
-    return pow2(t) == t and 16 <= t <= MAX_LENGTH
+    """Whether ``t`` tokens fill the kernel's key segments well: a power of two, or one plus a
+    short tail (148 = 128 + 20 in a segment of 32: 8% padding), up to MAX_LENGTH. Other lengths
+    would be padded by more than a quarter; cuDNN's kernel runs for those."""
+    main, tail = segments(t)
+    return 16 <= t and pow2(t) <= MAX_LENGTH and main + tail <= 1.25 * t
+
+
+def segments(t: int) -> tuple[int, int]:
+    """How the kernels cover ``t`` keys (and queries): a power-of-two main segment and a tail
+    segment (0: none), each at least 16 (the smallest block Triton's dot takes), e.g. 148 -> (128,
+    32), 192 -> (128, 64), 200 -> (256, 0)."""
+    main = max(16, pow2(t) // 2 if pow2(t) != t else t)
+    rest = t - main
+    if rest <= 0:
+        return main, 0
+    tail = pow2(max(rest, 16))
+    return (main, tail) if tail < main else (2 * main, 0)
 
 
 def supported(t: int, prefix_len: int, head_dim: int) -> str | None:
@@ -85,108 +103,118 @@ def _load(qkv_ref, bias_ref, which, rows, ok):
     return jnp.where(ok[:, None], x.astype(jnp.float32) + b[None, :], 0.0).astype(x.dtype)
 
 
-def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
-    if has_prefix:
-        pk_ref, pv_ref, pvalid_ref, o_ref, lse_ref = refs
-    else:
-        o_ref, lse_ref = refs
-    tp = kvalid_ref.shape[0]
-    start = pl.program_id(2) * block_q
-    row_ok = (start + jnp.arange(block_q)) < t
-    key_in = jnp.arange(tp) < t
-    q = _load(qkv_ref, bias_ref, _Q, pl.ds(start, block_q), row_ok)
-    k = _load(qkv_ref, bias_ref, _K, slice(None), key_in)
-    v = _load(qkv_ref, bias_ref, _V, slice(None), key_in)
-    key_ok = plgpu.load(kvalid_ref, mask=key_in, other=0) != 0
-    c = scale * LOG2E
-    s = jnp.where(key_ok[None, :], _dot(q, k, trans_b=True) * c, MASK_VALUE)
-    m = jnp.max(s, axis=1)
-    if has_prefix:
+def _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p):
+    """This head's keys as segments ``(keys, values, fill)``, each a power of two long: the prefix
+    (if any), the sequence's main segment and its tail (if any). ``fill`` is the score of each key
+    where its mask is off: ``MASK_VALUE`` for real keys (a row whose keys are all masked averages
+    them, as a softmax over equal scores does) and ``-inf`` for padding past the sequence or the
+    prefix (never attended to)."""
+    main, tail = segments(t)
+    out = []
+    if prefix_refs:
+        pk_ref, pv_ref, pvalid_ref = prefix_refs
         pin = jnp.arange(pvalid_ref.shape[0]) < p
-        pk = plgpu.load(pk_ref, mask=pin[:, None], other=0.0)
-        pv = plgpu.load(pv_ref, mask=pin[:, None], other=0.0)
-        pok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
-        sp = jnp.where(pok[None, :], _dot(q, pk, trans_b=True) * c, MASK_VALUE)
-        m = jnp.maximum(m, jnp.max(sp, axis=1))
-    e = jnp.exp2(s - m[:, None])
-    l = jnp.sum(e, axis=1)
-    acc = _dot(e.astype(v.dtype), v)
-    if has_prefix:
-        ep = jnp.exp2(sp - m[:, None])
-        l = l + jnp.sum(ep, axis=1)
-        acc = acc + _dot(ep.astype(pv.dtype), pv)
-    o = acc / l[:, None]
-    plgpu.store(o_ref, o.astype(o_ref.dtype), mask=row_ok[:, None])
-    lse_ref[...] = m + jnp.log2(l)
+        ok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
+        out.append((plgpu.load(pk_ref, mask=pin[:, None], other=0.0),
+                    plgpu.load(pv_ref, mask=pin[:, None], other=0.0), ok, pin))
+    for start, size in ((0, main), (main, tail)):
+        if size:
+            rows = pl.ds(start, size)
+            real = (start + jnp.arange(size)) < t
+            ok = plgpu.load(kvalid_ref.at[rows], mask=real, other=0) != 0
+            out.append((_load(qkv_ref, bias_ref, _K, rows, real), _load(qkv_ref, bias_ref, _V, rows, real),
+                        ok, real))
+    return [(k, v, ok, jnp.where(real, MASK_VALUE, -jnp.inf)) for k, v, ok, real in out]
+
+
+def _scores(q, segs, c):
+    """Scores of queries ``q`` against each key segment, in log2 units, masked keys at their fill."""
+    return [jnp.where(ok[None, :], _dot(q, k, trans_b=True) * c, fill[None, :]) for k, _, ok, fill in segs]
+
+
+def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+    prefix_refs, (o_ref, lse_ref) = (refs[:3], refs[3:]) if has_prefix else ((), refs)
+    segs = _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p)
+    c = scale * LOG2E
+
+    def queries(start, size):
+        rows = pl.ds(start, size)
+        row_ok = (start + jnp.arange(size)) < t
+        q = _load(qkv_ref, bias_ref, _Q, rows, row_ok)
+        ss = _scores(q, segs, c)
+        m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in ss])
+        es = [jnp.exp2(s - m[:, None]) for s in ss]
+        l = sum(jnp.sum(e, axis=1) for e in es)
+        acc = sum(_dot(e.astype(v.dtype), v) for e, (_, v, _, _) in zip(es, segs))
+        plgpu.store(o_ref.at[rows, :], (acc / l[:, None]).astype(o_ref.dtype), mask=row_ok[:, None])
+        lse_ref[rows] = m + jnp.log2(l)
+
+    main, tail = segments(t)
+    queries(pl.program_id(2) * block_q, block_q)
+    if tail:
+        # the tail's queries: the last program of the (row, head) takes them too
+        last = main // block_q - 1
+        if last == 0:
+            queries(main, tail)
+        else:
+            pl.when(pl.program_id(2) == last)(lambda: queries(main, tail))
 
 
 def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
     if has_prefix:
-        pk_ref, pv_ref, pvalid_ref, do_ref, lse_ref, dqkv_ref, dbias_ref, dpk_ref, dpv_ref = refs
+        prefix_refs, (do_ref, lse_ref, dqkv_ref, dbias_ref, dpk_ref, dpv_ref) = refs[:3], refs[3:]
     else:
-        do_ref, lse_ref, dqkv_ref, dbias_ref = refs
-    tp = kvalid_ref.shape[0]
-    key_in = jnp.arange(tp) < t
-    k = _load(qkv_ref, bias_ref, _K, slice(None), key_in)
-    v = _load(qkv_ref, bias_ref, _V, slice(None), key_in)
-    key_ok = plgpu.load(kvalid_ref, mask=key_in, other=0) != 0
-    d = k.shape[-1]
-    dt = k.dtype
+        prefix_refs, (do_ref, lse_ref, dqkv_ref, dbias_ref) = (), refs
+    segs = _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p)
+    dt = qkv_ref.dtype
     c = scale * LOG2E
-    zeros = jnp.zeros((tp, d), jnp.float32)
-    if has_prefix:
-        pp_ = pvalid_ref.shape[0]
-        pin = jnp.arange(pp_) < p
-        pk = plgpu.load(pk_ref, mask=pin[:, None], other=0.0)
-        pv = plgpu.load(pv_ref, mask=pin[:, None], other=0.0)
-        pok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
-        pzeros = jnp.zeros((pp_, d), jnp.float32)
-        init = (zeros, zeros, jnp.zeros((d,), jnp.float32), pzeros, pzeros)
-    else:
-        init = (zeros, zeros, jnp.zeros((d,), jnp.float32))
 
-    def body(i, carry):
-        start = i * block_q
-        rows = pl.ds(start, block_q)
-        row_ok = ((start + jnp.arange(block_q)) < t)[:, None]
-        q = _load(qkv_ref, bias_ref, _Q, rows, row_ok[:, 0])
-        do = plgpu.load(do_ref.at[rows, :], mask=row_ok, other=0.0)
+    def queries(start, size, carry):
+        """One block of queries: its dq is finished and stored, dk/dv of every segment and the sum
+        of dq (the q bias's gradient) accumulate in ``carry``."""
+        rows = pl.ds(start, size)
+        row_ok = (start + jnp.arange(size)) < t
+        q = _load(qkv_ref, bias_ref, _Q, rows, row_ok)
+        do = plgpu.load(do_ref.at[rows, :], mask=row_ok[:, None], other=0.0)
         lse = lse_ref[rows]
-        s = jnp.where(key_ok[None, :], _dot(q, k, trans_b=True) * c, MASK_VALUE)
-        pr = jnp.exp2(s - lse[:, None])
-        dp = _dot(do, v, trans_b=True)
+        ps = [jnp.exp2(s - lse[:, None]) for s in _scores(q, segs, c)]
+        dps = [_dot(do, v, trans_b=True) for _, v, _, _ in segs]
         # every key of the row is here, so rowsum(p * dp) gives the softmax backward's
         # rowsum(o * do) without keeping the output o for the backward pass
-        delta = jnp.sum(pr * dp, axis=1)
-        if has_prefix:
-            sp = jnp.where(pok[None, :], _dot(q, pk, trans_b=True) * c, MASK_VALUE)
-            pp = jnp.exp2(sp - lse[:, None])
-            dpp = _dot(do, pv, trans_b=True)
-            delta = delta + jnp.sum(pp * dpp, axis=1)
-        dv = carry[1] + _dot(pr.astype(dt), do, trans_a=True)
-        ds = (pr * (dp - delta[:, None])).astype(dt)
-        dq = _dot(ds, k)
-        dk = carry[0] + _dot(ds, q, trans_a=True)
-        if has_prefix:
-            dpv = carry[4] + _dot(pp.astype(dt), do, trans_a=True)
-            dsp = (pp * (dpp - delta[:, None])).astype(dt)
-            dq = dq + _dot(dsp, pk)
-            dpk = carry[3] + _dot(dsp, q, trans_a=True)
+        delta = sum(jnp.sum(pr * dp, axis=1) for pr, dp in zip(ps, dps))
+        dq, grads = None, []
+        for (k, _, _, _), pr, dp, (dk, dv) in zip(segs, ps, dps, carry[1]):
+            ds = (pr * (dp - delta[:, None])).astype(dt)
+            dq = _dot(ds, k) if dq is None else dq + _dot(ds, k)
+            grads.append((dk + _dot(ds, q, trans_a=True), dv + _dot(pr.astype(dt), do, trans_a=True)))
         # rows past the sequence have no output gradient, so their dq is zero
-        dq_sum = carry[2] + jnp.sum(dq, axis=0)
-        plgpu.store(dqkv_ref.at[rows, _Q, :], (dq * scale).astype(dqkv_ref.dtype), mask=row_ok)
-        return (dk, dv, dq_sum, dpk, dpv) if has_prefix else (dk, dv, dq_sum)
+        plgpu.store(dqkv_ref.at[rows, _Q, :], (dq * scale).astype(dqkv_ref.dtype), mask=row_ok[:, None])
+        return carry[0] + jnp.sum(dq, axis=0), grads
 
-    out = jax.lax.fori_loop(0, tp // block_q, body, init)
-    plgpu.store(dqkv_ref.at[:, _K, :], (out[0] * scale).astype(dqkv_ref.dtype), mask=key_in[:, None])
-    plgpu.store(dqkv_ref.at[:, _V, :], out[1].astype(dqkv_ref.dtype), mask=key_in[:, None])
-    # this (row, head)'s share of the projection bias's gradient, summed over the batch outside
-    dbias_ref[_Q, :] = out[2] * scale
-    dbias_ref[_K, :] = jnp.sum(jnp.where(key_in[:, None], out[0], 0.0), axis=0) * scale
-    dbias_ref[_V, :] = jnp.sum(jnp.where(key_in[:, None], out[1], 0.0), axis=0)
+    d = qkv_ref.shape[-1]
+    init = (jnp.zeros((d,), jnp.float32),
+            [(jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)) for k, _, _, _ in segs])
+    main, tail = segments(t)
+    carry = jax.lax.fori_loop(0, main // block_q, lambda i, cr: queries(i * block_q, block_q, cr), init)
+    if tail:
+        carry = queries(main, tail, carry)
+    dq_sum, grads = carry
     if has_prefix:
-        dpk_ref[...] = out[3] * scale
-        dpv_ref[...] = out[4]
+        (dpk, dpv), grads = grads[0], grads[1:]
+        dpk_ref[...] = dpk * scale
+        dpv_ref[...] = dpv
+    dk_sum = dv_sum = 0.0
+    for (start, size), (dk, dv) in zip(((0, main), (main, tail)), grads):
+        rows = pl.ds(start, size)
+        real = ((start + jnp.arange(size)) < t)[:, None]
+        plgpu.store(dqkv_ref.at[rows, _K, :], (dk * scale).astype(dqkv_ref.dtype), mask=real)
+        plgpu.store(dqkv_ref.at[rows, _V, :], dv.astype(dqkv_ref.dtype), mask=real)
+        # padding keys get no weight, so their dk/dv are zero
+        dk_sum, dv_sum = dk_sum + jnp.sum(dk, axis=0), dv_sum + jnp.sum(dv, axis=0)
+    # this (row, head)'s share of the projection bias's gradient, summed over the batch outside
+    dbias_ref[_Q, :] = dq_sum * scale
+    dbias_ref[_K, :] = dk_sum * scale
+    dbias_ref[_V, :] = dv_sum
 
 
 def _specs(d, tp, pp, batched_prefix):
@@ -236,13 +264,15 @@ def _shapes(qkv, prefix_k):
     p = 0 if prefix_k is None else prefix_k.shape[1]
     pp = pow2(max(p, 16)) if p else 0
     batched = prefix_k is not None and prefix_k.shape[0] != 1
-    return b, t, n, d, pow2(t), p, pp, batched
+    # the blocks span the next power of two (loads past the sequence are masked)
+    return b, t, n, d, pow2(max(t, 16)), p, pp, batched
 
 
 def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
     """The forward kernel on whatever rows it is given (all of them, or one device's)."""
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
-    bq = min(tuning.block_q, tp)
+    main = segments(t)[0]
+    bq = min(tuning.block_q, main)
     has_prefix = prefix_k is not None
     qkv_spec, bias_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
     in_specs = [qkv_spec, bias_spec, row_spec] + ([pref_spec, pref_spec, prow_spec] if has_prefix else [])
@@ -251,10 +281,12 @@ def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix
     args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
     return tuple(pl.pallas_call(
         kernel,
-        grid=(b, n, tp // bq),
+        grid=(b, n, main // bq),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, j, k: (i, k, j, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, j, k: (i, j, k))],
+        # each program writes its block of queries (the last one the tail's too) into its
+        # (row, head)'s block
+        out_specs=[pl.BlockSpec((None, tp, None, d), lambda i, j, k: (i, 0, j, 0)),
+                   pl.BlockSpec((None, None, tp), lambda i, j, k: (i, j, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, t, n, d), qkv.dtype),
                    jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
         compiler_params=CompilerParams(num_warps=tuning.num_warps, num_stages=1),
@@ -270,7 +302,7 @@ def _bwd_call(tuning, qkv, bias, key_valid, *rest):
     has_prefix = len(rest) == 5
     prefix_k = rest[0] if has_prefix else None
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
-    bq = min(tuning.block_q_bwd, tp)
+    bq = min(tuning.block_q_bwd, segments(t)[0])
     qkv_spec, bias_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
     od_spec = pl.BlockSpec((None, tp, None, d), lambda i, j: (i, 0, j, 0))
     lse_spec = pl.BlockSpec((None, None, tp), lambda i, j: (i, j, 0))

@@ -76,46 +76,62 @@ def _seed_words(seed_ref):
     return jnp.sum(jnp.where(lane == 0, s, 0)), jnp.sum(jnp.where(lane == 1, s, 0))
 
 
+def _chunks(n: int, tile: int = 0) -> list[tuple[int, int, bool]]:
+    """The hidden axis as column tiles ``(start, width, masked)`` of power-of-two width (Triton's
+    tiles must be), ``tile`` wide (0: automatic). Automatic: 768 -> three of 256, so no lane computes
+    a padding column; a width with too few factors of two (more than four tiles) is one tile of the
+    next power of two, its padding masked."""
+    if not tile:
+        w = n & -n                               # the largest power of two dividing n
+        tile = w if n // w <= 4 else pow2(n)
+    return [(c0, tile, c0 + tile > n) for c0 in range(0, n, tile)]
+
+
 def _fwd_kernel(h_ref, res_ref, rows_ref, bias_ref, scale_ref, lnb_ref, seed_ref,
-                y_ref, s_ref, mean_ref, rstd_ref, *, t, n, rate, eps):
-    bm, hp = h_ref.shape
+                y_ref, s_ref, mean_ref, rstd_ref, *, t, n, rate, eps, tile):
+    bm = h_ref.shape[0]
     f32 = jnp.float32
     start = pl.program_id(1) * bm
     row_ok = (start + jnp.arange(bm)) < t
-    cols = jnp.arange(hp)
-    col_ok = cols < n
-    ok = row_ok[:, None] & col_ok[None, :]
     dt = h_ref.dtype
-    bias = plgpu.load(bias_ref, mask=col_ok, other=0.0).astype(f32)
-    h = plgpu.load(h_ref, mask=ok, other=0.0)
-    hb = (h.astype(f32) + bias[None, :]).astype(dt)              # nn.Dense's add, in its dtype
     if rate > 0.0:
         seed0, seed1 = _seed_words(seed_ref)
         rows = plgpu.load(rows_ref, mask=row_ok, other=0)
-        keep = _keep(rows, cols, n, seed0, seed1, hash_dropout._threshold(rate))
-        hb = jnp.where(keep, hb.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0).astype(dt)
-    res = plgpu.load(res_ref, mask=ok, other=0.0)
-    s = (hb.astype(f32) + res.astype(f32)).astype(dt)
-    sf = jnp.where(ok, s.astype(f32), 0.0)
-    mean = jnp.sum(sf, axis=1) / n
-    xc = jnp.where(ok, sf - mean[:, None], 0.0)
-    rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1) / n + eps)
-    scale = plgpu.load(scale_ref, mask=col_ok, other=0.0).astype(f32)
-    lnb = plgpu.load(lnb_ref, mask=col_ok, other=0.0).astype(f32)
-    y = xc * rstd[:, None] * scale[None, :] + lnb[None, :]
-    plgpu.store(y_ref, y.astype(y_ref.dtype), mask=ok)
-    plgpu.store(s_ref, s, mask=ok)
+    sums = []
+    for c0, w, masked in _chunks(n, tile):
+        cols = pl.ds(c0, w)
+        col_ok = c0 + jnp.arange(w) < n
+        ok = row_ok[:, None] & col_ok[None, :]
+        bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.0).astype(f32)
+        h = plgpu.load(h_ref.at[:, cols], mask=ok, other=0.0)
+        hb = (h.astype(f32) + bias[None, :]).astype(dt)              # nn.Dense's add, in its dtype
+        if rate > 0.0:
+            keep = _keep(rows, c0 + jnp.arange(w), n, seed0, seed1, hash_dropout._threshold(rate))
+            hb = jnp.where(keep, hb.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0).astype(dt)
+        res = plgpu.load(res_ref.at[:, cols], mask=ok, other=0.0)
+        s = (hb.astype(f32) + res.astype(f32)).astype(dt)
+        plgpu.store(s_ref.at[:, cols], s, mask=ok)
+        sums.append((cols, col_ok, ok, jnp.where(ok, s.astype(f32), 0.0) if masked else s.astype(f32)))
+    mean = sum(jnp.sum(sf, axis=1) for *_, sf in sums) / n
+    xcs = [jnp.where(ok, sf - mean[:, None], 0.0) for _, _, ok, sf in sums]
+    rstd = jax.lax.rsqrt(sum(jnp.sum(xc * xc, axis=1) for xc in xcs) / n + eps)
+    for (cols, col_ok, ok, _), xc in zip(sums, xcs):
+        scale = plgpu.load(scale_ref.at[cols], mask=col_ok, other=0.0).astype(f32)
+        lnb = plgpu.load(lnb_ref.at[cols], mask=col_ok, other=0.0).astype(f32)
+        y = xc * rstd[:, None] * scale[None, :] + lnb[None, :]
+        plgpu.store(y_ref.at[:, cols], y.astype(y_ref.dtype), mask=ok)
     plgpu.store(mean_ref, mean, mask=row_ok)
     plgpu.store(rstd_ref, rstd, mask=row_ok)
 
 
 def _bwd_kernel(dya_ref, dyb_ref, s_ref, mean_ref, rstd_ref, rows_ref, scale_ref, seed_ref,
-                dres_ref, dh_ref, dscale_ref, dlnb_ref, dbias_ref, *, t, n, rate, block_rows):
-    rp, hp = s_ref.shape
+                dres_ref, dh_ref, dscale_ref, dlnb_ref, dbias_ref, *, t, n, rate, block_rows, tile):
+    rp = s_ref.shape[0]
     f32 = jnp.float32
-    cols = jnp.arange(hp)
-    col_ok = cols < n
-    scale = plgpu.load(scale_ref, mask=col_ok, other=0.0).astype(f32)
+    chunks = _chunks(n, tile)
+    col_oks = [c0 + jnp.arange(w) < n for c0, w, _ in chunks]
+    scales = [plgpu.load(scale_ref.at[pl.ds(c0, w)], mask=ok, other=0.0).astype(f32)
+              for (c0, w, _), ok in zip(chunks, col_oks)]
     if rate > 0.0:
         seed0, seed1 = _seed_words(seed_ref)
     base = pl.program_id(1) * rp
@@ -123,34 +139,41 @@ def _bwd_kernel(dya_ref, dyb_ref, s_ref, mean_ref, rstd_ref, rows_ref, scale_ref
     def body(i, acc):
         r = pl.ds(i * block_rows, block_rows)
         row_ok = (base + i * block_rows + jnp.arange(block_rows)) < t
-        ok = row_ok[:, None] & col_ok[None, :]
-        dy = (plgpu.load(dya_ref.at[r, :], mask=ok, other=0.0).astype(f32)
-              + plgpu.load(dyb_ref.at[r, :], mask=ok, other=0.0).astype(f32))
-        s = plgpu.load(s_ref.at[r, :], mask=ok, other=0.0).astype(f32)
         mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
         rstd = plgpu.load(rstd_ref.at[r], mask=row_ok, other=0.0)
-        xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * scale[None, :]
-        mg = jnp.sum(g, axis=1) / n
-        mgx = jnp.sum(g * xhat, axis=1) / n
-        dx = rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])
-        dres = dx.astype(dres_ref.dtype)
+        tiles = []
+        for (c0, w, _), col_ok, scale in zip(chunks, col_oks, scales):
+            cols = pl.ds(c0, w)
+            ok = row_ok[:, None] & col_ok[None, :]
+            dy = (plgpu.load(dya_ref.at[r, cols], mask=ok, other=0.0).astype(f32)
+                  + plgpu.load(dyb_ref.at[r, cols], mask=ok, other=0.0).astype(f32))
+            s = plgpu.load(s_ref.at[r, cols], mask=ok, other=0.0).astype(f32)
+            xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
+            tiles.append((cols, ok, dy, xhat, dy * scale[None, :]))
+        mg = sum(jnp.sum(g, axis=1) for *_, g in tiles) / n
+        mgx = sum(jnp.sum(g * xhat, axis=1) for *_, xhat, g in tiles) / n
         if rate > 0.0:
             rows = plgpu.load(rows_ref.at[r], mask=row_ok, other=0)
-            keep = _keep(rows, cols, n, seed0, seed1, hash_dropout._threshold(rate))
-            dh = jnp.where(keep, dres.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0)
-        else:
-            dh = dres.astype(f32)
-        dh = dh.astype(dh_ref.dtype)
-        plgpu.store(dres_ref.at[r, :], dres, mask=ok)
-        plgpu.store(dh_ref.at[r, :], dh, mask=ok)
-        return (acc[0] + jnp.sum(dy * xhat, axis=0), acc[1] + jnp.sum(dy, axis=0),
-                acc[2] + jnp.sum(jnp.where(ok, dh.astype(f32), 0.0), axis=0))
+        out = []
+        for (c0, w, _), (cols, ok, dy, xhat, g), a in zip(chunks, tiles, acc):
+            dres = (rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])).astype(dres_ref.dtype)
+            if rate > 0.0:
+                keep = _keep(rows, c0 + jnp.arange(w), n, seed0, seed1, hash_dropout._threshold(rate))
+                dh = jnp.where(keep, dres.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0)
+            else:
+                dh = dres.astype(f32)
+            dh = dh.astype(dh_ref.dtype)
+            plgpu.store(dres_ref.at[r, cols], dres, mask=ok)
+            plgpu.store(dh_ref.at[r, cols], dh, mask=ok)
+            out.append((a[0] + jnp.sum(dy * xhat, axis=0), a[1] + jnp.sum(dy, axis=0),
+                        a[2] + jnp.sum(jnp.where(ok, dh.astype(f32), 0.0), axis=0)))
+        return out
 
-    zero = jnp.zeros((hp,), f32)
-    acc = jax.lax.fori_loop(0, rp // block_rows, body, (zero, zero, zero))
-    for ref, a in zip((dscale_ref, dlnb_ref, dbias_ref), acc):
-        plgpu.store(ref, a, mask=col_ok)
+    init = [(jnp.zeros((w,), f32),) * 3 for _, w, _ in chunks]
+    acc = jax.lax.fori_loop(0, rp // block_rows, body, init)
+    for (c0, w, _), col_ok, a in zip(chunks, col_oks, acc):
+        for ref, v in zip((dscale_ref, dlnb_ref, dbias_ref), a):
+            plgpu.store(ref.at[pl.ds(c0, w)], v, mask=col_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,16 +190,23 @@ class Tuning:
     block_rows_bwd: int = 2
     rows_bwd: int = 32
     num_warps_bwd: int = 4
+    stages_bwd: int = 1     # Triton's software pipelining of the backward loop (1: none)
+    tile: int = 0           # columns per tile (0: automatic, e.g. three of 256 for 768)
 
     @classmethod
     def parse(cls, spec: str) -> "Tuning":
-        """``"2:4:2:32:4"``; empty: the defaults."""
+        """``"2:4:2:32:4"``, optionally followed by the backward loop's stages and the column tile
+        (``"2:4:2:32:4:2:256"``; a tile of 0 is automatic); empty: the defaults."""
         if not spec:
             return cls()
         parts = spec.split(":")
-        if len(parts) != 5 or not all(x.isdigit() and pow2(int(x)) == int(x) > 0 for x in parts):
+        ok = len(parts) in (5, 6, 7) and all(x.isdigit() for x in parts) and \
+            all(pow2(int(x)) == int(x) > 0 for x in parts[:5]) and (len(parts) < 6 or int(parts[5]) > 0) \
+            and (len(parts) < 7 or pow2(int(parts[6])) == int(parts[6]) or parts[6] == "0")
+        if not ok:
             raise ValueError(f"norm tuning {spec!r}: expected five powers of two "
-                             "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD, e.g. 4:4:4:64:4")
+                             "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD, optionally followed "
+                             "by STAGES_BWD and a power-of-two TILE, e.g. 4:4:4:64:4 or 2:4:2:32:4:2:256")
         tuning = cls(*map(int, parts))
         if tuning.rows_bwd < tuning.block_rows_bwd:
             raise ValueError(f"norm tuning {spec!r}: rows per backward program < rows per step")
@@ -191,7 +221,7 @@ def _fwd_call(rate, eps, tuning, h, res, rows, bias, scale, lnb, seed):
     row = pl.BlockSpec((None, bm), lambda i, j: (i, j))
     vec = pl.BlockSpec((hp,), lambda i, j: (0,))
     two = pl.BlockSpec((2,), lambda i, j: (0,))
-    kernel = functools.partial(_fwd_kernel, t=t, n=n, rate=rate, eps=eps)
+    kernel = functools.partial(_fwd_kernel, t=t, n=n, rate=rate, eps=eps, tile=tuning.tile)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, pl.cdiv(t, bm)),
@@ -216,7 +246,7 @@ def _bwd_call(rate, tuning, dya, dyb, s, mean, rstd, rows, scale, seed):
     vec = pl.BlockSpec((hp,), lambda i, j: (0,))
     two = pl.BlockSpec((2,), lambda i, j: (0,))
     part = pl.BlockSpec((None, None, hp), lambda i, j: (i, j, 0))
-    kernel = functools.partial(_bwd_kernel, t=t, n=n, rate=rate, block_rows=bm)
+    kernel = functools.partial(_bwd_kernel, t=t, n=n, rate=rate, block_rows=bm, tile=tuning.tile)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, g),
@@ -224,7 +254,7 @@ def _bwd_call(rate, tuning, dya, dyb, s, mean, rstd, rows, scale, seed):
         out_specs=[big, big, part, part, part],
         out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype)] * 2
         + [jax.ShapeDtypeStruct((b, g, n), jnp.float32)] * 3,
-        compiler_params=CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=1),
+        compiler_params=CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=tuning.stages_bwd),
         interpret=interpret(),
         name="add_norm_bwd",
     )(dya, dyb, s, mean, rstd, rows, scale, seed))
