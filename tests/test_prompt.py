@@ -111,6 +111,31 @@ def test_pooled_output_reads_the_real_cls(minilm, name, options):
     np.testing.assert_allclose(np.asarray(logits), _head(params, at(0)), atol=1e-5)
 
 
+def test_our_attention_kernel_with_the_prompt_equals_dense_attention(minilm):
+    """20 prompt tokens in front of 28: 48 keys, which our kernel covers as a main segment of 32 and
+    a tail of 16 (not a power of two). Logits and the prompt's and head's gradients as with dense
+    attention, padding included."""
+    from jaxpeft.models import pallas_attention
+
+    method = methods.create("prompt", {"prompt_init": "sample_vocab"})
+    module, params = _with_adapter(minilm, method)
+    enc = minilm.tokenizer([a for a, _ in PAIRS], padding="max_length", max_length=28, return_tensors="np")
+    enc = {k: jnp.asarray(enc[k], jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    t = 28 + method.extra_positions()
+    assert pallas_attention.segments(t) == (32, 16) and pallas_attention.fast_length(t)
+    results = {}
+    for impl in ("dense", "pallas"):
+        cfg = minilm.config.replace(attention_impl=impl)
+        model = BertForSequenceClassification(cfg, 2, adapter=method.adapter(cfg))
+        loss = lambda p, model=model: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, **enc))[:, 0])  # noqa: E731
+        results[impl] = (model.apply({"params": params}, **enc), jax.grad(loss)(params))
+    np.testing.assert_allclose(np.asarray(results["pallas"][0]), np.asarray(results["dense"][0]), atol=2e-5)
+    for part in ("adapter", "classifier"):
+        for a, b in zip(jax.tree.leaves(results["pallas"][1][part]), jax.tree.leaves(results["dense"][1][part])):
+            assert np.abs(np.asarray(b)).max() > 0
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
 def _expected_text_ids(tokenizer, text, n):
     ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
     return [ids[i % len(ids)] for i in range(n)]

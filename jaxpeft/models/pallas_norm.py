@@ -17,9 +17,11 @@ blocks of whole rows:
 
 The dropout mask is :mod:`jaxpeft.models.hash_dropout`'s, recomputed from the two seed words and
 each element's position in both kernels: the same mask ``hash_dropout`` draws for the same seed,
-and nothing of it is written to memory. Positions are global (each row's index comes in as an
-input), so under a sharded ``jit``, where each device runs the kernels on its own rows, the mask
-is the unsharded one.
+and nothing of it is written to memory. Two rows share each hash word (its low and high 16
+bits), and with blocks of two rows (the default) the kernels hash each word once for both: the
+hash, a few dozen integer operations per word, was about a fifth of their time. Positions are
+global (each row's index comes in as an input), so under a sharded ``jit``, where each device runs
+the kernels on its own rows, the mask is the unsharded one.
 
 The output is returned twice, as two arrays: one for the next sublayer's projection and one for
 the next residual connection. Autodiff then hands the backward kernel the two gradients
@@ -50,7 +52,6 @@ Array = jax.Array
 # the same bits as hash_dropout's uint32 arithmetic, with constants Triton takes as int32
 _M1 = np.int32(0x7FEB352D)
 _M2 = np.int32(0x846CA68B - 2 ** 32)
-_SIGN = np.int32(-2 ** 31)
 
 
 def _mix(h):
@@ -62,12 +63,21 @@ def _mix(h):
     return h ^ srl(h, np.int32(16))
 
 
-def _keep(row_ids, cols, n, seed0, seed1, threshold):
+def _keep(row_ids, cols, n, seed0, seed1, threshold, pair):
     """hash_dropout.keep_mask at rows ``row_ids`` (flat row index in the whole [B*T, H] array) and
-    columns ``cols``: the unsigned comparison done on int32 with the sign bit flipped."""
-    idx = row_ids[:, None] * np.int32(n) + cols[None, :]
-    h = _mix(_mix(idx ^ seed0) + seed1)
-    return (h ^ _SIGN) >= np.int32(threshold - 2 ** 31)
+    columns ``cols``: rows ``2p`` and ``2p + 1`` share word ``p * n + j`` (low and high 16 bits).
+    With ``pair`` the rows are one such pair, so each word is hashed once for both."""
+    srl = jax.lax.shift_right_logical
+    odd = (row_ids & 1) == 1
+    thr = np.int32(threshold)
+    if pair:
+        first = jnp.sum(jnp.where(jnp.arange(row_ids.shape[0]) == 0, row_ids, 0))
+        w = _mix(_mix((srl(first, np.int32(1)) * np.int32(n) + cols) ^ seed0) + seed1)
+        lo, hi = (w & np.int32(0xFFFF)) >= thr, srl(w, np.int32(16)) >= thr
+        return jnp.where(odd[:, None], hi[None, :], lo[None, :])
+    idx = srl(row_ids, np.int32(1))[:, None] * np.int32(n) + cols[None, :]
+    w = _mix(_mix(idx ^ seed0) + seed1)
+    return jnp.where(odd[:, None], srl(w, np.int32(16)), w & np.int32(0xFFFF)) >= thr
 
 
 def _seed_words(seed_ref):
@@ -76,62 +86,46 @@ def _seed_words(seed_ref):
     return jnp.sum(jnp.where(lane == 0, s, 0)), jnp.sum(jnp.where(lane == 1, s, 0))
 
 
-def _chunks(n: int, tile: int = 0) -> list[tuple[int, int, bool]]:
-    """The hidden axis as column tiles ``(start, width, masked)`` of power-of-two width (Triton's
-    tiles must be), ``tile`` wide (0: automatic). Automatic: 768 -> three of 256, so no lane computes
-    a padding column; a width with too few factors of two (more than four tiles) is one tile of the
-    next power of two, its padding masked."""
-    if not tile:
-        w = n & -n                               # the largest power of two dividing n
-        tile = w if n // w <= 4 else pow2(n)
-    return [(c0, tile, c0 + tile > n) for c0 in range(0, n, tile)]
-
-
 def _fwd_kernel(h_ref, res_ref, rows_ref, bias_ref, scale_ref, lnb_ref, seed_ref,
-                y_ref, s_ref, mean_ref, rstd_ref, *, t, n, rate, eps, tile):
-    bm = h_ref.shape[0]
+                y_ref, s_ref, mean_ref, rstd_ref, *, t, n, rate, eps):
+    bm, hp = h_ref.shape
     f32 = jnp.float32
     start = pl.program_id(1) * bm
     row_ok = (start + jnp.arange(bm)) < t
+    cols = jnp.arange(hp)
+    col_ok = cols < n
+    ok = row_ok[:, None] & col_ok[None, :]
     dt = h_ref.dtype
+    bias = plgpu.load(bias_ref, mask=col_ok, other=0.0).astype(f32)
+    h = plgpu.load(h_ref, mask=ok, other=0.0)
+    hb = (h.astype(f32) + bias[None, :]).astype(dt)              # nn.Dense's add, in its dtype
     if rate > 0.0:
         seed0, seed1 = _seed_words(seed_ref)
         rows = plgpu.load(rows_ref, mask=row_ok, other=0)
-    sums = []
-    for c0, w, masked in _chunks(n, tile):
-        cols = pl.ds(c0, w)
-        col_ok = c0 + jnp.arange(w) < n
-        ok = row_ok[:, None] & col_ok[None, :]
-        bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.0).astype(f32)
-        h = plgpu.load(h_ref.at[:, cols], mask=ok, other=0.0)
-        hb = (h.astype(f32) + bias[None, :]).astype(dt)              # nn.Dense's add, in its dtype
-        if rate > 0.0:
-            keep = _keep(rows, c0 + jnp.arange(w), n, seed0, seed1, hash_dropout._threshold(rate))
-            hb = jnp.where(keep, hb.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0).astype(dt)
-        res = plgpu.load(res_ref.at[:, cols], mask=ok, other=0.0)
-        s = (hb.astype(f32) + res.astype(f32)).astype(dt)
-        plgpu.store(s_ref.at[:, cols], s, mask=ok)
-        sums.append((cols, col_ok, ok, jnp.where(ok, s.astype(f32), 0.0) if masked else s.astype(f32)))
-    mean = sum(jnp.sum(sf, axis=1) for *_, sf in sums) / n
-    xcs = [jnp.where(ok, sf - mean[:, None], 0.0) for _, _, ok, sf in sums]
-    rstd = jax.lax.rsqrt(sum(jnp.sum(xc * xc, axis=1) for xc in xcs) / n + eps)
-    for (cols, col_ok, ok, _), xc in zip(sums, xcs):
-        scale = plgpu.load(scale_ref.at[cols], mask=col_ok, other=0.0).astype(f32)
-        lnb = plgpu.load(lnb_ref.at[cols], mask=col_ok, other=0.0).astype(f32)
-        y = xc * rstd[:, None] * scale[None, :] + lnb[None, :]
-        plgpu.store(y_ref.at[:, cols], y.astype(y_ref.dtype), mask=ok)
+        keep = _keep(rows, cols, n, seed0, seed1, hash_dropout._threshold(rate), bm == 2 and t % 2 == 0)
+        hb = jnp.where(keep, hb.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0).astype(dt)
+    res = plgpu.load(res_ref, mask=ok, other=0.0)
+    s = (hb.astype(f32) + res.astype(f32)).astype(dt)
+    sf = jnp.where(ok, s.astype(f32), 0.0)
+    mean = jnp.sum(sf, axis=1) / n
+    xc = jnp.where(ok, sf - mean[:, None], 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1) / n + eps)
+    scale = plgpu.load(scale_ref, mask=col_ok, other=0.0).astype(f32)
+    lnb = plgpu.load(lnb_ref, mask=col_ok, other=0.0).astype(f32)
+    y = xc * rstd[:, None] * scale[None, :] + lnb[None, :]
+    plgpu.store(y_ref, y.astype(y_ref.dtype), mask=ok)
+    plgpu.store(s_ref, s, mask=ok)
     plgpu.store(mean_ref, mean, mask=row_ok)
     plgpu.store(rstd_ref, rstd, mask=row_ok)
 
 
 def _bwd_kernel(dya_ref, dyb_ref, s_ref, mean_ref, rstd_ref, rows_ref, scale_ref, seed_ref,
-                dres_ref, dh_ref, dscale_ref, dlnb_ref, dbias_ref, *, t, n, rate, block_rows, tile):
-    rp = s_ref.shape[0]
+                dres_ref, dh_ref, dscale_ref, dlnb_ref, dbias_ref, *, t, n, rate, block_rows):
+    rp, hp = s_ref.shape
     f32 = jnp.float32
-    chunks = _chunks(n, tile)
-    col_oks = [c0 + jnp.arange(w) < n for c0, w, _ in chunks]
-    scales = [plgpu.load(scale_ref.at[pl.ds(c0, w)], mask=ok, other=0.0).astype(f32)
-              for (c0, w, _), ok in zip(chunks, col_oks)]
+    cols = jnp.arange(hp)
+    col_ok = cols < n
+    scale = plgpu.load(scale_ref, mask=col_ok, other=0.0).astype(f32)
     if rate > 0.0:
         seed0, seed1 = _seed_words(seed_ref)
     base = pl.program_id(1) * rp
@@ -139,41 +133,34 @@ def _bwd_kernel(dya_ref, dyb_ref, s_ref, mean_ref, rstd_ref, rows_ref, scale_ref
     def body(i, acc):
         r = pl.ds(i * block_rows, block_rows)
         row_ok = (base + i * block_rows + jnp.arange(block_rows)) < t
+        ok = row_ok[:, None] & col_ok[None, :]
+        dy = (plgpu.load(dya_ref.at[r, :], mask=ok, other=0.0).astype(f32)
+              + plgpu.load(dyb_ref.at[r, :], mask=ok, other=0.0).astype(f32))
+        s = plgpu.load(s_ref.at[r, :], mask=ok, other=0.0).astype(f32)
         mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
         rstd = plgpu.load(rstd_ref.at[r], mask=row_ok, other=0.0)
-        tiles = []
-        for (c0, w, _), col_ok, scale in zip(chunks, col_oks, scales):
-            cols = pl.ds(c0, w)
-            ok = row_ok[:, None] & col_ok[None, :]
-            dy = (plgpu.load(dya_ref.at[r, cols], mask=ok, other=0.0).astype(f32)
-                  + plgpu.load(dyb_ref.at[r, cols], mask=ok, other=0.0).astype(f32))
-            s = plgpu.load(s_ref.at[r, cols], mask=ok, other=0.0).astype(f32)
-            xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
-            tiles.append((cols, ok, dy, xhat, dy * scale[None, :]))
-        mg = sum(jnp.sum(g, axis=1) for *_, g in tiles) / n
-        mgx = sum(jnp.sum(g * xhat, axis=1) for *_, xhat, g in tiles) / n
+        xhat = jnp.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * scale[None, :]
+        mg = jnp.sum(g, axis=1) / n
+        mgx = jnp.sum(g * xhat, axis=1) / n
+        dx = rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])
+        dres = dx.astype(dres_ref.dtype)
         if rate > 0.0:
             rows = plgpu.load(rows_ref.at[r], mask=row_ok, other=0)
-        out = []
-        for (c0, w, _), (cols, ok, dy, xhat, g), a in zip(chunks, tiles, acc):
-            dres = (rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])).astype(dres_ref.dtype)
-            if rate > 0.0:
-                keep = _keep(rows, c0 + jnp.arange(w), n, seed0, seed1, hash_dropout._threshold(rate))
-                dh = jnp.where(keep, dres.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0)
-            else:
-                dh = dres.astype(f32)
-            dh = dh.astype(dh_ref.dtype)
-            plgpu.store(dres_ref.at[r, cols], dres, mask=ok)
-            plgpu.store(dh_ref.at[r, cols], dh, mask=ok)
-            out.append((a[0] + jnp.sum(dy * xhat, axis=0), a[1] + jnp.sum(dy, axis=0),
-                        a[2] + jnp.sum(jnp.where(ok, dh.astype(f32), 0.0), axis=0)))
-        return out
+            keep = _keep(rows, cols, n, seed0, seed1, hash_dropout._threshold(rate), block_rows == 2 and t % 2 == 0)
+            dh = jnp.where(keep, dres.astype(f32) * f32(1.0 / hash_dropout.keep_prob(rate)), 0.0)
+        else:
+            dh = dres.astype(f32)
+        dh = dh.astype(dh_ref.dtype)
+        plgpu.store(dres_ref.at[r, :], dres, mask=ok)
+        plgpu.store(dh_ref.at[r, :], dh, mask=ok)
+        return (acc[0] + jnp.sum(dy * xhat, axis=0), acc[1] + jnp.sum(dy, axis=0),
+                acc[2] + jnp.sum(jnp.where(ok, dh.astype(f32), 0.0), axis=0))
 
-    init = [(jnp.zeros((w,), f32),) * 3 for _, w, _ in chunks]
-    acc = jax.lax.fori_loop(0, rp // block_rows, body, init)
-    for (c0, w, _), col_ok, a in zip(chunks, col_oks, acc):
-        for ref, v in zip((dscale_ref, dlnb_ref, dbias_ref), a):
-            plgpu.store(ref.at[pl.ds(c0, w)], v, mask=col_ok)
+    zero = jnp.zeros((hp,), f32)
+    acc = jax.lax.fori_loop(0, rp // block_rows, body, (zero, zero, zero))
+    for ref, a in zip((dscale_ref, dlnb_ref, dbias_ref), acc):
+        plgpu.store(ref, a, mask=col_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,22 +178,20 @@ class Tuning:
     rows_bwd: int = 32
     num_warps_bwd: int = 4
     stages_bwd: int = 1     # Triton's software pipelining of the backward loop (1: none)
-    tile: int = 0           # columns per tile (0: automatic, e.g. three of 256 for 768)
 
     @classmethod
     def parse(cls, spec: str) -> "Tuning":
-        """``"2:4:2:32:4"``, optionally followed by the backward loop's stages and the column tile
-        (``"2:4:2:32:4:2:256"``; a tile of 0 is automatic); empty: the defaults."""
+        """``"2:4:2:32:4"``, optionally followed by the backward loop's stages (``"2:4:2:32:4:2"``);
+        empty: the defaults."""
         if not spec:
             return cls()
         parts = spec.split(":")
-        ok = len(parts) in (5, 6, 7) and all(x.isdigit() for x in parts) and \
-            all(pow2(int(x)) == int(x) > 0 for x in parts[:5]) and (len(parts) < 6 or int(parts[5]) > 0) \
-            and (len(parts) < 7 or pow2(int(parts[6])) == int(parts[6]) or parts[6] == "0")
+        ok = len(parts) in (5, 6) and all(x.isdigit() for x in parts) and \
+            all(pow2(int(x)) == int(x) > 0 for x in parts[:5]) and (len(parts) < 6 or int(parts[5]) > 0)
         if not ok:
             raise ValueError(f"norm tuning {spec!r}: expected five powers of two "
                              "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD, optionally followed "
-                             "by STAGES_BWD and a power-of-two TILE, e.g. 4:4:4:64:4 or 2:4:2:32:4:2:256")
+                             "by STAGES_BWD, e.g. 4:4:4:64:4 or 2:4:2:32:4:2")
         tuning = cls(*map(int, parts))
         if tuning.rows_bwd < tuning.block_rows_bwd:
             raise ValueError(f"norm tuning {spec!r}: rows per backward program < rows per step")
@@ -221,7 +206,7 @@ def _fwd_call(rate, eps, tuning, h, res, rows, bias, scale, lnb, seed):
     row = pl.BlockSpec((None, bm), lambda i, j: (i, j))
     vec = pl.BlockSpec((hp,), lambda i, j: (0,))
     two = pl.BlockSpec((2,), lambda i, j: (0,))
-    kernel = functools.partial(_fwd_kernel, t=t, n=n, rate=rate, eps=eps, tile=tuning.tile)
+    kernel = functools.partial(_fwd_kernel, t=t, n=n, rate=rate, eps=eps)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, pl.cdiv(t, bm)),
@@ -246,7 +231,7 @@ def _bwd_call(rate, tuning, dya, dyb, s, mean, rstd, rows, scale, seed):
     vec = pl.BlockSpec((hp,), lambda i, j: (0,))
     two = pl.BlockSpec((2,), lambda i, j: (0,))
     part = pl.BlockSpec((None, None, hp), lambda i, j: (i, j, 0))
-    kernel = functools.partial(_bwd_kernel, t=t, n=n, rate=rate, block_rows=bm, tile=tuning.tile)
+    kernel = functools.partial(_bwd_kernel, t=t, n=n, rate=rate, block_rows=bm)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, g),

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Ours and the PyTorch + peft peer (torch.compile) on the same GPU in one run, one after the other:
+# the given methods at batch 256 (BERT-base shapes, seq 128, bf16), ours with the build's defaults.
+#   bash benchmarks/gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]
+#   e.g. bash benchmarks/gpu_same_run.sh OUT 540 bitfit,full,prefix
+# Finished stages are packed into OUT_DIR/same.tgz (benchmarks/stages.sh). About a minute per
+# method for each side.
+set -u
+out=${1:?usage: gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]}
+methods=${3:?}; batches=${4:-256}
+# shellcheck source=benchmarks/stages.sh
+source "$(dirname "$0")/stages.sh" "$out" "${2:?}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+work=$(mktemp -d)
+s() { stage "$work" same.tgz "$@"; }
+bench=(python3 scripts/bench.py --steps=10 --repeats=3 --peak_tflops=790 --methods="$methods" --batches="$batches")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$work/gpu.txt" 2>&1
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" > "$work/versions.txt" 2>&1
+n=$(tr ',' '\n' <<< "$methods" | wc -l)
+# each side gets half of the time (the peer's process needs the GPU's memory: ours has exited)
+half=$(( ($(left) - 10) / 2 ))
+s "$half" ours.log "${bench[@]}" --out="$work/ours"
+s $(( 90 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=120 --out="$work/peer"
