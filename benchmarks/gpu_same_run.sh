@@ -17,7 +17,7 @@ bench=(python3 scripts/bench.py --steps=10 --repeats=3 --peak_tflops=790 --metho
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$work/gpu.txt" 2>&1
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" > "$work/versions.txt" 2>&1
 n=$(tr ',' '\n' <<< "$methods" | wc -l)
-# each side gets half of the time (the peer's process needs the GPU's memory: ours has exited)
-half=$(( ($(left) - 10) / 2 ))
-s "$half" ours.log "${bench[@]}" --out="$work/ours"
-s $(( 90 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=120 --out="$work/peer"
+# ours first (about 45 s per method), then the peer in its own processes (our process has exited,
+# so the GPU's memory is free for it)
+s $(( 20 + 55 * n )) ours.log "${bench[@]}" --out="$work/ours"
+s $(( 100 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=120 --out="$work/peer"

@@ -9,6 +9,8 @@
 #   4. prompt tuning at batch 256 (148 tokens): cuDNN's attention against ours.
 #   bash benchmarks/gpu_segments.sh OUT_DIR [SECONDS]
 # Finished stages are packed into OUT_DIR/segments.tgz (benchmarks/stages.sh). About 8 minutes.
+# Ran at commit 1a10062, whose norm tuning had a seventh field, the column tile (1024: one padded
+# tile, the build before; 0: automatic, three of 256); the tiles measured slower and were removed.
 set -u
 out=${1:?usage: gpu_segments.sh OUT_DIR [SECONDS]}
 # shellcheck source=benchmarks/stages.sh

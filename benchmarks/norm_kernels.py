@@ -7,6 +7,9 @@ hash (rate 0: no mask at all) from the memory traffic; the line's ``gb_per_s`` c
 kernels must move (forward: two reads and two writes of [B, T, H]; backward: three reads and two
 writes) over the forward+backward time. Prints one JSON line per configuration (median
 milliseconds over ``--iters`` calls) and the largest difference of each against XLA's result.
+The times include each call's dispatch and the loss's own passes over the outputs, so they rank
+configurations but are not kernel times (the profile, ``profile_step.py``, gives those); their
+differences between rates 0 and 0.1 are the hash's cost.
 
     python benchmarks/norm_kernels.py --tunings=2:4:2:32:4,2:4:2:32:4:2 --rates=0,0.1 --out=OUT
 """
