@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]
 #   e.g. bash benchmarks/gpu_same_run.sh OUT 540 bitfit,full,prefix
 # Finished stages are packed into OUT_DIR/same.tgz (benchmarks/stages.sh). About a minute per
-# method for each side.
+# method for each side, plus a minute.
 set -u
 out=${1:?usage: gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]}
 methods=${3:?}; batches=${4:-256}
@@ -17,7 +17,8 @@ bench=(python3 scripts/bench.py --steps=10 --repeats=3 --peak_tflops=790 --metho
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$work/gpu.txt" 2>&1
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" > "$work/versions.txt" 2>&1
 n=$(tr ',' '\n' <<< "$methods" | wc -l)
-# ours first (about 45 s per method), then the peer in its own processes (our process has exited,
-# so the GPU's memory is free for it)
-s $(( 20 + 55 * n )) ours.log "${bench[@]}" --out="$work/ours"
-s $(( 100 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=120 --out="$work/peer"
+# ours first (about 45 s per method, the first about a minute more), then the peer in its own
+# processes (our process has exited, so the GPU's memory is free for it). The peer's prefix
+# tuning took more than 120 s to its first step on a fresh machine.
+s $(( 60 + 60 * n )) ours.log "${bench[@]}" --out="$work/ours"
+s $(( 150 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=240 --out="$work/peer"
