@@ -33,5 +33,5 @@ print(min(rows, key=lambda r: r["fwd_bwd_ms"])["impl"] if rows else "2:4:2:32:4"
 PY
 )
 echo "fastest tuning alone: $best" >> "$work/ab.log"
-s 170 ab.log "${bench[@]}" --out="$work/ab" --methods=bitfit --batches=256 --norm_tuning=$old,$best
+s 170 ab.log "${bench[@]}" --out="$work/ab" --methods=bitfit --batches=256 --norm_tuning="$old,$best"
 s 170 prompt.log "${bench[@]}" --out="$work/prompt" --methods=prompt --batches=256 --attention_impl=cudnn,pallas
