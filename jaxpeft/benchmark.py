@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxpeft import masks, methods
 from jaxpeft.config import TrainConfig
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
 from jaxpeft.train import init_state, make_optimizer, make_train_step, set_prng_impl
 
 SIZES: dict[str, BertConfig] = {
@@ -148,6 +148,7 @@ def build_step(bc: BenchConfig):
     counts = masks.count(params, mask)
     tx, _ = make_optimizer(TrainConfig(learning_rate=1e-4), total_steps=10_000)
     trainable, frozen = masks.split(params, mask)
+    frozen = kernels_in_compute_dtype(frozen, cfg)   # as the Trainer keeps them
     state, state_sh = plan.init(lambda t: init_state(t, tx, 0), trainable, shardings=plan.state_shardings)
     frozen_sh = plan.tree_shardings(frozen)
     del params, trainable

@@ -115,3 +115,33 @@ def test_dropout_bits_need_random_masks():
     assert TrainConfig(dropout_bits=8, dropout_impl="random").dropout_bits == 8
     with pytest.raises(UserError, match="--norm_impl=pallas needs --dropout_impl=hash"):
         TrainConfig(norm_impl="pallas", dropout_impl="random")
+
+
+@pytest.mark.parametrize("method", ["bitfit", "prefix"])
+def test_frozen_kernels_in_compute_dtype_change_nothing(method):
+    """bf16 compute: the frozen tree with its matmul kernels stored in bf16 (as the Trainer and the
+    benchmark keep it) gives bit-identical loss and gradients; only ``bert/.../kernel`` is cast."""
+    from jaxpeft.models.bert import kernels_in_compute_dtype
+
+    cfg = SMALL.replace(dtype="bfloat16")
+    m = methods.create(method)
+    module = BertForSequenceClassification(cfg, num_labels=2, adapter=m.adapter(cfg))
+    params = init_params(module, jax.random.key(0))
+    trainable, frozen = masks.split(params, m.mask(params))
+    cast = kernels_in_compute_dtype(frozen, cfg)
+    changed = {p for p, x in masks.flatten(cast).items() if x.dtype != jnp.float32}
+    assert changed and all(p.startswith("bert/") and p.endswith("/kernel") for p in changed)
+    assert "bert/encoder/layer_0/intermediate/dense/kernel" in changed
+    assert not any("embeddings" in p for p in changed)
+    batch = _batch()
+
+    def loss(t, f):
+        logits = _apply(module, masks.merge(t, f), batch, False, jax.random.key(3))
+        return loss_and_outputs(logits, batch["labels"], batch["weights"], False)
+
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss))(trainable, f) for f in (frozen, cast))
+    assert np.asarray(l1) == np.asarray(l0)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    # float32 compute: nothing to cast, the same tree back
+    assert kernels_in_compute_dtype(frozen, SMALL) is frozen

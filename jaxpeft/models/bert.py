@@ -186,6 +186,30 @@ def _activation(name: str, lean: bool = False):
     return acts[name]
 
 
+def kernels_in_compute_dtype(params: Any, cfg: BertConfig) -> Any:
+    """``params`` (a whole tree or a part of it, such as the frozen params) with the encoder's and
+    pooler's matmul kernels (``bert/.../kernel``) in ``cfg``'s compute dtype.
+
+    Every one of them is cast to that dtype right before its matmul (``nn.Dense(dtype=...)`` and
+    the fused projections), so the model computes exactly the same with them stored cast. For
+    frozen params that takes a cast per matrix off every train step and, under bfloat16, half of
+    their memory (the float32 copies and the step's bfloat16 copies both go). Embedding tables,
+    biases and LayerNorm params are used in float32 and stay as they are.
+    """
+    dtype = cfg.compute_dtype
+
+    def cast(path, x):
+        names = [str(getattr(k, "key", k)) for k in path]
+        is_kernel = len(names) > 1 and names[0] == "bert" and names[-1] == "kernel"
+        if is_kernel and getattr(x, "ndim", 0) == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    if dtype == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
