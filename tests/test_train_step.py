@@ -152,3 +152,25 @@ def test_key_bias_gets_no_gradient():
         g_k = np.abs(np.asarray(attn["key"]["bias"])).max()
         assert g_q > 0, i
         assert g_k < 1e-4 * g_q, (i, g_k, g_q)
+
+
+def test_grad_norm_and_clip_match_optax():
+    """``grad_norm`` (small leaves in one reduction) == ``optax.tree.norm``, and our clip ==
+    ``optax.clip_by_global_norm``, on a tree of big and small leaves with holes, above and below
+    the threshold."""
+    from jaxpeft.train import _NORM_GROUP_SIZE, clip_by_global_norm, grad_norm
+
+    rng = np.random.default_rng(0)
+    tree = {"big": jnp.asarray(rng.normal(size=(_NORM_GROUP_SIZE + 7,)), jnp.float32),
+            "w": jnp.asarray(rng.normal(size=(96, 64)), jnp.float32),
+            "b": {"x": jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16), "hole": optax.MaskedNode()},
+            "s": jnp.asarray(rng.normal(size=(300,)), jnp.float32)}
+    want = optax.tree.norm(tree)
+    np.testing.assert_allclose(float(grad_norm(tree)), float(want), rtol=2e-6)
+    assert float(grad_norm({"a": optax.MaskedNode()})) == 0.0
+    for max_norm in (float(want) / 3, float(want) * 3):
+        got, _ = clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+        ref, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-5, atol=1e-7)
