@@ -120,7 +120,7 @@ def _fwd_kernel(h_ref, res_ref, rows_ref, bias_ref, scale_ref, lnb_ref, seed_ref
 
 
 def _bwd_kernel(dya_ref, dyb_ref, s_ref, mean_ref, rstd_ref, rows_ref, scale_ref, seed_ref,
-                dres_ref, dh_ref, dscale_ref, dlnb_ref, dbias_ref, *, t, n, rate, block_rows):
+                dres_ref, dh_ref, part_ref, *, t, n, rate, block_rows):
     rp, hp = s_ref.shape
     f32 = jnp.float32
     cols = jnp.arange(hp)
@@ -159,8 +159,10 @@ def _bwd_kernel(dya_ref, dyb_ref, s_ref, mean_ref, rstd_ref, rows_ref, scale_ref
 
     zero = jnp.zeros((hp,), f32)
     acc = jax.lax.fori_loop(0, rp // block_rows, body, (zero, zero, zero))
-    for ref, a in zip((dscale_ref, dlnb_ref, dbias_ref), acc):
-        plgpu.store(ref, a, mask=col_ok)
+    # this program's partial sums of the LayerNorm scale's, its bias's and the projection bias's
+    # gradients, as three rows of one output (one reduction over the programs outside, not three)
+    for k, a in enumerate(acc):
+        plgpu.store(part_ref.at[np.int32(k), :], a, mask=col_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,15 +232,15 @@ def _bwd_call(rate, tuning, dya, dyb, s, mean, rstd, rows, scale, seed):
     row = pl.BlockSpec((None, rp), lambda i, j: (i, j))
     vec = pl.BlockSpec((hp,), lambda i, j: (0,))
     two = pl.BlockSpec((2,), lambda i, j: (0,))
-    part = pl.BlockSpec((None, None, hp), lambda i, j: (i, j, 0))
+    part = pl.BlockSpec((None, None, 3, hp), lambda i, j: (i, j, 0, 0))
     kernel = functools.partial(_bwd_kernel, t=t, n=n, rate=rate, block_rows=bm)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, g),
         in_specs=[big, big, big, row, row, row, vec, two],
-        out_specs=[big, big, part, part, part],
+        out_specs=[big, big, part],
         out_shape=[jax.ShapeDtypeStruct(s.shape, s.dtype)] * 2
-        + [jax.ShapeDtypeStruct((b, g, n), jnp.float32)] * 3,
+        + [jax.ShapeDtypeStruct((b, g, 3, n), jnp.float32)],
         compiler_params=CompilerParams(num_warps=tuning.num_warps_bwd, num_stages=tuning.stages_bwd),
         interpret=interpret(),
         name="add_norm_bwd",
@@ -265,10 +267,10 @@ def _backward(rate, eps, tuning, res, cts):
     s, mean, rstd, rows, scale, seed, bias, ln_bias = res
     dya, dyb = cts
     args = [dya.astype(s.dtype), dyb.astype(s.dtype), s, mean, rstd, rows, scale, seed]
-    dres, dh, dscale, dlnb, dbias = batch_parallel(
-        functools.partial(_bwd_call, rate, tuning), _BATCHED_BWD, args)
-    total = lambda x, like: x.sum((0, 1)).astype(like.dtype)   # noqa: E731
-    return (dh, total(dbias, bias), dres, total(dscale, scale), total(dlnb, ln_bias), None, None)
+    dres, dh, parts = batch_parallel(functools.partial(_bwd_call, rate, tuning), _BATCHED_BWD, args)
+    dscale, dlnb, dbias = parts.sum((0, 1))
+    return (dh, dbias.astype(bias.dtype), dres, dscale.astype(scale.dtype), dlnb.astype(ln_bias.dtype),
+            None, None)
 
 
 _add_norm.defvjp(_forward, _backward)
