@@ -249,3 +249,42 @@ def test_head_learning_rate_scales_only_the_head_updates():
     assert float(np.abs(same["classifier/kernel"]).max()) > 0
     with pytest.raises(UserError, match="must be positive"):
         first_update(head_learning_rate=-1.0)
+
+
+def test_ptuning_lstm_encoder_equals_torch_and_is_unrolled():
+    """P-tuning's LSTM encoder (2-layer bidirectional LSTM + MLP, as peft's ``PromptEncoder``)
+    gives ``torch.nn.LSTM``'s prompt with the same weights, and its gradient compiles to
+    straight-line code (the scans unrolled: no device loop)."""
+    torch = pytest.importorskip("torch")
+    from jaxpeft.methods.prompt import PromptEncoder
+
+    p, h, e = 6, 16, 8
+    enc = PromptEncoder(num_virtual_tokens=p, hidden_size=h, encoder_hidden_size=e)
+    params = jax.jit(lambda r: enc.init(r, 2)["params"])(jax.random.key(0))
+    rng = np.random.default_rng(0)   # non-zero biases, so their placement is checked too
+    params = jax.tree_util.tree_map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), params)
+    want_shape = (1, p, h)
+    got = np.asarray(jax.jit(lambda q: enc.apply({"params": q}, 2))(params)["prompt_embeds"])
+    assert got.shape == want_shape
+
+    t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float64)   # noqa: E731
+    lstm = torch.nn.LSTM(h, e, num_layers=2, bidirectional=True, batch_first=True).double()
+    with torch.no_grad():
+        for layer in range(2):
+            for direction, suffix in (("forward", ""), ("backward", "_reverse")):
+                cell = params[f"lstm_{layer}_{direction}"]
+                gates = "ifgo"   # torch's order of the four gates, as flax names them
+                getattr(lstm, f"weight_ih_l{layer}{suffix}").copy_(
+                    torch.cat([t(cell[f"i{g}"]["kernel"]).T for g in gates]))
+                getattr(lstm, f"weight_hh_l{layer}{suffix}").copy_(
+                    torch.cat([t(cell[f"h{g}"]["kernel"]).T for g in gates]))
+                getattr(lstm, f"bias_ih_l{layer}{suffix}").zero_()
+                getattr(lstm, f"bias_hh_l{layer}{suffix}").copy_(
+                    torch.cat([t(cell[f"h{g}"]["bias"]) for g in gates]))
+        out, _ = lstm(t(params["input_embeddings"])[None])
+        hid = torch.relu(out[0] @ t(params["mlp_in"]["kernel"]) + t(params["mlp_in"]["bias"]))
+        ref = (hid @ t(params["mlp_out"]["kernel"]) + t(params["mlp_out"]["bias"])).numpy()
+    np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-5)
+
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(enc.apply({"params": q}, 2)["prompt_embeds"] ** 2)))
+    assert " while(" not in grad.lower(params).compile().as_text()

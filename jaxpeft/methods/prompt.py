@@ -103,9 +103,13 @@ class PromptEncoder(nn.Module):
         width = self.encoder_hidden_size
         if self.encoder_type == "lstm":
             h = e[None]
+            # the scans over the P virtual tokens fully unrolled: straight-line code in the step
+            # instead of a device loop, whose every iteration (P per layer and direction, both
+            # ways) is its own round of tiny kernels and loop-condition checks
+            steps = self.num_virtual_tokens
             for i in range(self.encoder_num_layers):
-                forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"))
-                backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"))
+                forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"), unroll=steps)
+                backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"), unroll=steps)
                 h = nn.Bidirectional(forward, backward)(h)
             h = nn.relu(nn.Dense(2 * width, name="mlp_in")(h[0]))
         elif self.encoder_type == "mlp":
