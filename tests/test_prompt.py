@@ -253,10 +253,11 @@ def test_head_learning_rate_scales_only_the_head_updates():
 
 def test_ptuning_lstm_encoder_equals_torch_and_is_unrolled():
     """P-tuning's LSTM encoder (2-layer bidirectional LSTM + MLP, as peft's ``PromptEncoder``)
-    gives ``torch.nn.LSTM``'s prompt with the same weights, and its gradient compiles to
-    straight-line code (the scans unrolled: no device loop)."""
+    gives ``torch.nn.LSTM``'s prompt with the same weights; our LSTM's hand-written backward pass
+    gives the gradients of autodiff through flax's own cells; the encoder's gradient compiles to
+    straight-line code (no device loop)."""
     torch = pytest.importorskip("torch")
-    from jaxpeft.methods.prompt import PromptEncoder
+    from jaxpeft.methods.prompt import PromptEncoder, bidirectional_lstm
 
     p, h, e = 6, 16, 8
     enc = PromptEncoder(num_virtual_tokens=p, hidden_size=h, encoder_hidden_size=e)
@@ -285,6 +286,31 @@ def test_ptuning_lstm_encoder_equals_torch_and_is_unrolled():
         hid = torch.relu(out[0] @ t(params["mlp_in"]["kernel"]) + t(params["mlp_in"]["bias"]))
         ref = (hid @ t(params["mlp_out"]["kernel"]) + t(params["mlp_out"]["bias"])).numpy()
     np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-5)
+
+    # gradients: our hand-written backward pass against autodiff through flax's own cells
+    import flax.linen as nn
+
+    class FlaxLSTM(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(2):
+                x = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(e, name=f"lstm_{i}_forward")),
+                                     nn.RNN(nn.OptimizedLSTMCell(e, name=f"lstm_{i}_backward")))(x)
+            return x
+
+    lstm_params = {k: v for k, v in params.items() if k.startswith("lstm_")}
+    w = rng.normal(size=(p, 2 * e)).astype(np.float32)
+    def our_lstm(q, x):
+        for i in range(2):
+            x = bidirectional_lstm(x, q[f"lstm_{i}_forward"], q[f"lstm_{i}_backward"])
+        return x
+
+    ours = jax.jit(jax.grad(lambda q, x: jnp.sum(our_lstm(q, x) * w), argnums=(0, 1)))
+    ref = jax.jit(jax.grad(lambda q, x: jnp.sum(FlaxLSTM().apply({"params": q}, x[None])[0] * w),
+                           argnums=(0, 1)))
+    args = (lstm_params, params["input_embeddings"])
+    for a, b in zip(jax.tree.leaves(ref(*args)), jax.tree.leaves(ours(*args))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
     grad = jax.jit(jax.grad(lambda q: jnp.sum(enc.apply({"params": q}, 2)["prompt_embeds"] ** 2)))
     assert " while(" not in grad.lower(params).compile().as_text()

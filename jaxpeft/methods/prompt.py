@@ -72,6 +72,78 @@ class PromptEmbeddings(nn.Module):
         return {"prompt_embeds": self.prompts()[None]}
 
 
+def bidirectional_lstm(x: jax.Array, forward: Any, backward: Any) -> jax.Array:
+    """One bidirectional LSTM layer over ``x`` ``[P, In]`` with the params of two flax
+    ``OptimizedLSTMCell``s (``forward``, ``backward``: ``{ii,if,ig,io}/kernel``,
+    ``{hi,hf,hg,ho}/{kernel,bias}``): ``nn.Bidirectional(nn.RNN(fwd), nn.RNN(bwd))``'s output
+    ``[P, 2E]`` (zero initial state, outputs in input order, forward then backward features).
+
+    The same arithmetic laid out for few kernels (:func:`_lstm_pair`): the two directions run
+    side by side as a batch of two, the input projections of all steps are one matmul, and the
+    backward pass is written by hand so the weight gradients are one matmul each after the
+    recurrence. Only the recurrence itself is P sequential steps, unrolled (no device loop).
+    flax's cells do two matmuls per step and direction in a loop per direction, and autodiff adds
+    a weight-gradient matmul per step.
+    """
+    gates = "ifgo"
+    cells = (forward, backward)
+    wi = jnp.stack([jnp.concatenate([c[f"i{g}"]["kernel"] for g in gates], -1) for c in cells])
+    wh = jnp.stack([jnp.concatenate([c[f"h{g}"]["kernel"] for g in gates], -1) for c in cells])
+    bh = jnp.stack([jnp.concatenate([c[f"h{g}"]["bias"] for g in gates], -1) for c in cells])
+    hs = _lstm_pair(jnp.stack([x, x[::-1]]), wi, wh, bh)             # the backward cell reads x reversed
+    return jnp.concatenate([hs[0], hs[1, ::-1]], axis=-1)
+
+
+def _lstm_pair_fwd(xs, wi, wh, bh):
+    """Two independent LSTMs (one per leading index) over ``xs`` ``[2, P, In]``: hidden states
+    ``[2, P, E]``, and what the backward pass needs (gate activations, cell states, inputs)."""
+    xi = jnp.einsum("dpi,dik->dpk", xs, wi) + bh[:, None, :]          # [2, P, 4E]
+    e = wh.shape[1]
+    h = c = jnp.zeros((2, e), xs.dtype)
+    hs, cs, acts = [], [], []
+    for t in range(xs.shape[1]):
+        z = xi[:, t] + jnp.einsum("de,dek->dk", h, wh)
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        hs.append(h)
+        cs.append(c)
+        acts.append(jnp.concatenate([i, f, g, o], axis=-1))
+    hs, cs, acts = (jnp.stack(v, axis=1) for v in (hs, cs, acts))
+    return hs, (xs, wi, wh, hs, cs, acts)
+
+
+@jax.custom_vjp
+def _lstm_pair(xs, wi, wh, bh):
+    return _lstm_pair_fwd(xs, wi, wh, bh)[0]
+
+
+def _lstm_pair_bwd(res, dhs):
+    xs, wi, wh, hs, cs, acts = res
+    n, e = xs.shape[1], wh.shape[1]
+    zero = jnp.zeros((2, e), xs.dtype)
+    dh_next = dc_next = zero
+    dz = [None] * n
+    for t in reversed(range(n)):
+        i, f, g, o = jnp.split(acts[:, t], 4, axis=-1)
+        c_prev = cs[:, t - 1] if t else zero
+        tc = jnp.tanh(cs[:, t])
+        dh = dhs[:, t] + dh_next
+        dc = dh * o * (1.0 - tc * tc) + dc_next
+        dz[t] = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
+                                 dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], axis=-1)
+        dc_next = dc * f
+        dh_next = jnp.einsum("dk,dek->de", dz[t], wh)
+    dz = jnp.stack(dz, axis=1)                                         # [2, P, 4E]
+    h_prev = jnp.concatenate([zero[:, None], hs[:, :-1]], axis=1)
+    return (jnp.einsum("dpk,dik->dpi", dz, wi), jnp.einsum("dpi,dpk->dik", xs, dz),
+            jnp.einsum("dpe,dpk->dek", h_prev, dz), dz.sum(axis=1))
+
+
+_lstm_pair.defvjp(_lstm_pair_fwd, _lstm_pair_bwd)
+
+
 class PromptEncoder(nn.Module):
     """P-tuning's adapter: virtual tokens computed by an encoder from trainable inputs.
 
@@ -102,16 +174,20 @@ class PromptEncoder(nn.Module):
                        (self.num_virtual_tokens, self.hidden_size), jnp.float32)
         width = self.encoder_hidden_size
         if self.encoder_type == "lstm":
-            h = e[None]
-            # the scans over the P virtual tokens fully unrolled: straight-line code in the step
-            # instead of a device loop, whose every iteration (P per layer and direction, both
-            # ways) is its own round of tiny kernels and loop-condition checks
-            steps = self.num_virtual_tokens
-            for i in range(self.encoder_num_layers):
-                forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"), unroll=steps)
-                backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"), unroll=steps)
-                h = nn.Bidirectional(forward, backward)(h)
-            h = nn.relu(nn.Dense(2 * width, name="mlp_in")(h[0]))
+            if self.is_initializing():
+                # flax's cells create the params (names, shapes, initialisers: the checkpoint format)
+                h = e[None]
+                for i in range(self.encoder_num_layers):
+                    forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"))
+                    backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"))
+                    h = nn.Bidirectional(forward, backward)(h)
+                h = h[0]
+            else:
+                h = e
+                params = self.variables["params"]
+                for i in range(self.encoder_num_layers):
+                    h = bidirectional_lstm(h, params[f"lstm_{i}_forward"], params[f"lstm_{i}_backward"])
+            h = nn.relu(nn.Dense(2 * width, name="mlp_in")(h))
         elif self.encoder_type == "mlp":
             h = nn.relu(nn.Dense(width, name="mlp_in")(e))
             h = nn.relu(nn.Dense(width, name="mlp_hidden")(h))
