@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]
 #   e.g. bash benchmarks/gpu_same_run.sh OUT 540 bitfit,full,prefix
 # Finished stages are packed into OUT_DIR/same.tgz (benchmarks/stages.sh). About a minute per
-# method for each side, plus a minute.
+# method for each side, plus a minute; the peer's compile takes up to two. 570 s held three
+# methods with the peer (bitfit,full,ptuning) but not the peer's fourth (prefix).
 set -u
 out=${1:?usage: gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]}
 methods=${3:?}; batches=${4:-256}
