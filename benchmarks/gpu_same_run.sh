@@ -23,3 +23,5 @@ n=$(tr ',' '\n' <<< "$methods" | wc -l)
 # tuning took more than 120 s to its first step on a fresh machine.
 s $(( 60 + 60 * n )) ours.log "${bench[@]}" --out="$work/ours"
 s $(( 150 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=240 --out="$work/peer"
+# both sides in one table with the ratios (OUT_DIR/same.tgz: combined/bench.md)
+s 60 report.log python3 scripts/bench.py --report "$work/ours/bench.jsonl" "$work/peer/bench.jsonl" --out="$work/combined"
