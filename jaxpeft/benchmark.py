@@ -58,7 +58,6 @@ class BenchConfig:
     norm_impl: str = "xla"      # sublayer outputs: xla | pallas (BertConfig.norm_impl)
     norm_tuning: str = ""       # their kernels' launch parameters (BertConfig.norm_tuning)
     activation_impl: str = "xla"  # feed-forward bias + GELU: xla | pallas (BertConfig.activation_impl)
-    erf_impl: str = "xla"       # exact GELU's erf: xla | rsqrt (BertConfig.erf_impl)
     lean_residuals: bool = True  # LayerNorm/GELU backward from their bf16 inputs (lean_ops)
     prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
@@ -131,8 +130,7 @@ def build_step(bc: BenchConfig):
                                     fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits,
                                     dropout_impl=bc.dropout_impl, lean_residuals=bc.lean_residuals,
                                     attention_tuning=bc.attention_tuning, norm_impl=bc.norm_impl,
-                                    norm_tuning=bc.norm_tuning, activation_impl=bc.activation_impl,
-                                    erf_impl=bc.erf_impl)
+                                    norm_tuning=bc.norm_tuning, activation_impl=bc.activation_impl)
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, METHOD_OPTIONS)
@@ -239,8 +237,6 @@ def variant(r: dict) -> str:
         parts.append(f"tuning={r['attention_tuning']}")
     if r.get("activation_impl", "xla") != "xla":
         parts.append(f"gelu={r['activation_impl']}")
-    if r.get("erf_impl", "xla") != "xla":
-        parts.append(f"erf={r['erf_impl']}")
     if r.get("norm_impl", "xla") != "xla":
         parts.append(f"norm={r['norm_impl']}" + (f":{r['norm_tuning']}" if r.get("norm_tuning") else ""))
     return " ".join(parts)

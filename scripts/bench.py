@@ -57,8 +57,6 @@ def main() -> int:
                          "for --norm_impl=pallas (empty: the defaults)")
     ap.add_argument("--activation_impl", default="xla",
                     help="comma list: xla (lean GELU after the biased matmul), pallas (bias + GELU kernels)")
-    ap.add_argument("--erf_impl", default="xla",
-                    help="comma list: xla (jax.lax.erf), rsqrt (its rational function without the division)")
     ap.add_argument("--prng_impl", default="auto", help="auto (rbg on GPU), threefry2x32, rbg, unsafe_rbg")
     ap.add_argument("--dropout", type=float, default=None, help="override BERT's dropout (0.1)")
     ap.add_argument("--steps", type=int, default=20)
@@ -144,21 +142,21 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            variants = [(r, f == "1", int(d), lean == "1", di, att, tun, ni, nt, ai, ei) for r in a.remat.split(",")
+            variants = [(r, f == "1", int(d), lean == "1", di, att, tun, ni, nt, ai) for r in a.remat.split(",")
                         for f in a.fuse_qkv.split(",") for d in a.dropout_bits.split(",")
                         for lean in a.lean.split(",") for di in a.dropout_impl.split(",")
                         for att in impls for tun in (a.attention_tuning.split(",") if att == "pallas" else [""])
                         for ni in a.norm_impl.split(",")
                         for nt in (a.norm_tuning.split(",") if ni == "pallas" else [""])
-                        for ai in a.activation_impl.split(",") for ei in a.erf_impl.split(",")]
-            for batch, (remat, fuse, bits, lean, dimpl, att, tun, ni, nt, ai, ei) in \
+                        for ai in a.activation_impl.split(",")]
+            for batch, (remat, fuse, bits, lean, dimpl, att, tun, ni, nt, ai) in \
                     [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
                                            attention_impl=att, steps=a.steps, repeats=a.repeats,
                                            peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
                                            mesh=a.mesh, remat=remat, fuse_qkv=fuse, dropout_bits=bits,
                                            dropout_impl=dimpl, lean_residuals=lean, attention_tuning=tun,
-                                           norm_impl=ni, norm_tuning=nt, activation_impl=ai, erf_impl=ei)
+                                           norm_impl=ni, norm_tuning=nt, activation_impl=ai)
                 try:
                     rec = {"framework": "jaxpeft", **benchmark.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)

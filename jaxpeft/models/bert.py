@@ -100,10 +100,6 @@ class BertConfig:
     # ``pallas`` (one kernel each way that keeps only the matmul's output:
     # ``jaxpeft.models.pallas_gelu``; GELU activations only)
     activation_impl: str = "xla"
-    # how exact GELU computes erf (``lean_ops.ERF_IMPLS``; lean_residuals and activation_impl
-    # ``xla`` only): ``xla`` (``jax.lax.erf``) or ``rsqrt`` (the same rational function with its
-    # division done as a squared reciprocal square root: fewer instructions per element)
-    erf_impl: str = "xla"
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
@@ -137,8 +133,6 @@ class BertConfig:
             raise ValueError(f"activation_impl must be one of {KERNEL_IMPLS}, got {self.activation_impl!r}")
         if self.activation_impl == "pallas" and self.hidden_act not in _GELU_APPROXIMATE:
             raise ValueError(f"activation_impl='pallas' computes GELU; hidden_act={self.hidden_act!r}")
-        if self.erf_impl not in lean_ops.ERF_IMPLS:
-            raise ValueError(f"erf_impl must be one of {lean_ops.ERF_IMPLS}, got {self.erf_impl!r}")
 
     @property
     def head_dim(self) -> int:
@@ -156,7 +150,7 @@ class BertConfig:
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
                           "dropout_impl", "lean_residuals", "attention_tuning", "norm_impl",
-                          "norm_tuning", "activation_impl", "erf_impl"):
+                          "norm_tuning", "activation_impl"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -175,13 +169,8 @@ class BertConfig:
 _GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
 
 
-def _activation(name: str, lean: bool = False, erf_impl: str = "xla"):
-    if lean:
-        def gelu(x, approximate):
-            return lean_ops.gelu(x, approximate, erf_impl)
-    else:
-        def gelu(x, approximate):
-            return jax.nn.gelu(x, approximate=approximate)
+def _activation(name: str, lean: bool = False):
+    gelu = lean_ops.gelu if lean else (lambda x, approximate: jax.nn.gelu(x, approximate=approximate))
     acts = {
         "gelu": lambda x: gelu(x, False),
         "gelu_new": lambda x: gelu(x, True),
@@ -464,7 +453,7 @@ class BertIntermediate(nn.Module):
             dt = cfg.compute_dtype
             y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
             return pallas_gelu.bias_gelu(y, bias, approximate=_GELU_APPROXIMATE[cfg.hidden_act])
-        act = _activation(cfg.hidden_act, cfg.lean_residuals, cfg.erf_impl)
+        act = _activation(cfg.hidden_act, cfg.lean_residuals)
         if cfg.remat == "elementwise":
             act = jax.checkpoint(act)
         return act(_dense(cfg, cfg.intermediate_size, "dense")(x))

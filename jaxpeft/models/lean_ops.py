@@ -30,46 +30,6 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_C = math.sqrt(2.0 / math.pi)
 
-# How exact GELU computes erf in float32:
-#   xla    jax.lax.erf. XLA's GPU code is a rational function p(x) / q(x) (Eigen's interpolant,
-#          xla/codegen/intrinsic/erf.cc) with an IEEE division, which makes the GELU fusions of a
-#          BERT step partly arithmetic-bound.
-#   rsqrt  the same rational function with the division done as ``p * rsqrt(q) ** 2``: ``q >= 1``
-#          on the whole interval, and a GPU's reciprocal square root is one hardware instruction
-#          (about 2 float32 ulps), against a division's dozen. Within a few float32 ulps of
-#          ``xla`` (so bf16 results differ in rare last-bit roundings).
-ERF_IMPLS = ("xla", "rsqrt")
-# XLA's coefficients: odd numerator (x^1 .. x^9) and even denominator (x^0 .. x^12), in Horner
-# order from the highest power; beyond |x| = _ERF_CLAMP, erf is +-1 to within half a float32 ulp
-_ERF_P = (0.00022905065861350646, 0.0034082910107109506, 0.050955695062380861, 0.18520832239976145,
-          1.128379143519084)
-_ERF_Q = (-1.1791602954361697e-7, 0.000023547966471313185, 0.0010179625278914885, 0.014070470171167667,
-          0.11098505178285362, 0.49746925110067538, 1.0)
-_ERF_CLAMP = 3.832506856900711
-
-
-def erf_rsqrt(x: Array) -> Array:
-    """float32 ``erf`` as XLA computes it, with the division replaced by a squared ``rsqrt``.
-
-    Inputs are clamped to +-``_ERF_CLAMP``, where the rational function is +-1 to within float32
-    rounding, so the denominator stays in [1, 20] and its reciprocal square root is well defined."""
-    x = jnp.clip(x.astype(jnp.float32), -_ERF_CLAMP, _ERF_CLAMP)
-    x2 = x * x
-    p = jnp.full_like(x2, _ERF_P[0])
-    for c in _ERF_P[1:]:
-        p = p * x2 + c
-    q = jnp.full_like(x2, _ERF_Q[0])
-    for c in _ERF_Q[1:]:
-        q = q * x2 + c
-    r = jax.lax.rsqrt(q)
-    return x * p * r * r
-
-
-def _erf(impl: str):
-    if impl not in ERF_IMPLS:
-        raise ValueError(f"erf_impl must be one of {ERF_IMPLS}, got {impl!r}")
-    return erf if impl == "xla" else erf_rsqrt
-
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float, out_dtype: Any) -> Array:
@@ -102,29 +62,28 @@ def _layer_norm_bwd(eps, out_dtype, res, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def gelu(x: Array, approximate: bool = False, erf_impl: str = "xla") -> Array:
-    """GELU (exact erf form, or the tanh approximation), computed in float32; ``erf_impl`` is one
-    of ``ERF_IMPLS``."""
-    return _gelu_fwd(x, approximate, erf_impl)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: Array, approximate: bool = False) -> Array:
+    """GELU (exact erf form, or the tanh approximation), computed in float32."""
+    return _gelu_fwd(x, approximate)[0]
 
 
-def _gelu_fwd(x, approximate, erf_impl):
+def _gelu_fwd(x, approximate):
     xf = x.astype(jnp.float32)
     if approximate:
         y = 0.5 * xf * (1.0 + jnp.tanh(_TANH_C * (xf + 0.044715 * xf ** 3)))
     else:
-        y = 0.5 * xf * (1.0 + _erf(erf_impl)(xf * _SQRT_HALF))
+        y = 0.5 * xf * (1.0 + erf(xf * _SQRT_HALF))
     return y.astype(x.dtype), x
 
 
-def _gelu_bwd(approximate, erf_impl, x, dy):
+def _gelu_bwd(approximate, x, dy):
     xf = x.astype(jnp.float32)
     if approximate:
         t = jnp.tanh(_TANH_C * (xf + 0.044715 * xf ** 3))
         d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _TANH_C * (1.0 + 3 * 0.044715 * xf * xf)
     else:
-        d = 0.5 * (1.0 + _erf(erf_impl)(xf * _SQRT_HALF)) + xf * _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
+        d = 0.5 * (1.0 + erf(xf * _SQRT_HALF)) + xf * _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
     return ((dy.astype(jnp.float32) * d).astype(x.dtype),)
 
 

@@ -161,7 +161,7 @@ def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
             pl.when(pl.program_id(2) == last)(lambda: queries(main, tail))
 
 
-def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix, delta_from_output):
+def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
     if has_prefix:
         prefix_refs, (do_ref, lse_ref, dqkv_ref, dbias_ref, dpk_ref, dpv_ref) = refs[:3], refs[3:]
     else:
@@ -179,8 +179,6 @@ def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
         do = plgpu.load(do_ref.at[rows, :], mask=row_ok[:, None], other=0.0)
         lse = lse_ref[rows]
         ps = [jnp.exp2(s - lse[:, None]) for s in _scores(q, segs, c)]
-        if delta_from_output:
-            return queries_lean(segs, q, do, ps, rows, row_ok, carry)
         dps = [_dot(do, v, trans_b=True) for _, v, _, _ in segs]
         # every key of the row is here, so rowsum(p * dp) gives the softmax backward's
         # rowsum(o * do) without keeping the output o for the backward pass
@@ -191,23 +189,6 @@ def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
             dq = _dot(ds, k) if dq is None else dq + _dot(ds, k)
             grads.append((dk + _dot(ds, q, trans_a=True), dv + _dot(pr.astype(dt), do, trans_a=True)))
         # rows past the sequence have no output gradient, so their dq is zero
-        plgpu.store(dqkv_ref.at[rows, _Q, :], (dq * scale).astype(dqkv_ref.dtype), mask=row_ok[:, None])
-        return carry[0] + jnp.sum(dq, axis=0), grads
-
-    def queries_lean(segs, q, do, ps, rows, row_ok, carry):
-        """``queries`` with fewer float32 blocks alive at once: the probabilities are rounded to
-        the compute dtype as soon as they exist, ``rowsum(o * do)`` comes from the output
-        recomputed from them (``o = p @ v``, one more small matmul) instead of from ``p * dp``,
-        and each segment's dv is accumulated before its dp is computed."""
-        pbs = [pr.astype(dt) for pr in ps]
-        o = functools.reduce(jnp.add, [_dot(pb, v) for pb, (_, v, _, _) in zip(pbs, segs)])
-        delta = jnp.sum(o * do.astype(jnp.float32), axis=1)
-        dq, grads = None, []
-        for (k, v, _, _), pb, (dk, dv) in zip(segs, pbs, carry[1]):
-            dv = dv + _dot(pb, do, trans_a=True)
-            ds = (pb.astype(jnp.float32) * (_dot(do, v, trans_b=True) - delta[:, None])).astype(dt)
-            dq = _dot(ds, k) if dq is None else dq + _dot(ds, k)
-            grads.append((dk + _dot(ds, q, trans_a=True), dv))
         plgpu.store(dqkv_ref.at[rows, _Q, :], (dq * scale).astype(dqkv_ref.dtype), mask=row_ok[:, None])
         return carry[0] + jnp.sum(dq, axis=0), grads
 
@@ -261,24 +242,17 @@ class Tuning:
     num_warps: int = 8
     block_q_bwd: int = 128
     num_warps_bwd: int = 8
-    # the backward kernel's order of work (``queries_lean`` in ``_bwd_kernel``): probabilities rounded to the
-    # compute dtype at once and rowsum(o * do) from the recomputed output; spelt ":o" after the
-    # four numbers
-    delta_from_output: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "Tuning":
-        """``"128:8:64:8"`` (block_q:num_warps:block_q_bwd:num_warps_bwd), optionally followed by
-        ``:o`` (``delta_from_output``); empty: the defaults."""
+        """``"128:8:64:8"`` (block_q:num_warps:block_q_bwd:num_warps_bwd); empty: the defaults."""
         if not spec:
             return cls()
         parts = spec.split(":")
-        flag = len(parts) == 5 and parts[4] == "o"
-        nums = parts[:4] if flag else parts
-        if len(nums) != 4 or not all(x.isdigit() and pow2(int(x)) == int(x) > 0 for x in nums):
+        if len(parts) != 4 or not all(x.isdigit() and pow2(int(x)) == int(x) > 0 for x in parts):
             raise ValueError(f"attention tuning {spec!r}: expected four powers of two "
-                             "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD, optionally then ':o', e.g. 128:8:64:8")
-        return cls(*map(int, nums), delta_from_output=flag)
+                             "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD, e.g. 128:8:64:8")
+        return cls(*map(int, parts))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -344,7 +318,7 @@ def _bwd_call(tuning, qkv, bias, key_valid, *rest):
         out_shape += [jax.ShapeDtypeStruct((b, n, pp, d), jnp.float32)] * 2
     in_specs += [od_spec, lse_spec]
     kernel = functools.partial(_bwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
-                               has_prefix=has_prefix, delta_from_output=tuning.delta_from_output)
+                               has_prefix=has_prefix)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, n),
