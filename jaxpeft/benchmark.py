@@ -323,8 +323,31 @@ def scaling_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def peer_only_table(records: list[dict]) -> str | None:
+    """Markdown: the peer's rows that have no row of ours with the same size/method/batch/seq (a
+    ``--no_ours`` run), which the speed and memory tables leave out; None when there are none."""
+    ours = {_key(r) for r in records if r.get("framework", "jaxpeft") == "jaxpeft" and "seq_per_s" in r}
+    rows = [r for r in records if r.get("framework", "").startswith("torch") and _key(r) not in ours]
+    if not rows:
+        return None
+    lines = ["| size | method | batch | seq | mode | peft seq/s | step ms | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["size"], METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER
+                                         else 99, r["batch"], r["seq"], r.get("mode", ""))):
+        if "error" in r:
+            cells = f"fails: {r['error'][:80]} | — | —"
+        else:
+            cells = (f"{_fmt(r.get('seq_per_s'))} | {_fmt(r.get('step_ms'), '.2f')} "
+                     f"| {_fmt((r.get('peak_bytes') or float('nan')) / GIB, '.2f')}")
+        lines.append(f"| {r['size']} | {r['method']} | {r['batch']} | {r['seq']} | {r.get('mode', '')} | {cells} |")
+    return "\n".join(lines)
+
+
 def markdown_report(records: list[dict], header: str) -> str:
     parts = [header, "", "## Speed", "", speed_table(records), "", "## Memory", "", memory_table(records)]
+    peer_only = peer_only_table(records)
+    if peer_only:
+        parts += ["", "## The peer's rows without one of ours", "", peer_only]
     if any(not _single(r) for r in records):
         parts += ["", "## Several devices", "", scaling_table(records)]
     return "\n".join(parts) + "\n"

@@ -57,3 +57,22 @@ def test_memory_table_without_a_full_row_says_so():
             for line in benchmark.memory_table(recs).splitlines()[2:]}
     assert "| 0.75x |" in rows["bitfit256"] and "| 1.00x |" in rows["full256"]
     assert "| — |" in rows["bitfit64"] and "nan" not in rows["bitfit64"]
+
+
+def test_report_of_a_peer_only_run_lists_the_peer_rows():
+    """A --no_ours run has nothing for the speed table to pair the peer with: its rows get their own
+    table instead of vanishing, and rows that pair with ours stay out of it."""
+    peer = [dict(framework="torch 2.11", mode="compile", size="base", method=m, batch=256, seq=128,
+                 seq_per_s=s, step_ms=256e3 / s, peak_bytes=8 * 2 ** 30) for m, s in (("bitfit", 6625.2), ("full", 4912.1))]
+    failed = dict(framework="torch 2.11", mode="eager", size="base", method="prefix", batch=64, seq=128,
+                  error="timeout after 240s")
+    md = benchmark.markdown_report(peer + [failed], "# t")
+    assert "| base | bitfit | 256 | 128 | compile | 6,625 | 38.64 | 8.00 |" in md
+    assert "| base | full | 256 | 128 | compile | 4,912 |" in md and "fails: timeout after 240s" in md
+    ours = dict(framework="jaxpeft", size="base", method="bitfit", batch=256, seq=128, seq_per_s=8650.0, mfu=0.5,
+                step_bytes=6 * 2 ** 30, compile_s=19.0)
+    md = benchmark.markdown_report(peer + [ours], "# t")
+    assert "| 6,625 | 1.31x |" in md                               # paired in the speed table
+    assert "| base | bitfit | 256 | 128 | compile |" not in md      # so not listed again
+    assert "| base | full | 256 | 128 | compile | 4,912 |" in md
+    assert "without one of ours" not in benchmark.markdown_report([ours], "# t")
