@@ -326,7 +326,9 @@ def scaling_table(records: list[dict]) -> str:
 def peer_only_table(records: list[dict]) -> str | None:
     """Markdown: the peer's rows that have no row of ours with the same size/method/batch/seq (a
     ``--no_ours`` run), which the speed and memory tables leave out; None when there are none."""
-    ours = {_key(r) for r in records if r.get("framework", "jaxpeft") == "jaxpeft" and "seq_per_s" in r}
+    # the rows speed_table pairs the peer with
+    ours = {_key(r) for r in records if r.get("framework", "jaxpeft") == "jaxpeft" and "seq_per_s" in r
+            and not r.get("capacity") and _single(r)}
     rows = [r for r in records if r.get("framework", "").startswith("torch") and _key(r) not in ours]
     if not rows:
         return None
