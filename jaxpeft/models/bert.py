@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.models import lean_ops, pallas_attention, pallas_gelu, pallas_norm
+from jaxpeft.models.embedding_lookup import SMALL_TABLE_ROWS, EmbedTable, take_small
 from jaxpeft.models.hash_dropout import HashDropout, HashDropoutSeed
 
 Array = jax.Array
@@ -100,6 +101,11 @@ class BertConfig:
     # ``pallas`` (one kernel each way that keeps only the matmul's output:
     # ``jaxpeft.models.pallas_gelu``; GELU activations only)
     activation_impl: str = "xla"
+    # sequence classification reads only the [CLS] row of the last layer's output: compute that
+    # layer's queries, attention, output projection and feed-forward block for that row alone (its
+    # keys and values still come from every token). Same logits and gradients; the last layer's
+    # other rows are work the loss never sees (``BertModel``'s ``cls_only``)
+    cls_only_last_layer: bool = True
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
@@ -150,7 +156,7 @@ class BertConfig:
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
                           "dropout_impl", "lean_residuals", "attention_tuning", "norm_impl",
-                          "norm_tuning", "activation_impl"):
+                          "norm_tuning", "activation_impl", "cls_only_last_layer"):
                 continue
             v = get(f.name, None)
             if v is not None:
@@ -287,8 +293,9 @@ class BertEmbeddings(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array,
+    def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array | None,
                  deterministic: bool = True, prompt_embeds: Array | None = None) -> Array:
+        """``position_ids=None``: positions ``0..L-1`` in every row (``L`` with the virtual tokens)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, param_dtype=jnp.float32,
@@ -297,10 +304,17 @@ class BertEmbeddings(nn.Module):
             p = jnp.broadcast_to(prompt_embeds.astype(words.dtype),
                                  (words.shape[0],) + prompt_embeds.shape[-2:])
             words = jnp.concatenate([words[:, :1], p, words[:, 1:]], axis=1)
-        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                       param_dtype=jnp.float32, name="position_embeddings")(position_ids)
-        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
-                         param_dtype=jnp.float32, name="token_type_embeddings")(token_type_ids)
+        # the position and token-type tables' gradients as sums, not scatter-adds (embedding_lookup)
+        pos_table = EmbedTable(cfg.max_position_embeddings, cfg.hidden_size, init, name="position_embeddings")()
+        if position_ids is None:
+            pos = pos_table[None, :words.shape[1]]
+        else:
+            pos = jnp.take(pos_table, position_ids, axis=0)
+        type_table = EmbedTable(cfg.type_vocab_size, cfg.hidden_size, init, name="token_type_embeddings")()
+        if cfg.type_vocab_size <= SMALL_TABLE_ROWS:
+            types = take_small(type_table, token_type_ids)
+        else:
+            types = jnp.take(type_table, token_type_ids, axis=0)
         x = _layer_norm(cfg)(words + pos + types)
         return _dropout(cfg, cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -313,8 +327,10 @@ class BertSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
                  prefix: tuple[Array, Array] | None = None,
-                 key_lengths: Array | None = None) -> Array:
+                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
         cfg = self.config
+        if cls_only:
+            return self._cls_query(x, key_mask, deterministic, prefix)
         b, t, _ = x.shape
         n, d = cfg.num_attention_heads, cfg.head_dim
         if cfg.fuse_qkv:
@@ -367,6 +383,41 @@ class BertSelfAttention(nn.Module):
         else:
             out = self._fused_attention(q, k, v, key_mask, key_lengths, cfg.attention_impl)
         return out.reshape(b, t, n * d)
+
+    def _cls_query(self, x: Array, key_mask: Array, deterministic: bool,
+                   prefix: tuple[Array, Array] | None) -> Array:
+        """Attention of the first token's query alone over every key: ``[B, 1, H]``. Same params
+        (and fused key/value projection) as the full path; one query row is too little work for a
+        fused kernel, so it is the dense path (with its attention dropout under ``dense``)."""
+        cfg = self.config
+        b, t, _ = x.shape
+        n, d = cfg.num_attention_heads, cfg.head_dim
+        if cfg.fuse_qkv:
+            (wq, bq), (wk, bk), (wv, bv) = [
+                _DenseParams(cfg.hidden_size, cfg.initializer_range, name=name)(x.shape[-1])
+                for name in ("query", "key", "value")]
+            dt = cfg.compute_dtype
+            dims = (((x.ndim - 1,), (0,)), ((), ()))
+            kv = jax.lax.dot_general(x.astype(dt), jnp.concatenate([wk, wv], axis=1).astype(dt), dims)
+            kv = kv.reshape(b, t, 2, n, d) + jnp.concatenate([bk, bv]).astype(dt).reshape(2, n, d)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+            q = jax.lax.dot_general(x[:, :1].astype(dt), wq.astype(dt), dims) + bq.astype(dt)
+            q = q.reshape(b, 1, n, d)
+        else:
+            q = _dense(cfg, cfg.hidden_size, "query")(x[:, :1]).reshape(b, 1, n, d)
+            k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
+            v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "key_value", (k, v))
+        if prefix is not None:
+            pk, pv = prefix
+            shape = (b,) + pk.shape[-3:]
+            k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), shape), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), shape), v], axis=1)
+        if key_mask.shape != (b, k.shape[1]):
+            raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, k.shape[1])}")
+        dropout = cfg.attention_probs_dropout_prob if cfg.attention_impl == "dense" and not deterministic else 0.0
+        return self._dense_attention(q, k, v, key_mask, dropout).reshape(b, 1, n * d)
 
     @staticmethod
     def _fused_attention(q: Array, k: Array, v: Array, key_mask: Array, key_lengths: Array | None,
@@ -421,21 +472,24 @@ class BertAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
                  prefix: tuple[Array, Array] | None = None,
-                 key_lengths: Array | None = None) -> Array:
+                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
         h = BertSelfAttention(self.config, name="self")(_first(x), key_mask, deterministic, prefix,
-                                                         key_lengths)
-        return BertOutput(self.config, name="output")(h, _second(x), deterministic)
+                                                         key_lengths, cls_only)
+        residual = _second(x)[:, :1] if cls_only else _second(x)
+        return BertOutput(self.config, name="output")(h, residual, deterministic)
 
 
 class BertLayer(nn.Module):
+    """One encoder layer; with ``cls_only`` its output is the first row's alone, ``[B, 1, H]``."""
+
     config: BertConfig
 
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
                  prefix: tuple[Array, Array] | None = None,
-                 key_lengths: Array | None = None) -> Array:
+                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
         cfg = self.config
-        a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix, key_lengths)
+        a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix, key_lengths, cls_only)
         h = BertIntermediate(cfg, name="intermediate")(_first(a))
         return BertOutput(cfg, name="output")(h, _second(a), deterministic)
 
@@ -465,14 +519,16 @@ class BertEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
-                 key_lengths: Array | None = None) -> Array:
+                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
+        """``cls_only``: the last layer computes the first row only (output ``[B, 1, H]``)."""
         cfg = self.config
         if prefix_kv is not None and len(prefix_kv) != cfg.num_hidden_layers:
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {cfg.num_hidden_layers}")
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat == "layer" else BertLayer
+        layer_cls = nn.remat(BertLayer, static_argnums=(3, 6)) if cfg.remat == "layer" else BertLayer
         for i in range(cfg.num_hidden_layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix, key_lengths)
+            last = cls_only and i == cfg.num_hidden_layers - 1
+            x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix, key_lengths, last)
         return _first(x)
 
 
@@ -491,7 +547,8 @@ class BertModel(nn.Module):
     positions ``1..P``, right after ``[CLS]``); ``prompt_mask`` (``[B, P]``, default all ones) says
     which virtual tokens the others may attend to. ``position_ids`` default to ``0..L+P-1``.
     With ``prefix_kv`` (length P per layer) the keys of every layer get ``prefix_mask`` (default all
-    ones) in front of ``attention_mask``.
+    ones) in front of ``attention_mask``. With ``cls_only`` the last layer computes the first token's
+    row only, so the sequence output is ``[B, 1, H]`` (all a pooler or [CLS] head reads).
     """
 
     config: BertConfig
@@ -503,7 +560,7 @@ class BertModel(nn.Module):
                  deterministic: bool = True, prompt_embeds: Array | None = None,
                  prompt_mask: Array | None = None,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
-                 prefix_mask: Array | None = None) -> tuple[Array, Array | None]:
+                 prefix_mask: Array | None = None, cls_only: bool = False) -> tuple[Array, Array | None]:
         cfg = self.config
         b, length = input_ids.shape
         if attention_mask is None:
@@ -522,8 +579,6 @@ class BertModel(nn.Module):
         if length > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {length} tokens (virtual tokens included) exceeds "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
                                                    deterministic, prompt_embeds)
         key_mask = mask
@@ -536,7 +591,7 @@ class BertModel(nn.Module):
         # contiguous from position 0: fused attention can then take lengths instead of a mask.
         contiguous = prompt_mask is None and prefix_mask is None
         key_lengths = key_mask.sum(-1).astype(jnp.int32) if contiguous else None
-        x = BertEncoder(cfg, name="encoder")(x, key_mask, deterministic, prefix_kv, key_lengths)
+        x = BertEncoder(cfg, name="encoder")(x, key_mask, deterministic, prefix_kv, key_lengths, cls_only)
         pooled = BertPooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
         return x, pooled
 
@@ -559,7 +614,8 @@ class BertForSequenceClassification(nn.Module):
         cfg = self.config
         extra = {} if self.adapter is None else self.adapter(input_ids.shape[0], deterministic=deterministic)
         _, pooled = BertModel(cfg, name="bert")(input_ids, attention_mask, token_type_ids,
-                                                deterministic=deterministic, **extra)
+                                                deterministic=deterministic,
+                                                cls_only=cfg.cls_only_last_layer, **extra)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         pooled = _dropout(cfg, rate)(pooled, deterministic=deterministic)
         logits = nn.Dense(self.num_labels, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
