@@ -6,6 +6,8 @@
 # Finished stages are packed into OUT_DIR/same.tgz (benchmarks/stages.sh). About a minute per
 # method for each side, plus a minute; the peer's compile takes up to two. 570 s held three
 # methods with the peer (bitfit,full,ptuning) but not the peer's fourth (prefix).
+# OURS_ARGS: more arguments for our side, e.g. OURS_ARGS=--cls_only=1,0 (two rows per method;
+# then give OURS_SECONDS, our stage's limit, room for them: about 45 s a row).
 set -u
 out=${1:?usage: gpu_same_run.sh OUT_DIR SECONDS METHODS [BATCHES]}
 methods=${3:?}; batches=${4:-256}
@@ -21,7 +23,8 @@ n=$(tr ',' '\n' <<< "$methods" | wc -l)
 # ours first (about 45 s per method, the first about a minute more), then the peer in its own
 # processes (our process has exited, so the GPU's memory is free for it). The peer's prefix
 # tuning took more than 120 s to its first step on a fresh machine.
-s $(( 60 + 60 * n )) ours.log "${bench[@]}" --out="$work/ours"
+# shellcheck disable=SC2086  # OURS_ARGS is a list of arguments
+s "${OURS_SECONDS:-$(( 60 + 60 * n ))}" ours.log "${bench[@]}" ${OURS_ARGS:-} --out="$work/ours"
 s $(( 150 * n )) peer.log "${bench[@]}" --no_ours --peer=compile --timeout=240 --out="$work/peer"
 # both sides in one table with the ratios (OUT_DIR/same.tgz: combined/bench.md)
 s 60 report.log python3 scripts/bench.py --report "$work/ours/bench.jsonl" "$work/peer/bench.jsonl" --out="$work/combined"

@@ -57,6 +57,9 @@ def main() -> int:
                          "for --norm_impl=pallas (empty: the defaults)")
     ap.add_argument("--activation_impl", default="xla",
                     help="comma list: xla (lean GELU after the biased matmul), pallas (bias + GELU kernels)")
+    ap.add_argument("--cls_only", default="1",
+                    help="comma list: 1 (the last layer for the [CLS] row only, the default), 0 (every row, "
+                         "as the peer computes it)")
     ap.add_argument("--prng_impl", default="auto", help="auto (rbg on GPU), threefry2x32, rbg, unsafe_rbg")
     ap.add_argument("--dropout", type=float, default=None, help="override BERT's dropout (0.1)")
     ap.add_argument("--steps", type=int, default=20)
@@ -79,7 +82,7 @@ def main() -> int:
     ap.add_argument("--report", nargs="+", default=None, help="only build OUT/bench.md from these jsonl files")
     ap.add_argument("--out", default="bench")
     a = ap.parse_args()
-    for flag in ("fuse_qkv", "lean"):
+    for flag in ("fuse_qkv", "lean", "cls_only"):
         bad = set(getattr(a, flag).split(",")) - {"0", "1"}
         if bad:
             ap.error(f"--{flag} takes a comma list of 0 and 1, got {sorted(bad)}")
@@ -142,21 +145,22 @@ def main() -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            variants = [(r, f == "1", int(d), lean == "1", di, att, tun, ni, nt, ai) for r in a.remat.split(",")
+            variants = [(r, f == "1", int(d), lean == "1", di, att, tun, ni, nt, ai, c == "1")
+                        for r in a.remat.split(",")
                         for f in a.fuse_qkv.split(",") for d in a.dropout_bits.split(",")
                         for lean in a.lean.split(",") for di in a.dropout_impl.split(",")
                         for att in impls for tun in (a.attention_tuning.split(",") if att == "pallas" else [""])
                         for ni in a.norm_impl.split(",")
                         for nt in (a.norm_tuning.split(",") if ni == "pallas" else [""])
-                        for ai in a.activation_impl.split(",")]
-            for batch, (remat, fuse, bits, lean, dimpl, att, tun, ni, nt, ai) in \
+                        for ai in a.activation_impl.split(",") for c in a.cls_only.split(",")]
+            for batch, (remat, fuse, bits, lean, dimpl, att, tun, ni, nt, ai, cls) in \
                     [(b, v) for b in ([] if a.no_ours else batches) for v in variants]:
                 bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, dtype=a.dtype,
                                            attention_impl=att, steps=a.steps, repeats=a.repeats,
                                            peak_tflops=peak, prng_impl=a.prng_impl, dropout=a.dropout,
                                            mesh=a.mesh, remat=remat, fuse_qkv=fuse, dropout_bits=bits,
                                            dropout_impl=dimpl, lean_residuals=lean, attention_tuning=tun,
-                                           norm_impl=ni, norm_tuning=nt, activation_impl=ai)
+                                           norm_impl=ni, norm_tuning=nt, activation_impl=ai, cls_only=cls)
                 try:
                     rec = {"framework": "jaxpeft", **benchmark.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)
