@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxpeft.benchmark import BenchConfig, build_step  # noqa: E402
+from jaxpeft import compute, options  # noqa: E402
+from jaxpeft.benchmark import BenchConfig, build_step, variant  # noqa: E402
 
 KINDS = [  # first match wins; kernel names of cuBLAS/cuDNN/XLA on recent GPUs
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
@@ -85,23 +86,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="base")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--attention_impl", default=None)
-    p.add_argument("--remat", default="none")
-    p.add_argument("--dropout_bits", type=int, default=32)
-    p.add_argument("--dropout_impl", default="hash", choices=("hash", "random"))
+    p.add_argument("--compute", default="auto", choices=compute.PRESETS)
+    options.add_flags(p.add_argument_group("compute (each overrides the --compute preset)"), compute.Compute)
     p.add_argument("--dropout", type=float, default=None)
-    p.add_argument("--norm_impl", default="pallas", choices=("xla", "pallas"))
-    p.add_argument("--lean", type=int, default=1, choices=(0, 1), help="lean LayerNorm/GELU backward")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--name", default=None)
     p.add_argument("--out", default="profile")
     a = p.parse_args(argv)
-    attention = a.attention_impl or ("pallas" if jax.default_backend() == "gpu" else "dense")
-    bc = BenchConfig(size=a.size, method=a.method, batch=a.batch, seq=a.seq, dtype=a.dtype,
-                     attention_impl=attention, remat=a.remat, dropout_bits=a.dropout_bits,
-                     dropout_impl=a.dropout_impl, dropout=a.dropout, lean_residuals=bool(a.lean),
-                     norm_impl=a.norm_impl)
+    spec = compute.resolve(a.compute, {k: getattr(a, k) for k in compute.fields() if hasattr(a, k)})
+    bc = BenchConfig(size=a.size, method=a.method, batch=a.batch, seq=a.seq, compute=spec, dropout=a.dropout)
     name = a.name or f"{a.method}_b{a.batch}"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,10 +119,7 @@ def main(argv=None) -> int:
                         if e.get("ph") == "M" and e.get("name") == "process_name"})
     kinds, top = summarize(events, a.steps)
     busy = sum(kinds.values()) / 1e3
-    lines = [f"# Profile: {name} ({bc.size}, batch {bc.batch}, seq {bc.seq}, {bc.dtype}, "
-             f"attention {attention}, remat {bc.remat}, dropout_bits {bc.dropout_bits}, "
-             f"dropout masks {bc.dropout_impl}, "
-             f"lean residuals {bc.lean_residuals})", "",
+    lines = [f"# Profile: {name} ({bc.size}, batch {bc.batch}, seq {bc.seq}, {variant(spec.to_dict())})", "",
              f"- device: {jax.devices()[0].device_kind}, jax {jax.__version__}, compile {compile_s:.1f} s",
              f"- wall per step under the profiler: {wall_ms:.2f} ms; device kernel time per step: "
              f"{busy:.2f} ms ({len(events) / a.steps:.0f} kernels per step)",

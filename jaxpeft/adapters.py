@@ -38,6 +38,8 @@ from jaxpeft.fingerprint import check as check_base
 from jaxpeft.fingerprint import fingerprint as base_fingerprint
 from jaxpeft.fingerprint import to_host
 from jaxpeft.errors import UserError
+from jaxpeft import steps
+from jaxpeft.compute import Compute
 from jaxpeft.methods.base import Method
 from jaxpeft.models.loading import LoadedModel, load_classifier
 
@@ -62,18 +64,26 @@ def base_model_ref(model: str) -> str:
 
 def save_adapter(directory: str | Path, params: Any, method: Method, task: data.GlueTask, *,
                  base_model: str, fingerprint: dict[str, Any], max_seq_length: int = 128,
-                 dtype: str = "float32", step: int | None = None) -> Path:
+                 compute: Compute | None = None, step: int | None = None, head: Any = None,
+                 write: bool = True) -> Path:
     """Writes ``method``'s export of ``params`` as an adapter folder; returns its path.
 
-    The folder is written next to its destination and renamed into place, so an existing adapter
-    is replaced only by a complete new one.
+    ``head``: the run's :class:`jaxpeft.config.Head` (pooling, ``modules_to_save``), recorded and
+    restored. The folder is written next to its destination and renamed into place, so an existing
+    adapter is replaced only by a complete new one. ``write=False`` (other processes of a
+    multi-process run) gathers the arrays but writes nothing.
     """
     inference = method.for_inference()
     if inference.name not in methods.REGISTRY:
         raise ValueError(f"{type(method).__name__}.for_inference() returns an unregistered method "
                          f"{inference.name!r}; an adapter could not be loaded again")
+    modules = head.module_list() if head is not None else ()
     arrays = {k: np.ascontiguousarray(to_host(v), dtype=np.float32)
-              for k, v in method.export_params(params).items()}
+              for k, v in method.export_params(params, modules).items()}
+    directory = Path(directory)
+    if not write:
+        return directory
+    dtype = (compute or Compute()).dtype
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "jaxpeft_version": jaxpeft.__version__,
         "method": inference.name, "method_options": inference.options(),
@@ -82,9 +92,9 @@ def save_adapter(directory: str | Path, params: Any, method: Method, task: data.
         "label_names": None if task.label_names is None else list(task.label_names),
         "base_model": base_model_ref(base_model), "fingerprint": fingerprint,
         "max_seq_length": int(max_seq_length), "dtype": dtype, "step": step,
+        "pooling": getattr(head, "pooling", "cls"), "modules_to_save": list(modules),
         "num_params": int(sum(a.size for a in arrays.values())),
     }
-    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"adapter destination {directory} exists and is a file")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -176,13 +186,14 @@ def overlay(params: Any, arrays: dict[str, np.ndarray], source: str) -> Any:
     return masks.unflatten(flat, params)
 
 
-def load_adapter(directory: str | Path, model: str | None = None, *, dtype: str | None = None,
-                 attention_impl: str = "dense") -> tuple[LoadedModel, Any, Method, data.GlueTask]:
+def load_adapter(directory: str | Path, model: str | None = None, *, compute: Compute | None = None
+                 ) -> tuple[LoadedModel, Any, Method, data.GlueTask]:
     """Loads the base model and overlays the adapter in ``directory``.
 
     ``model`` overrides the recorded base (e.g. the same checkpoint in another folder); it must have
-    the recorded fingerprint. Returns ``(loaded_model, params, method, task)`` where ``method`` is
-    the inference method the params belong to.
+    the recorded fingerprint. ``compute``: how to compute (default: ``auto`` on this platform).
+    Returns ``(loaded_model, params, method, task)`` where ``method`` is the inference method the
+    params belong to.
     """
     cfg = read_adapter_config(directory)
     where = Path(directory) / ADAPTER_CONFIG
@@ -195,12 +206,17 @@ def load_adapter(directory: str | Path, model: str | None = None, *, dtype: str 
         raise UserError(f"{where}: num_labels={cfg['num_labels']} but task {task.name} has {task.num_labels}")
     arrays = read_adapter_weights(directory)
     source = model or cfg["base_model"]
-    loaded = load_classifier(source, task.num_labels, adapter=method.adapter,
-                             dtype=dtype or cfg.get("dtype") or "float32", attention_impl=attention_impl)
-    check_base(cfg["fingerprint"], base_fingerprint(loaded.params, source, str(loaded.model_dir)),
-               f"adapter {directory}")
+    if compute is None:
+        from jaxpeft import compute as compute_lib
+
+        compute = compute_lib.resolve("auto")
+    loaded = load_classifier(source, task.num_labels, adapter=method.adapter, extras=method.extras,
+                             added=method.added, compute=compute)
+    check_base(cfg["fingerprint"], base_fingerprint(loaded.params, source, str(loaded.model_dir),
+                                                    exclude=method.added), f"adapter {directory}")
     params = overlay(loaded.params, arrays, str(Path(directory) / ADAPTER_WEIGHTS))
-    missing = sorted(set(masks.trainable_paths(method.mask(params))) - set(arrays))
+    missing = sorted(set(masks.trainable_paths(method.mask(params, cfg.get("modules_to_save") or ())))
+                     - set(arrays))
     if missing:
         raise UserError(f"adapter {directory} lacks {len(missing)} trained array(s) of method "
                         f"{method.name}, e.g. {missing[:2]}")
@@ -231,15 +247,14 @@ def examples_from_lines(lines: Iterable[str], task: data.GlueTask) -> data.Examp
 def predict(loaded: LoadedModel, params: Any, method: Method, examples: data.Examples, *,
             max_seq_length: int = 128, batch_size: int = 64) -> np.ndarray:
     """Logits ``[n, num_labels]`` for ``examples``, in their order."""
-    from jaxpeft import train
-
     if max_seq_length + method.extra_positions() > loaded.config.max_position_embeddings:
         raise UserError(f"max_seq_length={max_seq_length} plus {method.extra_positions()} virtual tokens "
                         f"exceeds the model's {loaded.config.max_position_embeddings} positions")
     enc = data.encode(loaded.tokenizer, examples, max_seq_length)
     trainable, frozen = masks.split(params, method.mask(params))
-    fn = jax.jit(train.make_predict_step(loaded.module))
-    return train.predict_logits(fn, trainable, frozen, enc, batch_size, data.length_buckets(max_seq_length))
+    fn = jax.jit(steps.make_predict_step(loaded.module))
+    batches = data.BucketBatches(enc, batch_size, max_seq_length, 0).eval_batches(enc, batch_size)
+    return steps.predict_logits(fn, trainable, frozen, batches, len(enc))
 
 
 def scores(logits: np.ndarray, task: data.GlueTask) -> np.ndarray:

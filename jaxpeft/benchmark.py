@@ -1,7 +1,7 @@
 """Train-step benchmarks: step time, throughput, peak memory, compile time, FLOPs and MFU.
 
 One configuration = (model size, method, batch, sequence length). The step benchmarked is the
-library's own (:func:`jaxpeft.train.make_train_step`, jitted with donated state) on random-init
+library's own (:func:`jaxpeft.steps.make_train_step`, jitted with donated state) on random-init
 weights of the model's shape and random token ids with every position real, so numbers compare
 with the PyTorch peer in ``benchmarks/peft_peer.py`` on the same shapes.
 """
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import masks, methods
-from jaxpeft.config import TrainConfig
+from jaxpeft import masks, methods, optim, runtime, steps
+from jaxpeft.compute import Compute
+from jaxpeft.config import Optim
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
-from jaxpeft.train import init_state, make_optimizer, make_train_step, set_prng_impl
 
 SIZES: dict[str, BertConfig] = {
     "base": BertConfig(),  # bert-base-uncased
@@ -31,8 +31,14 @@ SIZES: dict[str, BertConfig] = {
     "tiny": BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                        vocab_size=1000, max_position_embeddings=256),
 }
-#: Options given to every method (peer's settings: 20 virtual tokens).
+#: Options of the benchmarked methods (the peer's settings: 20 virtual tokens).
 METHOD_OPTIONS = {"num_virtual_tokens": 20}
+
+
+def method_options(method: str) -> dict:
+    """:data:`METHOD_OPTIONS` that ``method`` takes."""
+    fields = {f.name for f in dataclasses.fields(methods.REGISTRY[method])}
+    return {k: v for k, v in METHOD_OPTIONS.items() if k in fields}
 #: Methods that add ``num_virtual_tokens`` positions to the input / to the keys.
 INPUT_PROMPT_METHODS = ("prompt", "ptuning")
 PREFIX_METHODS = ("prefix", "ptuning_v2")
@@ -44,23 +50,11 @@ class BenchConfig:
     method: str = "bitfit"
     batch: int = 64
     seq: int = 128
-    dtype: str = "bfloat16"
-    attention_impl: str = "cudnn"
+    compute: Compute = dataclasses.field(default_factory=Compute)   # how to compute (jaxpeft.compute)
     steps: int = 20           # steps per timed repeat
     repeats: int = 5
     warmup: int = 3
     peak_tflops: float = 790.0  # measured bf16 matmul rate of the device (H200: ~790)
-    remat: str = "none"
-    fuse_qkv: bool = True
-    dropout_bits: int = 32
-    dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
-    attention_tuning: str = ""  # pallas kernel launch parameters (BertConfig.attention_tuning)
-    norm_impl: str = "xla"      # sublayer outputs: xla | pallas (BertConfig.norm_impl)
-    norm_tuning: str = ""       # their kernels' launch parameters (BertConfig.norm_tuning)
-    activation_impl: str = "xla"  # feed-forward bias + GELU: xla | pallas (BertConfig.activation_impl)
-    lean_residuals: bool = True  # LayerNorm/GELU backward from their bf16 inputs (lean_ops)
-    cls_only: bool = True       # the last layer for the [CLS] row only (BertConfig.cls_only_last_layer)
-    prng_impl: str = "auto"     # dropout RNG (see jaxpeft.train.set_prng_impl)
     dropout: float | None = None  # override hidden/attention dropout (None: BERT's 0.1)
     mesh: str | None = None     # e.g. "data:2" or "data:1,fsdp:2"; None: one device, plain jit
 
@@ -130,18 +124,13 @@ def build_step(bc: BenchConfig):
     """
     from jaxpeft import sharding
 
-    set_prng_impl(bc.prng_impl)
-    cfg = SIZES[bc.size].replace(dtype=bc.dtype, attention_impl=bc.attention_impl, remat=bc.remat,
-                                    fuse_qkv=bc.fuse_qkv, dropout_bits=bc.dropout_bits,
-                                    dropout_impl=bc.dropout_impl, lean_residuals=bc.lean_residuals,
-                                    attention_tuning=bc.attention_tuning, norm_impl=bc.norm_impl,
-                                    norm_tuning=bc.norm_tuning, activation_impl=bc.activation_impl,
-                                    cls_only_last_layer=bc.cls_only)
+    runtime.set_prng_impl(bc.compute.prng_impl)
+    cfg = SIZES[bc.size]
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
-    method = methods.create(bc.method, METHOD_OPTIONS)
-    adapter = method.adapter(cfg)
-    module = BertForSequenceClassification(cfg, num_labels=2, adapter=adapter)
+    method = methods.create(bc.method, method_options(bc.method))
+    module = BertForSequenceClassification(cfg, num_labels=2, adapter=method.adapter(cfg), compute=bc.compute,
+                                           extras=method.extras(cfg))
     dummy = _random_batch(cfg, 1, 8)
     plan = sharding.create_plan(bc.mesh or "data:1", devices=None if bc.mesh else jax.devices()[:1])
     plan.check_batch_size(bc.batch)
@@ -152,14 +141,14 @@ def build_step(bc: BenchConfig):
     params, _ = plan.init(init, jax.random.key(0), shardings=plan.tree_shardings)
     mask = method.mask(params)
     counts = masks.count(params, mask)
-    tx, _ = make_optimizer(TrainConfig(learning_rate=1e-4), total_steps=10_000)
+    tx = optim.make_optimizer(Optim(learning_rate=1e-4))
     trainable, frozen = masks.split(params, mask)
-    frozen = kernels_in_compute_dtype(frozen, cfg)   # as the Trainer keeps them
-    state, state_sh = plan.init(lambda t: init_state(t, tx, 0), trainable, shardings=plan.state_shardings)
+    frozen = kernels_in_compute_dtype(frozen, bc.compute)   # as the Trainer keeps them
+    state, state_sh = plan.init(lambda t: steps.init_state(t, tx, 0), trainable, shardings=plan.state_shardings)
     frozen_sh = plan.tree_shardings(frozen)
     del params, trainable
     batch = plan.global_batch({k: np.asarray(v) for k, v in _random_batch(cfg, bc.batch, bc.seq).items()})
-    step = plan.jit_train_step(make_train_step(module, tx, regression=False), state_sh, frozen_sh)
+    step = plan.jit_train_step(steps.make_train_step(module, tx, regression=False), state_sh, frozen_sh)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch, np.float32(1e-4)).compile()
     compile_s = time.perf_counter() - t0
@@ -185,7 +174,7 @@ def run(bc: BenchConfig) -> dict[str, Any]:
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     rec = {
-        **dataclasses.asdict(bc),
+        **{k: v for k, v in dataclasses.asdict(bc).items() if k != "compute"}, **bc.compute.to_dict(),
         "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
         "devices": ndev,
         "trainable_params": trainable, "total_params": total,
@@ -227,26 +216,14 @@ def _key(r: dict) -> tuple:
 
 
 def variant(r: dict) -> str:
-    """How our step was built, beyond the shape: ``remat=...``, ``qkv=fused|split``, dropout,
-    ``residuals=lean|autodiff`` (records written before ``lean_residuals`` existed are autodiff)
-    and the attention kernel when it is not cuDNN's."""
-    parts = [f"remat={r.get('remat', 'none')}", "qkv=" + ("fused" if r.get("fuse_qkv", True) else "split"),
-             "residuals=" + ("lean" if r.get("lean_residuals", False) else "autodiff")]
-    if r.get("dropout_bits", 32) != 32:
-        parts.append(f"dropout_bits={r['dropout_bits']}")
-    parts.append(f"dropout_masks={r.get('dropout_impl', 'random')}")
+    """How our step was computed, beyond the shape: the compute spec's fields (jaxpeft.compute)."""
+    parts = [f"{r.get('dtype', '?')}", f"attention={r.get('attention_impl', '?')}",
+             f"norm={r.get('norm_impl', '?')}", f"dropout_masks={r.get('dropout_impl', '?')}"]
+    if r.get("remat", "none") != "none":
+        parts.append(f"remat={r['remat']}")
     if r.get("dropout") is not None:
         parts.append(f"dropout={r['dropout']:g}")
-    if r.get("attention_impl", "cudnn") != "cudnn":
-        parts.append(f"attention={r['attention_impl']}")
-    if r.get("attention_impl") == "pallas" and r.get("attention_tuning"):
-        parts.append(f"tuning={r['attention_tuning']}")
-    if r.get("activation_impl", "xla") != "xla":
-        parts.append(f"gelu={r['activation_impl']}")
-    if r.get("norm_impl", "xla") != "xla":
-        parts.append(f"norm={r['norm_impl']}" + (f":{r['norm_tuning']}" if r.get("norm_tuning") else ""))
-    # records from before the option computed every row of the last layer
-    parts.append("last_layer=" + ("cls" if r.get("cls_only", False) else "all"))
+    parts.append("last_layer=" + ("cls" if r.get("cls_only_last_layer", True) else "all"))
     return " ".join(parts)
 
 
@@ -310,7 +287,7 @@ def memory_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-METHOD_ORDER = ["full", "frozen", "bitfit", "prompt", "ptuning", "prefix", "ptuning_v2"]
+METHOD_ORDER = ["full", "frozen", "bitfit", "prompt", "ptuning", "prefix", "ptuning_v2", "lora", "adapter"]
 
 
 def scaling_table(records: list[dict]) -> str:

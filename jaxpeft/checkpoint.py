@@ -6,9 +6,10 @@
   nested dict -- ``step``, ``rng``, ``trainable/<param path>`` and ``opt_state/<...>/mu/<param
   path>``. Frozen weights are holes (``optax.MaskedNode``) of the state, so they are never saved;
   the base model is reloaded from its source and checked against a fingerprint.
-* ``meta`` (``JsonSave``): the run's config, the method and its options, the base-model
-  fingerprint, the data position (epoch, batch, a hash of the remaining batch order and of the
-  training data), and the best dev metrics so far.
+* ``meta`` (``JsonSave``): the run's config, the settings that decide its trajectory (compute
+  included), the method and its options, the base-model fingerprint, the data position (epoch,
+  batch, a hash of the remaining batch order and of the training data), and the best dev metrics
+  so far.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a write cut short
 (a killed process) is never listed as a checkpoint; temporary folders are removed when the manager
@@ -22,12 +23,13 @@ restores onto another.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -35,11 +37,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 import jaxpeft
-from jaxpeft import data, fingerprint, masks
+from jaxpeft import fingerprint, masks
 from jaxpeft.errors import UserError
-
-if TYPE_CHECKING:
-    from jaxpeft.train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +55,7 @@ logging.getLogger("absl").addFilter(_PeriodicSaveFilter())
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"
-ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
-
-#: Config fields that decide the training trajectory: resuming with other values would not continue
-#: the same run. (The method's own options are compared too; output/logging/device options are free.)
-MUST_MATCH = ("method", "task", "learning_rate", "batch_size", "num_epochs", "max_steps", "warmup_ratio",
-              "weight_decay", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps", "seed", "max_seq_length",
-              "max_train_examples", "max_eval_examples", "dtype")
 
 
 # ----------------------------------------------------------------------------- state <-> saved tree
@@ -224,77 +216,84 @@ class RunCheckpoints:
         self.manager.close()
 
 
-# ----------------------------------------------------------------------------- the Trainer's side
+# ----------------------------------------------------------------------------- a run's checkpoints
 
 
 def _short(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-class TrainerCheckpoints:
-    """What a :class:`~jaxpeft.train.Trainer` persists besides its logs: checkpoints every
-    ``save_every`` steps and at every evaluation, exact resume, and the adapter at the end."""
+@dataclasses.dataclass
+class RunIdentity:
+    """What a checkpoint must agree with to be resumed: the settings that decide the training
+    trajectory (compared one by one), the base model's fingerprint and the training data."""
 
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-        cfg = self.cfg = trainer.cfg
-        self.directory = Path(cfg.output_dir).absolute() / CHECKPOINT_DIR
-        self.enabled = cfg.keep > 0
-        self.total = trainer.total_steps()
-        self.steps_per_epoch = trainer.steps_per_epoch()
-        self.fingerprint = fingerprint.fingerprint(trainer.model.params, cfg.model,
-                                                   str(trainer.model.model_dir))
-        td = trainer.train_data
-        self.train_data_sha = sha256_arrays(td.input_ids, td.token_type_ids, td.lengths, td.labels)
+    settings: dict[str, Any]          # trajectory-relevant settings (flag name -> value)
+    config: dict[str, Any]            # every setting, recorded
+    method: str
+    method_options: dict[str, Any]
+    task: str
+    num_labels: int
+    fingerprint: dict[str, Any]
+    train_examples: int
+    train_data_sha256: str
+    total_steps: int
+    steps_per_epoch: int
+
+
+class Checkpoints:
+    """A run's checkpoints every ``save_every`` steps and at every evaluation, and exact resume.
+
+    ``data_position(step)`` says where the batch iterator stands after ``step`` steps (epoch,
+    batch, and a hash of the batches left in the epoch), recorded and checked on resume.
+    """
+
+    def __init__(self, output_dir: str | Path, identity: RunIdentity, *, keep: int, save_every: int,
+                 resume: bool | None, main_metric: str,
+                 data_position: Callable[[int], dict[str, Any]],
+                 echo: Callable[[str], None] = print, log: Callable[..., None] | None = None):
+        self.directory = Path(output_dir).absolute() / CHECKPOINT_DIR
+        self.identity = identity
+        self.keep, self.save_every, self.resume_flag = keep, save_every, resume
+        self.main_metric = main_metric
+        self.enabled = keep > 0
+        self.data_position = data_position
+        self.echo, self.log = echo, log
         self.best: dict[str, float] | None = None
         self.best_step = 0
         self.resumed_from: int | None = None
         self.run: RunCheckpoints | None = None
-        self._orders: dict[int, list[np.ndarray]] = {}
-
-    # -- data position ------------------------------------------------------------------------
-    def data_position(self, step: int) -> dict[str, Any]:
-        """Where the batch iterator stands after ``step`` steps, and a hash of the batches left in
-        that epoch: the loop derives the position from the step because the order is a function of
-        ``(seed, epoch)``; the hash checks that on resume."""
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        if epoch not in self._orders:
-            self._orders = {epoch: data.epoch_order(self.trainer.train_data.lengths, self.cfg.batch_size,
-                                                    self.cfg.seed, epoch)}
-        rest = self._orders[epoch][batch:]
-        return {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
-                "batch_order_sha256": sha256_arrays(*rest) if rest else None}
 
     def meta(self, step: int) -> dict[str, Any]:
-        t = self.trainer
+        i = self.identity
         return {"format_version": FORMAT_VERSION, "jaxpeft_version": jaxpeft.__version__, "step": step,
-                "total_steps": self.total, "config": self.cfg.to_dict(), "method": t.method.name,
-                "method_options": t.method.options(), "task": t.task.name, "num_labels": t.task.num_labels,
-                "fingerprint": self.fingerprint, "train_examples": len(t.train_data),
-                "train_data_sha256": self.train_data_sha, "data_position": self.data_position(step),
-                "best": self.best, "best_step": self.best_step}
+                "total_steps": i.total_steps, "config": i.config, "settings": i.settings,
+                "method": i.method, "method_options": i.method_options, "task": i.task,
+                "num_labels": i.num_labels, "fingerprint": i.fingerprint,
+                "train_examples": i.train_examples, "train_data_sha256": i.train_data_sha256,
+                "data_position": self.data_position(step), "best": self.best, "best_step": self.best_step}
 
     # -- resume -------------------------------------------------------------------------------
     def resume(self, state: Any) -> Any:
         """Opens the checkpoints; returns the state of the latest complete one when resuming,
         ``state`` otherwise. ``state`` (freshly built) gives the target shapes and shardings."""
-        cfg, where = self.cfg, self.directory
+        where, flag = self.directory, self.resume_flag
         steps = complete_steps(where)
         if not self.enabled:
-            if cfg.resume:
+            if flag:
                 raise UserError("--resume needs checkpoints, but --keep=0 turns them off")
             if steps:
                 raise UserError(f"{where} holds checkpoints (latest step {steps[-1]}) that --keep=0 would "
                                 "neither resume from nor update; use --keep>0 or another --output_dir")
             return state
-        if cfg.resume is False and steps:
+        if flag is False and steps:
             raise UserError(f"--no-resume, but {where} holds checkpoints of an earlier run (latest step "
                             f"{steps[-1]}); use another --output_dir or remove that folder")
-        if cfg.resume and not steps:
+        if flag and not steps:
             raise UserError(f"--resume: no complete checkpoint in {where}")
         if steps:  # fail on a wrong base or other flags before anything is written
             self.check_compatible(*self._newest_readable_meta(steps))
-        self.run = RunCheckpoints(where, keep=cfg.keep, main_metric=self.trainer.task.main_metric)
+        self.run = RunCheckpoints(where, keep=self.keep, main_metric=self.main_metric)
         for step in reversed(self.run.steps()):
             try:
                 meta = self.run.read_meta(step)
@@ -307,16 +306,15 @@ class TrainerCheckpoints:
                 dest = self.run.set_aside(step)
                 log.warning("checkpoint %s cannot be read (%s: %s); moved to %s, trying the one before",
                             where / str(step), type(e).__name__, str(e).splitlines()[0][:200], dest)
-                self.trainer.echo(f"checkpoint of step {step} is unreadable; moved to {dest}")
+                self.echo(f"checkpoint of step {step} is unreadable; moved to {dest}")
                 continue
             if int(restored.step) != step:
                 raise UserError(f"checkpoint {where / str(step)} holds step {int(restored.step)}, not {step}")
             self.best, self.best_step = meta.get("best"), int(meta.get("best_step", 0))
             self.resumed_from = step
-            self.trainer.echo(f"resuming from step {step} of {self.total} ({where / str(step)})")
-            jlog = getattr(self.trainer, "jlog", None)
-            if jlog is not None:
-                jlog.write(event="resume", step=step, best_step=self.best_step)
+            self.echo(f"resuming from step {step} of {self.identity.total_steps} ({where / str(step)})")
+            if self.log is not None:
+                self.log(event="resume", step=step, best_step=self.best_step)
             return restored
         if steps:
             raise UserError(f"no checkpoint in {where} could be read (moved to "
@@ -341,22 +339,27 @@ class TrainerCheckpoints:
         if not meta:
             return
         what = f"checkpoint {self.directory / str(step)}"
-        fingerprint.check(meta.get("fingerprint"), self.fingerprint, what)
-        saved_cfg, now = meta.get("config", {}), self.cfg.to_dict()
-        diffs = [f"{k}={_short(saved_cfg.get(k))} (now {_short(now[k])})"
-                 for k in MUST_MATCH if k in saved_cfg and saved_cfg.get(k) != now[k]]
-        opts_now = self.trainer.method.options()
-        diffs += [f"{k}={_short(v)} (now {_short(opts_now.get(k))})"
-                  for k, v in (meta.get("method_options") or {}).items()
-                  if meta.get("method") == self.trainer.method.name and opts_now.get(k) != v]
-        if not diffs and meta.get("total_steps") != self.total:
-            diffs.append(f"total_steps={meta.get('total_steps')} (now {self.total})")
+        ident = self.identity
+        fingerprint.check(meta.get("fingerprint"), ident.fingerprint, what)
+        saved = meta.get("settings")
+        if saved is None:   # written before settings were recorded apart
+            saved = {k: v for k, v in (meta.get("config") or {}).items() if k in ident.settings}
+        diffs = [f"{k}={_short(saved.get(k))} (now {_short(v)})"
+                 for k, v in ident.settings.items() if k in saved and saved.get(k) != v]
+        diffs += [f"{k} (now {_short(v)})" for k, v in ident.settings.items() if k not in saved
+                  and v not in (None, False)]
+        if meta.get("method") == ident.method:
+            diffs += [f"{k}={_short(v)} (now {_short(ident.method_options.get(k))})"
+                      for k, v in (meta.get("method_options") or {}).items()
+                      if ident.method_options.get(k) != v]
+        if not diffs and meta.get("total_steps") != ident.total_steps:
+            diffs.append(f"total_steps={meta.get('total_steps')} (now {ident.total_steps})")
         if diffs:
             raise UserError(f"{what} belongs to a run with other settings: {', '.join(diffs)}; "
                             "use the same flags or another --output_dir")
-        if meta.get("train_data_sha256") != self.train_data_sha:
+        if meta.get("train_data_sha256") != ident.train_data_sha256:
             raise UserError(f"{what} was trained on other training data ({meta.get('train_examples')} "
-                            f"examples, now {len(self.trainer.train_data)}, or other texts/tokenizer); "
+                            f"examples, now {ident.train_examples}, or other texts/tokenizer); "
                             "use the same data or another --output_dir")
         pos = meta.get("data_position") or {}
         if pos.get("batch_order_sha256") != self.data_position(step)["batch_order_sha256"]:
@@ -365,8 +368,9 @@ class TrainerCheckpoints:
 
     # -- the loop's hooks ---------------------------------------------------------------------
     def after_step(self, step: int, state: Any) -> None:
-        # The last step is saved by the final evaluation, with its metrics.
-        if self.run and self.cfg.save_every > 0 and step % self.cfg.save_every == 0 and step < self.total:
+        """A checkpoint every ``save_every`` steps (the last step is saved by the final
+        evaluation, with its metrics)."""
+        if self.run and self.save_every > 0 and step % self.save_every == 0 and step < self.identity.total_steps:
             self.run.save(step, state, self.meta(step))
 
     def after_eval(self, step: int, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
@@ -375,21 +379,9 @@ class TrainerCheckpoints:
         if self.run:
             self.run.save(step, state, self.meta(step), metrics=metrics)
 
-    def finish(self, state: Any, frozen: Any) -> dict[str, Any]:
-        """Waits for pending writes, exports the final params as an adapter (``--export_adapter``);
-        returns the paths for ``results.json``."""
-        out: dict[str, Any] = {}
-        if self.run is not None:
-            self.run.close()
-            out["checkpoint_dir"] = str(self.directory)
-            out["checkpoint_steps"] = self.run.steps()
-        if self.cfg.export_adapter:
-            from jaxpeft import adapters
-
-            t = self.trainer
-            path = adapters.save_adapter(
-                Path(self.cfg.output_dir) / ADAPTER_DIR, masks.merge(state.trainable, frozen), t.method,
-                t.task, base_model=self.cfg.model, fingerprint=self.fingerprint,
-                max_seq_length=self.cfg.max_seq_length, dtype=self.cfg.dtype, step=int(state.step))
-            out["adapter_dir"] = str(path)
-        return out
+    def close(self) -> dict[str, Any]:
+        """Waits for pending writes; returns the entries for ``results.json``."""
+        if self.run is None:
+            return {}
+        self.run.close()
+        return {"checkpoint_dir": str(self.directory), "checkpoint_steps": self.run.steps()}

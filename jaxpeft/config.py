@@ -1,136 +1,243 @@
-"""Run configuration: library defaults < ``configs/<method>.py`` for the task < command-line flags.
+"""Run settings: library defaults < the method's config for the task < command-line flags.
 
-A config file is Python with ``get_config(task: str) -> dict`` (big_vision style); its keys are
-:class:`TrainConfig` fields. Every field is a command-line flag of ``scripts/train.py``
-(``--learning_rate=3e-4``, ``--no-progress``).
+:class:`TrainConfig` groups the settings: optimisation (:class:`Optim`), data (:class:`Data`), the
+head (:class:`Head`), checkpoints and logs (:class:`Run`), devices (:class:`Devices`), how to compute
+(``compute``: a preset of :mod:`jaxpeft.compute` plus per-field overrides) and the method's own
+options (``method_options``, declared by each method in :mod:`jaxpeft.methods`). Every field is
+declared once with :func:`jaxpeft.options.option` (help and check) and is one command-line flag
+(``--learning_rate=3e-4``, ``--no-progress``, ``--dtype=bfloat16``, ``--num_virtual_tokens=10``).
+
+A config file is Python with ``get_config(task: str) -> dict`` (big_vision style) whose keys are
+flag names. Each registered method has one, shipped in the package (``jaxpeft/configs/``);
+``--config=FILE`` takes another.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import importlib.util
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from jaxpeft import compute as compute_lib
+from jaxpeft import methods, options
 from jaxpeft.errors import UserError
 from jaxpeft.models.hf_weights import DEFAULT_MODEL
+from jaxpeft.options import at_least, in_range, non_negative, option, positive
 
-#: ``configs/`` next to the package (a source checkout or an editable install).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+@dataclasses.dataclass
+class Optim:
+    """Optimisation: AdamW after global-norm clipping, linear warm-up then linear decay."""
+
+    learning_rate: float = option(1e-3, "peak learning rate", positive)
+    head_learning_rate: float | None = option(
+        None, "peak learning rate of the task head and modules_to_save (default: learning_rate)", positive)
+    batch_size: int = option(32, "examples per step", positive)
+    num_epochs: float = option(3.0, "passes over the training data", positive)
+    max_steps: int = option(0, "stop after this many steps (0: num_epochs decides)", non_negative)
+    warmup_ratio: float = option(0.06, "share of the steps that warm the learning rate up", in_range(0, 1))
+    weight_decay: float = option(0.0, "AdamW weight decay (kernels only)", non_negative)
+    max_grad_norm: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)", non_negative)
+    adam_b1: float = option(0.9, "Adam's first-moment decay", in_range(0, 1, hi_open=True))
+    adam_b2: float = option(0.999, "Adam's second-moment decay", in_range(0, 1, hi_open=True))
+    adam_eps: float = option(1e-8, "Adam's epsilon", positive)
+    seed: int = option(0, "seed of the head's init, dropout and the data order", non_negative)
+
+    def __post_init__(self):
+        options.check(self)
+
+
+@dataclasses.dataclass
+class Data:
+    """What is read and how it is batched."""
+
+    data_dir: str | None = option(None, "local GLUE folder (SST-2/train.tsv, ...); default: $GLUE_DIR, "
+                                  "else the hub's nyu-mll/glue")
+    max_seq_length: int = option(128, "tokens per example, [CLS] and [SEP] included", at_least(8))
+    max_train_examples: int = option(0, "use only the first N training examples (0: all)", non_negative)
+    max_eval_examples: int = option(0, "use only the first N dev examples (0: all)", non_negative)
+    eval_batch_size: int = option(128, "examples per prediction batch", positive)
+    packing: bool = option(False, "pack several examples into each row (one compiled shape, no padding "
+                                  "computed); full, frozen, bitfit, prefix, ptuning_v2, lora, adapter")
+
+    def __post_init__(self):
+        options.check(self)
+
+
+@dataclasses.dataclass
+class Head:
+    """How the task head reads the encoder, and which modules train fully under any method."""
+
+    pooling: str = option("cls", "cls: the pooler on [CLS] (BERT's head); mean: the mean of the last "
+                          "layer's token outputs (sentence-embedding models)", choices=("cls", "mean"))
+    modules_to_save: str | None = option(
+        None, "comma list of modules that train fully under any method, peft's name (pooler; "
+        "classifier always trains)")
+
+    def __post_init__(self):
+        options.check(self)
+
+    def module_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in (self.modules_to_save or "").split(",") if m.strip())
+
+
+@dataclasses.dataclass
+class Run:
+    """Where results go, logging, evaluation and checkpoints."""
+
+    output_dir: str | None = option(None, "run folder (default: runs/METHOD-TASK)")
+    eval_every: int = option(0, "evaluate every N steps (0: every epoch)", non_negative)
+    log_every: int = option(50, "log the loss every N steps", positive)
+    steps_per_dispatch: int = option(0, "train steps per device call (0: automatic)", non_negative)
+    progress: bool = option(True, "progress bar")
+    save_every: int = option(500, "checkpoint every N steps, and at every evaluation (0: evaluations only)",
+                             non_negative)
+    keep: int = option(2, "keep the N latest checkpoints plus the best by the dev metric (0: none)",
+                       non_negative)
+    resume: bool | None = option(None, "resume from output_dir's latest checkpoint (default: when it has "
+                                 "one; --resume: must; --no-resume: must not)")
+    export_adapter: bool = option(True, "write output_dir/adapter/ at the end")
+    plot: bool = option(True, "draw the learning curves next to results.json (when matplotlib is installed)")
+
+    def __post_init__(self):
+        options.check(self)
+
+
+@dataclasses.dataclass
+class Devices:
+    """Devices, processes and the compilation cache."""
+
+    mesh: str | None = option(None, 'device mesh, e.g. "data:4,fsdp:2" (default: every device on data)')
+    fsdp_min_size: int = option(65536, "leaves this big (elements) or bigger shard over fsdp", non_negative)
+    distributed: str = option("auto", "jax.distributed.initialize(): auto (TPU VMs, SLURM, Open MPI), "
+                              "on, off", choices=("auto", "on", "off"))
+    coordinator_address: str | None = option(None, "HOST:PORT of process 0 (explicit multi-process runs)")
+    num_processes: int | None = option(None, "processes of an explicit multi-process run", positive)
+    process_id: int | None = option(None, "this process's index in an explicit multi-process run",
+                                    non_negative)
+    compilation_cache: str | None = option(
+        None, "persistent compilation cache folder, or 'off' (default: $JAXPEFT_COMPILATION_CACHE, "
+        "else ~/.cache/jaxpeft/xla)")
+
+    def __post_init__(self):
+        options.check(self)
+
+
+#: group name -> dataclass; each field of each group is one flag
+GROUPS: dict[str, type] = {"optim": Optim, "data": Data, "head": Head, "run": Run, "devices": Devices}
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    # what
-    method: str = "bitfit"
-    task: str = "sst2"
-    model: str = DEFAULT_MODEL
-    random_init: bool = False   # benchmarks: the model's shape from config.json, weights random
-    data_dir: str | None = None
-    output_dir: str | None = None
-    config: str | None = None
-    # optimisation
-    learning_rate: float = 1e-3
-    batch_size: int = 32
-    num_epochs: float = 3.0
-    max_steps: int = 0
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    seed: int = 0
-    # data
-    max_seq_length: int = 128
-    max_train_examples: int = 0
-    max_eval_examples: int = 0
-    eval_batch_size: int = 128
-    # compute
-    dtype: str = "float32"
-    attention_impl: str = "dense"
-    remat: str = "none"       # what the backward pass recomputes: none | elementwise | layer
-    dropout_bits: int = 32    # random bits per hidden-dropout mask element: 32 (exact) | 16 | 8 (faster)
-    dropout_impl: str = "hash"  # hidden-dropout masks: hash (keyed position hash) | random (jax.random)
-    norm_impl: str = "xla"    # sublayer outputs (bias, dropout, residual, LayerNorm): xla | pallas
-    activation_impl: str = "xla"  # feed-forward bias + GELU: xla | pallas
-    prng_impl: str = "auto"   # dropout RNG: auto = rbg on GPU/TPU (fast), threefry2x32 on CPU
-    # bookkeeping
-    eval_every: int = 0
-    log_every: int = 50
-    progress: bool = True
-    # method options: bitfit
-    bitfit_terms: str | None = None
-    # method options: prompt methods (prompt, ptuning, prefix, ptuning_v2)
-    num_virtual_tokens: int = 20               # virtual tokens (prompt, ptuning) or prefix length
-    prompt_init: str = "random"                # prompt: random | sample_vocab | text
-    prompt_init_text: str | None = None        # prompt: text for prompt_init=text
-    encoder_type: str = "lstm"                 # ptuning: lstm | mlp
-    encoder_hidden_size: int | None = None     # ptuning encoder / prefix MLP width (None: method default)
-    encoder_num_layers: int = 2                # ptuning: LSTM layers
-    prefix_projection: bool | None = None      # prefix: MLP reparameterisation (None: prefix on, ptuning_v2 off)
-    prefix_dropout: float | None = None        # prefix: dropout on prefixes (None: prefix 0.0, ptuning_v2 0.1)
-    head_learning_rate: float | None = None    # peak lr of the task head (None: learning_rate)
-    # checkpoints and adapters
-    save_every: int = 500           # checkpoint every N steps (and at every evaluation); 0: evaluations only
-    keep: int = 2                   # keep the N latest checkpoints plus the best by the dev metric; 0: none
-    resume: bool | None = None      # None: resume when output_dir holds a checkpoint; True: must; False: must not
-    export_adapter: bool = True     # write output_dir/adapter/ (final params) at the end
-    # devices and sharding
-    mesh: str | None = None                # "data:4,fsdp:2"; default: every device on "data"
-    fsdp_min_size: int = 65536             # leaves this big (elements) or bigger shard over "fsdp"
-    distributed: str = "auto"              # auto | on | off: jax.distributed.initialize()
-    coordinator_address: str | None = None  # HOST:PORT of process 0 (explicit multi-process runs)
-    num_processes: int | None = None
-    process_id: int | None = None
+    method: str = option("bitfit", f"PEFT method: {', '.join(methods.REGISTRY)}")
+    task: str = option("sst2", "GLUE task")
+    model: str = option(DEFAULT_MODEL, "hub id or local folder of a BERT checkpoint")
+    config: str | None = option(None, "config file with get_config(task) (default: the method's own)")
+    random_init: bool = option(False, "the model's shape from config.json with random weights (benchmarks)")
+    compute: str = option("auto", "how to compute: auto (the fastest path here), exact (float32, "
+                          "transformers' math), fast (bfloat16 + our GPU kernels)", choices=compute_lib.PRESETS)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    data: Data = dataclasses.field(default_factory=Data)
+    head: Head = dataclasses.field(default_factory=Head)
+    run: Run = dataclasses.field(default_factory=Run)
+    devices: Devices = dataclasses.field(default_factory=Devices)
+    #: per-field overrides of the compute preset (``jaxpeft.compute.Compute`` field -> value)
+    compute_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the method's options (fields of its class in ``jaxpeft.methods``)
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        from jaxpeft.models.bert import ATTENTION_IMPLS, DROPOUT_BITS, DROPOUT_IMPLS, KERNEL_IMPLS, REMAT_POLICIES
+        options.check(self)
+        if self.method not in methods.REGISTRY:
+            raise UserError(f"unknown method {self.method!r}; known methods: {', '.join(methods.REGISTRY)}")
+        unknown = sorted(set(self.compute_overrides) - set(compute_lib.fields()))
+        if unknown:
+            raise UserError(f"unknown compute option(s) {unknown}")
+        compute_lib.Compute(**{k: v for k, v in self.compute_overrides.items() if v is not None})
+        methods.create(self.method, self.method_options)   # checks the options
+        if self.run.output_dir is None:
+            self.run.output_dir = f"runs/{self.method}-{self.task}"
 
-        if self.output_dir is None:
-            self.output_dir = f"runs/{self.method}-{self.task}"
-        if isinstance(self.remat, bool):  # configs written before remat had policies
-            self.remat = "layer" if self.remat else "none"
-        if self.remat not in REMAT_POLICIES:
-            raise UserError(f"--remat={self.remat}: choose one of {', '.join(REMAT_POLICIES)}")
-        if self.dropout_bits not in DROPOUT_BITS:
-            raise UserError(f"--dropout_bits={self.dropout_bits}: choose one of "
-                            f"{', '.join(map(str, DROPOUT_BITS))}")
-        if self.dropout_impl not in DROPOUT_IMPLS:
-            raise UserError(f"--dropout_impl={self.dropout_impl}: choose one of {', '.join(DROPOUT_IMPLS)}")
-        if self.dropout_bits != 32 and self.dropout_impl != "random":
-            raise UserError(f"--dropout_bits={self.dropout_bits} needs --dropout_impl=random "
-                            f"(--dropout_impl={self.dropout_impl} draws no random bits per element)")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise UserError(f"--attention_impl={self.attention_impl}: choose one of {', '.join(ATTENTION_IMPLS)}")
-        if self.norm_impl not in KERNEL_IMPLS:
-            raise UserError(f"--norm_impl={self.norm_impl}: choose one of {', '.join(KERNEL_IMPLS)}")
-        if self.activation_impl not in KERNEL_IMPLS:
-            raise UserError(f"--activation_impl={self.activation_impl}: choose one of {', '.join(KERNEL_IMPLS)}")
-        if self.norm_impl == "pallas" and self.dropout_impl != "hash":
-            raise UserError(f"--norm_impl=pallas needs --dropout_impl=hash (its kernels recompute the "
-                            f"hashed masks), got --dropout_impl={self.dropout_impl}")
+    # -- views -----------------------------------------------------------------------------------
+    def method_obj(self) -> methods.Method:
+        return methods.create(self.method, self.method_options)
+
+    def resolve_compute(self, **platform: Any) -> compute_lib.Compute:
+        """The compute spec of this run on this runtime (``platform``: see ``compute.resolve``)."""
+        return compute_lib.resolve(self.compute, self.compute_overrides, **platform)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every setting by its flag name (groups flattened; method options and compute overrides
+        included): what ``results.json`` and checkpoints record."""
+        out = {k: getattr(self, k) for k in _TOP}
+        for g in GROUPS:
+            out.update(dataclasses.asdict(getattr(self, g)))
+        out.update(self.compute_overrides)
+        out.update(self.method_options)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.to_flat()
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for name, t in hints.items():
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        out[name] = args[0] if (typing.get_origin(t) in (typing.Union, types.UnionType) and args) else t
+_TOP = ("method", "task", "model", "config", "random_init", "compute")
+
+
+def _owner() -> dict[str, str]:
+    """flag name -> where it lives: ``top``, a group name, or ``compute``."""
+    out = {k: "top" for k in _TOP}
+    for g, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            out[f.name] = g
+    for name in compute_lib.fields():
+        out[name] = "compute"
     return out
 
 
+def from_flat(values: Mapping[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from flag-named ``values``. Names that are no setting and no option of
+    any method are errors; an option of another method is an error naming the chosen method and the
+    options it takes."""
+    owner = _owner()
+    method = values.get("method", "bitfit")
+    if method not in methods.REGISTRY:
+        raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")
+    method_cls = methods.REGISTRY[method]
+    own = {f.name for f in dataclasses.fields(method_cls)}
+    all_method_opts = methods.all_options()
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    comp: dict[str, Any] = {}
+    mopts: dict[str, Any] = {}
+    for k, v in values.items():
+        where = owner.get(k)
+        if where == "top":
+            top[k] = v
+        elif where == "compute":
+            comp[k] = v
+        elif where is not None:
+            groups[where][k] = options.coerce(GROUPS[where], k, v)
+        elif k in own:
+            mopts[k] = options.coerce(method_cls, k, v)
+        elif k in all_method_opts:
+            takes = ", ".join(f"--{n}" for n in sorted(own)) or "none"
+            raise UserError(f"--{k} is not an option of --method={method} (its options: {takes})")
+        else:
+            raise UserError(f"unknown setting {k!r}")
+    return TrainConfig(**top, **{g: GROUPS[g](**kv) for g, kv in groups.items()},
+                       compute_overrides=comp, method_options=mopts)
+
+
+# ----------------------------------------------------------------------------- config files
+
+
 def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
-    """Calls ``get_config(task)`` of a Python config file and checks its keys. The file's folder is
-    importable while it loads, so configs can share a module (``configs/prompt_common.py``)."""
+    """Calls ``get_config(task)`` of a Python config file. The file's folder is importable while it
+    loads, so a config can import a module beside it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found")
@@ -140,63 +247,63 @@ def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         values = dict(module.get_config(task))
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"config file {path}: {type(e).__name__}: {e}") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
-    unknown = sorted(set(values) - set(_field_types()))
-    if unknown:
-        raise UserError(f"config file {path}: unknown keys {unknown}")
     return values
 
 
-def default_config_file(method: str) -> Path | None:
-    p = CONFIG_DIR / f"{method}.py"
-    return p if p.is_file() else None
+def method_config_file(method: str) -> Path:
+    """The method's config shipped in the package (``jaxpeft/configs/<method>.py``)."""
+    p = Path(str(importlib.resources.files("jaxpeft.configs").joinpath(f"{method}.py")))
+    if not p.is_file():
+        raise UserError(f"method {method!r} has no config file (jaxpeft/configs/{method}.py): the "
+                        "package is incomplete")
+    return p
 
 
 def build(overrides: Mapping[str, Any]) -> TrainConfig:
     """Defaults < the method's config file for the task < ``overrides`` (e.g. parsed CLI flags)."""
-    method = overrides.get("method", TrainConfig.method)
-    task = overrides.get("task", TrainConfig.task)
-    path = overrides.get("config") or default_config_file(method)
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(load_config_file(path, task))
-        values["config"] = str(path)
+    method = overrides.get("method", "bitfit")
+    task = overrides.get("task", "sst2")
+    if method not in methods.REGISTRY:
+        raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")
+    path = overrides.get("config") or method_config_file(method)
+    values: dict[str, Any] = dict(load_config_file(path, task))
+    values["config"] = str(path)
+    # a config file's keys must exist (here or in some method) like flags do
+    try:
+        from_flat({**values, "method": method})
+    except UserError as e:
+        raise UserError(f"config file {path}: {e}") from None
     values.update(overrides)
-    return TrainConfig(**values)
+    return from_flat(values)
 
 
-def _parse_bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
-
-
-def _none_or(kind):
-    def parse(s: str):
-        return None if s.strip().lower() in ("", "none", "null") else kind(s)
-    parse.__name__ = kind.__name__
-    return parse
+# ----------------------------------------------------------------------------- the command line
 
 
 def make_parser(description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per :class:`TrainConfig` field; unset flags are absent
-    from the parsed namespace, so config files are only overridden by what the user typed."""
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    defaults = TrainConfig(output_dir="")
-    for name, kind in _field_types().items():
-        default = getattr(defaults, name)
-        if kind is bool:
-            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
-                           help=f"(default: {default})")
-        else:
-            p.add_argument(f"--{name}", type=_none_or(kind), metavar=kind.__name__.upper(),
-                           help=f"(default: {default})")
+    """One ``--flag`` per setting, compute field and method option; unset flags are absent from
+    the parsed namespace, so config files are only overridden by what the user typed."""
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_flags(p, TrainConfig, skip=("optim", "data", "head", "run", "devices", "compute_overrides",
+                                            "method_options"))
+    for g, cls in GROUPS.items():
+        options.add_flags(p.add_argument_group(g), cls)
+    options.add_flags(p.add_argument_group("compute (each overrides the --compute preset)"),
+                      compute_lib.Compute)
+    seen: set[str] = set()
+    for name, cls in methods.REGISTRY.items():
+        fresh = [f.name for f in dataclasses.fields(cls) if f.name not in seen]
+        if fresh:
+            options.add_flags(p.add_argument_group(f"method options ({name})"), cls,
+                              skip=[f.name for f in dataclasses.fields(cls) if f.name in seen])
+            seen.update(fresh)
     return p
 
 

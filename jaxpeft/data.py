@@ -5,17 +5,20 @@ given with ``data_dir`` or the ``GLUE_DIR`` environment variable; otherwise the 
 dataset is loaded through ``datasets``.
 
 Batches have a fixed number of rows and a length taken from a small set of buckets, so only a few
-shapes are ever compiled. Rows that only fill up a batch have ``weights == 0``.
+shapes are ever compiled (:class:`BucketBatches`; packed rows of one shape are
+:class:`jaxpeft.packing.PackedBatches`). Rows that only fill up a batch have ``weights == 0``.
+Tokenized splits are cached on disk (:func:`encode_cached`), so a second run skips the tokenizer.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -226,6 +229,58 @@ def encode(tokenizer, examples: Examples, max_length: int, chunk: int = 4096) ->
     return Encoded(ids, types, lengths, examples.labels)
 
 
+def _tokenizer_digest(tokenizer) -> str:
+    """What identifies a tokenizer's output: its vocabulary and settings."""
+    h = hashlib.sha256()
+    try:
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+    except Exception:  # noqa: BLE001 -- a slow tokenizer: its vocabulary and class
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path | None:
+    """Where tokenized splits are cached: ``$JAXPEFT_DATA_CACHE`` (``off``: nowhere), else
+    ``~/.cache/jaxpeft/data`` (``$XDG_CACHE_HOME`` honoured)."""
+    v = os.environ.get("JAXPEFT_DATA_CACHE")
+    if v is not None:
+        return None if v.strip().lower() in ("", "off", "0", "none") else Path(v).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "jaxpeft" / "data"
+
+
+def encode_cached(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    """:func:`encode` through an on-disk cache keyed by the texts, labels, tokenizer and length.
+
+    The key hashes the examples themselves (not a file name), so an edited file never reads a stale
+    entry. A cache that cannot be written is skipped silently.
+    """
+    root = cache_dir()
+    if root is None:
+        return encode(tokenizer, examples, max_length)
+    h = hashlib.sha256(f"{max_length}|{_tokenizer_digest(tokenizer)}|{len(examples)}".encode())
+    for col in examples.texts:
+        h.update("\x1f".join(col).encode("utf-8", "surrogatepass"))
+        h.update(b"\x1e")
+    path = root / f"{h.hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return Encoded(z["input_ids"], z["token_type_ids"], z["lengths"], examples.labels)
+        except Exception:  # noqa: BLE001 -- a damaged entry: tokenize again
+            pass
+    enc = encode(tokenizer, examples, max_length)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
+        np.savez(tmp, input_ids=enc.input_ids, token_type_ids=enc.token_type_ids, lengths=enc.lengths)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return enc
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -310,3 +365,69 @@ def iterate(data: Encoded, order: list[np.ndarray], buckets: Sequence[int],
             start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     for idx in order[start:]:
         yield make_batch(data, idx, buckets)
+
+
+def in_runs(batches: list[np.ndarray], widths: Sequence[int], run: int, seed: int, epoch: int
+            ) -> list[np.ndarray]:
+    """``batches`` reordered into runs of up to ``run`` batches of one width, the runs shuffled:
+    consecutive steps then share a shape, so many of them go to the device in one call. Each run
+    keeps its batches' order; the result is deterministic in ``(seed, epoch)``."""
+    by_width: dict[int, list[np.ndarray]] = {}
+    for b, w in zip(batches, widths):
+        by_width.setdefault(int(w), []).append(b)
+    runs = [bs[i:i + run] for _, bs in sorted(by_width.items()) for i in range(0, len(bs), run)]
+    rng = np.random.default_rng([seed, epoch, 1])
+    return [b for i in rng.permutation(len(runs)) for b in runs[i]]
+
+
+def order_digest(items: Sequence[Any]) -> str | None:
+    """A short hash of a sequence of index arrays (the batches left in an epoch)."""
+    if not len(items):
+        return None
+    h = hashlib.sha256()
+    for a in items:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+class BucketBatches:
+    """Training and evaluation batches of ``batch_size`` examples, padded to a length bucket.
+
+    An epoch's batches (:func:`epoch_order`) come in runs of up to :attr:`RUN` batches of one
+    length (:func:`in_runs`), so that a run can go to the device as one call.
+    """
+
+    RUN = 32
+
+    def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int):
+        self.data, self.batch_size, self.seed = encoded, batch_size, seed
+        self.buckets = length_buckets(max_length)
+        self.steps_per_epoch = max(1, -(-len(encoded) // batch_size))
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def order(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's steps, each an index array of the examples of its batch (``-1``: filler)."""
+        if epoch not in self._cache:
+            batches = epoch_order(self.data.lengths, self.batch_size, self.seed, epoch)
+            self._cache = {epoch: in_runs(batches, [self.width(b) for b in batches], self.RUN,
+                                          self.seed, epoch)}
+        return self._cache[epoch]
+
+    def width(self, idx: np.ndarray) -> int:
+        real = idx[idx >= 0]
+        return bucket_for(int(self.data.lengths[real].max(initial=1)), self.buckets)
+
+    def batch(self, idx: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return make_batch(self.data, idx, self.buckets, rows)
+
+    def empty(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of the same shapes that trains nothing (an inactive step of a device call)."""
+        return {k: np.zeros_like(v) for k, v in like.items()}
+
+    def eval_batches(self, encoded: Encoded, batch_size: int,
+                     rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Every example of ``encoded`` once, sorted by length (least padding)."""
+        for idx in eval_order(encoded.lengths, batch_size):
+            yield make_batch(encoded, idx, self.buckets, rows)

@@ -59,13 +59,16 @@ def _hashed_paths(paths: list[str]) -> list[str]:
     return [cand[i] for i in sorted(set(idx.tolist()))]
 
 
-def fingerprint(params: Any, model: str, model_dir: str | None = None) -> dict[str, Any]:
+def fingerprint(params: Any, model: str, model_dir: str | None = None,
+                exclude: str | None = None) -> dict[str, Any]:
     """The fingerprint of the base encoder in ``params`` (a full params tree or its ``bert/`` part).
 
     ``model`` / ``model_dir`` name where the base comes from (hub id or folder); they are recorded
-    for messages and for reloading, not compared.
+    for messages and for reloading, not compared. Leaves matching the regex ``exclude`` (a
+    method's own modules inside the encoder, such as LoRA) are not part of the base.
     """
-    flat = {p: v for p, v in masks.flatten(params).items() if p.startswith(BASE_PREFIX)}
+    flat = {p: v for p, v in masks.flatten(params).items() if p.startswith(BASE_PREFIX)
+            and not (exclude and re.search(exclude, p))}
     if not flat:
         raise ValueError(f"no {BASE_PREFIX!r} leaves in the params tree")
     paths = sorted(flat)

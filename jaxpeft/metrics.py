@@ -10,8 +10,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+#: imported on first use (scikit-learn and scipy take seconds to import; a run warms them up in
+#: the background: ``jaxpeft.runtime.prewarm``)
+HEAVY_IMPORTS = ("sklearn.metrics", "scipy.stats")
 
 #: Metrics reported per task; the first is the one used to pick the best checkpoint unless the
 #: task says otherwise (see ``jaxpeft.data.GlueTask.main_metric``).
@@ -30,6 +32,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 
 def compute(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Task metrics for ``predictions`` (class ids, or scores for STS-B) against ``labels``."""
+    from scipy import stats
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
     if predictions.shape != labels.shape:

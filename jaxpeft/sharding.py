@@ -176,6 +176,11 @@ class MeshPlan:
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(BATCH_AXES))
 
+    @property
+    def stacked_batch_sharding(self) -> NamedSharding:
+        """Batches of several steps stacked on a leading step axis: the batch axis is the second."""
+        return NamedSharding(self.mesh, P(None, BATCH_AXES))
+
     def describe(self) -> str:
         return ",".join(f"{a}:{n}" for a, n in self.shape.items())
 
@@ -240,9 +245,13 @@ class MeshPlan:
             self._rows[batch_size] = np.concatenate([np.arange(a, b) for a, b in spans])
         return self._rows[batch_size]
 
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows (see :meth:`process_rows`) -> global arrays split over the batch axes."""
-        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+    def global_batch(self, local: dict[str, np.ndarray], stacked: bool = False) -> dict[str, jax.Array]:
+        """This process's rows (see :meth:`process_rows`) -> global arrays split over the batch axes
+        (``stacked``: arrays ``[steps, rows, ...]``, split along the rows)."""
+        sharding = self.stacked_batch_sharding if stacked else self.batch_sharding
+        if jax.process_count() == 1:
+            return jax.device_put(local, sharding)
+        return jax.make_array_from_process_local_data(sharding, local)
 
     # -- jit ---------------------------------------------------------------------------------------
     def traced(self, fn: Callable, name: str, limit: int | None = None) -> Callable:
@@ -269,6 +278,16 @@ class MeshPlan:
         and kept on its shardings, the batch split over the batch axes, lr and metrics replicated."""
         return jax.jit(self.traced(step, "train_step", max_traces),
                        in_shardings=(state_sharding, frozen_sharding, self.batch_sharding, self.replicated),
+                       out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
+
+    def jit_train_loop(self, loop: Callable, state_sharding: Any, frozen_sharding: Any,
+                       max_traces: int | None = None) -> Callable:
+        """``loop(state, frozen, batches, active, schedule) -> (state, metrics)`` (``steps.
+        make_train_loop``) jitted on the mesh: state donated, the stacked batches split along their
+        rows, the rest replicated."""
+        return jax.jit(self.traced(loop, "train_loop", max_traces),
+                       in_shardings=(state_sharding, frozen_sharding, self.stacked_batch_sharding,
+                                     self.replicated, self.replicated),
                        out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
 
     def jit_predict(self, predict: Callable, trainable_sharding: Any, frozen_sharding: Any,

@@ -8,11 +8,12 @@ import inspect
 import jax
 import numpy as np
 
-from jaxpeft import masks
-from jaxpeft.config import TrainConfig
+from jaxpeft import masks, optim
+from jaxpeft.compute import EXACT
+from jaxpeft.config import Optim
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 from jaxpeft.models.loading import init_params
-from jaxpeft.train import init_state, make_optimizer, make_train_step
+from jaxpeft.steps import init_state, make_train_step
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=96)
@@ -30,17 +31,19 @@ def random_batch(rng: np.random.Generator, b: int = 8, t: int = 16, vocab: int =
             "weights": np.ones(b, np.float32)}
 
 
-def build(method, config: BertConfig = SMALL, seed: int = 0):
+def build(method, config: BertConfig = SMALL, seed: int = 0, compute=EXACT):
     """``(module, params)`` of a random classifier with ``method``'s adapter."""
-    module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config))
+    module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config),
+                                           extras=method.extras(config), compute=compute)
     return module, init_params(module, jax.random.key(seed))
 
 
-def train_steps(method, config: BertConfig = SMALL, steps: int = 3, seed: int = 0):
+def train_steps(method, config: BertConfig = SMALL, steps: int = 3, seed: int = 0, compute=EXACT):
     """Runs ``steps`` jitted train steps; returns ``(module, params before, params after, mask, state)``."""
-    module, params = build(method, config, seed)
+    module, params = build(method, config, seed, compute)
     mask = method.mask(params)
-    tx, schedule = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_ratio=0.0), total_steps=10)
+    tx = optim.make_optimizer(Optim(learning_rate=1e-2, warmup_ratio=0.0))
+    schedule = optim.Schedule.create(1e-2, total_steps=10, warmup_ratio=0.0)
     trainable, frozen = masks.split(params, mask)
     state = init_state(trainable, tx, seed=seed)
     step_fn = make_train_step(module, tx, regression=False)
@@ -71,7 +74,8 @@ def assert_export_round_trip(method, params, config: BertConfig = SMALL) -> dict
     and checks that the logits agree; returns the exported arrays."""
     exported = method.export_params(params)
     inference = method.for_inference()
-    inf_module = BertForSequenceClassification(config, num_labels=2, adapter=inference.adapter(config))
+    inf_module = BertForSequenceClassification(config, num_labels=2, adapter=inference.adapter(config),
+                                               extras=inference.extras(config))
     like = init_params(inf_module, jax.random.key(123))
     like = {**like, "bert": params["bert"]}                    # the reloaded base model
     inf_mask = inference.mask(like)
@@ -79,7 +83,8 @@ def assert_export_round_trip(method, params, config: BertConfig = SMALL) -> dict
     inf_params = masks.merge(masks.unflatten(exported, like), masks.split(like, inf_mask)[1])
     batch = random_batch(np.random.default_rng(7))
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    trained_module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config))
+    trained_module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config),
+                                                   extras=method.extras(config))
     want = trained_module.apply({"params": params}, *args)
     got = inf_module.apply({"params": inf_params}, *args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

@@ -27,17 +27,14 @@ def _check_batches(trainer) -> dict:
     global arrays on this process's devices equals that slice of the batch built whole on the host."""
     import numpy as np
 
-    from jaxpeft import data
-
-    cfg = trainer.cfg
-    order = data.epoch_order(trainer.train_data.lengths, cfg.batch_size, cfg.seed, 0)
+    order = trainer.batches.order(0)
     picks = [order[0], order[1], min(order, key=lambda i: int((i >= 0).sum()))]  # + filler rows
     fed, equal = [], []
     for idx in picks:
-        local = trainer.host_batch(trainer.train_data, idx)
+        local = trainer.batches.batch(idx, trainer.host_rows(idx))
         fed.append({"batch": idx.tolist(), "rows": local["index"].tolist()})
         arrays = trainer.device_batch(local)
-        whole = data.make_batch(trainer.train_data, idx, trainer.buckets)
+        whole = trainer.batches.batch(idx)
         equal.append(all(a.shape == whole[k].shape and all(
             np.array_equal(np.asarray(s.data), whole[k][s.index]) for s in a.addressable_shards)
             for k, a in arrays.items()))
@@ -47,16 +44,16 @@ def _check_batches(trainer) -> dict:
 def run_one(cfg_values: dict) -> dict:
     import jax
 
-    from jaxpeft import config, masks, train
+    from jaxpeft import config, masks, trainer as trainer_lib
 
     cfg = config.build(cfg_values)
-    trainer = train.Trainer(cfg, echo=lambda s: None)
+    trainer = trainer_lib.Trainer(cfg, echo=lambda s: None)
     batches = _check_batches(trainer)
     results = trainer.run()
     state, frozen = trainer.final_state, trainer.frozen
     # every trainable leaf on every device (one compilation), so each process can read it whole
     trainable = jax.jit(lambda t: t, out_shardings=trainer.plan.replicated)(state.trainable)
-    log = Path(cfg.output_dir) / "log.jsonl"
+    log = Path(cfg.run.output_dir) / "log.jsonl"
     records = [json.loads(x) for x in log.read_text().splitlines()] if jax.process_index() == 0 else []
     opt_specs = {}
     for kp, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
@@ -79,14 +76,10 @@ def run_one(cfg_values: dict) -> dict:
 
 def _train_widths(trainer):
     """The bucket lengths of the batches the run trained on."""
-    from jaxpeft import data
-
-    cfg, spe = trainer.cfg, trainer.steps_per_epoch()
+    spe = trainer.steps_per_epoch()
     for step in range(trainer.total_steps()):
         epoch, i = divmod(step, spe)
-        idx = data.epoch_order(trainer.train_data.lengths, cfg.batch_size, cfg.seed, epoch)[i]
-        real = idx[idx >= 0]
-        yield data.bucket_for(int(trainer.train_data.lengths[real].max()), trainer.buckets)
+        yield trainer.batches.width(trainer.batches.order(epoch)[i])
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,6 @@
 """Adapter folders: exported predictions equal the trained model's, BitFit adapters are small, and
 scripts/predict.py reads TSV files, --text and stdin and rejects bad input with one line."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxpeft import adapters, cli, config, data, fingerprint, masks, methods, train
+from jaxpeft import adapters, cli, config, data, fingerprint, masks, methods, steps, trainer as trainer_lib
 from jaxpeft.errors import UserError
 from jaxpeft.models.loading import load_classifier
 
@@ -34,7 +33,7 @@ def trained(glue, tiny_bert_dir, tmp_path_factory):
                                     output_dir=str(out), max_steps=10, batch_size=8, max_train_examples=80,
                                     max_eval_examples=32, max_seq_length=SEQ, eval_every=0, keep=1,
                                     learning_rate=5e-3, progress=False, seed=2))
-            trainer = train.Trainer(cfg, echo=lambda s: None)
+            trainer = trainer_lib.Trainer(cfg, echo=lambda s: None)
             trainer.run()
             runs[method] = trainer
         return runs[method]
@@ -51,10 +50,11 @@ def test_exported_adapter_predicts_exactly_like_the_trained_model(method, traine
     t = trained(method)
     examples = dev_examples(glue)
     enc = data.encode(t.model.tokenizer, examples, SEQ)
-    fn = jax.jit(train.make_predict_step(t.model.module))
-    in_memory = train.predict_logits(fn, t.final_state.trainable, t.frozen, enc, BATCH, data.length_buckets(SEQ))
+    fn = jax.jit(steps.make_predict_step(t.model.module))
+    batches = data.BucketBatches(enc, BATCH, SEQ, 0).eval_batches(enc, BATCH)
+    in_memory = steps.predict_logits(fn, t.final_state.trainable, t.frozen, batches, len(enc))
 
-    adapter = Path(t.cfg.output_dir) / "adapter"
+    adapter = Path(t.cfg.run.output_dir) / "adapter"
     loaded, params, m, task = adapters.load_adapter(adapter)
     assert (m.name, task.name) == (method, "sst2")
     exported = adapters.predict(loaded, params, m, examples, max_seq_length=SEQ, batch_size=BATCH)
@@ -67,7 +67,7 @@ def test_exported_adapter_predicts_exactly_like_the_trained_model(method, traine
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["method"] == method and cfg["task"] == "sst2" and cfg["num_labels"] == 2
     assert cfg["base_model"] == str(Path(t.cfg.model).resolve()) and cfg["step"] == 10
-    assert cfg["fingerprint"] == t.checkpoints.fingerprint and cfg["jaxpeft_version"]
+    assert cfg["fingerprint"] == t.fingerprint and cfg["jaxpeft_version"]
     assert cfg["max_seq_length"] == SEQ and cfg["num_params"] == sum(a.size for a in arrays.values())
 
 
@@ -89,7 +89,7 @@ def test_bitfit_adapter_of_bundled_model_is_under_1mb(minilm_dir, tmp_path):
 
 def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypatch):
     t = trained("bitfit")
-    d = shutil.copytree(Path(t.cfg.output_dir) / "adapter", tmp_path / "a")
+    d = shutil.copytree(Path(t.cfg.run.output_dir) / "adapter", tmp_path / "a")
     before = {f.name: f.read_bytes() for f in d.iterdir()}
     params = masks.merge(t.final_state.trainable, t.frozen)
 
@@ -100,7 +100,7 @@ def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypat
     monkeypatch.setattr(adapters.safetensors.numpy, "save_file", full_disk)
     with pytest.raises(OSError):
         adapters.save_adapter(d, params, t.method, t.task, base_model=t.cfg.model,
-                              fingerprint=t.checkpoints.fingerprint)
+                              fingerprint=t.fingerprint)
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
@@ -108,26 +108,22 @@ def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypat
 # ----------------------------------------------------------------------------- scripts/predict.py
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("predict_script", REPO / "scripts" / "predict.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_script(args, capsys, stdin_text=None, monkeypatch=None):
+    """``jaxpeft-predict ARGS`` (what ``scripts/predict.py`` runs), in this process."""
+    from jaxpeft import predict_cli
+
     if stdin_text is not None:
         import io
 
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin_text))
-    rc = cli.guarded(lambda: load_script().main(args))
+    rc = cli.guarded(lambda: predict_cli.main(args))
     out, err = capsys.readouterr()
     return rc, out, err
 
 
 def test_predict_script_on_tsv_text_and_stdin(trained, glue, tmp_path, capsys, monkeypatch):
     t = trained("bitfit")
-    adapter = str(Path(t.cfg.output_dir) / "adapter")
+    adapter = str(Path(t.cfg.run.output_dir) / "adapter")
     test_tsv = tmp_path / "test.tsv"
     test_tsv.write_text("".join((glue / "SST-2" / "test.tsv").read_text().splitlines(True)[:21]))
     out = tmp_path / "preds" / "sst2.tsv"
@@ -182,7 +178,7 @@ def _bad_adapters(src: Path, tmp: Path) -> dict:
 
 
 def test_predict_script_bad_input_is_one_line_and_keeps_output(trained, glue, tmp_path, capsys):
-    src = Path(trained("bitfit").cfg.output_dir) / "adapter"
+    src = Path(trained("bitfit").cfg.run.output_dir) / "adapter"
     out = tmp_path / "out.tsv"
     out.write_text("previous\n")
     cases = _bad_adapters(src, tmp_path)
@@ -196,7 +192,7 @@ def test_predict_script_bad_input_is_one_line_and_keeps_output(trained, glue, tm
 
 
 def test_adapter_of_another_base_is_rejected_at_the_cli(trained, other_tiny_bert_dir, tiny_bert_dir, tmp_path):
-    adapter = Path(trained("bitfit").cfg.output_dir) / "adapter"
+    adapter = Path(trained("bitfit").cfg.run.output_dir) / "adapter"
     with pytest.raises(UserError, match="other weights"):
         adapters.load_adapter(adapter, str(other_tiny_bert_dir))
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")

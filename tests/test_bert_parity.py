@@ -8,6 +8,7 @@ import torch
 from transformers import BertModel as TorchBertModel
 
 from jaxpeft.models import BertModel, load_classifier
+from jaxpeft.compute import EXACT
 
 SENTENCES = [
     ("it 's a charming and often affecting journey .", None),
@@ -53,21 +54,12 @@ def test_parity_random_config_other_depth_and_width(tiny_bert_dir):
     assert d_pool <= 1e-4, d_pool
 
 
-def test_xla_fused_attention_matches_dense(minilm_dir):
-    dense = load_classifier(str(minilm_dir), 2)
-    fused = load_classifier(str(minilm_dir), 2, attention_impl="xla")
-    enc = _inputs(dense.tokenizer)
-    a = dense.module.apply({"params": dense.params}, **enc)
-    b = fused.module.apply({"params": dense.params}, **enc)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-
-
 def test_bfloat16_compute_stays_close(minilm_dir):
     f32 = load_classifier(str(minilm_dir), 2)
-    bf16 = load_classifier(str(minilm_dir), 2, dtype="bfloat16")
+    bf16 = load_classifier(str(minilm_dir), 2, compute=EXACT.replace(dtype="bfloat16"))
     enc = _inputs(f32.tokenizer)
     seq32, _ = BertModel(f32.config).apply({"params": f32.params["bert"]}, **enc)
-    seq16, _ = BertModel(bf16.config).apply({"params": f32.params["bert"]}, **enc)
+    seq16, _ = BertModel(bf16.config, bf16.compute).apply({"params": f32.params["bert"]}, **enc)
     assert seq16.dtype == jnp.bfloat16
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x: x.dtype == jnp.float32, bf16.params))
     valid = enc["attention_mask"].astype(bool)
@@ -100,8 +92,7 @@ def test_prefix_extension_point_keys_longer_than_queries(minilm_dir):
            jnp.asarray(rng.normal(size=(1, 5, cfg.num_attention_heads, cfg.head_dim)), jnp.float32))
           for _ in range(cfg.num_hidden_layers)]
     base, _ = BertModel(cfg).apply({"params": m.params["bert"]}, **enc)
-    for impl in ("dense", "xla"):
-        model = BertModel(cfg.replace(attention_impl=impl))
+    for model in (BertModel(cfg),):
         off, _ = model.apply({"params": m.params["bert"]}, **enc, prefix_kv=kv,
                              prefix_mask=jnp.zeros((b, 5)))
         on, _ = model.apply({"params": m.params["bert"]}, **enc, prefix_kv=kv)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpeft import checkpoint, config, masks, train
+from jaxpeft import checkpoint, config, masks, trainer as trainer_lib
 from jaxpeft.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def tiny_cfg(glue, model, out, **kw):
 
 def run(cfg):
     lines = []
-    trainer = train.Trainer(cfg, echo=lines.append)
+    trainer = trainer_lib.Trainer(cfg, echo=lines.append)
     return trainer, trainer.run(), lines
 
 
@@ -70,7 +70,7 @@ def test_checkpoints_hold_the_trainable_subtree_only(finished):
         assert frozen_like == [], frozen_like
         assert {"step", "rng"} <= set(keys)
         meta = ckpt.read_meta(step)
-        assert meta["step"] == step and meta["fingerprint"] == trainer.checkpoints.fingerprint
+        assert meta["step"] == step and meta["fingerprint"] == trainer.fingerprint
     ckpt.close()
     # Size: the frozen encoder is 6 MB of float32 here; a checkpoint holds the trainable part and two
     # Adam moments (18 KB) plus Orbax's per-array metadata -- under 5% of the frozen bytes.
@@ -133,6 +133,9 @@ def test_wrong_base_or_other_flags_rejected_before_anything_is_written(finished,
                                        "6 layers, hidden 384"]),
         (dict(learning_rate=3e-4), ["other settings", "learning_rate=0.001 (now 0.0003)"]),
         (dict(bitfit_terms="query"), ["other settings", "bitfit_terms=None (now 'query')"]),
+        # a compute field that changes the trajectory (how dropout masks are drawn)
+        (dict(dropout_impl="random"), ["other settings", "dropout_impl='hash' (now 'random')"]),
+        (dict(packing=True), ["other settings", "packing=False (now True)"]),
         (dict(resume=False), ["--no-resume", "latest step 12"]),
         (dict(keep=0), ["--keep=0"]),
     ]
@@ -168,8 +171,8 @@ SHARDED = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxpeft import checkpoint, masks, train
-    from jaxpeft.config import TrainConfig
+    from jaxpeft import checkpoint, masks, optim, steps
+    from jaxpeft.config import Optim
 
     assert jax.device_count() == 4
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
@@ -179,11 +182,11 @@ SHARDED = textwrap.dedent("""
               "classifier": {"kernel": rng.normal(size=(4, 2)).astype(np.float32),
                              "bias": np.zeros(2, np.float32)}}
     mask = masks.union(masks.bitfit(params), masks.match(params, include=r"^classifier/"))
-    tx, _ = train.make_optimizer(TrainConfig(), 10)
+    tx = optim.make_optimizer(Optim())
 
     def build(spec_of_param):
         trainable, _ = masks.split(params, mask)
-        state = train.init_state(trainable, tx, 0)
+        state = steps.init_state(trainable, tx, 0)
 
         def place(path, x):
             param = path.rsplit("/mu/", 1)[-1].rsplit("/nu/", 1)[-1].removeprefix("trainable/")

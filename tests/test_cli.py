@@ -38,7 +38,14 @@ def out_with_previous_run(tmp_path):
 
 
 CASES = {
-    "unknown method": (["--method=lora"], ["unknown method 'lora'", "bitfit"]),
+    "unknown method": (["--method=loraa"], ["unknown method 'loraa'", "bitfit"]),
+    "option of another method": (["--method=bitfit", "--prompt_init=text"],
+                                 ["--prompt_init is not an option of --method=bitfit", "--bitfit_terms"]),
+    "value out of range": (["--learning_rate=-1"], ["--learning_rate=-1.0: must be > 0"]),
+    "warmup out of range": (["--warmup_ratio=1.5"], ["--warmup_ratio=1.5: must be in [0, 1]"]),
+    "unknown compute preset": (["--compute=fastest"], ["--compute=fastest: choose one of auto, exact, fast"]),
+    "pallas off gpu": (["--attention_impl=pallas"], ["--attention_impl=pallas is a Triton kernel", "cpu"]),
+    "fast preset off gpu": (["--compute=fast"], ["Triton kernel for NVIDIA GPUs"]),
     "unknown task": (["--task=sst3"], ["unknown task 'sst3'"]),
     "unknown term": (["--bitfit_terms=query,biass"], ["unknown BitFit term 'biass'"]),
     "missing data folder": (["--data_dir={tmp}/nope"], ["does not exist"]),
@@ -83,3 +90,16 @@ def test_model_without_weights_and_output_dir_that_is_a_file(glue, tmp_path, tin
 def test_unknown_flag_is_rejected_by_argparse():
     rc, _, err = run_train("--learning_rte=3")
     assert rc == 2 and "unrecognized arguments: --learning_rte=3" in err
+
+
+def test_every_method_has_a_shipped_config_and_a_flag_per_option():
+    from jaxpeft import config, methods
+
+    for name, cls in methods.REGISTRY.items():
+        assert config.method_config_file(name).is_file(), name
+        for task in ("sst2", "cola", "mrpc", "stsb", "rte"):
+            cfg = config.build({"method": name, "task": task})
+            assert cfg.method == name and cfg.optim.learning_rate > 0
+    flags = {a.dest for a in config.make_parser()._actions}
+    assert methods.all_options() <= flags
+    assert {"learning_rate", "packing", "compute", "dtype", "attention_impl", "pooling"} <= flags

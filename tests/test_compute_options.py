@@ -1,20 +1,22 @@
-"""How the step is computed must not change what it computes: fused QKV, the remat policies, the
-hand-written LayerNorm/GELU backward passes, our sublayer-output and bias + GELU kernels and the
-low-bit dropout masks against the plain paths."""
+"""The compute spec (jaxpeft.compute): its presets per platform, its checks, and that how the step
+is computed does not change what it computes (remat, our sublayer-output kernel run in Pallas's
+interpreter, bf16 kernels stored in the compute dtype), against the plain path."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import masks, methods
-from jaxpeft.config import TrainConfig
+from jaxpeft import compute, config, masks, methods, steps
+from jaxpeft.compute import EXACT, FAST, Compute
 from jaxpeft.errors import UserError
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, LowBitDropout
+from jaxpeft.models import pallas_common
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
 from jaxpeft.models.loading import init_params
-from jaxpeft.train import _apply, loss_and_outputs
 
-SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=64)
 
 
@@ -27,30 +29,115 @@ def _batch(b=6, t=16):
             "labels": rng.integers(0, 2, size=b).astype(np.int32), "weights": np.ones(b, np.float32)}
 
 
-def _grads(cfg, method, params, deterministic):
-    module = BertForSequenceClassification(cfg, num_labels=2)
+def _grads(comp, method, params, deterministic):
+    module = BertForSequenceClassification(SMALL, num_labels=2, compute=comp)
     trainable, frozen = masks.split(params, methods.create(method).mask(params))
     batch = _batch()
 
     def loss(t):
-        logits = _apply(module, masks.merge(t, frozen), batch, deterministic,
-                        None if deterministic else jax.random.key(3))
-        return loss_and_outputs(logits, batch["labels"], batch["weights"], False)
+        logits = steps.apply_model(module, masks.merge(t, frozen), batch, deterministic,
+                                   None if deterministic else jax.random.key(3))
+        return steps.loss_from_logits(logits, batch["labels"], batch["weights"], False)
 
     return jax.jit(jax.value_and_grad(loss))(trainable)
 
 
+# ----------------------------------------------------------------------------- presets and checks
+
+
+def test_presets_per_platform():
+    assert compute.resolve("auto", platform="cpu", num_devices=1) == EXACT
+    assert compute.resolve("exact", platform="gpu", num_devices=1) == EXACT
+    assert compute.resolve("auto", platform="gpu", num_devices=1) == FAST
+    assert FAST.dtype == "bfloat16" and FAST.attention_impl == "pallas" and FAST.norm_impl == "pallas"
+    mesh = compute.resolve("auto", platform="gpu", num_devices=8)
+    assert mesh.attention_impl == "cudnn" and mesh.norm_impl == "xla" and mesh.dtype == "bfloat16"
+    tpu = compute.resolve("auto", platform="tpu", num_devices=4)
+    assert tpu.dtype == "bfloat16" and not tpu.uses_pallas() and tpu.attention_impl == "dense"
+    rocm = compute.resolve("auto", platform="gpu", num_devices=1, nvidia=False)
+    assert not rocm.uses_pallas() and rocm.attention_impl == "dense"
+    assert EXACT.dtype == "float32" and EXACT.attention_impl == "dense"
+
+
+def test_auto_equals_exact_on_this_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU check")
+    assert compute.resolve("auto") == compute.resolve("exact")
+    assert config.build({"method": "bitfit", "task": "sst2"}).resolve_compute() == EXACT
+
+
+def test_overrides_and_their_checks():
+    assert compute.resolve("fast", {"attention_impl": "cudnn"}, platform="gpu").attention_impl == "cudnn"
+    assert compute.resolve("exact", {"dtype": None}, platform="cpu") == EXACT     # None: not given
+    with pytest.raises(UserError, match="--attention_impl=pallas is a Triton kernel for NVIDIA GPUs"):
+        compute.resolve("exact", {"attention_impl": "pallas"}, platform="cpu")
+    with pytest.raises(UserError, match="--norm_impl=pallas is a Triton kernel"):
+        compute.resolve("exact", {"norm_impl": "pallas"}, platform="tpu")
+    with pytest.raises(UserError, match="Triton kernel for NVIDIA GPUs"):
+        compute.resolve("fast", platform="cpu")
+    with pytest.raises(UserError, match="--attention_impl=cudnn needs an NVIDIA GPU"):
+        compute.resolve("exact", {"attention_impl": "cudnn", "dtype": "bfloat16"}, platform="cpu")
+    with pytest.raises(UserError, match="--attention_impl=cudnn needs --dtype=bfloat16"):
+        Compute(attention_impl="cudnn")
+    with pytest.raises(UserError, match="--norm_impl=pallas recomputes hashed dropout masks"):
+        Compute(norm_impl="pallas", dropout_impl="random")
+    with pytest.raises(UserError, match="--compute=quick: choose one of auto, exact, fast"):
+        compute.resolve("quick")
+
+
+@pytest.mark.parametrize("flag,value", [("remat", "sometimes"), ("dropout_impl", "fast"),
+                                        ("attention_impl", "flash"), ("norm_impl", "triton"),
+                                        ("dtype", "float16"), ("prng_impl", "philox")])
+def test_bad_compute_options_are_one_line_errors(flag, value):
+    with pytest.raises(UserError, match=f"--{flag}={value}: choose one of"):
+        config.build({"method": "bitfit", flag: value})
+
+
+def test_a_compute_option_is_one_field():
+    """Every field of the spec is a flag of training, prediction and the benchmark, with choices,
+    and says whether a resume must match it."""
+    from jaxpeft import bench_cli, predict_cli
+
+    train_flags = {a.dest for a in config.make_parser()._actions}
+    bench_flags = {a.dest for a in bench_cli.parser()._actions}
+    predict_flags = set(vars(predict_cli.parse(["--adapter=x", "--dtype=bfloat16"])))
+    for f in dataclasses.fields(Compute):
+        assert f.name in train_flags and f.name in bench_flags, f.name
+        assert f.metadata["choices"] and "trajectory" in f.metadata, f.name
+    assert "dtype" in predict_flags
+    assert set(EXACT.trajectory()) == {"dtype", "attention_impl", "dropout_impl", "prng_impl",
+                                       "cls_only_last_layer"}
+
+
+def test_pallas_kernels_refuse_to_run_interpreted_outside_tests():
+    if jax.default_backend() == "gpu":
+        pytest.skip("compiled on a GPU")
+    from jaxpeft.models import pallas_norm
+
+    x = jnp.ones((1, 4, 8), jnp.float32)
+    v = jnp.ones((8,), jnp.float32)
+    with pytest.raises(RuntimeError, match="compile for NVIDIA GPUs only"):
+        pallas_norm.dropout_add_norm(x, v, x, v, v, None, rate=0.0, eps=1e-12)
+    with pallas_common.interpreter():
+        y, _ = pallas_norm.dropout_add_norm(x, v, x, v, v, None, rate=0.0, eps=1e-12)
+    assert y.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- same results
+
+
 @pytest.mark.parametrize("method", ["bitfit", "full"])
-@pytest.mark.parametrize("change", [dict(fuse_qkv=False), dict(remat="elementwise"), dict(remat="layer"),
-                                    dict(lean_residuals=False),
-                                    dict(lean_residuals=False, remat="elementwise"),
-                                    dict(norm_impl="pallas"), dict(norm_impl="pallas", remat="layer"),
-                                    dict(activation_impl="pallas")])
+@pytest.mark.parametrize("change", [dict(remat="layer"), dict(norm_impl="pallas"),
+                                    dict(norm_impl="pallas", remat="layer"),
+                                    dict(cls_only_last_layer=False)])
 def test_same_loss_and_gradients(method, change):
-    """Same params, same dropout key: the loss and every gradient agree with the default path."""
+    """Same params, same dropout key: the loss and every gradient agree with the default path
+    (deterministic for the [CLS]-only layer, whose dropout masks sit at other positions)."""
     params = init_params(BertForSequenceClassification(SMALL, num_labels=2), jax.random.key(0))
-    (l0, g0) = _grads(SMALL, method, params, deterministic=False)
-    (l1, g1) = _grads(SMALL.replace(**change), method, params, deterministic=False)
+    det = "cls_only_last_layer" in change
+    (l0, g0) = _grads(EXACT, method, params, deterministic=det)
+    with pallas_common.interpreter():
+        (l1, g1) = _grads(EXACT.replace(**change), method, params, deterministic=det)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     assert jax.tree.structure(g0) == jax.tree.structure(g1)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
@@ -58,77 +145,26 @@ def test_same_loss_and_gradients(method, change):
 
 
 def test_kernels_keep_param_paths():
-    shapes = lambda cfg: jax.eval_shape(  # noqa: E731
-        lambda: init_params(BertForSequenceClassification(cfg, 2), jax.random.key(0)))
-    cfg = SMALL.replace(num_attention_heads=2)     # head_dim 16: the attention kernel's smallest
-    want = shapes(cfg)
-    got = shapes(cfg.replace(norm_impl="pallas", activation_impl="pallas", attention_impl="pallas"))
+    shapes = lambda comp: jax.eval_shape(  # noqa: E731
+        lambda: init_params(BertForSequenceClassification(SMALL, 2, compute=comp), jax.random.key(0)))
+    want = shapes(EXACT)
+    with pallas_common.interpreter():
+        got = shapes(FAST.replace(attention_impl="dense"))   # attention creates no params of its own
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert [x.shape for x in jax.tree.leaves(got)] == [x.shape for x in jax.tree.leaves(want)]
-
-
-def test_fused_qkv_keeps_param_paths():
-    a = jax.eval_shape(lambda: init_params(BertForSequenceClassification(SMALL, 2), jax.random.key(0)))
-    b = jax.eval_shape(lambda: init_params(BertForSequenceClassification(SMALL.replace(fuse_qkv=False), 2),
-                                           jax.random.key(0)))
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    assert "query" in a["bert"]["encoder"]["layer_0"]["attention"]["self"]
-
-
-@pytest.mark.parametrize("bits", [8, 16])
-def test_low_bit_dropout_rate_and_scale(bits):
-    x = jnp.ones((1000, 1000), jnp.float32)
-    y = np.asarray(LowBitDropout(0.1, bits).apply({}, x, deterministic=False,
-                                                  rngs={"dropout": jax.random.key(0)}))
-    threshold = round(0.1 * 2 ** bits)
-    keep = 1 - threshold / 2 ** bits
-    kept = (y != 0).mean()
-    sd = np.sqrt(keep * (1 - keep) / y.size)
-    assert abs(kept - keep) < 5 * sd, (kept, keep)
-    np.testing.assert_allclose(y[y != 0], 1 / keep, rtol=1e-6)   # inverted dropout: mean kept at 1
-    assert abs(y.mean() - 1.0) < 5 * sd / keep
-    same = LowBitDropout(0.1, bits).apply({}, x, deterministic=True)
-    assert same is x
-
-
-def test_low_bit_dropout_trains_like_a_dropout():
-    """The model with 8-bit masks: deterministic output unchanged, stochastic output differs."""
-    params = init_params(BertForSequenceClassification(SMALL, num_labels=2), jax.random.key(0))
-    l_det, _ = _grads(SMALL, "bitfit", params, deterministic=True)
-    low = SMALL.replace(dropout_impl="random", dropout_bits=8)
-    l_det8, _ = _grads(low, "bitfit", params, deterministic=True)
-    l_drop8, _ = _grads(low, "bitfit", params, deterministic=False)
-    np.testing.assert_allclose(l_det8, l_det, rtol=1e-6)
-    assert abs(float(l_drop8) - float(l_det)) > 1e-6
-
-
-@pytest.mark.parametrize("flag,value", [("remat", "sometimes"), ("dropout_bits", 4), ("dropout_impl", "fast"),
-                                        ("attention_impl", "flash"), ("norm_impl", "triton")])
-def test_bad_compute_options_are_one_line_errors(flag, value):
-    with pytest.raises(UserError, match=f"--{flag}={value}: choose one of"):
-        TrainConfig(**{flag: value, **({"dropout_impl": "random"} if flag == "dropout_bits" else {})})
-
-
-def test_dropout_bits_need_random_masks():
-    with pytest.raises(UserError, match="--dropout_bits=8 needs --dropout_impl=random"):
-        TrainConfig(dropout_bits=8)
-    assert TrainConfig(dropout_bits=8, dropout_impl="random").dropout_bits == 8
-    with pytest.raises(UserError, match="--norm_impl=pallas needs --dropout_impl=hash"):
-        TrainConfig(norm_impl="pallas", dropout_impl="random")
+    assert "query" in want["bert"]["encoder"]["layer_0"]["attention"]["self"]
 
 
 @pytest.mark.parametrize("method", ["bitfit", "prefix"])
 def test_frozen_kernels_in_compute_dtype_change_nothing(method):
     """bf16 compute: the frozen tree with its matmul kernels stored in bf16 (as the Trainer and the
     benchmark keep it) gives bit-identical loss and gradients; only ``bert/.../kernel`` is cast."""
-    from jaxpeft.models.bert import kernels_in_compute_dtype
-
-    cfg = SMALL.replace(dtype="bfloat16")
+    comp = EXACT.replace(dtype="bfloat16")
     m = methods.create(method)
-    module = BertForSequenceClassification(cfg, num_labels=2, adapter=m.adapter(cfg))
+    module = BertForSequenceClassification(SMALL, num_labels=2, adapter=m.adapter(SMALL), compute=comp)
     params = init_params(module, jax.random.key(0))
     trainable, frozen = masks.split(params, m.mask(params))
-    cast = kernels_in_compute_dtype(frozen, cfg)
+    cast = kernels_in_compute_dtype(frozen, comp)
     changed = {p for p, x in masks.flatten(cast).items() if x.dtype != jnp.float32}
     assert changed and all(p.startswith("bert/") and p.endswith("/kernel") for p in changed)
     assert "bert/encoder/layer_0/intermediate/dense/kernel" in changed
@@ -136,12 +172,50 @@ def test_frozen_kernels_in_compute_dtype_change_nothing(method):
     batch = _batch()
 
     def loss(t, f):
-        logits = _apply(module, masks.merge(t, f), batch, False, jax.random.key(3))
-        return loss_and_outputs(logits, batch["labels"], batch["weights"], False)
+        logits = steps.apply_model(module, masks.merge(t, f), batch, False, jax.random.key(3))
+        return steps.loss_from_logits(logits, batch["labels"], batch["weights"], False)
 
     (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss))(trainable, f) for f in (frozen, cast))
     assert np.asarray(l1) == np.asarray(l0)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     # float32 compute: nothing to cast, the same tree back
-    assert kernels_in_compute_dtype(frozen, SMALL) is frozen
+    assert kernels_in_compute_dtype(frozen, EXACT) is frozen
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the fast path runs on an NVIDIA GPU")
+@pytest.mark.parametrize("method", ["bitfit", "full", "prefix"])
+def test_auto_matches_exact_within_bf16_tolerance_on_gpu(method, minilm_dir):
+    """On one NVIDIA GPU ``auto`` is the fast path (bf16 + our kernels): same loss and gradients as
+    ``exact`` (float32, dense attention) within bf16 rounding, dropout off (the fused kernels apply
+    no attention-probability dropout, so with dropout the two differ by design)."""
+    from jaxpeft.models.loading import load_classifier
+
+    auto = compute.resolve("auto")
+    assert auto == FAST
+    m = methods.create(method)
+    results = []
+    for comp in (EXACT, auto):
+        loaded = load_classifier(str(minilm_dir), 2, adapter=m.adapter, compute=comp)
+        params = m.init_params(loaded.params, tokenizer=loaded.tokenizer, rng=jax.random.key(1))
+        trainable, frozen = masks.split(params, m.mask(params))
+        frozen = kernels_in_compute_dtype(frozen, comp)
+        rng = np.random.default_rng(0)
+        b, t = 32, 64
+        lengths = rng.integers(8, t + 1, size=b)
+        mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+        batch = {"input_ids": rng.integers(1000, 20000, size=(b, t)).astype(np.int32) * mask,
+                 "attention_mask": mask, "token_type_ids": np.zeros((b, t), np.int32),
+                 "labels": rng.integers(0, 2, size=b).astype(np.int32), "weights": np.ones(b, np.float32)}
+
+        def loss(tr, module=loaded.module, frozen=frozen):
+            logits = steps.apply_model(module, masks.merge(tr, frozen), batch, True)
+            return steps.loss_from_logits(logits, batch["labels"], batch["weights"], False)
+
+        results.append(jax.jit(jax.value_and_grad(loss))(trainable))
+    (l0, g0), (l1, g1) = results
+    np.testing.assert_allclose(float(l1), float(l0), rtol=2e-2)
+    flat0, flat1 = masks.flatten(g0), masks.flatten(g1)
+    num = sum(float(jnp.sum((flat1[k] - flat0[k]) ** 2)) for k in flat0)
+    den = sum(float(jnp.sum(flat0[k] ** 2)) for k in flat0)
+    assert (num / den) ** 0.5 < 5e-2, (num / den) ** 0.5       # relative error of the whole gradient

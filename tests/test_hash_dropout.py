@@ -12,6 +12,8 @@ from scipy import stats
 
 import cpu_devices
 
+from jaxpeft.compute import EXACT
+from jaxpeft.errors import UserError
 from jaxpeft.models import hash_dropout as hd
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 from jaxpeft.models.loading import init_params
@@ -129,8 +131,8 @@ def test_model_with_hashed_masks(monkeypatch):
     autodiff of the same forward pass with the custom backward swapped for plain ``jnp.where``."""
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 120, size=(4, 16)), jnp.int32)
     ones = jnp.ones_like(ids)
-    model0 = BertForSequenceClassification(SMALL.replace(dropout_impl="random"), num_labels=2)
-    model = BertForSequenceClassification(SMALL.replace(dropout_impl="hash"), num_labels=2)
+    model0 = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT.replace(dropout_impl="random"))
+    model = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT.replace(dropout_impl="hash"))
     params = init_params(model0, jax.random.key(0))
 
     def loss(p, m, det):
@@ -150,5 +152,5 @@ def test_model_with_hashed_masks(monkeypatch):
 
 
 def test_bad_dropout_impl():
-    with pytest.raises(ValueError, match="dropout_impl must be one of"):
-        BertConfig(dropout_impl="fast")
+    with pytest.raises(UserError, match="--dropout_impl=fast: choose one of hash, random"):
+        EXACT.replace(dropout_impl="fast")

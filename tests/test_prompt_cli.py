@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from jaxpeft import config, masks, train
+from jaxpeft import config, masks, trainer as trainer_lib
 
 from masked_step import assert_only_masked_leaves_changed
 from test_cli import assert_one_line_error, run_train
@@ -32,7 +32,7 @@ def test_tiny_run_records_trainable_counts(method, task, glue, tmp_path):
                             max_steps=3, batch_size=8, max_seq_length=16, max_train_examples=48,
                             max_eval_examples=16, log_every=1, progress=False))
     lines = []
-    trainer = train.Trainer(cfg, echo=lines.append)
+    trainer = trainer_lib.Trainer(cfg, echo=lines.append)
     res = trainer.run()
     # the real loop: adapter and head moved, the encoder is bit-identical
     after = masks.merge(trainer.final_state.trainable, trainer.frozen)
@@ -50,10 +50,14 @@ def test_tiny_run_records_trainable_counts(method, task, glue, tmp_path):
 CASES = {
     "too many virtual tokens": (["--method=prompt", "--num_virtual_tokens=400", "--max_seq_length=128"],
                                 ["400 virtual tokens", "max_position_embeddings=512"]),
-    "unknown prompt init": (["--method=prompt", "--prompt_init=vocab"], ["unknown prompt_init 'vocab'"]),
+    "unknown prompt init": (["--method=prompt", "--prompt_init=vocab"],
+                            ["--prompt_init=vocab: choose one of random, sample_vocab, text"]),
     "text init without text": (["--method=prompt", "--prompt_init=text"], ["--prompt_init_text"]),
-    "unknown encoder": (["--method=ptuning", "--encoder_type=gru"], ["unknown encoder_type 'gru'"]),
-    "bad prefix dropout": (["--method=ptuning_v2", "--prefix_dropout=1.5"], ["prefix_dropout must be in"]),
+    "unknown encoder": (["--method=ptuning", "--encoder_type=gru"], ["--encoder_type=gru: choose one of"]),
+    "bad prefix dropout": (["--method=ptuning_v2", "--prefix_dropout=1.5"], ["--prefix_dropout=1.5: must be in [0, 1)"]),
+    "prompt init of prompt tuning": (["--method=ptuning", "--prompt_init=text"],
+                                     ["--prompt_init is not an option of --method=ptuning"]),
+    "packing with input prompts": (["--method=prompt", "--packing"], ["--packing", "--method=prompt"]),
 }
 
 

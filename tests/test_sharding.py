@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 from test_cli import assert_one_line_error, run_train
 
-from jaxpeft import config, data, multihost, sharding, train
+from jaxpeft import config, data, multihost, optim, sharding, steps, trainer
 from jaxpeft.errors import UserError
 
 
@@ -70,8 +70,8 @@ def test_placement_rules():
 def test_state_shardings_follow_the_params_and_replicate_the_rest():
     plan = sharding.create_plan(fsdp_min_size=0)
     params = {"bert": {"w": jnp.ones((4, 8)), "LayerNorm": {"scale": jnp.ones(8)}}}
-    tx, _ = train.make_optimizer(config.TrainConfig(), 10)
-    state, shardings = plan.init(lambda t: train.init_state(t, tx, 0), params,
+    tx = optim.make_optimizer(config.Optim())
+    state, shardings = plan.init(lambda t: steps.init_state(t, tx, 0), params,
                                  shardings=plan.state_shardings)
     assert all(x.sharding == s for x, s in zip(jax.tree_util.tree_leaves(state),
                                                jax.tree_util.tree_leaves(shardings)))
@@ -120,17 +120,16 @@ def test_detect_cluster():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (dict(distributed="sometimes"), "--distributed='sometimes': expected one of auto, on, off"),
+    (dict(distributed="sometimes"), "--distributed=sometimes: choose one of auto, on, off"),
     (dict(num_processes=2), "go together; missing --coordinator_address, --process_id"),
     (dict(coordinator_address="10.0.0.2", num_processes=2, process_id=0), "expected HOST:PORT"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=2), "--process_id=2 must be in 0..1"),
-    (dict(coordinator_address="h:1", num_processes=0, process_id=0),
-     "--num_processes=0 must be at least 1"),
+    (dict(coordinator_address="h:1", num_processes=0, process_id=0), "--num_processes=0: must be > 0"),
     (dict(distributed="off", coordinator_address="h:1"), "--distributed=off contradicts --coordinator_address"),
     (dict(mesh="data:1,tensor:1"), "unknown axis 'tensor'"),
-    (dict(fsdp_min_size=-1), "--fsdp_min_size=-1 must be >= 0"),
+    (dict(fsdp_min_size=-1), "--fsdp_min_size=-1: must be >= 0"),
 ])
 def test_bad_device_flags_fail_before_the_model_loads(args, needle, glue):
-    cfg = config.build(dict(data_dir=str(glue), output_dir="/nonexistent/never-written", **args))
     with pytest.raises(UserError, match=needle):
-        train.Trainer(cfg)
+        cfg = config.build(dict(data_dir=str(glue), output_dir="/nonexistent/never-written", **args))
+        trainer.Trainer(cfg)

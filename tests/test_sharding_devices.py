@@ -80,8 +80,8 @@ def assert_same_training(got: dict, ref: dict, losses: bool = True) -> None:
     for path, value in ref["trainable"].items():
         np.testing.assert_allclose(got["trainable"][path], value, rtol=1e-4, atol=2e-5, err_msg=path)
     assert got["final_dev"] == pytest.approx(ref["final_dev"], abs=1e-9)
-    # recompile guard: one train-step compilation per bucket length used, no more
-    assert got["traces"]["train_step"] == len(got["widths"]) == len(ref["widths"]) == 2
+    # recompile guard: one train-loop compilation per bucket length used, no more
+    assert got["traces"]["train_loop"] == len(got["widths"]) == len(ref["widths"]) == 2
     assert all(got["assembled_equal"])
 
 
@@ -137,7 +137,8 @@ def test_two_processes_match_one_process(reference, glue, tiny_bert_dir, tmp_pat
     # only process 0 wrote: one start and one end record, 8 train records
     assert p0["log_events"].count("start") == 1 and p0["log_events"].count("end") == 1
     assert p0["log_events"].count("train") == 8
-    assert sorted(x.name for x in out_dir.iterdir()) == ["adapter", "checkpoints", "log.jsonl", "results.json"]
+    assert sorted(x.name for x in out_dir.iterdir()) == ["adapter", "checkpoints", "learning_curves.png",
+                                                         "log.jsonl", "results.json"]
     # each process fed half of every global batch: no example twice, none skipped
     for a, b in zip(p0["fed"], p1["fed"]):
         assert a["batch"] == b["batch"]

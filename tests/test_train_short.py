@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 
-from jaxpeft import config, data, metrics, train
+from jaxpeft import config, data, metrics, trainer
 
 
 def test_bitfit_sst2_few_hundred_steps_beats_majority(glue, tmp_path):
     cfg = config.build(dict(method="bitfit", task="sst2", data_dir=str(glue), output_dir=str(tmp_path),
                             max_steps=250, batch_size=32, max_seq_length=64, learning_rate=2e-3,
                             eval_every=0, log_every=50, progress=False))
-    res = train.run(cfg, echo=lambda s: None)
+    res = trainer.run(cfg, echo=lambda s: None)
     task = data.get_task("sst2")
     train_labels = data.load_split(task, "train", glue).labels
     dev_labels = data.load_split(task, "dev", glue).labels
@@ -19,7 +19,9 @@ def test_bitfit_sst2_few_hundred_steps_beats_majority(glue, tmp_path):
     assert res["final_dev"]["accuracy"] >= majority + 0.15, (res["final_dev"], majority)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     for key in ("method", "task", "model", "trainable_params", "total_params", "trainable_pct",
-                "best_dev", "final_dev", "steps", "train_seconds", "examples_per_second"):
+                "best_dev", "final_dev", "steps", "train_seconds", "examples_per_second", "tokens_per_second",
+                "wall_seconds", "startup_seconds", "data_seconds", "compile_seconds", "eval_seconds",
+                "checkpoint_seconds", "export_seconds"):
         assert key in on_disk, key
     assert on_disk["steps"] == 250
     assert 0.05 < on_disk["trainable_pct"] < 0.2   # MiniLM biases + head: ~0.12%
@@ -33,12 +35,12 @@ def test_regression_task_and_reproducibility(glue, tmp_path):
         cfg = config.build(dict(method="bitfit", task="stsb", data_dir=str(glue), output_dir=str(out),
                                 max_steps=12, batch_size=16, max_seq_length=32, max_train_examples=192,
                                 max_eval_examples=128, log_every=4, progress=False, seed=3))
-        return train.run(cfg, echo=lambda s: None)
+        return trainer.run(cfg, echo=lambda s: None)
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
     assert set(a["final_dev"]) == {"pearson", "spearman"}
     assert a["final_dev"] == b["final_dev"]
     la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     lb = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    loss = lambda lines: [json.loads(x)["loss"] for x in lines if '"train"' in x]  # noqa: E731
+    loss = lambda lines: [r["loss"] for r in map(json.loads, lines) if r["event"] == "train"]  # noqa: E731
     assert loss(la) == loss(lb) and all(np.isfinite(loss(la)))

@@ -7,11 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpeft import masks, methods
-from jaxpeft.config import TrainConfig
+from jaxpeft import masks, methods, optim
+from jaxpeft.config import Optim
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 from jaxpeft.models.loading import init_params, param_shapes
-from jaxpeft.train import init_state, make_optimizer, make_train_step
+from jaxpeft.steps import init_state, make_train_loop, make_train_step
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=64)
@@ -33,8 +33,8 @@ def test_exactly_masked_leaves_change(method, options):
     params = init_params(module, jax.random.key(0))
     m = methods.create(method, options)
     mask = m.mask(params)
-    cfg = TrainConfig(learning_rate=1e-2, warmup_ratio=0.0)
-    tx, _ = make_optimizer(cfg, total_steps=10)
+    cfg = Optim(learning_rate=1e-2, warmup_ratio=0.0)
+    tx = optim.make_optimizer(cfg)
     trainable, frozen = masks.split(params, mask)
     state = init_state(trainable, tx, seed=0)
     step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
@@ -86,8 +86,9 @@ def test_split_step_equals_multi_transform_on_the_full_tree():
 def test_optimizer_with_host_lr_equals_optax_adamw_with_the_schedule():
     """make_optimizer + lr passed per step == optax.adamw(schedule) over several steps."""
     params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "bias": jnp.ones(3)}
-    cfg = TrainConfig(learning_rate=0.1, warmup_ratio=0.25, weight_decay=0.01, max_grad_norm=0.5)
-    tx, schedule = make_optimizer(cfg, total_steps=8)
+    cfg = Optim(learning_rate=0.1, warmup_ratio=0.25, weight_decay=0.01, max_grad_norm=0.5)
+    tx = optim.make_optimizer(cfg)
+    schedule = optim.Schedule.create(cfg.learning_rate, 8, cfg.warmup_ratio)
     ref = optax.chain(optax.clip_by_global_norm(0.5),
                       optax.adamw(optax.join_schedules([optax.linear_schedule(0.0, 0.1, 2),
                                                         optax.linear_schedule(0.1, 0.0, 6)], [2]),
@@ -108,7 +109,7 @@ def _step_flops(method: str, cfg: BertConfig, batch: int, seq: int) -> float:
     module = BertForSequenceClassification(cfg, num_labels=2)
     shapes = param_shapes(module)
     mask = methods.create(method).mask(shapes)
-    tx, _ = make_optimizer(TrainConfig(), total_steps=100)
+    tx = optim.make_optimizer(Optim())
     trainable, frozen = masks.split(shapes, mask)
     state = jax.eval_shape(lambda t: init_state(t, tx, 0), trainable)
     b = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32)
@@ -158,7 +159,7 @@ def test_grad_norm_and_clip_match_optax():
     """``grad_norm`` (small leaves in one reduction) == ``optax.tree.norm``, and our clip ==
     ``optax.clip_by_global_norm``, on a tree of big and small leaves with holes, above and below
     the threshold."""
-    from jaxpeft.train import _NORM_GROUP_SIZE, clip_by_global_norm, grad_norm
+    from jaxpeft.optim import _NORM_GROUP_SIZE, clip_by_global_norm, grad_norm
 
     rng = np.random.default_rng(0)
     tree = {"big": jnp.asarray(rng.normal(size=(_NORM_GROUP_SIZE + 7,)), jnp.float32),
@@ -174,3 +175,43 @@ def test_grad_norm_and_clip_match_optax():
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
             assert a.dtype == b.dtype
             np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_on_the_device_equals_the_host_schedule():
+    s = optim.Schedule.create(3e-3, total_steps=37, warmup_ratio=0.1)
+    dev = jax.jit(optim.lr_at)(jnp.arange(40), s.as_array())
+    np.testing.assert_allclose(np.asarray(dev), [s(i) for i in range(40)], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_scanned_loop_equals_single_steps_and_skips_inactive_steps(method):
+    """N steps in one call (the schedule computed from the step counter on the device) give the
+    states of N single steps with the host's learning rates; steps flagged off change nothing."""
+    module = BertForSequenceClassification(SMALL, num_labels=2)
+    params = init_params(module, jax.random.key(2))
+    mask = methods.create(method).mask(params)
+    cfg = Optim(learning_rate=1e-2, warmup_ratio=0.3)
+    tx = optim.make_optimizer(cfg)
+    schedule = optim.Schedule.create(cfg.learning_rate, 10, cfg.warmup_ratio)
+    trainable, frozen = masks.split(params, mask)
+    rng = np.random.default_rng(3)
+    batches = [_batch(rng) for _ in range(5)]
+    # single steps
+    step = jax.jit(make_train_step(module, tx, regression=False))
+    state = init_state(trainable, tx, seed=4)
+    losses = []
+    for i, b in enumerate(batches[:3]):
+        state, m = step(state, frozen, b, np.float32(schedule(i)))
+        losses.append(float(m["loss"]))
+    # one call: 3 active steps and 2 inactive ones
+    loop = jax.jit(make_train_loop(module, tx, regression=False))
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    active = np.array([True, True, True, False, False])
+    state2, m2 = loop(init_state(trainable, tx, seed=4), frozen, stacked, active, schedule.as_array())
+    assert int(state2.step) == 3
+    np.testing.assert_allclose(np.asarray(m2["loss"])[:3], losses, rtol=1e-5)
+    assert np.all(np.asarray(m2["loss"])[3:] == 0)
+    np.testing.assert_allclose(np.asarray(m2["lr"])[:3], [schedule(i) for i in range(3)], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves((state.trainable, state.opt_state)),
+                    jax.tree.leaves((state2.trainable, state2.opt_state))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=2e-6)

@@ -16,14 +16,28 @@ REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (Full, Frozen, BitFit, PromptTuning, PTuning, PrefixTuning, PTuningV2)}
 
 
-def create(name: str, options: Mapping[str, Any] | None = None) -> Method:
-    """Builds method ``name``, taking from ``options`` the fields it knows and ignoring the rest."""
+def create(name: str, options: Mapping[str, Any] | None = None, *, strict: bool = True) -> Method:
+    """Builds method ``name`` with ``options``. An option it does not take is an error naming the
+    method and the options it takes (``strict=False``: ignored instead)."""
     if name not in REGISTRY:
         raise UserError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in (options or {}).items() if k in fields})
+    given = dict(options or {})
+    extra = sorted(set(given) - fields)
+    if extra and strict:
+        takes = ", ".join(f"--{n}" for n in sorted(fields)) or "none"
+        raise UserError(f"--{extra[0]} is not an option of --method={name} (its options: {takes})")
+    try:
+        return cls(**{k: v for k, v in given.items() if k in fields})
+    except TypeError as e:
+        raise UserError(f"--method={name}: {e}") from None
 
 
-__all__ = ["HEAD_PATTERN", "Method", "REGISTRY", "create", "BitFit", "Frozen", "Full", "PromptTuning",
+def all_options() -> set[str]:
+    """Every option name of every registered method."""
+    return {f.name for cls in REGISTRY.values() for f in dataclasses.fields(cls)}
+
+
+__all__ = ["HEAD_PATTERN", "Method", "REGISTRY", "all_options", "create", "BitFit", "Frozen", "Full", "PromptTuning",
            "PTuning", "PrefixTuning", "PTuningV2"]

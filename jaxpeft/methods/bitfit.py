@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any
 
 from jaxpeft import masks
+from jaxpeft.errors import UserError
 from jaxpeft.methods.base import Method
+from jaxpeft.options import option
 
 
 @dataclasses.dataclass
@@ -38,13 +40,18 @@ class BitFit(Method):
     """
 
     name = "bitfit"
-    bitfit_terms: str | None = None
+    bitfit_terms: str | None = option(
+        None, "comma list of BitFit terms that train (query,key,value,attention_output,"
+        "attention_layernorm,intermediate,output,output_layernorm or b_q..b_ln2; default: every bias)")
 
-    def __post_init__(self):
+    def validate(self):
         if self.bitfit_terms:  # fail on a typo before anything is loaded
             for t in self.bitfit_terms.split(","):
                 if t.strip():
-                    masks._canonical_term(t)
+                    try:
+                        masks._canonical_term(t)
+                    except masks.MaskError as e:
+                        raise UserError(f"--bitfit_terms={self.bitfit_terms}: {e}") from None
 
     def trainable(self, params: Any) -> Any:
         return masks.bitfit(params, self.bitfit_terms or None)

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 
 from jaxpeft import masks
 from jaxpeft.errors import UserError
-from jaxpeft.methods.base import HEAD_PATTERN, Method
-from jaxpeft.methods.prompt import ADAPTER_PATTERN, check_num_virtual_tokens
+from jaxpeft.methods.base import Method
+from jaxpeft.methods.prompt import ADAPTER_PATTERN, virtual_tokens
 from jaxpeft.models.bert import BertConfig
+from jaxpeft.options import in_range, option, positive
 
 #: ``encoder_hidden_size`` of the projection MLP when none is given (Li & Liang's 512).
 DEFAULT_PROJECTION_HIDDEN = 512
@@ -128,23 +129,22 @@ class PrefixTuning(Method):
     default_projection: ClassVar[bool] = True
     default_dropout: ClassVar[float] = 0.0
 
-    num_virtual_tokens: int = 20
-    prefix_projection: bool | None = None
-    encoder_hidden_size: int | None = None
-    prefix_dropout: float | None = None
+    num_virtual_tokens: int = virtual_tokens(what="prefix keys/values per layer")
+    prefix_projection: bool | None = option(
+        None, "reparameterise the prefixes through an MLP in training (default: on for prefix, off for "
+        "ptuning_v2)")
+    encoder_hidden_size: int | None = option(None, "width of the prefix MLP (default 512)", positive)
+    prefix_dropout: float | None = option(
+        None, "dropout on the prefixes in training (default: 0 for prefix, 0.1 for ptuning_v2)",
+        in_range(0, 1, hi_open=True))
 
-    def __post_init__(self):
-        check_num_virtual_tokens(self.num_virtual_tokens)
+    def validate(self):
         if self.prefix_projection is None:
             self.prefix_projection = self.default_projection
         if self.prefix_dropout is None:
             self.prefix_dropout = self.default_dropout
         if self.encoder_hidden_size is None:
             self.encoder_hidden_size = DEFAULT_PROJECTION_HIDDEN
-        if not 0.0 <= self.prefix_dropout < 1.0:
-            raise UserError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
-        if self.encoder_hidden_size < 1:
-            raise UserError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
 
     def adapter(self, config: BertConfig) -> nn.Module:
         return PrefixKV(self.num_virtual_tokens, config.num_hidden_layers, config.num_attention_heads,
@@ -162,13 +162,13 @@ class PrefixTuning(Method):
         proj = adapter["prefix_projection"]
         return PrefixProjection.from_params(proj).apply({"params": proj})
 
-    def export_params(self, params: Any) -> dict[str, Any]:
+    def export_params(self, params: Any, modules_to_save=()) -> dict[str, Any]:
         """The prefixes as direct parameters (the projection MLP evaluated once) and the head."""
         if not self.prefix_projection:
-            return super().export_params(params)
+            return super().export_params(params, modules_to_save)
         keys, values = self.compute_prefixes(params)
-        head = masks.flatten(masks.split(params, masks.match(params, include=HEAD_PATTERN))[0])
-        return {"adapter/prefix_keys": keys, "adapter/prefix_values": values, **head}
+        return {"adapter/prefix_keys": keys, "adapter/prefix_values": values,
+                **self.head_params(params, modules_to_save)}
 
     def for_inference(self) -> Method:
         return dataclasses.replace(self, prefix_projection=False, prefix_dropout=0.0)

@@ -30,8 +30,9 @@ import numpy as np
 
 from jaxpeft import masks
 from jaxpeft.errors import UserError
-from jaxpeft.methods.base import HEAD_PATTERN, Method
+from jaxpeft.methods.base import Method
 from jaxpeft.models.bert import BertConfig
+from jaxpeft.options import at_least, option, positive
 
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ENCODER_TYPES = ("lstm", "mlp")
@@ -39,9 +40,8 @@ ADAPTER_PATTERN = r"^adapter/"
 WORD_EMBEDDINGS = "bert/embeddings/word_embeddings/embedding"
 
 
-def check_num_virtual_tokens(n: int) -> None:
-    if not isinstance(n, int) or n < 1:
-        raise UserError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+def virtual_tokens(default: int = 20, what: str = "virtual tokens") -> int:
+    return option(default, f"number of {what} (peft's num_virtual_tokens)", positive)
 
 
 # ----------------------------------------------------------------------------- adapter modules
@@ -255,14 +255,15 @@ class PromptTuning(Method):
     """
 
     name = "prompt"
-    num_virtual_tokens: int = 20
-    prompt_init: str = "random"
-    prompt_init_text: str | None = None
+    supports_packing = False
+    num_virtual_tokens: int = virtual_tokens()
+    prompt_init: str = option("random", "how the prompt starts: random, sample_vocab (rows of sampled "
+                              "vocabulary tokens), text (rows of --prompt_init_text's tokens)",
+                              choices=PROMPT_INITS)
+    prompt_init_text: str | None = option(None, "the text for --prompt_init=text (peft: "
+                                          "prompt_tuning_init_text)")
 
-    def __post_init__(self):
-        check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.prompt_init not in PROMPT_INITS:
-            raise UserError(f"unknown prompt_init {self.prompt_init!r}; known: {', '.join(PROMPT_INITS)}")
+    def validate(self):
         if self.prompt_init == "text" and not (self.prompt_init_text or "").strip():
             raise UserError("prompt_init=text needs --prompt_init_text")
 
@@ -296,28 +297,17 @@ class PTuning(Method):
             direction (so the two directions together are ``H`` wide, as in the P-tuning code),
             ``H`` for the MLP.
         encoder_num_layers: LSTM layers (default 2, as peft).
-        prompt_init: must be ``random``: the prompt comes out of the encoder, so the vocabulary and
-            text initialisations of prompt tuning do not apply.
     """
 
     name = "ptuning"
-    num_virtual_tokens: int = 20
-    encoder_type: str = "lstm"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    prompt_init: str = "random"
-
-    def __post_init__(self):
-        check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.encoder_type not in ENCODER_TYPES:
-            raise UserError(f"unknown encoder_type {self.encoder_type!r}; known: {', '.join(ENCODER_TYPES)}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise UserError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
-        if self.encoder_num_layers < 1:
-            raise UserError(f"encoder_num_layers must be positive, got {self.encoder_num_layers}")
-        if self.prompt_init != "random":
-            raise UserError(f"prompt_init={self.prompt_init} applies to --method=prompt; P-tuning's "
-                            f"prompt comes out of its encoder (use prompt_init=random)")
+    supports_packing = False
+    num_virtual_tokens: int = virtual_tokens()
+    encoder_type: str = option("lstm", "P-tuning's prompt encoder: lstm (bidirectional LSTM + MLP, the "
+                               "paper's) or mlp", choices=ENCODER_TYPES)
+    encoder_hidden_size: int | None = option(
+        None, "width of the prompt encoder / prefix MLP (default: H/2 per LSTM direction, H for the "
+        "MLP; 512 for prefix tuning)", positive)
+    encoder_num_layers: int = option(2, "LSTM layers of P-tuning's encoder", at_least(1))
 
     def encoder(self, hidden_size: int) -> PromptEncoder:
         width = self.encoder_hidden_size or (hidden_size // 2 if self.encoder_type == "lstm" else hidden_size)
@@ -338,10 +328,10 @@ class PTuning(Method):
         hidden = params["adapter"]["input_embeddings"].shape[-1]
         return self.encoder(hidden).apply({"params": params["adapter"]}, method=PromptEncoder.prompts)
 
-    def export_params(self, params: Any) -> dict[str, Any]:
+    def export_params(self, params: Any, modules_to_save=()) -> dict[str, Any]:
         """The computed prompt (under prompt tuning's path) and the head; no encoder."""
-        head = masks.flatten(masks.split(params, masks.match(params, include=HEAD_PATTERN))[0])
-        return {"adapter/prompt_embeddings": self.compute_prompt(params), **head}
+        return {"adapter/prompt_embeddings": self.compute_prompt(params),
+                **self.head_params(params, modules_to_save)}
 
     def for_inference(self) -> Method:
         return PromptTuning(num_virtual_tokens=self.num_virtual_tokens)

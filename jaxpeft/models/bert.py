@@ -2,16 +2,21 @@
 
 Param paths read like Hugging Face's names with ``/`` instead of ``.`` and ``layer_N`` instead of
 ``layer.N``: ``encoder/layer_3/attention/self/query/bias``, ``encoder/layer_3/intermediate/dense/bias``,
-``encoder/layer_3/output/LayerNorm/bias``. Params are float32; ``BertConfig.dtype`` sets the
-compute dtype (e.g. ``bfloat16``); softmax, LayerNorm statistics and logits stay in float32.
+``encoder/layer_3/output/LayerNorm/bias``. Params are float32. :class:`BertConfig` is the
+architecture only (transformers' field names); every module also takes a
+:class:`~jaxpeft.compute.Compute` spec that says how to compute (dtype, attention kernel, ...);
+softmax, LayerNorm statistics and logits stay in float32 whatever the dtype.
 
-Two extension points serve the prompt methods:
+Extension points:
 
 * ``prompt_embeds`` (``[B or 1, P, H]``): virtual-token embeddings inserted right after the first
-  token (``[CLS]``), so the pooler still reads the real ``[CLS]``;
+  token (``[CLS]``), so the pooler still reads the real ``[CLS]`` (prompt methods);
 * ``prefix_kv`` (one ``(key, value)`` pair per layer, each ``[B or 1, P, heads, head_dim]``): extra
-  keys/values placed in front of each layer's own, so attention has more keys than queries and the
-  output keeps the input's length.
+  keys/values placed in front of each layer's own (prefix methods);
+* ``segment_ids`` / ``read_positions``: packed rows (several examples per row, each attending
+  only to its own tokens, and the positions whose outputs the head reads);
+* ``lora`` in :class:`BertSelfAttention` / :class:`BertOutput`'s dense layers and ``adapters``
+  after the sublayers come from the method (``jaxpeft.methods``) through :class:`Extras`.
 
 Each self-attention sows its projected ``(key, value)`` into the ``intermediates`` collection, so
 callers (tests, prefix extraction) can read them with ``mutable=["intermediates"]``.
@@ -23,27 +28,16 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import lean_ops, pallas_attention, pallas_gelu, pallas_norm
+from jaxpeft.compute import EXACT, Compute
+from jaxpeft.models import lean_ops, pallas_attention, pallas_norm
 from jaxpeft.models.embedding_lookup import SMALL_TABLE_ROWS, EmbedTable, take_small
 from jaxpeft.models.hash_dropout import HashDropout, HashDropoutSeed
 
 Array = jax.Array
-
-ATTENTION_IMPLS = ("dense", "xla", "cudnn", "pallas")
-# What the backward pass recomputes instead of keeping from the forward pass:
-#   none         keep everything XLA asks for;
-#   elementwise  LayerNorms and the FFN activation are recomputed from their (compute-dtype)
-#                inputs; with ``lean_residuals`` (the default) they already keep only those
-#                inputs, so this saves nothing more; it matters with ``lean_residuals=False``;
-#   layer        each encoder layer is recomputed from its input (least memory, one more forward).
-REMAT_POLICIES = ("none", "elementwise", "layer")
-DROPOUT_BITS = (32, 16, 8)
-DROPOUT_IMPLS = ("hash", "random")
-# norm_impl, activation_impl: XLA's ops or our Pallas kernels
-KERNEL_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,103 +58,23 @@ class BertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     classifier_dropout: float | None = None
-    # Not part of the HF config: how we compute. ``attention_impl``: ``dense`` (einsum + softmax,
-    # with dropout on the attention probabilities, exactly BERT) or a fused kernel through
-    # ``jax.nn.dot_product_attention`` (``xla``, or ``cudnn`` on NVIDIA GPUs with bf16/fp16), which
-    # applies no dropout to the attention probabilities (hidden-state dropout stays); ``pallas``
-    # is our own kernel for short sequences (``jaxpeft.models.pallas_attention``, no dropout on
-    # the probabilities either), which reads q/k/v straight out of the fused projection and keeps
-    # no attention output for the backward pass; for lengths that are not a power of two (prompt
-    # tokens added) JAX's fused attention runs instead (cuDNN where it can).
-    dtype: str = "float32"
-    attention_impl: str = "dense"
-    remat: str = "none"
-    # one [H, 3H] matmul for query/key/value instead of three (same params, same paths)
-    fuse_qkv: bool = True
-    # random bits per element behind the hidden-state dropout masks: 32 (flax's nn.Dropout,
-    # exact rate), 16 or 8 (cheaper; the rate is rounded to a multiple of 2**-bits, e.g. 0.1 -> 0.1016
-    # with 8 bits)
-    dropout_bits: int = 32
-    # where the hidden-state dropout masks come from: ``hash`` (a keyed hash of each element's
-    # position, fused into the kernels that use it: ``jaxpeft.models.hash_dropout``) or ``random``
-    # (``jax.random`` bits as in flax's ``nn.Dropout``; ``dropout_bits`` applies to these only)
-    dropout_impl: str = "hash"
-    # LayerNorm and GELU with hand-written backward passes that keep only their compute-dtype input
-    # (``jaxpeft.models.lean_ops``) instead of autodiff's float32 temporaries; same params and math
-    lean_residuals: bool = True
-    # launch parameters of the pallas attention kernels, "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD"
-    # (empty: ``pallas_attention.Tuning()``'s defaults)
-    attention_tuning: str = ""
-    # how each sublayer's output, LayerNorm(dropout(x @ W + b) + residual), is computed: ``xla``
-    # (the layers one by one, fused by XLA) or ``pallas`` (one kernel each way with the hash
-    # dropout mask recomputed inside: ``jaxpeft.models.pallas_norm``; same params and results)
-    norm_impl: str = "xla"
-    # launch parameters of those kernels, "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD"
-    norm_tuning: str = ""
-    # the feed-forward block's bias + GELU: ``xla`` (``lean_ops.gelu`` after the biased matmul) or
-    # ``pallas`` (one kernel each way that keeps only the matmul's output:
-    # ``jaxpeft.models.pallas_gelu``; GELU activations only)
-    activation_impl: str = "xla"
-    # sequence classification reads only the [CLS] row of the last layer's output: compute that
-    # layer's queries, attention, output projection and feed-forward block for that row alone (its
-    # keys and values still come from every token). Same logits and gradients; the last layer's
-    # other rows are work the loss never sees (``BertModel``'s ``cls_only``)
-    cls_only_last_layer: bool = True
 
     def __post_init__(self):
-        if isinstance(self.remat, bool):  # older configs: True meant whole-layer remat
-            object.__setattr__(self, "remat", "layer" if self.remat else "none")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.dropout_bits not in DROPOUT_BITS:
-            raise ValueError(f"dropout_bits must be one of {DROPOUT_BITS}, got {self.dropout_bits!r}")
-        if self.dropout_impl not in DROPOUT_IMPLS:
-            raise ValueError(f"dropout_impl must be one of {DROPOUT_IMPLS}, got {self.dropout_impl!r}")
-        if self.dropout_bits != 32 and self.dropout_impl != "random":
-            raise ValueError(f"dropout_bits={self.dropout_bits} needs dropout_impl='random' "
-                             f"(dropout_impl={self.dropout_impl!r} draws no random bits per element)")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.attention_impl == "pallas":
-            why = pallas_attention.supported(1, 0, self.hidden_size // self.num_attention_heads)
-            if why:
-                raise ValueError(f"attention_impl='pallas': {why}")
-        pallas_attention.Tuning.parse(self.attention_tuning)   # raises on a malformed string
-        if self.norm_impl not in KERNEL_IMPLS:
-            raise ValueError(f"norm_impl must be one of {KERNEL_IMPLS}, got {self.norm_impl!r}")
-        if self.norm_impl == "pallas" and self.dropout_impl != "hash":
-            raise ValueError("norm_impl='pallas' recomputes hash_dropout's masks in its kernels: it "
-                             f"needs dropout_impl='hash', got {self.dropout_impl!r}")
-        pallas_norm.Tuning.parse(self.norm_tuning)
-        if self.activation_impl not in KERNEL_IMPLS:
-            raise ValueError(f"activation_impl must be one of {KERNEL_IMPLS}, got {self.activation_impl!r}")
-        if self.activation_impl == "pallas" and self.hidden_act not in _GELU_APPROXIMATE:
-            raise ValueError(f"activation_impl='pallas' computes GELU; hidden_act={self.hidden_act!r}")
+        _activation(self.hidden_act)  # raises on an unknown activation
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
         """From a ``transformers`` config object or a ``config.json`` dict."""
         get = hf_config.get if isinstance(hf_config, dict) else (lambda k, d=None: getattr(hf_config, k, d))
-        kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name in ("dtype", "attention_impl", "remat", "fuse_qkv", "dropout_bits",
-                          "dropout_impl", "lean_residuals", "attention_tuning", "norm_impl",
-                          "norm_tuning", "activation_impl", "cls_only_last_layer"):
-                continue
-            v = get(f.name, None)
-            if v is not None:
-                kw[f.name] = v
+        kw = {f.name: get(f.name, None) for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in kw.items() if v is not None}
         pe = get("position_embedding_type", "absolute")
         if pe not in (None, "absolute"):
             raise ValueError(f"position_embedding_type={pe!r} is not supported (only 'absolute')")
@@ -171,17 +85,20 @@ class BertConfig:
         return dataclasses.replace(self, **kw)
 
 
-# GELU variants by name: whether each is the tanh approximation
-_GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
+def check_compute(config: BertConfig, compute: Compute) -> None:
+    """Raises ``ValueError`` where ``compute`` cannot run this architecture."""
+    if compute.attention_impl == "pallas":
+        why = pallas_attention.supported(1, 0, config.head_dim)
+        if why:
+            raise ValueError(f"attention_impl='pallas': {why}")
 
 
-def _activation(name: str, lean: bool = False):
-    gelu = lean_ops.gelu if lean else (lambda x, approximate: jax.nn.gelu(x, approximate=approximate))
+def _activation(name: str):
     acts = {
-        "gelu": lambda x: gelu(x, False),
-        "gelu_new": lambda x: gelu(x, True),
-        "gelu_pytorch_tanh": lambda x: gelu(x, True),
-        "gelu_fast": lambda x: gelu(x, True),
+        "gelu": lambda x: lean_ops.gelu(x, False),
+        "gelu_new": lambda x: lean_ops.gelu(x, True),
+        "gelu_pytorch_tanh": lambda x: lean_ops.gelu(x, True),
+        "gelu_fast": lambda x: lean_ops.gelu(x, True),
         "relu": jax.nn.relu,
         "silu": jax.nn.silu,
         "swish": jax.nn.silu,
@@ -192,17 +109,16 @@ def _activation(name: str, lean: bool = False):
     return acts[name]
 
 
-def kernels_in_compute_dtype(params: Any, cfg: BertConfig) -> Any:
+def kernels_in_compute_dtype(params: Any, compute: Compute) -> Any:
     """``params`` (a whole tree or a part of it, such as the frozen params) with the encoder's and
-    pooler's matmul kernels (``bert/.../kernel``) in ``cfg``'s compute dtype.
+    pooler's matmul kernels (``bert/.../kernel``) in ``compute``'s dtype.
 
-    Every one of them is cast to that dtype right before its matmul (``nn.Dense(dtype=...)`` and
-    the fused projections), so the model computes exactly the same with them stored cast. For
-    frozen params that takes a cast per matrix off every train step and, under bfloat16, half of
-    their memory (the float32 copies and the step's bfloat16 copies both go). Embedding tables,
-    biases and LayerNorm params are used in float32 and stay as they are.
+    Every one of them is cast to that dtype right before its matmul, so the model computes exactly
+    the same with them stored cast. For frozen params that takes a cast per matrix off every train
+    step and, under bfloat16, half of their memory. Embedding tables, biases and LayerNorm params
+    are used in float32 and stay as they are.
     """
-    dtype = cfg.compute_dtype
+    dtype = jnp.dtype(compute.dtype)
 
     def cast(path, x):
         names = [str(getattr(k, "key", k)) for k in path]
@@ -216,38 +132,19 @@ def kernels_in_compute_dtype(params: Any, cfg: BertConfig) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+def _dt(compute: Compute) -> Any:
+    return jnp.dtype(compute.dtype)
 
 
-class LowBitDropout(nn.Module):
-    """Inverted dropout whose mask comes from ``bits``-bit random integers (a quarter or half of the
-    random bits of ``nn.Dropout``'s float32 uniforms): an element is kept when its integer is at least
-    ``round(rate * 2**bits)``, so the rate is that over ``2**bits``."""
-
-    rate: float
-    bits: int = 8
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        if self.rate >= 1.0:
-            return jnp.zeros_like(x)
-        threshold = min(round(self.rate * 2 ** self.bits), 2 ** self.bits - 1)
-        keep_prob = 1.0 - threshold / 2 ** self.bits
-        r = jax.random.bits(self.make_rng("dropout"), x.shape, {8: jnp.uint8, 16: jnp.uint16}[self.bits])
-        return jnp.where(r >= threshold, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros_like(x))
+def _matmul(x: Array, kernel: Array, dt: Any) -> Array:
+    return jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _dropout(cfg: BertConfig, rate: float) -> nn.Module:
-    if cfg.dropout_impl == "hash":
-        return HashDropout(rate)
-    return nn.Dropout(rate) if cfg.dropout_bits == 32 else LowBitDropout(rate, cfg.dropout_bits)
+def _dropout(compute: Compute, rate: float) -> nn.Module:
+    return HashDropout(rate) if compute.dropout_impl == "hash" else nn.Dropout(rate)
 
 
-class _DenseParams(nn.Module):
+class DenseParams(nn.Module):
     """The params of an ``nn.Dense`` (same names, shapes and initialisers), returned unapplied."""
 
     features: int
@@ -261,7 +158,31 @@ class _DenseParams(nn.Module):
         return kernel, bias
 
 
-class _LayerNormParams(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """Added modules a method puts into every layer (built by the method, see ``jaxpeft.methods``).
+
+    ``lora``: ``lora(name, in_features, out_features)`` returns a module computing the low-rank
+    update ``x -> delta`` of the dense layer ``name`` (``query``, ``key``, ``value``,
+    ``attention_output``, ``intermediate``, ``output``), or ``None`` where it has none.
+    ``adapter``: ``adapter(site, hidden)`` returns a module applied to a sublayer's projection
+    output before its residual connection (``site``: ``attention`` or ``output``), or ``None``.
+    """
+
+    lora: Any = None
+    adapter: Any = None
+
+    def lora_for(self, name: str, din: int, dout: int) -> nn.Module | None:
+        return None if self.lora is None else self.lora(name, din, dout)
+
+    def adapter_for(self, site: str, hidden: int) -> nn.Module | None:
+        return None if self.adapter is None else self.adapter(site, hidden)
+
+
+NO_EXTRAS = Extras()
+
+
+class LayerNormParams(nn.Module):
     """The params of a ``LayerNorm`` over ``features`` (same names, shapes and initialisers)."""
 
     features: int
@@ -283,14 +204,19 @@ def _second(x: Array | tuple[Array, Array]) -> Array:
     return x[1] if isinstance(x, tuple) else x
 
 
-def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.Module:
-    cls = lean_ops.LayerNorm if cfg.lean_residuals else nn.LayerNorm
-    cls = nn.remat(cls) if cfg.remat == "elementwise" else cls
-    return cls(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
+def _layer_norm(config: BertConfig, compute: Compute, name: str = "LayerNorm") -> nn.Module:
+    return lean_ops.LayerNorm(epsilon=config.layer_norm_eps, dtype=_dt(compute), param_dtype=jnp.float32,
+                              name=name)
+
+
+def _gather_rows(x: Array, positions: Array) -> Array:
+    """``x[b, positions[b, k]]``: ``[B, T, ...]`` -> ``[B, K, ...]``."""
+    return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 class BertEmbeddings(nn.Module):
     config: BertConfig
+    compute: Compute = EXACT
 
     @nn.compact
     def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array | None,
@@ -315,229 +241,252 @@ class BertEmbeddings(nn.Module):
             types = take_small(type_table, token_type_ids)
         else:
             types = jnp.take(type_table, token_type_ids, axis=0)
-        x = _layer_norm(cfg)(words + pos + types)
-        return _dropout(cfg, cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _layer_norm(cfg, self.compute)(words + pos + types)
+        return _dropout(self.compute, cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+@flax.struct.dataclass
+class KeyMask:
+    """Which keys each query may attend to.
+
+    ``valid`` ``[B, S]``: the keys (prefix keys first) that exist. ``segments`` (packed rows)
+    ``[B, T]``: the segment of each of the sequence's own tokens (0: padding); a query then sees the
+    keys of its own segment and every valid prefix key. ``lengths`` ``[B]``: set when each row's
+    valid keys are a prefix of the row (fused kernels take lengths instead of a mask).
+    """
+
+    valid: Array
+    segments: Array | None = None
+    lengths: Array | None = None
+
+    def dense(self, query_rows: Array | None = None) -> Array:
+        """The boolean mask ``[B, 1, Tq, S]`` (or ``[B, 1, 1, S]``) for the queries at
+        ``query_rows`` ``[B, K]`` (default: every row)."""
+        if self.segments is None:
+            return self.valid[:, None, None, :]
+        seg_q = self.segments if query_rows is None else _gather_rows(self.segments, query_rows)
+        p = self.valid.shape[1] - self.segments.shape[1]
+        same = (seg_q[:, :, None] == self.segments[:, None, :]) & (self.segments[:, None, :] > 0)
+        if p:
+            prefix = jnp.broadcast_to(self.valid[:, None, :p], same.shape[:2] + (p,))
+            same = jnp.concatenate([prefix, same], axis=-1)
+        return same[:, None]
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head self-attention whose keys/values may be longer than its queries (prefixes)."""
+    """Multi-head self-attention whose keys/values may be longer than its queries (prefixes).
+
+    The query/key/value projections are one ``[H, 3H]`` matmul (the params stay three
+    ``nn.Dense``'s: ``query``, ``key``, ``value``). ``query_rows`` (``[B, K]``) computes the
+    queries of those rows only (the last layer when only the head's rows are read).
+    """
 
     config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
 
     @nn.compact
-    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix: tuple[Array, Array] | None = None,
-                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
-        cfg = self.config
-        if cls_only:
-            return self._cls_query(x, key_mask, deterministic, prefix)
-        b, t, _ = x.shape
+    def __call__(self, x: Array, mask: KeyMask, deterministic: bool = True,
+                 prefix: tuple[Array, Array] | None = None, query_rows: Array | None = None) -> Array:
+        cfg, comp = self.config, self.compute
+        b, t, h_in = x.shape
         n, d = cfg.num_attention_heads, cfg.head_dim
-        if cfg.fuse_qkv:
-            qkv = [_DenseParams(cfg.hidden_size, cfg.initializer_range, name=name)(x.shape[-1])
-                   for name in ("query", "key", "value")]
-            dt = cfg.compute_dtype
-            kernel = jnp.concatenate([w for w, _ in qkv], axis=1).astype(dt)
-            bias = jnp.concatenate([bb for _, bb in qkv]).astype(dt).reshape(3, n, d)
-            y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-            y = y.reshape(b, t, 3, n, d)
-            qkv = y + bias
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        dt = _dt(comp)
+        (wq, bq), (wk, bk), (wv, bv) = [DenseParams(cfg.hidden_size, cfg.initializer_range, name=name)(h_in)
+                                        for name in ("query", "key", "value")]
+        loras = [self.extras.lora_for(name, h_in, cfg.hidden_size) for name in ("query", "key", "value")]
+        if query_rows is None:
+            y = _matmul(x, jnp.concatenate([wq, wk, wv], axis=1), dt).reshape(b, t, 3, n, d)
+            if any(loras):
+                y = y + jnp.stack([jnp.zeros((b, t, n * d), dt) if lo is None else lo(x, deterministic).astype(dt)
+                                   for lo in loras], axis=2).reshape(b, t, 3, n, d)
+            bias = jnp.concatenate([bq, bk, bv]).astype(dt).reshape(3, n, d)
+            rows = None
         else:
-            q = _dense(cfg, cfg.hidden_size, "query")(x).reshape(b, t, n, d)
-            k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
-            v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
-            y = bias = None
+            xq = _gather_rows(x, query_rows)
+            kv = _matmul(x, jnp.concatenate([wk, wv], axis=1), dt).reshape(b, t, 2, n * d)
+            q = _matmul(xq, wq, dt)
+            if loras[0] is not None:
+                q = q + loras[0](xq, deterministic).astype(dt)
+            if loras[1] is not None or loras[2] is not None:
+                kv = kv + jnp.stack([jnp.zeros((b, t, n * d), dt) if lo is None else lo(x, deterministic).astype(dt)
+                                     for lo in loras[1:]], axis=2)
+            kv = kv + jnp.concatenate([bk, bv]).astype(dt).reshape(2, n * d)
+            q = (q + bq.astype(dt)).reshape(b, -1, n, d)
+            k, v = kv[:, :, 0].reshape(b, t, n, d), kv[:, :, 1].reshape(b, t, n, d)
+            if self.is_mutable_collection("intermediates"):
+                self.sow("intermediates", "key_value", (k, v))
+            k, v = _with_prefix(k, v, prefix)
+            rows = query_rows
+            dropout = cfg.attention_probs_dropout_prob if comp.attention_impl == "dense" and not deterministic else 0.0
+            # one query row per sequence is too little work for a fused kernel: the dense path
+            return self._dense_attention(q, k, v, mask.dense(rows), dropout).reshape(b, -1, n * d)
         if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "key_value", (k, v))
-        if cfg.attention_impl == "pallas" and pallas_attention.fast_length(t):
+            yb = y + bias
+            self.sow("intermediates", "key_value", (yb[:, :, 1], yb[:, :, 2]))
+        if comp.attention_impl == "pallas" and pallas_attention.fast_length(t) and mask.segments is None:
             # one kernel reads the fused projection's output, adds its bias and writes dq/dk/dv
             # back into one array (and the bias gradient): no split, bias pass or concatenation
             # around it (``pallas_attention``)
-            if y is None:
-                y = jnp.stack([q, k, v], axis=2)
             p = 0 if prefix is None else prefix[0].shape[-3]
-            if key_mask.shape != (b, p + t):
-                raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, p + t)}")
-            out = pallas_attention.attention(y, key_mask[:, p:], prefix,
-                                             key_mask[:, :p] if p else None, bias=bias,
-                                             tuning=pallas_attention.Tuning.parse(cfg.attention_tuning))
+            out = pallas_attention.attention(y, mask.valid[:, p:], prefix,
+                                             mask.valid[:, :p] if p else None, bias=bias)
             return out.reshape(b, t, n * d)
-        if prefix is not None:
-            pk, pv = prefix
-            shape = (b,) + pk.shape[-3:]
-            k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), shape), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), shape), v], axis=1)
-        if key_mask.shape != (b, k.shape[1]):
-            raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, k.shape[1])}")
-        if cfg.attention_impl == "dense":
+        qkv = y + bias
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        k, v = _with_prefix(k, v, prefix)
+        if comp.attention_impl == "dense":
             dropout = 0.0 if deterministic else cfg.attention_probs_dropout_prob
-            out = self._dense_attention(q, k, v, key_mask, dropout)
-        elif cfg.attention_impl == "pallas":
-            # lengths the kernel's segments would pad by more than a quarter
-            # (``pallas_attention.fast_length``): cuDNN's kernel runs instead where it can (JAX's
-            # ``implementation=None`` picks XLA's, which keeps the probabilities and is slower)
-            half = q.dtype in (jnp.bfloat16, jnp.float16)
-            impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-            out = self._fused_attention(q, k, v, key_mask, key_lengths, impl)
+            out = self._dense_attention(q, k, v, mask.dense(), dropout)
         else:
-            out = self._fused_attention(q, k, v, key_mask, key_lengths, cfg.attention_impl)
+            # cuDNN's fused kernel (also for lengths our kernel would pad by more than a quarter,
+            # and packed rows); XLA's where cuDNN takes no float32
+            half = dt in (jnp.bfloat16, jnp.float16)
+            impl = "cudnn" if half and comp.attention_impl in ("cudnn", "pallas") else None
+            if mask.lengths is not None and mask.segments is None:
+                out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=mask.lengths,
+                                                   implementation=impl)
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation=impl)
         return out.reshape(b, t, n * d)
 
-    def _cls_query(self, x: Array, key_mask: Array, deterministic: bool,
-                   prefix: tuple[Array, Array] | None) -> Array:
-        """Attention of the first token's query alone over every key: ``[B, 1, H]``. Same params
-        (and fused key/value projection) as the full path; one query row is too little work for a
-        fused kernel, so it is the dense path (with its attention dropout under ``dense``)."""
-        cfg = self.config
-        b, t, _ = x.shape
-        n, d = cfg.num_attention_heads, cfg.head_dim
-        if cfg.fuse_qkv:
-            (wq, bq), (wk, bk), (wv, bv) = [
-                _DenseParams(cfg.hidden_size, cfg.initializer_range, name=name)(x.shape[-1])
-                for name in ("query", "key", "value")]
-            dt = cfg.compute_dtype
-            dims = (((x.ndim - 1,), (0,)), ((), ()))
-            kv = jax.lax.dot_general(x.astype(dt), jnp.concatenate([wk, wv], axis=1).astype(dt), dims)
-            kv = kv.reshape(b, t, 2, n, d) + jnp.concatenate([bk, bv]).astype(dt).reshape(2, n, d)
-            k, v = kv[:, :, 0], kv[:, :, 1]
-            q = jax.lax.dot_general(x[:, :1].astype(dt), wq.astype(dt), dims) + bq.astype(dt)
-            q = q.reshape(b, 1, n, d)
-        else:
-            q = _dense(cfg, cfg.hidden_size, "query")(x[:, :1]).reshape(b, 1, n, d)
-            k = _dense(cfg, cfg.hidden_size, "key")(x).reshape(b, t, n, d)
-            v = _dense(cfg, cfg.hidden_size, "value")(x).reshape(b, t, n, d)
-        if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "key_value", (k, v))
-        if prefix is not None:
-            pk, pv = prefix
-            shape = (b,) + pk.shape[-3:]
-            k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), shape), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), shape), v], axis=1)
-        if key_mask.shape != (b, k.shape[1]):
-            raise ValueError(f"key mask shape {key_mask.shape} does not match keys {(b, k.shape[1])}")
-        dropout = cfg.attention_probs_dropout_prob if cfg.attention_impl == "dense" and not deterministic else 0.0
-        return self._dense_attention(q, k, v, key_mask, dropout).reshape(b, 1, n * d)
-
-    @staticmethod
-    def _fused_attention(q: Array, k: Array, v: Array, key_mask: Array, key_lengths: Array | None,
-                         implementation: str | None) -> Array:
-        # Fused kernels (no dropout on attention probabilities). When the valid keys are a prefix
-        # of each row, sequence lengths describe the mask without materialising it.
-        if key_lengths is not None:
-            return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
-                                                implementation=implementation)
-        return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
-                                            implementation=implementation)
-
-    def _dense_attention(self, q: Array, k: Array, v: Array, key_mask: Array, dropout: float) -> Array:
+    def _dense_attention(self, q: Array, k: Array, v: Array, mask: Array, dropout: float) -> Array:
         scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
         scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         if dropout > 0.0:
             probs = nn.Dropout(dropout)(probs, deterministic=False)
         return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
 
 
+def _with_prefix(k: Array, v: Array, prefix: tuple[Array, Array] | None) -> tuple[Array, Array]:
+    if prefix is None:
+        return k, v
+    pk, pv = prefix
+    shape = (k.shape[0],) + pk.shape[-3:]
+    return (jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), shape), k], axis=1),
+            jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), shape), v], axis=1))
+
+
 class BertOutput(nn.Module):
-    """Dense -> dropout -> LayerNorm(+ residual): HF's ``BertSelfOutput`` and ``BertOutput``."""
+    """Dense -> dropout -> (adapter) -> LayerNorm(+ residual): HF's ``BertSelfOutput`` and
+    ``BertOutput``. ``site`` names it for the method's extras (``attention_output`` /
+    ``output``)."""
 
     config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
+    site: str = "output"
 
     @nn.compact
     def __call__(self, h: Array, residual: Array, deterministic: bool = True) -> Array:
-        cfg = self.config
-        if cfg.norm_impl == "pallas":
-            # the projection without its bias, then one kernel: bias, dropout, residual, LayerNorm
-            # (returns the output twice, see ``pallas_norm.dropout_add_norm``)
-            kernel, bias = _DenseParams(cfg.hidden_size, cfg.initializer_range, name="dense")(h.shape[-1])
-            dt = cfg.compute_dtype
-            y = jax.lax.dot_general(h.astype(dt), kernel.astype(dt), (((h.ndim - 1,), (0,)), ((), ())))
-            scale, ln_bias = _LayerNormParams(cfg.hidden_size, name="LayerNorm")()
-            rate = 0.0 if deterministic else cfg.hidden_dropout_prob
-            # named as the unfused path's dropout module: the same RNG stream, so the same mask
+        cfg, comp = self.config, self.compute
+        dt = _dt(comp)
+        kernel, bias = DenseParams(cfg.hidden_size, cfg.initializer_range, name="dense")(h.shape[-1])
+        y = _matmul(h, kernel, dt)
+        lora = self.extras.lora_for(self.site, h.shape[-1], cfg.hidden_size)
+        if lora is not None:
+            y = y + lora(h, deterministic).astype(dt)
+        adapter = self.extras.adapter_for("attention" if self.site == "attention_output" else "output",
+                                          cfg.hidden_size)
+        rate = 0.0 if deterministic else cfg.hidden_dropout_prob
+        if comp.norm_impl == "pallas" and adapter is None:
+            # one kernel: bias, dropout, residual, LayerNorm (returns the output twice, see
+            # ``pallas_norm.dropout_add_norm``); named as the unfused path's dropout module: the same
+            # RNG stream, so the same mask
+            scale, ln_bias = LayerNormParams(cfg.hidden_size, name="LayerNorm")()
             seed = HashDropoutSeed(name="HashDropout_0")() if rate else None
             return pallas_norm.dropout_add_norm(y, bias, residual, scale, ln_bias, seed, rate=rate,
-                                                eps=cfg.layer_norm_eps,
-                                                tuning=pallas_norm.Tuning.parse(cfg.norm_tuning))
-        h = _dense(cfg, cfg.hidden_size, "dense")(h)
-        h = _dropout(cfg, cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        return _layer_norm(cfg)(h + residual)
+                                                eps=cfg.layer_norm_eps)
+        y = y + bias.astype(dt)
+        y = _dropout(comp, cfg.hidden_dropout_prob)(y, deterministic=deterministic)
+        if adapter is not None:
+            y = adapter(y, deterministic)
+        return _layer_norm(cfg, comp)(y + residual)
 
 
 class BertAttention(nn.Module):
     config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
 
     @nn.compact
-    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix: tuple[Array, Array] | None = None,
-                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
-        h = BertSelfAttention(self.config, name="self")(_first(x), key_mask, deterministic, prefix,
-                                                         key_lengths, cls_only)
-        residual = _second(x)[:, :1] if cls_only else _second(x)
-        return BertOutput(self.config, name="output")(h, residual, deterministic)
-
-
-class BertLayer(nn.Module):
-    """One encoder layer; with ``cls_only`` its output is the first row's alone, ``[B, 1, H]``."""
-
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
-                 prefix: tuple[Array, Array] | None = None,
-                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
-        cfg = self.config
-        a = BertAttention(cfg, name="attention")(x, key_mask, deterministic, prefix, key_lengths, cls_only)
-        h = BertIntermediate(cfg, name="intermediate")(_first(a))
-        return BertOutput(cfg, name="output")(h, _second(a), deterministic)
+    def __call__(self, x: Array, mask: KeyMask, deterministic: bool = True,
+                 prefix: tuple[Array, Array] | None = None, query_rows: Array | None = None) -> Array:
+        h = BertSelfAttention(self.config, self.compute, self.extras, name="self")(
+            _first(x), mask, deterministic, prefix, query_rows)
+        residual = _second(x) if query_rows is None else _gather_rows(_second(x), query_rows)
+        return BertOutput(self.config, self.compute, self.extras, "attention_output", name="output")(
+            h, residual, deterministic)
 
 
 class BertIntermediate(nn.Module):
     config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg = self.config
-        if cfg.activation_impl == "pallas":
-            # the matmul without its bias, then one kernel adds it and applies GELU; the backward
-            # pass keeps only the matmul's output (``pallas_gelu``)
-            kernel, bias = _DenseParams(cfg.intermediate_size, cfg.initializer_range, name="dense")(x.shape[-1])
-            dt = cfg.compute_dtype
-            y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
-            return pallas_gelu.bias_gelu(y, bias, approximate=_GELU_APPROXIMATE[cfg.hidden_act])
-        act = _activation(cfg.hidden_act, cfg.lean_residuals)
-        if cfg.remat == "elementwise":
-            act = jax.checkpoint(act)
-        return act(_dense(cfg, cfg.intermediate_size, "dense")(x))
+        dt = _dt(self.compute)
+        kernel, bias = DenseParams(cfg.intermediate_size, cfg.initializer_range, name="dense")(x.shape[-1])
+        y = _matmul(x, kernel, dt)
+        lora = self.extras.lora_for("intermediate", x.shape[-1], cfg.intermediate_size)
+        if lora is not None:
+            y = y + lora(x, deterministic).astype(dt)
+        return _activation(cfg.hidden_act)(y + bias.astype(dt))
+
+
+class BertLayer(nn.Module):
+    """One encoder layer; with ``query_rows`` its output is those rows' alone, ``[B, K, H]``."""
+
+    config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
+
+    @nn.compact
+    def __call__(self, x: Array, mask: KeyMask, deterministic: bool = True,
+                 prefix: tuple[Array, Array] | None = None, query_rows: Array | None = None) -> Array:
+        cfg, comp, ex = self.config, self.compute, self.extras
+        a = BertAttention(cfg, comp, ex, name="attention")(x, mask, deterministic, prefix, query_rows)
+        h = BertIntermediate(cfg, comp, ex, name="intermediate")(_first(a), deterministic)
+        return BertOutput(cfg, comp, ex, "output", name="output")(h, _second(a), deterministic)
 
 
 class BertEncoder(nn.Module):
     config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
 
     @nn.compact
-    def __call__(self, x: Array, key_mask: Array, deterministic: bool = True,
+    def __call__(self, x: Array, mask: KeyMask, deterministic: bool = True,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
-                 key_lengths: Array | None = None, cls_only: bool = False) -> Array:
-        """``cls_only``: the last layer computes the first row only (output ``[B, 1, H]``)."""
+                 last_rows: Array | None = None) -> Array:
+        """``last_rows`` ``[B, K]``: the last layer computes those rows only (output ``[B, K, H]``)."""
         cfg = self.config
         if prefix_kv is not None and len(prefix_kv) != cfg.num_hidden_layers:
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {cfg.num_hidden_layers}")
-        layer_cls = nn.remat(BertLayer, static_argnums=(3, 6)) if cfg.remat == "layer" else BertLayer
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.compute.remat == "layer" else BertLayer
         for i in range(cfg.num_hidden_layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            last = cls_only and i == cfg.num_hidden_layers - 1
-            x = layer_cls(cfg, name=f"layer_{i}")(x, key_mask, deterministic, prefix, key_lengths, last)
+            rows = last_rows if i == cfg.num_hidden_layers - 1 else None
+            x = layer_cls(cfg, self.compute, self.extras, name=f"layer_{i}")(x, mask, deterministic, prefix, rows)
         return _first(x)
 
 
 class BertPooler(nn.Module):
+    """``tanh(dense(x))`` of the read rows: ``[B, K, H]`` -> ``[B, K, H]``."""
+
     config: BertConfig
+    compute: Compute = EXACT
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+    def __call__(self, rows: Array) -> Array:
+        kernel, bias = DenseParams(self.config.hidden_size, self.config.initializer_range,
+                                   name="dense")(rows.shape[-1])
+        dt = _dt(self.compute)
+        return jnp.tanh(_matmul(rows, kernel, dt) + bias.astype(dt))
 
 
 class BertModel(nn.Module):
@@ -547,11 +496,18 @@ class BertModel(nn.Module):
     positions ``1..P``, right after ``[CLS]``); ``prompt_mask`` (``[B, P]``, default all ones) says
     which virtual tokens the others may attend to. ``position_ids`` default to ``0..L+P-1``.
     With ``prefix_kv`` (length P per layer) the keys of every layer get ``prefix_mask`` (default all
-    ones) in front of ``attention_mask``. With ``cls_only`` the last layer computes the first token's
-    row only, so the sequence output is ``[B, 1, H]`` (all a pooler or [CLS] head reads).
+    ones) in front of ``attention_mask``.
+
+    Packed rows: ``segment_ids`` ``[B, L]`` (0: padding, 1, 2, ...: the examples of the row) make
+    each token attend only to its own example's tokens (and the prefix); pass each example's own
+    ``position_ids``. ``read_positions`` ``[B, K]`` are the rows whose outputs are read (default:
+    ``[CLS]`` at 0); ``pooled`` is ``[B, K, H]`` then, else ``[B, H]``. With ``cls_only`` the last
+    layer computes the read rows only, so the sequence output is ``[B, K, H]``.
     """
 
     config: BertConfig
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
     add_pooling_layer: bool = True
 
     @nn.compact
@@ -560,39 +516,50 @@ class BertModel(nn.Module):
                  deterministic: bool = True, prompt_embeds: Array | None = None,
                  prompt_mask: Array | None = None,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
-                 prefix_mask: Array | None = None, cls_only: bool = False) -> tuple[Array, Array | None]:
+                 prefix_mask: Array | None = None, segment_ids: Array | None = None,
+                 read_positions: Array | None = None, cls_only: bool = False) -> tuple[Array, Array | None]:
         cfg = self.config
         b, length = input_ids.shape
+        if segment_ids is not None:
+            if prompt_embeds is not None:
+                raise ValueError("packed rows (segment_ids) cannot take input prompts")
+            attention_mask = segment_ids > 0
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, length), jnp.int32)
-        mask = attention_mask.astype(bool)
+        valid = attention_mask.astype(bool)
         if prompt_embeds is not None:
             p = prompt_embeds.shape[-2]
             pm = jnp.ones((b, p), bool) if prompt_mask is None else \
                 jnp.broadcast_to(prompt_mask.astype(bool), (b, p))
-            mask = jnp.concatenate([mask[:, :1], pm, mask[:, 1:]], axis=1)
+            valid = jnp.concatenate([valid[:, :1], pm, valid[:, 1:]], axis=1)
             token_type_ids = jnp.concatenate(
                 [token_type_ids[:, :1], jnp.zeros((b, p), jnp.int32), token_type_ids[:, 1:]], 1)
             length += p
         if length > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {length} tokens (virtual tokens included) exceeds "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
-                                                   deterministic, prompt_embeds)
-        key_mask = mask
+        x = BertEmbeddings(cfg, self.compute, name="embeddings")(input_ids, token_type_ids, position_ids,
+                                                                 deterministic, prompt_embeds)
+        key_valid = valid
         if prefix_kv is not None:
             p = prefix_kv[0][0].shape[-3]
             pm = jnp.ones((b, p), bool) if prefix_mask is None else \
                 jnp.broadcast_to(prefix_mask.astype(bool), (b, p))
-            key_mask = jnp.concatenate([pm, mask], axis=1)
+            key_valid = jnp.concatenate([pm, valid], axis=1)
         # Right-padded input with all-ones prompt/prefix masks keeps every row's valid keys
         # contiguous from position 0: fused attention can then take lengths instead of a mask.
-        contiguous = prompt_mask is None and prefix_mask is None
-        key_lengths = key_mask.sum(-1).astype(jnp.int32) if contiguous else None
-        x = BertEncoder(cfg, name="encoder")(x, key_mask, deterministic, prefix_kv, key_lengths, cls_only)
-        pooled = BertPooler(cfg, name="pooler")(x) if self.add_pooling_layer else None
+        contiguous = prompt_mask is None and prefix_mask is None and segment_ids is None
+        mask = KeyMask(key_valid, segment_ids,
+                       key_valid.sum(-1).astype(jnp.int32) if contiguous else None)
+        rows = read_positions if read_positions is not None else jnp.zeros((b, 1), jnp.int32)
+        x = BertEncoder(cfg, self.compute, self.extras, name="encoder")(
+            x, mask, deterministic, prefix_kv, rows if cls_only else None)
+        read = x if cls_only else _gather_rows(x, rows)
+        pooled = BertPooler(cfg, self.compute, name="pooler")(read) if self.add_pooling_layer else None
+        if pooled is not None and read_positions is None:
+            pooled = pooled[:, 0]
         return x, pooled
 
 
@@ -601,23 +568,32 @@ class BertForSequenceClassification(nn.Module):
 
     ``adapter`` is an optional module called as ``adapter(batch_size, deterministic=...)`` that
     returns keyword arguments for :class:`BertModel` (``prompt_embeds``, ``prefix_kv``, ...). Its
-    params live under ``adapter/`` next to ``bert/`` and ``classifier/``.
+    params live under ``adapter/`` next to ``bert/`` and ``classifier/``. ``extras`` are the
+    method's modules inside the layers (LoRA, bottleneck adapters), with params under ``bert/``.
+
+    Returns logits ``[B, num_labels]``, or ``[B, K, num_labels]`` for packed rows
+    (``read_positions`` ``[B, K]``: each example's ``[CLS]``).
     """
 
     config: BertConfig
     num_labels: int
     adapter: nn.Module | None = None
+    compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-                 token_type_ids: Array | None = None, *, deterministic: bool = True) -> Array:
-        cfg = self.config
+                 token_type_ids: Array | None = None, *, deterministic: bool = True,
+                 position_ids: Array | None = None, segment_ids: Array | None = None,
+                 read_positions: Array | None = None) -> Array:
+        cfg, comp = self.config, self.compute
         extra = {} if self.adapter is None else self.adapter(input_ids.shape[0], deterministic=deterministic)
-        _, pooled = BertModel(cfg, name="bert")(input_ids, attention_mask, token_type_ids,
-                                                deterministic=deterministic,
-                                                cls_only=cfg.cls_only_last_layer, **extra)
+        _, pooled = BertModel(cfg, comp, self.extras, name="bert")(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic,
+            segment_ids=segment_ids, read_positions=read_positions, cls_only=comp.cls_only_last_layer,
+            **extra)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = _dropout(cfg, rate)(pooled, deterministic=deterministic)
-        logits = nn.Dense(self.num_labels, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+        pooled = _dropout(comp, rate)(pooled, deterministic=deterministic)
+        logits = nn.Dense(self.num_labels, dtype=_dt(comp), param_dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(cfg.initializer_range), name="classifier")(pooled)
         return logits.astype(jnp.float32)

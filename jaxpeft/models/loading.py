@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -13,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import masks
+from jaxpeft.compute import EXACT, Compute
 from jaxpeft.errors import UserError
 from jaxpeft.models import hf_weights
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import NO_EXTRAS, BertConfig, BertForSequenceClassification, Extras, check_compute
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class LoadedModel:
     module: BertForSequenceClassification
     params: Any
     tokenizer: Any
+    compute: Compute = EXACT
 
 
 def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
@@ -62,15 +65,18 @@ def param_shapes(module: nn.Module) -> Any:
     return jax.eval_shape(lambda r: module.init(r, **dummy_inputs())["params"], jax.random.key(0))
 
 
-def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str,
+                       added: str | None = None) -> dict[str, np.ndarray]:
     """``{param path: host array}`` of the checkpoint tensors for the ``bert/`` leaves of ``shapes``
     (a params tree or its ``jax.eval_shape``), in the params' dtypes.
 
-    Every encoder tensor must be in the checkpoint; a missing pooler is tolerated (kept random,
-    with a warning) because some checkpoints ship without one.
+    Every encoder tensor must be in the checkpoint, except those whose path matches ``added`` (a
+    method's own modules inside the layers, such as LoRA); a missing pooler is tolerated (kept
+    random, with a warning) because some checkpoints ship without one.
     """
     flat = masks.flatten(shapes)
-    expected = {p[len("bert/"):]: v for p, v in flat.items() if p.startswith("bert/")}
+    expected = {p[len("bert/"):]: v for p, v in flat.items() if p.startswith("bert/")
+                and not (added and re.search(added, p))}
     loaded = hf_weights.convert_state_dict(state_dict, expected, source)
     missing = sorted(set(expected) - set(loaded))
     missing_encoder = [p for p in missing if not p.startswith("pooler/")]
@@ -108,29 +114,33 @@ def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: s
 
 def load_classifier(name_or_path: str, num_labels: int, *,
                     adapter: Callable[[BertConfig], nn.Module | None] | None = None,
-                    seed: int = 0, dtype: str = "float32", attention_impl: str = "dense",
-                    remat: str = "none", dropout_bits: int = 32, dropout_impl: str = "hash",
-                    norm_impl: str = "xla", activation_impl: str = "xla", with_weights: bool = True,
+                    extras: Callable[[BertConfig], Extras] | None = None, added: str | None = None,
+                    compute: Compute = EXACT, seed: int = 0, with_weights: bool = True,
                     param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
 
-    ``adapter(config)`` builds the method's extra module (prompts, prefixes), if any.
+    ``adapter(config)`` builds the method's input-level module (prompts, prefixes), if any;
+    ``extras(config)`` its modules inside the layers (LoRA, bottleneck adapters), whose params
+    match the regex ``added`` and start from their own init. ``compute`` says how to compute.
     ``with_weights=False`` keeps the random init (benchmarks of a model's shape).
     ``param_shardings(abstract_params)`` places the params on a device mesh as they are created
     (see :func:`init_params`); pretrained tensors go from the host to each device's slice.
     Encoder weights the checkpoint provides are never randomly initialised.
     """
     model_dir = hf_weights.resolve_model_dir(name_or_path)
-    config = hf_weights.load_config(model_dir, dtype=dtype, attention_impl=attention_impl, remat=remat,
-                                      dropout_bits=dropout_bits, dropout_impl=dropout_impl,
-                                      norm_impl=norm_impl, activation_impl=activation_impl)
+    config = hf_weights.load_config(model_dir)
+    try:
+        check_compute(config, compute)
+    except ValueError as e:
+        raise UserError(f"{name_or_path}: {e}") from None
     module = BertForSequenceClassification(config, num_labels=num_labels,
-                                           adapter=adapter(config) if adapter else None)
+                                           adapter=adapter(config) if adapter else None,
+                                           compute=compute, extras=extras(config) if extras else NO_EXTRAS)
     shapes = param_shapes(module)
-    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir))
+    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
                if with_weights else {})
     # random init only for what the checkpoint lacks (head, adapter, maybe the pooler)
     params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
     params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
     tokenizer = hf_weights.load_tokenizer(model_dir)
-    return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer)
+    return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer, compute)

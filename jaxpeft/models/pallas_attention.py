@@ -29,8 +29,9 @@ batch or per row, and are attended to together with the sequence's own keys (one
 gradients are summed over the batch outside the kernel. Masked-out keys (padding, masked prefixes)
 get zero weight; a query row whose keys are all masked averages the values (no NaN).
 
-No dropout on the attention probabilities (as with the cuDNN kernel). Off GPU the kernels run in
-Pallas's interpreter, which is how the CPU tests check them against plain ``jax.numpy`` attention.
+No dropout on the attention probabilities (as with the cuDNN kernel). The kernels compile for NVIDIA
+GPUs only; the CPU tests run them in Pallas's interpreter (``pallas_common.interpreter``) against
+plain ``jax.numpy`` attention.
 """
 
 from __future__ import annotations
@@ -242,17 +243,6 @@ class Tuning:
     num_warps: int = 8
     block_q_bwd: int = 128
     num_warps_bwd: int = 8
-
-    @classmethod
-    def parse(cls, spec: str) -> "Tuning":
-        """``"128:8:64:8"`` (block_q:num_warps:block_q_bwd:num_warps_bwd); empty: the defaults."""
-        if not spec:
-            return cls()
-        parts = spec.split(":")
-        if len(parts) != 4 or not all(x.isdigit() and pow2(int(x)) == int(x) > 0 for x in parts):
-            raise ValueError(f"attention tuning {spec!r}: expected four powers of two "
-                             "BLOCK_Q:WARPS:BLOCK_Q_BWD:WARPS_BWD, e.g. 128:8:64:8")
-        return cls(*map(int, parts))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -1,7 +1,9 @@
-"""What our Pallas (Triton) kernels share: compiler params across jax versions, the interpreter off
-GPU, powers of two for block shapes, and running a kernel per device's rows under a sharded jit."""
+"""What our Pallas (Triton) kernels share: compiler params across jax versions, the interpreter for
+tests, powers of two for block shapes, and running a kernel per device's rows under a sharded jit."""
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -16,15 +18,43 @@ def pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# a process-wide switch: sharded kernels are partitioned from XLA's compiler threads
+_interpreter_allowed = 0
+
+
+@contextlib.contextmanager
+def interpreter():
+    """Lets the kernels run in Pallas's interpreter off GPU inside this block (tests check them
+    against plain ``jax.numpy`` that way). Outside it, a kernel off GPU is an error: the
+    interpreter is far too slow for real work."""
+    global _interpreter_allowed
+    _interpreter_allowed += 1
+    try:
+        yield
+    finally:
+        _interpreter_allowed -= 1
+
+
 def interpret() -> bool:
-    return jax.default_backend() != "gpu"
+    """Whether to run a kernel in the interpreter: off GPU, and only inside :func:`interpreter`."""
+    if jax.default_backend() == "gpu":
+        return False
+    if not _interpreter_allowed:
+        raise RuntimeError(f"our Pallas kernels compile for NVIDIA GPUs only, and this is "
+                           f"{jax.default_backend()}: use attention_impl='dense'/'cudnn' and "
+                           f"norm_impl='xla' (jaxpeft.compute refuses them there)")
+    return True
 
 
 def batch_parallel(call, batched: tuple[bool, ...], args):
     """``call(*args)`` with every program independent along the batch: under a sharded ``jit`` each
     device runs the kernel on its own rows (``custom_partitioning``), instead of XLA gathering the
     whole batch around a kernel it cannot split. Args with ``batched[i]`` False (a prefix shared by
-    the batch) and every other dimension are replicated; all outputs are batch-major."""
+    the batch) and every other dimension are replicated; all outputs are batch-major. With one
+    device there is nothing to split: the kernel is called as it is (which also keeps the
+    compiled step cacheable across processes)."""
+    if jax.device_count() == 1:
+        return call(*args)
     fn = custom_partitioning(call)
 
     def batch_axes(arg_shapes):

@@ -29,7 +29,7 @@ separately and the kernel adds them itself, instead of a separate pass adding th
 
 The arithmetic and roundings are those of the unfused layers (``nn.Dense`` in the compute dtype,
 ``hash_dropout``, ``lean_ops.layer_norm``), so outputs and gradients match them (tests).
-Off GPU the kernels run in Pallas's interpreter.
+The kernels compile for NVIDIA GPUs only; the CPU tests run them in Pallas's interpreter.
 """
 
 from __future__ import annotations
@@ -180,24 +180,6 @@ class Tuning:
     rows_bwd: int = 32
     num_warps_bwd: int = 4
     stages_bwd: int = 1     # Triton's software pipelining of the backward loop (1: none)
-
-    @classmethod
-    def parse(cls, spec: str) -> "Tuning":
-        """``"2:4:2:32:4"``, optionally followed by the backward loop's stages (``"2:4:2:32:4:2"``);
-        empty: the defaults."""
-        if not spec:
-            return cls()
-        parts = spec.split(":")
-        ok = len(parts) in (5, 6) and all(x.isdigit() for x in parts) and \
-            all(pow2(int(x)) == int(x) > 0 for x in parts[:5]) and (len(parts) < 6 or int(parts[5]) > 0)
-        if not ok:
-            raise ValueError(f"norm tuning {spec!r}: expected five powers of two "
-                             "ROWS:WARPS:ROWS_BWD:ROWS_PER_PROGRAM_BWD:WARPS_BWD, optionally followed "
-                             "by STAGES_BWD, e.g. 4:4:4:64:4 or 2:4:2:32:4:2")
-        tuning = cls(*map(int, parts))
-        if tuning.rows_bwd < tuning.block_rows_bwd:
-            raise ValueError(f"norm tuning {spec!r}: rows per backward program < rows per step")
-        return tuning
 
 
 def _fwd_call(rate, eps, tuning, h, res, rows, bias, scale, lnb, seed):

@@ -8,7 +8,7 @@ the 512 |tanh| inputs), ~300 x lr -- at 1e-4 that is P-tuning v2's per-step chan
 follow). Epochs as P-tuning v2.
 """
 
-from prompt_common import for_task
+from jaxpeft.configs.prompt_common import for_task
 
 
 def get_config(task: str) -> dict:

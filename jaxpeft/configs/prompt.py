@@ -6,7 +6,7 @@ al. used 0.3 with Adafactor on T5; with AdamW on a BERT encoder 1e-2..3e-2 is th
 6-layer encoder expect it to stay well below BitFit (see docs/methods.md).
 """
 
-from prompt_common import for_task
+from jaxpeft.configs.prompt_common import for_task
 
 
 def get_config(task: str) -> dict:

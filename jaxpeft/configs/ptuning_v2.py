@@ -7,7 +7,7 @@ max length 128; we keep it as is for RTE on the 6-layer, 384-wide bundled model 
 same rate and length for the other tasks with epochs scaled to the dataset size.
 """
 
-from prompt_common import for_task
+from jaxpeft.configs.prompt_common import for_task
 
 
 def get_config(task: str) -> dict:

@@ -10,7 +10,7 @@ prompt churns and nothing is learnt in 200 steps, at 3e-4 for everything the hea
 Same epochs as prompt tuning.
 """
 
-from prompt_common import for_task
+from jaxpeft.configs.prompt_common import for_task
 
 
 def get_config(task: str) -> dict:

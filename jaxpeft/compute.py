@@ -1,0 +1,165 @@
+"""How the model computes: one frozen spec, three presets, resolved for the platform it runs on.
+
+:class:`Compute` holds every choice that is not the architecture (``BertConfig``) or the method:
+the compute dtype, the attention implementation, how a sublayer's output (bias, dropout, residual,
+LayerNorm) is computed, where dropout masks come from, the dropout RNG, rematerialisation, and the
+[CLS]-only last layer. The presets:
+
+* ``exact``: the reference math as transformers computes it: float32, dense attention with dropout
+  on the attention probabilities, XLA's ops;
+* ``fast``: bfloat16 and our GPU kernels (Pallas attention and sublayer outputs);
+* ``auto`` (the default everywhere): the fastest path supported where it runs (:func:`auto_for`):
+  ``fast`` on one NVIDIA GPU; bfloat16 with cuDNN attention on a mesh of NVIDIA GPUs; bfloat16
+  with XLA's ops on a TPU or another GPU; ``exact`` on a CPU.
+
+Training, prediction, the benchmark and the study all build the spec with :func:`resolve` from the
+same flags: ``--compute=auto|exact|fast`` plus one flag per field (``--dtype=bfloat16``).
+
+Adding an option is one field here (with its ``choices`` and whether it changes the training
+trajectory) plus its implementation in the model; the flags, the checks and the resume check come
+from the field.
+
+>>> resolve("exact").dtype, resolve("auto", platform="cpu") == resolve("exact")
+('float32', True)
+>>> resolve("fast", {"attention_impl": "cudnn"}, platform="gpu").attention_impl
+'cudnn'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from jaxpeft import options
+from jaxpeft.errors import UserError
+
+PRESETS = ("auto", "exact", "fast")
+
+
+def _field(default: Any, help: str, choices: tuple, trajectory: bool = True) -> Any:
+    return options.option(default, help, choices=choices, trajectory=trajectory)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How to compute (the ``exact`` preset's values are the defaults).
+
+    ``trajectory`` in a field's metadata says whether the field changes the training trajectory
+    (beyond float rounding): a checkpoint resumes only under the same values of those fields.
+    """
+
+    dtype: str = _field("float32", "compute dtype of matmuls and activations (params stay float32)",
+                        ("float32", "bfloat16"))
+    attention_impl: str = _field(
+        "dense", "dense: einsum + softmax with dropout on the probabilities (as transformers); "
+        "cudnn: cuDNN's fused kernel (NVIDIA GPU, bfloat16); pallas: our kernel for sequences up "
+        "to 512 (one NVIDIA GPU). The fused kernels apply no attention-probability dropout",
+        ("dense", "cudnn", "pallas"))
+    norm_impl: str = _field(
+        "xla", "each sublayer's bias, dropout, residual and LayerNorm: xla (separate ops, fused by "
+        "XLA) or pallas (one kernel each way, NVIDIA GPU)", ("xla", "pallas"), trajectory=False)
+    dropout_impl: str = _field(
+        "hash", "hidden-dropout masks: hash (a keyed hash of each element's position, fused into "
+        "the kernels) or random (jax.random bits, as flax's nn.Dropout)", ("hash", "random"))
+    prng_impl: str = _field(
+        "threefry2x32", "JAX's PRNG behind dropout: threefry2x32 (JAX's default) or rbg (cheaper "
+        "on accelerators)", ("threefry2x32", "rbg"))
+    remat: str = _field("none", "none, or layer: recompute each encoder layer in the backward "
+                        "pass (least memory, one more forward)", ("none", "layer"), trajectory=False)
+    cls_only_last_layer: bool = _field(
+        True, "compute the last layer for the rows the head reads ([CLS]) only: the same logits "
+        "and gradients with less work", (True, False))
+
+    def __post_init__(self):
+        options.check(self)
+        if self.norm_impl == "pallas" and self.dropout_impl != "hash":
+            raise UserError("--norm_impl=pallas recomputes hashed dropout masks in its kernels: it "
+                            f"needs --dropout_impl=hash, got --dropout_impl={self.dropout_impl}")
+        if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+            raise UserError("--attention_impl=cudnn needs --dtype=bfloat16 (cuDNN's fused attention "
+                            f"takes half precision), got --dtype={self.dtype}")
+
+    def replace(self, **kw: Any) -> "Compute":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint it resumes."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["trajectory"]}
+
+    def uses_pallas(self) -> list[str]:
+        return [f"{k}=pallas" for k in ("attention_impl", "norm_impl") if getattr(self, k) == "pallas"]
+
+    def check_platform(self, platform: str, num_devices: int = 1, nvidia: bool | None = None) -> None:
+        """Refuses what cannot run compiled on ``platform`` (our Pallas kernels off an NVIDIA GPU
+        would only run in Pallas's interpreter; cuDNN needs an NVIDIA GPU)."""
+        nvidia = platform == "gpu" if nvidia is None else nvidia
+        for what in self.uses_pallas():
+            if not nvidia:
+                raise UserError(f"--{what} is a Triton kernel for NVIDIA GPUs; this run is on "
+                                f"{platform} (use --compute=auto, or --{what.split('=')[0]}=xla"
+                                f"{'/dense' if what.startswith('attention') else ''})")
+        if self.attention_impl == "cudnn" and not nvidia:
+            raise UserError(f"--attention_impl=cudnn needs an NVIDIA GPU; this run is on {platform}")
+
+
+#: The reference math (transformers' BERT): every field at its default.
+EXACT = Compute()
+#: One NVIDIA GPU: bfloat16 and our kernels.
+FAST = Compute(dtype="bfloat16", attention_impl="pallas", norm_impl="pallas", dropout_impl="hash",
+               prng_impl="rbg")
+
+
+def fields() -> dict[str, dataclasses.Field]:
+    """The spec's fields by name (each one a command-line flag)."""
+    return {f.name: f for f in dataclasses.fields(Compute)}
+
+
+def platform_info() -> tuple[str, int, bool]:
+    """``(platform, device count, whether the devices are NVIDIA GPUs)`` of this JAX runtime."""
+    import jax
+
+    devices = jax.devices()
+    platform = devices[0].platform
+    nvidia = platform == "gpu" and "rocm" not in str(getattr(devices[0].client, "platform_version", "")).lower()
+    return platform, len(devices), nvidia
+
+
+def auto_for(platform: str, num_devices: int = 1, nvidia: bool | None = None) -> Compute:
+    """What ``auto`` means on ``platform`` with ``num_devices`` devices in the mesh.
+
+    One NVIDIA GPU: :data:`FAST`. Several NVIDIA GPUs: bfloat16 with cuDNN's attention and XLA's
+    sublayer ops (our kernels are checked on a mesh of CPU devices only). A TPU or a non-NVIDIA
+    GPU: bfloat16 with XLA's ops. A CPU: :data:`EXACT` (float32 is also the fastest there).
+    """
+    nvidia = platform == "gpu" if nvidia is None else nvidia
+    if platform == "gpu" and nvidia:
+        return FAST if num_devices == 1 else FAST.replace(attention_impl="cudnn", norm_impl="xla")
+    if platform in ("gpu", "tpu"):
+        return EXACT.replace(dtype="bfloat16", prng_impl="rbg")
+    return EXACT
+
+
+def resolve(preset: str = "auto", overrides: Mapping[str, Any] | None = None, *,
+            platform: str | None = None, num_devices: int | None = None,
+            nvidia: bool | None = None) -> Compute:
+    """The spec of ``preset`` with ``overrides`` (field -> value; ``None`` values are ignored),
+    checked for the platform. ``platform``/``num_devices`` default to this JAX runtime's."""
+    if preset not in PRESETS:
+        raise UserError(f"--compute={preset}: choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(fields()))
+    if unknown:
+        raise UserError(f"unknown compute option(s) {unknown}; known: {', '.join(fields())}")
+    if platform is None or (num_devices is None and preset == "auto"):
+        p, n, nv = platform_info()
+        platform = platform or p
+        num_devices = n if num_devices is None else num_devices
+        nvidia = nv if nvidia is None else nvidia
+    base = {"exact": EXACT, "fast": FAST}.get(preset) or auto_for(platform, num_devices or 1, nvidia)
+    spec = base.replace(**overrides)
+    spec.check_platform(platform, num_devices or 1, nvidia)
+    return spec

@@ -1,0 +1,80 @@
+"""``jaxpeft-predict``: predictions of a trained adapter for a TSV file, texts, or lines on stdin.
+
+    jaxpeft-predict --adapter=runs/bitfit-sst2/adapter --input=../shared/data/glue/SST-2/test.tsv \\
+        --output=sst2-test.tsv
+    jaxpeft-predict --adapter=runs/bitfit-sst2/adapter --text="a gripping film" --text="dull"
+    printf 'A man sleeps.\\tA person rests.\\n' | jaxpeft-predict --adapter=runs/bitfit-rte/adapter
+
+The base model is reloaded from its source and checked against the adapter's fingerprint. Input: a
+GLUE-style TSV file of the adapter's task (``--input``; the task's text columns are read by name
+from the header, labels are optional), ``--text`` (repeatable), or lines on stdin; for
+sentence-pair tasks the two texts of a line are tab-separated. Output: a TSV with ``index,
+prediction`` (the GLUE submission layout) and one ``prob_<label>`` column per class, to
+``--output`` or stdout. With a labelled input file the task's metrics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    from jaxpeft import compute, options
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", help="GLUE-style TSV file of the adapter's task")
+    src.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--output", help="predictions TSV to write (default: stdout)")
+    p.add_argument("--model", help="base model to load instead of the recorded one (same fingerprint)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_seq_length", type=int, help="(default: the length the adapter was trained with)")
+    p.add_argument("--compute", default="auto", choices=compute.PRESETS,
+                   help="how to compute: auto (the fastest path here), exact, fast")
+    options.add_flags(p.add_argument_group("compute (each overrides the --compute preset)"), compute.Compute)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    from jaxpeft import adapters, compute, data, metrics
+    from jaxpeft.errors import UserError
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size={args.batch_size}: must be > 0")
+    overrides = {k: getattr(args, k) for k in compute.fields() if hasattr(args, k)}
+    spec = compute.resolve(args.compute, overrides)
+    # Check every input before the model loads.
+    cfg = adapters.read_adapter_config(args.adapter)
+    task = data.get_task(cfg["task"])
+    if args.input:
+        examples = data.read_tsv(task, Path(args.input))
+    elif args.text:
+        examples = adapters.examples_from_lines(args.text, task)
+    else:
+        if sys.stdin.isatty():
+            raise UserError("nothing to predict: give --input, --text or lines on stdin")
+        examples = adapters.examples_from_lines(sys.stdin, task)
+    if args.output and Path(args.output).is_dir():
+        raise UserError(f"output {args.output} is a folder")
+
+    loaded, params, method, task = adapters.load_adapter(args.adapter, args.model, compute=spec)
+    length = args.max_seq_length or int(cfg.get("max_seq_length") or 128)
+    logits = adapters.predict(loaded, params, method, examples, max_seq_length=length,
+                              batch_size=args.batch_size)
+    header, rows = adapters.prediction_rows(logits, task)
+    if args.output:
+        adapters.write_tsv(args.output, header, rows)
+        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    if examples.labels is not None:
+        preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
+        m = metrics.compute(task.name, preds, examples.labels)
+        print(f"{task.name} on {len(rows)} labelled examples: "
+              + ", ".join(f"{k}={v:.4f}" for k, v in m.items()), file=sys.stderr)
+    return 0
