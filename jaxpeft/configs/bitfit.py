@@ -5,7 +5,7 @@
 def get_config(task: str) -> dict:
     cfg = dict(learning_rate=1e-3, batch_size=32, num_epochs=3, max_seq_length=128, warmup_ratio=0.06)
     per_task = {
-        "sst2": dict(num_epochs=2, max_seq_length=64, eval_every=1000, learning_rate=3e-3),
+        "sst2": dict(num_epochs=2, max_seq_length=64, learning_rate=3e-3),
         "cola": dict(num_epochs=10, max_seq_length=64),
         "mrpc": dict(num_epochs=10),
         "stsb": dict(num_epochs=10),

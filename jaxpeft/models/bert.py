@@ -324,13 +324,14 @@ class BertSelfAttention(nn.Module):
         if self.is_mutable_collection("intermediates"):
             yb = y + bias
             self.sow("intermediates", "key_value", (yb[:, :, 1], yb[:, :, 2]))
-        if comp.attention_impl == "pallas" and pallas_attention.fast_length(t) and mask.segments is None:
+        if comp.attention_impl == "pallas" and pallas_attention.fast_length(t):
             # one kernel reads the fused projection's output, adds its bias and writes dq/dk/dv
             # back into one array (and the bias gradient): no split, bias pass or concatenation
-            # around it (``pallas_attention``)
+            # around it (``pallas_attention``); packed rows pass their segments
             p = 0 if prefix is None else prefix[0].shape[-3]
             out = pallas_attention.attention(y, mask.valid[:, p:], prefix,
-                                             mask.valid[:, :p] if p else None, bias=bias)
+                                             mask.valid[:, :p] if p else None, bias=bias,
+                                             segments=mask.segments)
             return out.reshape(b, t, n * d)
         qkv = y + bias
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]

@@ -105,7 +105,7 @@ def _load(qkv_ref, bias_ref, which, rows, ok):
     return jnp.where(ok[:, None], x.astype(jnp.float32) + b[None, :], 0.0).astype(x.dtype)
 
 
-def _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p):
+def _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p, segmented=False):
     """This head's keys as segments ``(keys, values, fill)``, each a power of two long: the prefix
     (if any), the sequence's main segment and its tail (if any). ``fill`` is the score of each key
     where its mask is off: ``MASK_VALUE`` for real keys (a row whose keys are all masked averages
@@ -118,36 +118,43 @@ def _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p):
         pin = jnp.arange(pvalid_ref.shape[0]) < p
         ok = plgpu.load(pvalid_ref, mask=pin, other=0) != 0
         out.append((plgpu.load(pk_ref, mask=pin[:, None], other=0.0),
-                    plgpu.load(pv_ref, mask=pin[:, None], other=0.0), ok, pin))
+                    plgpu.load(pv_ref, mask=pin[:, None], other=0.0), ok, pin, None))
     for start, size in ((0, main), (main, tail)):
         if size:
             rows = pl.ds(start, size)
             real = (start + jnp.arange(size)) < t
-            ok = plgpu.load(kvalid_ref.at[rows], mask=real, other=0) != 0
+            seg = plgpu.load(kvalid_ref.at[rows], mask=real, other=0)
             out.append((_load(qkv_ref, bias_ref, _K, rows, real), _load(qkv_ref, bias_ref, _V, rows, real),
-                        ok, real))
-    return [(k, v, ok, jnp.where(real, MASK_VALUE, -jnp.inf)) for k, v, ok, real in out]
+                        seg != 0, real, seg if segmented else None))
+    return [(k, v, ok, jnp.where(real, MASK_VALUE, -jnp.inf), seg) for k, v, ok, real, seg in out]
 
 
-def _scores(q, segs, c):
-    """Scores of queries ``q`` against each key segment, in log2 units, masked keys at their fill."""
-    return [jnp.where(ok[None, :], _dot(q, k, trans_b=True) * c, fill[None, :]) for k, _, ok, fill in segs]
+def _scores(q, segs, c, qseg=None):
+    """Scores of queries ``q`` against each key segment, in log2 units, masked keys at their fill.
+    ``qseg`` (packed rows): each query's segment; a query then sees the keys of its own segment
+    (and every valid prefix key)."""
+    out = []
+    for k, _, ok, fill, kseg in segs:
+        ok2 = ok[None, :] if kseg is None or qseg is None else ok[None, :] & (kseg[None, :] == qseg[:, None])
+        out.append(jnp.where(ok2, _dot(q, k, trans_b=True) * c, fill[None, :]))
+    return out
 
 
-def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix, segmented):
     prefix_refs, (o_ref, lse_ref) = (refs[:3], refs[3:]) if has_prefix else ((), refs)
-    segs = _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p)
+    segs = _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p, segmented)
     c = scale * LOG2E
 
     def queries(start, size):
         rows = pl.ds(start, size)
         row_ok = (start + jnp.arange(size)) < t
         q = _load(qkv_ref, bias_ref, _Q, rows, row_ok)
-        ss = _scores(q, segs, c)
+        qseg = plgpu.load(kvalid_ref.at[rows], mask=row_ok, other=0) if segmented else None
+        ss = _scores(q, segs, c, qseg)
         m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in ss])
         es = [jnp.exp2(s - m[:, None]) for s in ss]
         l = sum(jnp.sum(e, axis=1) for e in es)
-        acc = sum(_dot(e.astype(v.dtype), v) for e, (_, v, _, _) in zip(es, segs))
+        acc = sum(_dot(e.astype(v.dtype), v) for e, (_, v, _, _, _) in zip(es, segs))
         plgpu.store(o_ref.at[rows, :], (acc / l[:, None]).astype(o_ref.dtype), mask=row_ok[:, None])
         lse_ref[rows] = m + jnp.log2(l)
 
@@ -162,12 +169,12 @@ def _fwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
             pl.when(pl.program_id(2) == last)(lambda: queries(main, tail))
 
 
-def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix):
+def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_prefix, segmented):
     if has_prefix:
         prefix_refs, (do_ref, lse_ref, dqkv_ref, dbias_ref, dpk_ref, dpv_ref) = refs[:3], refs[3:]
     else:
         prefix_refs, (do_ref, lse_ref, dqkv_ref, dbias_ref) = (), refs
-    segs = _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p)
+    segs = _key_segments(qkv_ref, bias_ref, kvalid_ref, prefix_refs, t, p, segmented)
     dt = qkv_ref.dtype
     c = scale * LOG2E
 
@@ -179,13 +186,14 @@ def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
         q = _load(qkv_ref, bias_ref, _Q, rows, row_ok)
         do = plgpu.load(do_ref.at[rows, :], mask=row_ok[:, None], other=0.0)
         lse = lse_ref[rows]
-        ps = [jnp.exp2(s - lse[:, None]) for s in _scores(q, segs, c)]
-        dps = [_dot(do, v, trans_b=True) for _, v, _, _ in segs]
+        qseg = plgpu.load(kvalid_ref.at[rows], mask=row_ok, other=0) if segmented else None
+        ps = [jnp.exp2(s - lse[:, None]) for s in _scores(q, segs, c, qseg)]
+        dps = [_dot(do, v, trans_b=True) for _, v, _, _, _ in segs]
         # every key of the row is here, so rowsum(p * dp) gives the softmax backward's
         # rowsum(o * do) without keeping the output o for the backward pass
         delta = sum(jnp.sum(pr * dp, axis=1) for pr, dp in zip(ps, dps))
         dq, grads = None, []
-        for (k, _, _, _), pr, dp, (dk, dv) in zip(segs, ps, dps, carry[1]):
+        for (k, _, _, _, _), pr, dp, (dk, dv) in zip(segs, ps, dps, carry[1]):
             ds = (pr * (dp - delta[:, None])).astype(dt)
             dq = _dot(ds, k) if dq is None else dq + _dot(ds, k)
             grads.append((dk + _dot(ds, q, trans_a=True), dv + _dot(pr.astype(dt), do, trans_a=True)))
@@ -195,7 +203,7 @@ def _bwd_kernel(qkv_ref, bias_ref, kvalid_ref, *refs, t, p, block_q, scale, has_
 
     d = qkv_ref.shape[-1]
     init = (jnp.zeros((d,), jnp.float32),
-            [(jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)) for k, _, _, _ in segs])
+            [(jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)) for k, _, _, _, _ in segs])
     main, tail = segments(t)
     carry = jax.lax.fori_loop(0, main // block_q, lambda i, cr: queries(i * block_q, block_q, cr), init)
     if tail:
@@ -246,8 +254,9 @@ class Tuning:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
-    return _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning)[0]
+def _attention(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, static):
+    """``static``: ``(tuning, segmented)``; ``segmented``: ``key_valid`` holds segment ids."""
+    return _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, static)[0]
 
 
 def _shapes(qkv, prefix_k):
@@ -259,8 +268,9 @@ def _shapes(qkv, prefix_k):
     return b, t, n, d, pow2(max(t, 16)), p, pp, batched
 
 
-def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
+def _fwd_call(static, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix_valid=None):
     """The forward kernel on whatever rows it is given (all of them, or one device's)."""
+    tuning, segmented = static
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
     main = segments(t)[0]
     bq = min(tuning.block_q, main)
@@ -268,7 +278,7 @@ def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix
     qkv_spec, bias_spec, row_spec, pref_spec, prow_spec = _specs(d, tp, pp, batched)
     in_specs = [qkv_spec, bias_spec, row_spec] + ([pref_spec, pref_spec, prow_spec] if has_prefix else [])
     kernel = functools.partial(_fwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
-                               has_prefix=has_prefix)
+                               has_prefix=has_prefix, segmented=segmented)
     args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
     return tuple(pl.pallas_call(
         kernel,
@@ -286,10 +296,11 @@ def _fwd_call(tuning, qkv, bias, key_valid, prefix_k=None, prefix_v=None, prefix
     )(*args))
 
 
-def _bwd_call(tuning, qkv, bias, key_valid, *rest):
+def _bwd_call(static, qkv, bias, key_valid, *rest):
     """The backward kernel: ``rest`` is ``[prefix_k, prefix_v, prefix_valid,] dout, lse``. Returns
     dq/dk/dv, each (row, head)'s partial sums of them (the bias gradient before the sum over the
     batch) and, with a prefix, each (row, head)'s prefix key/value gradients."""
+    tuning, segmented = static
     has_prefix = len(rest) == 5
     prefix_k = rest[0] if has_prefix else None
     b, t, n, d, tp, p, pp, batched = _shapes(qkv, prefix_k)
@@ -308,7 +319,7 @@ def _bwd_call(tuning, qkv, bias, key_valid, *rest):
         out_shape += [jax.ShapeDtypeStruct((b, n, pp, d), jnp.float32)] * 2
     in_specs += [od_spec, lse_spec]
     kernel = functools.partial(_bwd_kernel, t=t, p=p, block_q=bq, scale=1.0 / math.sqrt(d),
-                               has_prefix=has_prefix)
+                               has_prefix=has_prefix, segmented=segmented)
     return tuple(pl.pallas_call(
         kernel,
         grid=(b, n),
@@ -321,23 +332,23 @@ def _bwd_call(tuning, qkv, bias, key_valid, *rest):
     )(qkv, bias, key_valid, *rest))
 
 
-def _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, tuning):
+def _forward(qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, static):
     has_prefix = prefix_k is not None
     args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else [])
     batched = (True, False, True) + ((prefix_k.shape[0] != 1,) * 2 + (True,) if has_prefix else ())
-    out, lse = batch_parallel(functools.partial(_fwd_call, tuning), batched, args)
+    out, lse = batch_parallel(functools.partial(_fwd_call, static), batched, args)
     # the output itself is not kept: the backward kernel needs only the log-sum-exp per query
     return out, (qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, lse)
 
 
-def _backward(tuning, res, dout):
+def _backward(static, res, dout):
     qkv, bias, key_valid, prefix_k, prefix_v, prefix_valid, lse = res
     has_prefix = prefix_k is not None
     args = [qkv, bias, key_valid] + ([prefix_k, prefix_v, prefix_valid] if has_prefix else []) + \
         [dout.astype(qkv.dtype), lse]
     batched = (True, False, True) + ((prefix_k.shape[0] != 1,) * 2 + (True,) if has_prefix else ()) + \
         (True, True)
-    grads = batch_parallel(functools.partial(_bwd_call, tuning), batched, args)
+    grads = batch_parallel(functools.partial(_bwd_call, static), batched, args)
     dqkv = grads[0]
     dbias = grads[1].sum(0).transpose(1, 0, 2).astype(bias.dtype)          # [3, N, D]
     if not has_prefix:
@@ -354,7 +365,7 @@ _attention.defvjp(_forward, _backward)
 
 def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,
               prefix_valid: Array | None = None, *, bias: Array | None = None,
-              tuning: Tuning = Tuning()) -> Array:
+              segments: Array | None = None, tuning: Tuning = Tuning()) -> Array:
     """Softmax attention of each query over the valid keys (prefix keys first), per head.
 
     Args:
@@ -364,6 +375,8 @@ def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None =
       key_valid: ``[B, T]``: which of the sequence's own keys may be attended to.
       prefix: optional ``(keys, values)``, each ``[1 or B, P, N, D]``, in front of the own keys.
       prefix_valid: ``[B, P]``: which prefix keys may be attended to (default: all).
+      segments: packed rows, ``[B, T]`` int: each token's example (0: padding); a query then sees
+        the keys of its own example only (and the valid prefix keys). Replaces ``key_valid``.
       tuning: block sizes and warps of the two kernels.
 
     Returns:
@@ -376,26 +389,31 @@ def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None =
     why = supported(t, p, d)
     if why:
         raise ValueError(f"pallas attention: {why}")
-    key_valid = jnp.broadcast_to(key_valid, (b, t)).astype(jnp.int32)
+    segmented = segments is not None
+    key_valid = jnp.broadcast_to(segments if segmented else key_valid, (b, t)).astype(jnp.int32)
+    static = (tuning, segmented)
     if bias is None:
         bias = jnp.zeros((3, n, d), qkv.dtype)
     elif bias.shape != (3, n, d):
         raise ValueError(f"qkv bias must be [3, {n}, {d}], got {bias.shape}")
     bias = bias.astype(qkv.dtype)
     if prefix is None:
-        return _attention(qkv, bias, key_valid, None, None, None, tuning)
+        return _attention(qkv, bias, key_valid, None, None, None, static)
     pk, pv = (x.astype(qkv.dtype) for x in prefix)
     if pk.ndim != 4 or pk.shape[0] not in (1, b) or pk.shape[2:] != (n, d) or pv.shape != pk.shape:
         raise ValueError(f"prefix keys/values must be [1 or {b}, P, {n}, {d}], got {pk.shape}, {pv.shape}")
     pvalid = jnp.ones((b, p), jnp.int32) if prefix_valid is None else \
         jnp.broadcast_to(prefix_valid, (b, p)).astype(jnp.int32)
-    return _attention(qkv, bias, key_valid, pk, pv, pvalid, tuning)
+    return _attention(qkv, bias, key_valid, pk, pv, pvalid, static)
 
 
 def reference(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,
-              prefix_valid: Array | None = None, bias: Array | None = None) -> Array:
+              prefix_valid: Array | None = None, bias: Array | None = None,
+              segments: Array | None = None) -> Array:
     """The same attention in plain ``jax.numpy`` (float32 softmax), for tests."""
     b, t, _, n, d = qkv.shape
+    if segments is not None:
+        key_valid = segments > 0
     if bias is not None:
         qkv = qkv + bias.astype(qkv.dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -407,7 +425,12 @@ def reference(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None =
         k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
         valid = jnp.concatenate([pvalid, valid], 1)
     s = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    s = jnp.where(valid[:, None, None, :], s, MASK_VALUE)
+    allowed = jnp.broadcast_to(valid[:, None, None, :], s.shape)
+    if segments is not None:   # own segment only (prefix keys: every query)
+        same = segments[:, :, None] == segments[:, None, :]
+        p = s.shape[-1] - t
+        allowed = allowed & jnp.concatenate([jnp.ones((b, t, p), bool), same], -1)[:, None]
+    s = jnp.where(allowed, s, MASK_VALUE)
     w = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bnts,bsnd->btnd", w.astype(v.dtype), v,
                       preferred_element_type=jnp.float32).astype(qkv.dtype)

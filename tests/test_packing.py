@@ -1,0 +1,98 @@
+"""Packed rows (jaxpeft.packing): a packed example's logits equal its logits alone, the packing
+covers every example once, and a packed run keeps the unpacked schedule."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpeft import config, data, masks, methods, packing, steps, trainer
+from jaxpeft.compute import EXACT
+from jaxpeft.models.bert import BertForSequenceClassification
+from jaxpeft.models.loading import init_params, load_classifier
+
+from masked_step import SMALL
+
+
+def test_pack_rows_covers_every_example_once_and_fits():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 40, size=500).astype(np.int32)
+    rows = packing.pack_rows(lengths, rng.permutation(500), capacity=64, pool=128)
+    flat = sorted(i for r in rows for i in r)
+    assert flat == list(range(500))
+    assert all(lengths[r].sum() <= 64 for r in rows)
+    fill = lengths.sum() / (64 * len(rows))
+    assert fill > 0.9, fill
+
+
+def _encoded(rng, n=40, t=24, vocab=120):
+    lengths = rng.integers(3, t + 1, size=n).astype(np.int32)
+    ids = rng.integers(5, vocab, size=(n, t)).astype(np.int32)
+    types = (np.arange(t)[None] >= (lengths // 2)[:, None]).astype(np.int32)
+    ids[:, 0] = 1                                             # a [CLS] of its own
+    valid = np.arange(t)[None] < lengths[:, None]
+    return data.Encoded(ids * valid, types * valid, lengths, rng.integers(0, 2, size=n).astype(np.int32))
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "prefix"])
+def test_packed_example_logits_equal_its_unpacked_logits(method):
+    rng = np.random.default_rng(1)
+    enc = _encoded(rng)
+    m = methods.create(method, {"num_virtual_tokens": 3} if method == "prefix" else {})
+    module = BertForSequenceClassification(SMALL, num_labels=2, adapter=m.adapter(SMALL), compute=EXACT)
+    params = init_params(module, jax.random.key(0))
+    trainable, frozen = masks.split(params, m.mask(params))
+    predict = jax.jit(steps.make_predict_step(module))
+    unpacked = steps.predict_logits(predict, trainable, frozen,
+                                    data.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
+    batches = list(packing.eval_batches(enc, 48, rows_per_batch=4))
+    assert len({tuple(b["input_ids"].shape) for b in batches}) == 1          # one shape
+    assert max(int((b["index"] >= 0).sum(1).max()) for b in batches) > 1     # rows really hold several
+    packed = steps.predict_logits(predict, trainable, frozen, batches, len(enc))
+    np.testing.assert_allclose(packed, unpacked, atol=2e-5, rtol=1e-5)
+
+
+def test_cls_only_and_all_rows_agree_on_packed_rows():
+    rng = np.random.default_rng(2)
+    enc = _encoded(rng)
+    batch = next(packing.eval_batches(enc, 48, rows_per_batch=6))
+    outs = []
+    for cls_only in (True, False):
+        module = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT.replace(cls_only_last_layer=cls_only))
+        params = init_params(module, jax.random.key(0))
+        outs.append(np.asarray(steps.apply_model(module, params, steps.model_inputs(batch), True)))
+    np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
+
+
+def test_packed_batches_keep_the_schedule(glue, minilm_dir):
+    loaded = load_classifier(str(minilm_dir), 2)
+    ex = data.load_split(data.get_task("sst2"), "train", glue).take(2000)
+    enc = data.encode(loaded.tokenizer, ex, 64)
+    pb = packing.PackedBatches(enc, batch_size=32, max_length=64, seed=0, epochs=2)
+    assert pb.steps_per_epoch == 63
+    for epoch in (0, 1):
+        order = pb.order(epoch)
+        assert len(order) == 63
+        seen = np.concatenate([s[s >= 0] for s in order])
+        assert sorted(seen.tolist()) == list(range(2000))               # every example once an epoch
+    # a step holds batch_size examples on average, in far fewer tokens than padded batches
+    order = pb.order(0)
+    per_step = np.array([(s >= 0).sum() for s in order])
+    assert abs(per_step.mean() - 2000 / 63) < 1e-9
+    b = pb.batch(order[0])
+    assert b["input_ids"].shape == (pb.rows_per_step, 64) and b["read_positions"].shape == (pb.rows_per_step, pb.slots)
+    real = (b["segment_ids"] > 0).sum()
+    assert real == enc.lengths[order[0][order[0] >= 0]].sum()
+    assert pb.order(0)[5].tobytes() == packing.PackedBatches(enc, 32, 64, 0, 2).order(0)[5].tobytes()
+
+
+def test_packed_run_trains_and_refuses_input_prompts(glue, tmp_path):
+    cfg = config.build(dict(method="bitfit", task="sst2", data_dir=str(glue), output_dir=str(tmp_path / "a"),
+                            max_steps=60, max_train_examples=1920, max_eval_examples=200, packing=True,
+                            progress=False, learning_rate=3e-3))
+    res = trainer.run(cfg, echo=lambda s: None)
+    assert res["steps"] == 60 and len(res["compiled_shapes"]["train"]) == 1
+    assert len(res["compiled_shapes"]["predict"]) == 1
+    assert res["final_dev"]["accuracy"] > 0.6
+    with pytest.raises(Exception, match="--packing"):
+        trainer.Trainer(config.build(dict(method="prompt", task="sst2", data_dir=str(glue), packing=True,
+                                          output_dir=str(tmp_path / "b"))))
