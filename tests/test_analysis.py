@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, analysis, data, masks, methods
+from experiments.bitfit_study import bias_change
+from jaxpeft import adapters, data, masks, methods
 from jaxpeft.fingerprint import fingerprint
 from jaxpeft.errors import UserError
 from jaxpeft.models import hf_weights, load_classifier
 
 REPO = Path(__file__).resolve().parent.parent
-TERMS = list(analysis.SYMBOLS)
+TERMS = list(bias_change.SYMBOLS)
 
 
 def base_biases(model_dir):
@@ -24,7 +25,7 @@ def base_biases(model_dir):
     out = {}
     for name, arr in hf_weights.load_state_dict(model_dir).items():
         mapped = hf_weights.hf_name_to_path(name)
-        if mapped and analysis.classify("bert/" + mapped[0]):
+        if mapped and bias_change.classify("bert/" + mapped[0]):
             out["bert/" + mapped[0]] = arr
     return out
 
@@ -39,7 +40,7 @@ def make_adapter(folder, model_dir, terms=TERMS, scale=1.0, method="bitfit"):
     loaded = load_classifier(str(model_dir), 2)
     flat = masks.flatten(loaded.params)
     for path, b in base_biases(model_dir).items():
-        layer, term = analysis.classify(path)
+        layer, term = bias_change.classify(path)
         if term in terms:
             signs = np.where(np.arange(b.size) % 2 == 0, 1.0, -1.0)  # |Δb| is what counts
             flat[path] = b + signs * delta(layer, term, scale)
@@ -51,12 +52,12 @@ def make_adapter(folder, model_dir, terms=TERMS, scale=1.0, method="bitfit"):
 
 
 def test_known_changes_give_the_known_table(tiny_bert_dir, tmp_path):
-    t = analysis.analyze([make_adapter(tmp_path / "a", tiny_bert_dir)])
+    t = bias_change.analyze([make_adapter(tmp_path / "a", tiny_bert_dir)])
     assert t.layers == [0, 1, 2] and t.terms == TERMS
     for i in range(3):
         for j, term in enumerate(TERMS):
             assert t.values[i, j] == pytest.approx(delta(i, term), rel=1e-6)
-    files = analysis.write(t, tmp_path / "out" / "bc", title="tiny")
+    files = bias_change.write(t, tmp_path / "out" / "bc", title="tiny")
     assert [f.name for f in files] == ["bc.md", "bc.csv", "bc.png"]
     md = (tmp_path / "out" / "bc.md").read_text().splitlines()
     assert md[0] == "| layer | b_q | b_k | b_v | b_m1 | b_LN1 | b_m2 | b_m3 | b_LN2 |"
@@ -77,7 +78,7 @@ def test_partial_adapter_and_aggregate(tiny_bert_dir, tmp_path):
     qi = ["query", "intermediate"]
     a = make_adapter(tmp_path / "a", tiny_bert_dir, terms=qi)
     b = make_adapter(tmp_path / "b", tiny_bert_dir, terms=qi, scale=3.0)
-    t = analysis.analyze([a, b])
+    t = bias_change.analyze([a, b])
     assert t.sources == [str(a), str(b)]
     for i in range(3):
         for j, term in enumerate(TERMS):
@@ -85,37 +86,37 @@ def test_partial_adapter_and_aggregate(tiny_bert_dir, tmp_path):
                 assert t.values[i, j] == pytest.approx(2 * (i + 1) / 8 + j / 64, rel=1e-6)
             else:
                 assert math.isnan(t.values[i, j])
-    md = analysis.to_markdown(t).splitlines()
+    md = bias_change.to_markdown(t).splitlines()
     assert md[2] == "| 0 | 0.25 | — | — | — | — | 0.3281 | — | — |"
-    row = analysis.to_csv(t).splitlines()[1].split(",")
+    row = bias_change.to_csv(t).splitlines()[1].split(",")
     assert row[0] == "0" and row[2:6] == ["", "", "", ""] and row[7:] == ["", ""]
     assert float(row[1]) == pytest.approx(0.25, rel=1e-6) and float(row[6]) == pytest.approx(0.328125, rel=1e-6)
     assert t.ranking() == ["intermediate", "query"]
-    analysis.heatmap(t, tmp_path / "qi.png")
+    bias_change.heatmap(t, tmp_path / "qi.png")
     assert (tmp_path / "qi.png").stat().st_size > 0
     full = make_adapter(tmp_path / "full", tiny_bert_dir)
     with pytest.raises(UserError, match="differ in layers or trained bias terms"):
-        analysis.analyze([a, full])
+        bias_change.analyze([a, full])
 
 
 def test_bad_adapters(tiny_bert_dir, minilm_dir, tmp_path):
     with pytest.raises(UserError, match="not found"):
-        analysis.analyze([tmp_path / "nope"])
+        bias_change.analyze([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not an adapter folder"):
-        analysis.analyze([tmp_path / "empty"])
+        bias_change.analyze([tmp_path / "empty"])
     a = make_adapter(tmp_path / "a", tiny_bert_dir)
     with pytest.raises(UserError, match="another base model"):  # tiny adapter on MiniLM: other shapes
-        analysis.analyze([a], model=str(minilm_dir))
+        bias_change.analyze([a], model=str(minilm_dir))
     head_only = make_adapter(tmp_path / "h", tiny_bert_dir, method="frozen")
     with pytest.raises(UserError, match="not a BitFit adapter"):
-        analysis.analyze([head_only])
+        bias_change.analyze([head_only])
 
 
 def test_script_writes_outputs_and_rejects_bad_input(tiny_bert_dir, tmp_path):
     a = make_adapter(tmp_path / "a", tiny_bert_dir)
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    script = str(REPO / "scripts" / "analyze_bias_change.py")
+    script = str(REPO / "experiments" / "bitfit_study" / "analyze_bias_change.py")
     p = subprocess.run([sys.executable, script, str(a), f"--out={tmp_path}/img/bc"], capture_output=True,
                        text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr

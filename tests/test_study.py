@@ -1,4 +1,5 @@
-"""The study driver on a tiny grid on CPU: results files, adapters, resume, tables from the files."""
+"""The BitFit study driver (experiments/bitfit_study) on a tiny grid on CPU: results files, adapters,
+resume, refusal of runs made with other settings, tables from the files."""
 
 import json
 import os
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, analysis, study, study_table
+from experiments.bitfit_study import bias_change, records, study, tables
+from jaxpeft import adapters, compute, config
+from jaxpeft.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +30,8 @@ def get_study():
 
 def run_study(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    p = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), *args], capture_output=True,
+    p = subprocess.run([sys.executable, str(REPO / "experiments" / "bitfit_study" / "run.py"), *args],
+                       capture_output=True,
                        text=True, env=env, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
@@ -66,7 +70,7 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
     assert {"classifier/kernel", "classifier/bias", "bert/encoder/layer_2/intermediate/dense/bias",
             "bert/embeddings/LayerNorm/bias", "bert/pooler/dense/bias"} <= set(arrays)
     assert all(a.dtype == np.float32 for a in arrays.values())
-    change = analysis.analyze([out / f"rte/bitfit/lr{chosen:g}-seed1/adapter"])
+    change = bias_change.analyze([out / f"rte/bitfit/lr{chosen:g}-seed1/adapter"])
     assert change.layers == [0, 1, 2] and np.all(change.values > 0)
 
     # second invocation: one unfinished run is redone, the finished ones are left alone
@@ -80,16 +84,31 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
     assert {p: p.stat().st_mtime_ns for p in keep} == keep
     assert json.loads((redo / "results.json").read_text())["final_dev"] == grid[1e-2]["final_dev"]
 
-    # a third invocation with other training options refuses to mix them with the finished runs;
-    # options an earlier version wrote differently (remat as a bool, no dropout_bits) are not a difference
+    # what spec.json records: the run and its settings by flag name, which build the run's config
+    sp = json.loads((redo / "spec.json").read_text())
+    assert sp["run"] == {"task": "rte", "setting": "bitfit", "learning_rate": 1e-2, "seed": 0}
+    assert sp["save_adapter"] is True and sp["config"]["output_dir"] == str(redo)
+    assert config.from_flat(sp["config"]).to_flat() == sp["config"]
+    log = [json.loads(line) for line in (out / "driver.jsonl").read_text().splitlines()]
+    assert [r["wall_seconds"] > 0 for r in log if r["event"] == "done"] == [True] * 4
+
+    # a third invocation with other training options refuses to mix them with the finished runs
+    rc, _, err = run_study("run", *common, "--settings=bitfit", "--set", "max_seq_length=16", "--set", "dtype=bfloat16")
+    assert rc == 2 and err.strip().startswith("error: 3 finished run(s)"), err
+    assert "differs in max_seq_length, dtype)" in err
+
+    # so does one after settings written by the version before the grouped config (compute options
+    # as explicit values, remat as a bool, no dropout_bits, every method's options), read in today's terms
     for spec in out.glob("rte/bitfit/*/spec.json"):
         sp = json.loads(spec.read_text())
-        sp["config"]["remat"] = False
-        sp["config"].pop("dropout_bits")
+        sp["config"] = as_written_before_grouped_config(sp["config"])
         spec.write_text(json.dumps(sp))
+    st = study.load_study(common[0].split("=", 1)[1]).select(settings=["bitfit"])
+    study.Plan(st, out, model=str(tiny_bert_dir), data_dir=common[2].split("=", 1)[1]).check_not_stale()
     rc, _, err = run_study("run", *common, "--settings=bitfit", "--set", "batch_size=4")
     assert rc == 2 and err.strip().startswith("error: 3 finished run(s)") and "batch_size" in err
-    assert "remat" not in err and "dropout_bits" not in err
+    for other in ("remat", "dropout_bits", "prng_impl", "activation_impl", "num_virtual_tokens"):
+        assert other not in err
 
     # the table comes from the files: plant known numbers and read them back
     other = 1e-2 if chosen == 1e-3 else 1e-3
@@ -99,20 +118,20 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
         r["final_dev"]["accuracy"], r["trainable_pct"] = value, 1.23456
         p.write_text(json.dumps(r))
     doc = tmp_path / "results.md"
-    doc.write_text(f"# Results\nbefore\n{study_table.BEGIN}\nold table\n{study_table.END}\nafter\n")
+    doc.write_text(f"# Results\nbefore\n{tables.BEGIN}\nold table\n{tables.END}\nafter\n")
     rc, stdout, err = run_study("table", *common, f"--doc={doc}")
     assert rc == 0, err
     text = doc.read_text()
-    assert text.startswith("# Results\nbefore\n" + study_table.BEGIN)
-    assert text.endswith(study_table.END + "\nafter\n")
+    assert text.startswith("# Results\nbefore\n" + tables.BEGIN)
+    assert text.endswith(tables.END + "\nafter\n")
     assert "old table" not in text
     assert "| BitFit | 1.2346 | 70.0 ± 14.1 | 70.0 |" in text     # mean and sample std of 0.8 and 0.6
     assert "| Frozen | — | — | — |" in text
-    assert f"| BitFit | {study_table._lr(chosen)} | **80.0**† |" in text
-    assert f"| BitFit | {study_table._lr(other)} | 20.0 |" in text
+    assert f"| BitFit | {tables._lr(chosen)} | **80.0**† |" in text
+    assert f"| BitFit | {tables._lr(other)} | 20.0 |" in text
     assert "(3 results files in" in text
-    groups, _ = study_table.collect(out, study.load_study(common[0].split("=", 1)[1]))
-    assert study_table.chosen_adapters(groups, ["rte"], "bitfit") == [
+    groups, _ = tables.collect(out, study.load_study(common[0].split("=", 1)[1]))
+    assert tables.chosen_adapters(groups, ["rte"], "bitfit") == [
         out / f"rte/bitfit/lr{chosen:g}-seed{s}/adapter" for s in (0, 1)]
 
 
@@ -126,6 +145,8 @@ def test_plan_counts_and_bad_input(tiny_study, glue):
                          (["--tasks=sst3"], "unknown task 'sst3'"),
                          (["--set", "learning_rate=1"], "the study grid decides learning_rate"),
                          (["--set", "batch_sise=4"], "expected KEY=VALUE"),
+                         (["--set", "warmup_ratio=2"], "--warmup_ratio=2.0: must be in [0, 1]"),
+                         (["--set", "prompt_init=text"], "--prompt_init is not an option of --method=bitfit"),
                          ([f"--data_dir={out}/nope"], "does not exist"),
                          ([f"--model={out}/nomodel"], "neither a local folder nor a hub id")]:
         rc, _, err = run_study("run", *common, *args)
@@ -146,15 +167,62 @@ def test_lr_choice_and_settings():
     assert st.setting_of("bitfit", "key,value,attention_output,b_ln1,output,output_layernorm") == "bitfit_no_qi"
     assert st.setting_of("bitfit", "query") is None and st.setting_of("full", None) == "full"
     terms = [t for s in ("bitfit_qi", "bitfit_no_qi") for t in st.settings[s].bitfit_terms.split(",")]
-    assert sorted(terms) == sorted(analysis.SYMBOLS)   # the two ablations split the 8 per-layer terms
+    assert sorted(terms) == sorted(bias_change.SYMBOLS)   # the two ablations split the 8 per-layer terms
 
 
-def test_configs_from_before_hashed_dropout_count_as_random_masks():
-    from jaxpeft.config import TrainConfig
+def as_written_before_grouped_config(flat):
+    """A run's settings as the version before the grouped config recorded them: every compute
+    option as an explicit value (float32, dense attention, hashed dropout; remat still a bool,
+    dropout_bits not yet there, the dropout RNG ``auto``), the options of every method, and none of
+    the settings added since."""
+    added = ("compute", "packing", "pooling", "modules_to_save", "plot", "steps_per_dispatch", "compilation_cache")
+    old = {k: v for k, v in flat.items() if k not in added and k not in compute.fields()}
+    old.update(dtype="float32", attention_impl="dense", remat=False, dropout_impl="hash", norm_impl="xla",
+               activation_impl="xla", prng_impl="auto", num_virtual_tokens=20, prompt_init="random",
+               encoder_type="lstm", prefix_projection=None)
+    return old
 
-    now = TrainConfig().to_dict()
-    assert now["dropout_impl"] == "hash"
-    old = {k: v for k, v in now.items() if k not in ("dropout_impl", "dropout_bits")}
-    assert study._as_current(old)["dropout_impl"] == "random"       # what that version did
-    assert study._as_current(old)["dropout_bits"] == 32
-    assert study._as_current(now) == now
+
+def test_finished_runs_compare_by_settings_and_by_compute_as_resolved_where_they_ran():
+    cfg = config.from_flat({"method": "bitfit", "bitfit_terms": None, "dtype": "float32", "learning_rate": 1e-3,
+                            "output_dir": "runs/x"})
+    flat = cfg.to_flat()
+    like = lambda **kw: config.from_flat({**flat, **kw})  # noqa: E731
+    cpu = {"devices": "1x cpu", "compute": cfg.resolve_compute(platform="cpu", num_devices=1).to_dict()}
+    gpu = {"devices": "1x NVIDIA H200",
+           "compute": cfg.resolve_compute(platform="gpu", num_devices=1, nvidia=True).to_dict()}
+    assert records.differences(flat, cpu, cfg) == [] and records.differences(flat, gpu, cfg) == []
+    assert records.differences(flat, cpu, like(output_dir="elsewhere", progress=False)) == []
+    assert records.differences(flat, cpu, like(learning_rate=3e-3, max_steps=7)) == ["learning_rate", "max_steps"]
+    assert records.differences(flat, cpu, like(dtype="bfloat16")) == ["dtype"]
+    # auto and exact compute alike on a CPU, not on a GPU (speed-only fields are not compared)
+    assert records.differences(flat, cpu, like(compute="exact")) == []
+    assert records.differences(flat, gpu, like(compute="exact")) == ["attention_impl", "prng_impl"]
+    assert records.differences(None, cpu, cfg) is None
+    assert records.differences(flat, {}, cfg) == ["compute"]   # where it ran is not known
+
+    # the version before the grouped config: a record without dropout_impl used random masks,
+    # prng_impl=auto was threefry2x32 on a CPU and rbg on a GPU, and its GPU runs used dense attention
+    old = as_written_before_grouped_config(flat)
+    assert records.differences(old, {"devices": "1x cpu"}, cfg) == []
+    assert records.differences({**old, "dropout_bits": 32}, {"devices": "1x cpu"}, cfg) == []
+    assert records.differences({**old, "dropout_bits": 16}, {"devices": "1x cpu"}, cfg) == ["dropout_bits"]
+    no_impl = {k: v for k, v in old.items() if k != "dropout_impl"}
+    assert records.differences(no_impl, {"devices": "1x cpu"}, cfg) == ["dropout_impl"]
+    assert records.differences(no_impl, {"devices": "1x cpu"}, like(dropout_impl="random")) == []
+    assert records.differences(old, {"devices": "1x NVIDIA H200"}, cfg) == ["attention_impl"]
+    assert records.differences(old, {"devices": "1x NVIDIA H200"}, like(attention_impl="dense")) == []
+    assert records.legacy({**old, "remat": True}, ("gpu", 1, True))[1]["remat"] == "layer"
+    assert records.platform_of("4x TPU v4") == ("tpu", 4, False) and records.platform_of("?") is None
+
+
+def test_set_values_are_typed_by_their_setting():
+    assert study.parse_overrides(["max_steps=3", "--dtype=bfloat16", "progress=0", "warmup_ratio=0.1",
+                                  "head_learning_rate=none", "num_virtual_tokens=5", "compute=exact"]) == {
+        "max_steps": 3, "dtype": "bfloat16", "progress": False, "warmup_ratio": 0.1,
+        "head_learning_rate": None, "num_virtual_tokens": 5, "compute": "exact"}
+    for item, needle in [("batch_sise=4", "expected KEY=VALUE"), ("max_steps", "expected KEY=VALUE"),
+                         ("seed=3", "the study grid decides seed"), ("data_dir=x", "use the study's --data_dir"),
+                         ("max_steps=three", "invalid literal"), ("progress=maybe", "expected a boolean")]:
+        with pytest.raises(UserError, match=needle):
+            study.parse_overrides([item])

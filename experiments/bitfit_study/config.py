@@ -1,13 +1,15 @@
-"""The BitFit study: what every run of ``scripts/study.py`` trains with, and the grid it runs.
+"""The BitFit study: what every run of ``experiments/bitfit_study/run.py`` trains with, and the grid
+it runs.
 
-``get_config(task)`` holds :class:`~jaxpeft.config.TrainConfig` keys, so one run of the study can be
-repeated by hand with ``scripts/train.py --config=configs/study.py --task=rte --method=bitfit
---learning_rate=1e-3 --seed=1``. ``get_study()`` holds the grid: tasks, settings (method + BitFit
-terms + learning-rate grid) and seeds.
+``get_config(task)`` holds :class:`~jaxpeft.config.TrainConfig` settings by flag name, so one run of
+the study can be repeated by hand with ``jaxpeft-train --config=experiments/bitfit_study/config.py
+--task=rte --method=bitfit --learning_rate=1e-3 --seed=1``. ``get_study()`` holds the grid: tasks,
+settings (method + BitFit terms + learning-rate grid) and seeds.
 
-Budget (``python scripts/study.py plan`` prints it from the data): one epoch of SST-2 and a few of
-the small tasks, 140 runs, about 4.6M training examples and 0.5M dev forwards in all -- sized for
-about 8 minutes on one H200 with ``--jobs 8`` (see docs/results.md for how that estimate is made).
+Budget (``python experiments/bitfit_study/run.py plan`` prints it from the data): one epoch of SST-2
+and a few of the small tasks, 140 runs, about 4.6M training examples and 0.5M dev forwards in all --
+sized for about 8 minutes on one H200 with ``--jobs 8`` (see docs/results.md for how that estimate
+is made).
 """
 
 #: The GLUE tasks of the offline copy that have a labelled train split.

@@ -1,12 +1,13 @@
 """The BitFit study sized for a 2-core CPU, for machines without a GPU.
 
-Same five settings and the same protocol as ``configs/study.py`` (learning rate chosen on dev with
+Same five settings and the same protocol as ``config.py`` (learning rate chosen on dev with
 seed 0, then seeds 1 and 2 at that rate) on a budget a 2-core CPU can afford: one epoch over the
 first 6,000 SST-2 training sentences (the full 872-sentence dev set; about 45 minutes for the 20
 runs at ``--jobs=2``), then CoLA; two learning rates per setting around the best of the full-data
 SST-2 sweep on a GPU (docs/results.md). CoLA trains 3 epochs: after one epoch every seed-0 run we
 made (full fine-tuning and BitFit, both rates) still predicted the majority class (Matthews 0.0).
-``python scripts/study.py plan --config=configs/study_cpu.py --data_dir=$GLUE`` prints the budget.
+``python experiments/bitfit_study/run.py plan --config=experiments/bitfit_study/config_cpu.py
+--data_dir=$GLUE`` prints the budget.
 """
 
 TASKS = ("sst2", "cola")

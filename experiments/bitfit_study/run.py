@@ -1,20 +1,26 @@
 #!/usr/bin/env python
 """The BitFit study: full fine-tuning, BitFit and its ablations, Frozen, on GLUE; resumable.
 
-    python scripts/study.py plan  --data_dir=../shared/data/glue            # runs and budget
-    python scripts/study.py run   --data_dir=../shared/data/glue --jobs=8   # every run not done yet
-    python scripts/study.py table --doc=docs/results.md                     # tables from results files
-    python scripts/study.py adapters --setting=bitfit --tasks=rte           # adapter folders, chosen lr
+    python experiments/bitfit_study/run.py plan  --data_dir=$GLUE            # runs and budget
+    python experiments/bitfit_study/run.py run   --data_dir=$GLUE --jobs=8   # every run not done yet
+    python experiments/bitfit_study/run.py table --doc=docs/results.md       # tables from results files
+    python experiments/bitfit_study/run.py adapters --setting=bitfit --tasks=rte  # adapter folders, chosen lr
 
-The grid and per-task budget are in configs/study.py (--config for another). Results go to
---out (default runs/study), one folder per run. The logic is in jaxpeft.study and jaxpeft.study_table.
+The grid and per-task budget are in experiments/bitfit_study/config.py (--config for another, e.g.
+experiments/bitfit_study/config_cpu.py). Results go to --out (default runs/study), one folder per
+run. --set KEY=VALUE takes any jaxpeft-train flag (e.g. --set dtype=bfloat16) for every run. The
+logic is in experiments/bitfit_study/ (study.py, driver.py, records.py, tables.py).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The study's modules are imported from the repository root as experiments.bitfit_study.*; this
+# folder itself leaves sys.path, so its modules (config, tables, ...) shadow no top-level module.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent.parent))
 
 from jaxpeft import cli  # noqa: E402
 
@@ -26,7 +32,7 @@ def _csv(kind=str):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "plan", "table", "adapters"])
-    p.add_argument("--config", help="study config file (default: configs/study.py)")
+    p.add_argument("--config", help="study config file (default: experiments/bitfit_study/config.py)")
     p.add_argument("--out", default="runs/study", help="results folder (default: runs/study)")
     p.add_argument("--tasks", type=_csv(), help="subset of the study's tasks, e.g. rte,mrpc")
     p.add_argument("--settings", type=_csv(), help="subset of the settings, e.g. bitfit,frozen")
@@ -35,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model id or folder (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--data_dir", help="GLUE folder in the classic TSV layout (default: $GLUE_DIR)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training option for every run, e.g. --set dtype=bfloat16")
+                   help="a training option (a jaxpeft-train flag) for every run, e.g. --set dtype=bfloat16")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the device)")
     p.add_argument("--compile_cache", default=None,
                    help="persistent compilation cache folder (default: OUT/.jax_cache; 'none': off)")
@@ -45,23 +51,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from jaxpeft import study, study_table
+    from experiments.bitfit_study import driver, study, tables
     from jaxpeft.errors import UserError
 
     a = parser().parse_args(argv)
     st = study.load_study(a.config).select(a.tasks, a.settings, a.seeds)
     if a.command in ("table", "adapters"):
-        groups, n = study_table.collect(a.out, st)
+        groups, n = tables.collect(a.out, st)
         if a.command == "adapters":
             if a.setting not in st.settings:
                 raise UserError(f"unknown setting {a.setting!r}; settings: {', '.join(st.settings)}")
-            for d in study_table.chosen_adapters(groups, list(st.tasks), a.setting):
+            for d in tables.chosen_adapters(groups, list(st.tasks), a.setting):
                 print(d)
             return 0
-        table = study_table.render(groups, st, n, a.out)
+        table = tables.render(groups, st, n, a.out)
         print(table)
         if a.doc:
-            study_table.write_between_markers(a.doc, table)
+            tables.write_between_markers(a.doc, table)
         return 0
     if a.jobs < 1:
         raise UserError("--jobs must be at least 1")
@@ -72,7 +78,7 @@ def main(argv=None) -> int:
         return 0
     cache = a.compile_cache or str(Path(a.out) / ".jax_cache")
     cache = None if cache.lower() == "none" else cache
-    summary = study.execute(plan, jobs=a.jobs, compile_cache=cache)
+    summary = driver.execute(plan, jobs=a.jobs, compile_cache=cache)
     return 1 if summary["failed"] else 0
 
 

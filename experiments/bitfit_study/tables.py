@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from experiments.bitfit_study.study import ADAPTER, RESULTS, Study, choose_lr, main_metric, read_results
 from jaxpeft.errors import UserError
-from jaxpeft.study import ADAPTER, RESULTS, Study, choose_lr, main_metric, read_results
 
 BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
 _METRIC_NAMES = {"accuracy": "acc", "matthews_correlation": "MCC", "f1": "F1", "pearson": "Pearson"}

@@ -1,28 +1,33 @@
 #!/usr/bin/env python
 """Which biases move: mean |Δb| per layer and BERT bias term between a base model and BitFit adapters.
 
-    python scripts/analyze_bias_change.py runs/study/rte/bitfit/lr0.001-seed0/adapter \\
+    python experiments/bitfit_study/analyze_bias_change.py runs/study/rte/bitfit/lr0.001-seed0/adapter \\
         --out=docs/img/bias_change_rte
-    python scripts/analyze_bias_change.py $(python scripts/study.py adapters --setting=bitfit) \\
+    python experiments/bitfit_study/analyze_bias_change.py \\
+        $(python experiments/bitfit_study/run.py adapters --setting=bitfit) \\
         --out=docs/img/bias_change_all --title="BitFit, all tasks and seeds"
 
 One adapter folder gives its table; several give the mean table (cell by cell). Writes OUT.md,
 OUT.csv and OUT.png (heatmap, layers x bias terms) and prints the markdown table and the terms
 ranked by mean change. The base model defaults to the adapter's base_model. The logic is in
-jaxpeft.analysis.
+experiments/bitfit_study/bias_change.py.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The study's modules are imported from the repository root as experiments.bitfit_study.*; this
+# folder itself leaves sys.path, so its modules (config, tables, ...) shadow no top-level module.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent.parent))
 
 from jaxpeft import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from jaxpeft import analysis
+    from experiments.bitfit_study import bias_change
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter folder(s) (adapter_config.json + adapter.safetensors)")
@@ -30,11 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bias_change", help="output prefix (default: bias_change)")
     p.add_argument("--title", default="", help="heatmap title")
     a = p.parse_args(argv)
-    table = analysis.analyze(a.adapters, a.model)
-    files = analysis.write(table, a.out, a.title)
-    print(analysis.to_markdown(table))
+    table = bias_change.analyze(a.adapters, a.model)
+    files = bias_change.write(table, a.out, a.title)
+    print(bias_change.to_markdown(table))
     means = table.term_means()
-    print("\nlargest mean change first: " + ", ".join(f"{analysis.SYMBOLS[t]} {means[t]:.4g}"
+    print("\nlargest mean change first: " + ", ".join(f"{bias_change.SYMBOLS[t]} {means[t]:.4g}"
                                                      for t in table.ranking()))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

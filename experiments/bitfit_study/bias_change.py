@@ -5,6 +5,7 @@ For every layer l and bias term t (b_q, b_k, b_v, b_m1, b_LN1, b_m2, b_m3, b_LN2
 vector, i.e. its L1 norm divided by its dimension (the measure of the BitFit paper's figure). Terms an
 adapter did not train are missing (NaN). Several adapters give the mean over adapters, cell by cell.
 The embedding-LayerNorm and pooler biases are outside these terms and are not reported.
+``analyze_bias_change.py`` beside this file is its command line.
 """
 
 from __future__ import annotations

@@ -1,0 +1,154 @@
+"""Runs the runs of a study's :class:`~experiments.bitfit_study.study.Plan`, several at a time on one
+device, each in its own process; resumable.
+
+Grid runs start longest first; the seeds of a task and setting start once its learning rate is chosen.
+Every run's folder gets its ``spec.json`` (the run and its settings by flag name) before it starts;
+the worker process builds the run's ``jaxpeft.config.TrainConfig`` from it and trains with
+``jaxpeft.trainer.Trainer``. The driver's own record is ``<out>/driver.jsonl``: when the study
+started and ended, each learning rate chosen, and each run's wall time (the whole process, and the
+trainer's ``wall_seconds`` from ``results.json``), metric and speed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from experiments.bitfit_study.study import RESULTS, SPEC, Plan, Run, choose_lr, main_metric, read_results
+from jaxpeft import config as config_lib
+
+#: The repository root: the worker imports ``experiments.bitfit_study`` from there.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_env(jobs: int, compile_cache: str | None) -> dict[str, str]:
+    """Environment of a run: JAX takes GPU memory as needed (no preallocation) and at most its share
+    of the device, so ``jobs`` runs share one GPU; compiled programs go to the persistent cache
+    ``compile_cache`` (None: no cache), which the runs share."""
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{min(0.9, 0.9 / max(jobs, 1)):.3f}")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["JAXPEFT_COMPILATION_CACHE"] = str(Path(compile_cache).resolve()) if compile_cache else "off"
+    return env
+
+
+_WORKER = ("import sys; sys.path.insert(0, {root!r}); from jaxpeft import cli; "
+           "from experiments.bitfit_study import driver; "
+           "sys.exit(cli.guarded(lambda: driver.run_one(sys.argv[1])))")
+
+
+def run_one(folder: str | Path) -> int:
+    """Trains the run described by ``folder/spec.json`` (its output dir is ``folder``); the trainer
+    exports the adapter to ``folder/adapter`` where one is due. No checkpoints are kept: an
+    unfinished run is run again from the start."""
+    from jaxpeft import trainer
+
+    folder = Path(folder)
+    spec = json.loads((folder / SPEC).read_text())
+    cfg = config_lib.from_flat({**spec["config"], "export_adapter": bool(spec.get("save_adapter")),
+                                "keep": 0})
+    trainer.Trainer(cfg).run()
+    return 0
+
+
+def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
+            echo: Callable[[str], None] = print, poll_s: float = 0.2) -> dict[str, Any]:
+    """Runs every unfinished run of ``plan``, ``jobs`` at a time; returns a summary."""
+    plan.check_not_stale()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    env = worker_env(jobs, compile_cache)
+    queue: list[tuple[float, str, Run]] = []
+    waiting = {g: set(plan.grid_runs(g)) for g in plan.groups()}
+    done, failed, skipped, blocked = [], [], [], []
+    log = open(plan.out / "driver.jsonl", "a")
+
+    def note(**rec):
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    def push(run: Run):
+        if plan.is_complete(run):
+            skipped.append(run)
+            finished(run)
+        else:
+            heapq.heappush(queue, (-plan.cost(run), run.rel, run))
+
+    def finished(run: Run):
+        g = run.group
+        if g in waiting and run in waiting[g]:
+            waiting[g].discard(run)
+            if not waiting[g]:
+                del waiting[g]
+                lr = choose_lr(plan.grid_metrics(g))
+                echo(f"{g[0]}/{g[1]}: learning rate {lr:g} chosen on dev (seed {plan.study.selection_seed})")
+                note(event="chosen", task=g[0], setting=g[1], learning_rate=lr)
+                for r in plan.seed_runs(g, lr):
+                    push(r)
+
+    all_runs = plan.all_runs()
+    todo = sum(1 for r in all_runs if not plan.is_complete(r))
+    echo(f"study: {len(all_runs)} runs in {plan.out} ({todo} to run), {jobs} at a time")
+    note(event="start", time=time.time(), jobs=jobs, runs=len(all_runs), to_run=todo)
+    for g in plan.groups():
+        for r in plan.grid_runs(g):
+            push(r)
+    running: dict[subprocess.Popen, tuple[Run, float]] = {}
+    t0 = time.perf_counter()
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                _, _, run = heapq.heappop(queue)
+                d = plan.folder(run)
+                if d.exists():
+                    shutil.rmtree(d)  # an unfinished earlier attempt
+                d.mkdir(parents=True)
+                (d / SPEC).write_text(json.dumps(plan.spec(run), indent=2) + "\n")
+                with open(d / "output.log", "w") as out:
+                    p = subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT)), str(d)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[p] = (run, time.perf_counter())
+            time.sleep(poll_s)
+            for p in [p for p in running if p.poll() is not None]:
+                run, start = running.pop(p)
+                secs = time.perf_counter() - start
+                if p.returncode == 0 and plan.is_complete(run):
+                    res = read_results(plan.folder(run) / RESULTS)
+                    done.append(run)
+                    echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: {res['main_metric']}="
+                         f"{main_metric(res):.4f} ({secs:.0f}s)")
+                    note(event="done", run=run.rel, seconds=secs, metric=main_metric(res),
+                         wall_seconds=res.get("wall_seconds"), compile_seconds=res.get("compile_seconds"),
+                         train_seconds=res["train_seconds"], examples_per_second=res["examples_per_second"])
+                    finished(run)
+                else:
+                    failed.append(run)
+                    tail = (plan.folder(run) / "output.log").read_text().strip().splitlines()[-1:]
+                    echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: FAILED (exit {p.returncode}): "
+                         f"{tail[0] if tail else ''} -- see {plan.folder(run) / 'output.log'}")
+                    note(event="failed", run=run.rel, seconds=secs, returncode=p.returncode)
+                    if run.group in waiting:
+                        blocked.append(run.group)
+                        del waiting[run.group]
+    except KeyboardInterrupt:
+        for p in running:
+            p.terminate()
+        for p in running:
+            p.wait()
+        raise
+    finally:
+        wall = time.perf_counter() - t0
+        note(event="end", wall_seconds=wall, done=len(done), failed=len(failed))
+        log.close()
+    echo(f"study: {len(done)} run(s) done, {len(skipped)} already there, {len(failed)} failed "
+         f"in {wall:.0f}s" + (f"; seeds not run for {', '.join('/'.join(g) for g in blocked)}"
+                              if blocked else ""))
+    return {"done": done, "skipped": skipped, "failed": failed, "blocked": blocked, "wall_seconds": wall}
