@@ -118,6 +118,18 @@ def fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Compute)}
 
 
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Each override is a field and one of its choices (how they combine with a preset is checked
+    when the spec is resolved on its platform)."""
+    fs = fields()
+    for k, v in overrides.items():
+        if k not in fs:
+            raise UserError(f"unknown compute option {k!r}; known: {', '.join(fs)}")
+        choices = fs[k].metadata["choices"]
+        if v is not None and v not in choices:
+            raise UserError(f"--{k}={options.show(v)}: choose one of {', '.join(options.show(c) for c in choices)}")
+
+
 def platform_info() -> tuple[str, int, bool]:
     """``(platform, device count, whether the devices are NVIDIA GPUs)`` of this JAX runtime."""
     import jax
@@ -151,9 +163,7 @@ def resolve(preset: str = "auto", overrides: Mapping[str, Any] | None = None, *,
     if preset not in PRESETS:
         raise UserError(f"--compute={preset}: choose one of {', '.join(PRESETS)}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(overrides) - set(fields()))
-    if unknown:
-        raise UserError(f"unknown compute option(s) {unknown}; known: {', '.join(fields())}")
+    check_overrides(overrides)
     if platform is None or (num_devices is None and preset == "auto"):
         p, n, nv = platform_info()
         platform = platform or p

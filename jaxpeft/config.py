@@ -154,10 +154,7 @@ class TrainConfig:
         options.check(self)
         if self.method not in methods.REGISTRY:
             raise UserError(f"unknown method {self.method!r}; known methods: {', '.join(methods.REGISTRY)}")
-        unknown = sorted(set(self.compute_overrides) - set(compute_lib.fields()))
-        if unknown:
-            raise UserError(f"unknown compute option(s) {unknown}")
-        compute_lib.Compute(**{k: v for k, v in self.compute_overrides.items() if v is not None})
+        compute_lib.check_overrides(self.compute_overrides)
         methods.create(self.method, self.method_options)   # checks the options
         if self.run.output_dir is None:
             self.run.output_dir = f"runs/{self.method}-{self.task}"

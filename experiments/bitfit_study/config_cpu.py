@@ -15,7 +15,7 @@ OTHER_TERMS = "key,value,attention_output,attention_layernorm,output,output_laye
 
 
 def get_config(task: str) -> dict:
-    cfg = dict(batch_size=32, warmup_ratio=0.06, weight_decay=0.0, max_grad_norm=1.0, dtype="float32",
+    cfg = dict(batch_size=32, warmup_ratio=0.06, weight_decay=0.0, max_grad_norm=1.0,
                eval_batch_size=256, eval_every=0, log_every=100, progress=False)
     per_task = {
         "sst2": dict(num_epochs=1, max_seq_length=64, max_train_examples=6000),
