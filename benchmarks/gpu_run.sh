@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU host, from a source checkout: the step benchmark, the job benchmark and the GPU tests,
+# each stage logged to OUT_DIR/<stage>.log as it finishes (and its own files under OUT_DIR/<stage>/).
+#   bash benchmarks/gpu_run.sh OUT_DIR STAGE [STAGE ...]
+# Stages:
+#   env                        versions and the GPU
+#   tests                      the tests that run only on a GPU (auto against exact, ...)
+#   job:METHOD[:FLAGS]         benchmarks/job.py for METHOD on SST-2 (FLAGS: our training flags,
+#                              '+'-separated, e.g. job:bitfit:--packing); PEER=eager,compile
+#                              (default: eager) sets the peer's modes, PEER= none
+#   bench:METHODS:BATCHES[:SEQ[:SIZE]]   the step benchmark (ours only; PEERBENCH=compile adds the peer)
+#   train:METHOD[:FLAGS]       one training run of METHOD on SST-2 with our defaults plus FLAGS
+# Env: MODEL (a BERT folder), GLUE (the GLUE folder), TARGET (dev metric to time, default 0.85).
+set -u
+out=${1:?usage: gpu_run.sh OUT_DIR STAGE [STAGE ...]}; shift
+model=${MODEL:?set MODEL to a BERT folder}; glue=${GLUE:?set GLUE to the GLUE folder}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+py=${PYTHON:-python3}
+for stage in "$@"; do
+  IFS=: read -r kind a b c d <<< "$stage"
+  name=$(tr -c 'A-Za-z0-9_.-' '_' <<< "$stage" | sed 's/_$//')
+  t0=$(date +%s)
+  case $kind in
+    env)
+      { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        $py -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+        nproc; } > "$out/$name.log" 2>&1 ;;
+    tests)
+      $py -m pytest -q -p no:cacheprovider tests/test_compute_options.py -k gpu > "$out/$name.log" 2>&1 ;;
+    job)
+      # shellcheck disable=SC2086  # the flags are a list
+      $py benchmarks/job.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" \
+        --peer="${PEER-eager}" --target="${TARGET:-0.85}" --out="$out/$name" -- ${b//+/ } > "$out/$name.log" 2>&1 ;;
+    bench)
+      $py scripts/bench.py --sizes="${d:-base}" --methods="$a" --batches="$b" --seq="${c:-128}" --steps=10 \
+        --repeats=3 --peak_tflops=790 ${PEERBENCH:+--peer=$PEERBENCH} --out="$out/$name" > "$out/$name.log" 2>&1 ;;
+    train)
+      # shellcheck disable=SC2086
+      $py scripts/train.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" --no-progress \
+        --output_dir="$out/$name" ${b//+/ } > "$out/$name.log" 2>&1 ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+  echo "$stage: exit $? in $(( $(date +%s) - t0 ))s" | tee -a "$out/stages.log"
+done
