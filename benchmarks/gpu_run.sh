@@ -10,6 +10,8 @@
 #                              (default: eager) sets the peer's modes, PEER= none
 #   bench:METHODS:BATCHES[:SEQ[:SIZE]]   the step benchmark (ours only; PEERBENCH=compile adds the peer)
 #   train:METHOD[:FLAGS]       one training run of METHOD on SST-2 with our defaults plus FLAGS
+#   profile:METHOD[:FLAGS]     the same run twice (empty caches, then filled) under cProfile:
+#                              where the host's time goes, the 40 largest cumulative entries
 # Env: MODEL (a BERT folder), GLUE (the GLUE folder), TARGET (dev metric to time, default 0.85).
 set -u
 out=${1:?usage: gpu_run.sh OUT_DIR STAGE [STAGE ...]}; shift
@@ -27,7 +29,8 @@ for stage in "$@"; do
         $py -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
         nproc; } > "$out/$name.log" 2>&1 ;;
     tests)
-      $py -m pytest -q -p no:cacheprovider tests/test_compute_options.py -k gpu > "$out/$name.log" 2>&1 ;;
+      JAXPEFT_TEST_MODEL="$model" $py -m pytest -q -p no:cacheprovider tests/test_compute_options.py -k gpu \
+        > "$out/$name.log" 2>&1 ;;
     job)
       # shellcheck disable=SC2086  # the flags are a list
       $py benchmarks/job.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" \
@@ -39,6 +42,16 @@ for stage in "$@"; do
       # shellcheck disable=SC2086
       $py scripts/train.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" --no-progress \
         --output_dir="$out/$name" ${b//+/ } > "$out/$name.log" 2>&1 ;;
+    profile)
+      for run in cold warm; do
+        # shellcheck disable=SC2086
+        JAXPEFT_COMPILATION_CACHE="$out/$name-xla" JAXPEFT_DATA_CACHE="$out/$name-data" \
+          $py -m cProfile -o "$out/$name-$run.prof" scripts/train.py --method="$a" --task=sst2 \
+          --data_dir="$glue" --model="$model" --no-progress --output_dir="$out/$name-$run" ${b//+/ } \
+          > "$out/$name-$run.log" 2>&1
+        $py -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(40)" \
+          "$out/$name-$run.prof" >> "$out/$name-$run.log" 2>&1
+      done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
   echo "$stage: exit $? in $(( $(date +%s) - t0 ))s" | tee -a "$out/stages.log"

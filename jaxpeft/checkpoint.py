@@ -33,12 +33,18 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
 import jaxpeft
 from jaxpeft import fingerprint, masks
 from jaxpeft.errors import UserError
+
+
+def _orbax():
+    """``orbax.checkpoint``, imported on first use (it takes a second or two to import; a run that
+    neither resumes nor has saved yet does not need it, and imports it in the background)."""
+    import orbax.checkpoint as ocp
+
+    return ocp
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +94,7 @@ def saved_tree(state: Any) -> dict[str, Any]:
 
 def abstract_tree(tree: Any) -> Any:
     """Shape, dtype and sharding of every leaf: the restore target."""
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    return jax.tree_util.tree_map(_orbax().utils.to_shape_dtype_struct, tree)
 
 
 def state_from_tree(tree: Any, like: Any) -> Any:
@@ -115,7 +121,10 @@ def sha256_arrays(*arrays: Any) -> str:
 
 def complete_steps(directory: str | Path) -> list[int]:
     """Steps of the complete (finalized) checkpoints in ``directory``; creates nothing."""
-    return sorted(ocp.path.step.checkpoint_steps(Path(directory)))
+    d = Path(directory)
+    if not d.is_dir() or not any(d.iterdir()):
+        return []
+    return sorted(_orbax().path.step.checkpoint_steps(d))
 
 
 # ----------------------------------------------------------------------------- the Orbax manager
@@ -143,6 +152,9 @@ class RunCheckpoints:
                  async_save: bool = True):
         if keep < 1:
             raise ValueError("keep must be >= 1")
+        ocp = _orbax()
+        from orbax.checkpoint import checkpoint_managers
+
         self.directory = Path(directory).absolute()
         self.main_metric = main_metric
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
@@ -174,11 +186,13 @@ class RunCheckpoints:
             metrics = {self.main_metric: float(metrics[self.main_metric]), "step": int(step)}
         else:
             metrics = None
+        ocp = _orbax()
         args = ocp.args.Composite(state=ocp.args.StandardSave(saved_tree(state)),
                                   meta=ocp.args.JsonSave(dict(meta)))
         return bool(self.manager.save(step, args=args, metrics=metrics))
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        ocp = _orbax()
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def saved_paths(self, step: int) -> list[str]:
@@ -195,6 +209,7 @@ class RunCheckpoints:
                 f"checkpoint {self.step_dir(step)} holds other arrays than this run trains: "
                 f"{len(want - saved)} missing (e.g. {sorted(want - saved)[:2]}), "
                 f"{len(saved - want)} unexpected (e.g. {sorted(saved - want)[:2]})")
+        ocp = _orbax()
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree(like_tree)))
         return state_from_tree(self.manager.restore(step, args=args)["state"], like)
 
@@ -291,8 +306,10 @@ class Checkpoints:
                             f"{steps[-1]}); use another --output_dir or remove that folder")
         if flag and not steps:
             raise UserError(f"--resume: no complete checkpoint in {where}")
-        if steps:  # fail on a wrong base or other flags before anything is written
-            self.check_compatible(*self._newest_readable_meta(steps))
+        if not steps:   # a fresh run: the manager opens at the first save
+            return state
+        # fail on a wrong base or other flags before anything is written
+        self.check_compatible(*self._newest_readable_meta(steps))
         self.run = RunCheckpoints(where, keep=self.keep, main_metric=self.main_metric)
         for step in reversed(self.run.steps()):
             try:
@@ -325,6 +342,7 @@ class Checkpoints:
         """The metadata of the newest checkpoint whose JSON reads, without opening a manager."""
         for step in reversed(steps):
             try:
+                ocp = _orbax()
                 meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
                     self.directory / str(step) / "meta", ocp.args.JsonRestore())
                 if isinstance(meta, dict):
@@ -370,14 +388,21 @@ class Checkpoints:
     def after_step(self, step: int, state: Any) -> None:
         """A checkpoint every ``save_every`` steps (the last step is saved by the final
         evaluation, with its metrics)."""
-        if self.run and self.save_every > 0 and step % self.save_every == 0 and step < self.identity.total_steps:
-            self.run.save(step, state, self.meta(step))
+        if self.save_every > 0 and step % self.save_every == 0 and step < self.identity.total_steps:
+            self.save(step, state)
+
+    def save(self, step: int, state: Any, metrics: Mapping[str, float] | None = None) -> None:
+        """A checkpoint of ``state`` at ``step`` (nothing when checkpoints are off)."""
+        if not self.enabled:
+            return
+        if self.run is None:
+            self.run = RunCheckpoints(self.directory, keep=self.keep, main_metric=self.main_metric)
+        self.run.save(step, state, self.meta(step), metrics=metrics)
 
     def after_eval(self, step: int, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
         if is_best:
             self.best, self.best_step = dict(metrics), step
-        if self.run:
-            self.run.save(step, state, self.meta(step), metrics=metrics)
+        self.save(step, state, metrics)
 
     def close(self) -> dict[str, Any]:
         """Waits for pending writes; returns the entries for ``results.json``."""

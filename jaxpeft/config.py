@@ -94,8 +94,10 @@ class Run:
     log_every: int = option(50, "log the loss every N steps", positive)
     steps_per_dispatch: int = option(0, "train steps per device call (0: automatic)", non_negative)
     progress: bool = option(True, "progress bar")
-    save_every: int = option(500, "checkpoint every N steps, and at every evaluation (0: evaluations only)",
-                             non_negative)
+    save_every: int = option(0, "checkpoint every N steps (0: by time, --save_minutes); always at every "
+                             "evaluation", non_negative)
+    save_minutes: float = option(10.0, "with --save_every=0: checkpoint when this many minutes of training "
+                                 "passed since the last checkpoint (0: at evaluations only)", non_negative)
     keep: int = option(2, "keep the N latest checkpoints plus the best by the dev metric (0: none)",
                        non_negative)
     resume: bool | None = option(None, "resume from output_dir's latest checkpoint (default: when it has "

@@ -210,7 +210,11 @@ class Encoded:
 
 
 def encode(tokenizer, examples: Examples, max_length: int, chunk: int = 4096) -> Encoded:
-    """Tokenizes with the fast tokenizer in chunks; pairs are truncated longest-first."""
+    """Tokenizes with the fast tokenizer in chunks; pairs are truncated longest-first.
+    ``tokenizer``: a :class:`jaxpeft.tokenizing.Tokenizer` or a transformers tokenizer."""
+    if hasattr(tokenizer, "encode_arrays"):
+        ids, types, lengths = tokenizer.encode_arrays(examples.texts, max_length)
+        return Encoded(ids, types, lengths, examples.labels)
     n = len(examples)
     ids = np.zeros((n, max_length), np.int32)
     types = np.zeros((n, max_length), np.int32)
@@ -230,7 +234,9 @@ def encode(tokenizer, examples: Examples, max_length: int, chunk: int = 4096) ->
 
 
 def _tokenizer_digest(tokenizer) -> str:
-    """What identifies a tokenizer's output: its vocabulary and settings."""
+    """What identifies a tokenizer's output: its files, or its vocabulary and settings."""
+    if hasattr(tokenizer, "digest"):
+        return tokenizer.digest()
     h = hashlib.sha256()
     try:
         h.update(tokenizer.backend_tokenizer.to_str().encode())

@@ -103,7 +103,7 @@ def make_train_loop(module: Any, tx: optax.GradientTransformation, regression: b
 
     ``batches``: a batch whose arrays have a leading step axis ``[N, ...]``. ``active`` ``[N]``
     bool: steps whose flag is off leave the state as it is (so a call can stop at an evaluation or
-    a checkpoint with one compiled N). ``schedule``: ``optim.Schedule.as_array()``; each step's
+    a checkpoint with one compiled N; such a step is computed and dropped). ``schedule``: ``optim.Schedule.as_array()``; each step's
     learning rate comes from the state's step counter on the device. ``metrics``: ``loss``,
     ``grad_norm``, ``lr`` ``[N]`` (zeros for inactive steps).
     """
@@ -113,15 +113,11 @@ def make_train_loop(module: Any, tx: optax.GradientTransformation, regression: b
              schedule: jax.Array) -> tuple[TrainState, dict]:
         def body(st, xs):
             batch, on = xs
-
-            def run(st):
-                return step(st, frozen, batch, lr_at(st.step, schedule))
-
-            def skip(st):
-                zero = jnp.zeros((), jnp.float32)
-                return st, {"loss": zero, "grad_norm": zero, "lr": zero}
-
-            return jax.lax.cond(on, run, skip, st)
+            new, m = step(st, frozen, batch, lr_at(st.step, schedule))
+            # an inactive step computes and is dropped: a select, which XLA fuses into the update
+            # it already reads, instead of a conditional, whose predicate the host would wait for
+            keep = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), new, st)
+            return keep, jax.tree_util.tree_map(lambda x: jnp.where(on, x, jnp.zeros_like(x)), m)
 
         return jax.lax.scan(body, state, (batches, active))
 

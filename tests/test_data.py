@@ -117,3 +117,23 @@ def test_batches_pad_to_buckets_with_little_waste(glue, tokenizer):
     ev = data.eval_order(enc.lengths, 100)
     seen = np.concatenate(ev)
     assert sorted(seen[seen >= 0].tolist()) == list(range(len(enc)))
+
+
+@pytest.mark.parametrize("task", ["sst2", "mrpc", "rte"])
+def test_fast_encoding_equals_the_transformers_tokenizer(task, glue, minilm_dir):
+    """The ``tokenizers`` path on tokenizer.json gives transformers' ids, token types and lengths
+    (single sentences and pairs, truncated longest-first), and the cache returns the same."""
+    from jaxpeft.models.hf_weights import load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    ex = data.load_split(data.get_task(task), "dev", glue).take(300)
+    fast = data.encode(tok, ex, 48)
+    slow = data.encode(tok.hf, ex, 48)
+    for k in ("input_ids", "token_type_ids", "lengths"):
+        np.testing.assert_array_equal(getattr(fast, k), getattr(slow, k), err_msg=k)
+    assert (fast.lengths == 48).any() and tok.pad_token_id == tok.hf.pad_token_id
+    cached = data.encode_cached(tok, ex, 48)
+    again = data.encode_cached(tok, ex, 48)
+    for k in ("input_ids", "token_type_ids", "lengths"):
+        np.testing.assert_array_equal(getattr(cached, k), getattr(fast, k))
+        np.testing.assert_array_equal(getattr(again, k), getattr(fast, k))

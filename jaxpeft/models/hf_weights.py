@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -224,12 +223,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[s
 
 
 def load_tokenizer(model_dir: Path):
-    """The fast tokenizer stored with the model."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
+    """The tokenizer stored with the model (:class:`jaxpeft.tokenizing.Tokenizer`: encodes with
+    ``tokenizers``, loads transformers' tokenizer only when something else is asked of it)."""
+    from jaxpeft.tokenizing import Tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
-    except Exception as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise UserError(f"cannot load a tokenizer from {model_dir}: it has no tokenizer.json, vocab.txt "
+                        "or tokenizer_config.json")
+    return Tokenizer(model_dir)

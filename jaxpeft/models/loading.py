@@ -56,8 +56,9 @@ def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[An
             return params
         return masks.unflatten({p: v for p, v in masks.flatten(params).items() if p not in skip}, params)
 
-    kw = {} if param_shardings is None else {"out_shardings": param_shardings(jax.eval_shape(fn, rng))}
-    return jax.jit(fn, **kw)(rng)
+    if param_shardings is None:
+        return jax.jit(fn)(rng)
+    return jax.jit(fn, out_shardings=param_shardings(jax.eval_shape(fn, rng)))(rng)
 
 
 def param_shapes(module: nn.Module) -> Any:
@@ -136,11 +137,19 @@ def load_classifier(name_or_path: str, num_labels: int, *,
     module = BertForSequenceClassification(config, num_labels=num_labels,
                                            adapter=adapter(config) if adapter else None,
                                            compute=compute, extras=extras(config) if extras else NO_EXTRAS)
-    shapes = param_shapes(module)
-    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
-               if with_weights else {})
-    # random init only for what the checkpoint lacks (head, adapter, maybe the pooler)
-    params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
-    params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
+    if param_shardings is None and jax.device_count() == 1:
+        # one device: one trace of the init, then the checkpoint's tensors replace their leaves
+        params = init_params(module, jax.random.key(seed))
+        shapes = params
+        tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
+                   if with_weights else {})
+        params = place_tensors(params, tensors, shapes)
+    else:
+        shapes = param_shapes(module)
+        tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
+                   if with_weights else {})
+        # random init only for what the checkpoint lacks (head, adapter, maybe the pooler)
+        params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
+        params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
     tokenizer = hf_weights.load_tokenizer(model_dir)
     return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer, compute)
