@@ -428,9 +428,15 @@ class BucketBatches:
     def batch(self, idx: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return make_batch(self.data, idx, self.buckets, rows)
 
-    def empty(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A batch of the same shapes that trains nothing (an inactive step of a device call)."""
-        return {k: np.zeros_like(v) for k, v in like.items()}
+    def chunk(self, specs: Sequence[np.ndarray], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The batches of ``specs`` (all of one width) stacked on a leading step axis, built in
+        one pass: ``[len(specs), batch, ...]``."""
+        idx = np.stack(specs)
+        if rows is not None:
+            idx = idx[:, rows]
+        n, b = idx.shape
+        flat = make_batch(self.data, idx.reshape(-1), self.buckets)
+        return {k: v.reshape((n, b) + v.shape[1:]) for k, v in flat.items()}
 
     def eval_batches(self, encoded: Encoded, batch_size: int,
                      rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:

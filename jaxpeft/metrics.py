@@ -1,4 +1,10 @@
-"""GLUE metrics, computed with scikit-learn and scipy.
+"""GLUE metrics: accuracy, binary F1 and Matthews correlation from the confusion counts (numpy),
+Pearson and Spearman correlations from scipy.
+
+The classification metrics are the textbook formulas, checked against scikit-learn's in
+``tests/test_metrics.py`` (equal on random predictions, degenerate cases included). A run does not
+import scikit-learn: its import took 11.7 s on the GPU host of docs/benchmarks.md, more than the
+whole training loop of the main command.
 
 >>> import numpy as np
 >>> compute("mrpc", np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]))
@@ -11,9 +17,9 @@ import warnings
 
 import numpy as np
 
-#: imported on first use (scikit-learn and scipy take seconds to import; a run warms them up in
-#: the background: ``jaxpeft.runtime.prewarm``)
-HEAVY_IMPORTS = ("sklearn.metrics", "scipy.stats")
+#: imported on first use (a run warms them up in the background: ``jaxpeft.runtime.prewarm``);
+#: only regression tasks need scipy
+HEAVY_IMPORTS: tuple[str, ...] = ()
 
 #: Metrics reported per task; the first is the one used to pick the best checkpoint unless the
 #: task says otherwise (see ``jaxpeft.data.GlueTask.main_metric``).
@@ -32,9 +38,6 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 
 def compute(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Task metrics for ``predictions`` (class ids, or scores for STS-B) against ``labels``."""
-    from scipy import stats
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
     if predictions.shape != labels.shape:
@@ -42,17 +45,44 @@ def compute(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str,
     out: dict[str, float] = {}
     for name in TASK_METRICS[task]:
         if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
+            out[name] = float(np.mean(predictions == labels)) if labels.size else 0.0
         elif name == "f1":
-            out[name] = float(f1_score(labels, predictions))
+            out[name] = f1(predictions, labels)
         elif name == "matthews_correlation":
-            out[name] = float(matthews_corrcoef(labels, predictions))
+            out[name] = matthews(predictions, labels)
         elif name in ("pearson", "spearman"):
+            from scipy import stats
+
             fn = stats.pearsonr if name == "pearson" else stats.spearmanr
             with warnings.catch_warnings():  # constant predictions: undefined, reported as 0
                 warnings.simplefilter("ignore", stats.ConstantInputWarning)
                 out[name] = _finite(fn(predictions, labels)[0])
     return out
+
+
+def f1(predictions: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
+    """Binary F1 of class ``positive``: ``2 tp / (2 tp + fp + fn)`` (0 when there is no positive
+    in either, as scikit-learn's ``zero_division`` default)."""
+    p, y = predictions == positive, labels == positive
+    tp, fp, fn = int(np.sum(p & y)), int(np.sum(p & ~y)), int(np.sum(~p & y))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation of two label arrays (any number of classes), from the confusion matrix
+    as scikit-learn computes it; 0 when it is undefined (one class predicted or present)."""
+    classes, inv = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+    y, p = inv[:len(labels)], inv[len(labels):]
+    k = len(classes)
+    c = np.zeros((k, k), np.float64)
+    np.add.at(c, (y, p), 1)
+    t, pk = c.sum(1), c.sum(0)
+    n, correct = c.sum(), np.trace(c)
+    cov_yp = correct * n - t @ pk
+    cov_pp, cov_yy = n * n - pk @ pk, n * n - t @ t
+    if cov_pp * cov_yy == 0:
+        return 0.0
+    return float(cov_yp / np.sqrt(cov_yy * cov_pp))
 
 
 def _finite(x: float) -> float:

@@ -139,8 +139,14 @@ class PackedBatches:
     def batch(self, ids: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return packed_batch(self.data, ids if rows is None else ids[rows], self.length)
 
-    def empty(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: np.zeros_like(v) for k, v in like.items()}
+    def chunk(self, specs: Sequence[np.ndarray], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The steps ``specs`` stacked on a leading step axis, built in one pass."""
+        ids = np.stack(specs)
+        if rows is not None:
+            ids = ids[:, rows]
+        n, r, k = ids.shape
+        flat = packed_batch(self.data, ids.reshape(n * r, k), self.length)
+        return {key: v.reshape((n, r) + v.shape[1:]) for key, v in flat.items()}
 
     def eval_rows_per_batch(self, batch_size: int) -> int:
         return self.rows_per_step * max(1, batch_size // self.batch_size)

@@ -205,7 +205,8 @@ class Trainer:
         """The initial train state and the frozen params, on the mesh. Frozen matmul kernels are
         kept in the compute dtype (``kernels_in_compute_dtype``)."""
         trainable, frozen = masks.split(self.params, self.mask)
-        frozen = kernels_in_compute_dtype(frozen, self.compute)
+        if self.compute.dtype != "float32":   # one program for all the casts
+            frozen = jax.jit(lambda f: kernels_in_compute_dtype(f, self.compute))(frozen)
         state, _ = self.plan.init(lambda t: steps.init_state(t, tx, self.cfg.optim.seed), trainable,
                                   shardings=self.plan.state_shardings)
         return state, frozen
@@ -382,10 +383,12 @@ class Trainer:
             key = self.batches.width(order[start])
             while len(specs) < min(n, stop - step) and self.batches.width(order[start + len(specs)]) == key:
                 specs.append(order[start + len(specs)])
-            host = [self.batches.batch(sp, self.host_rows(sp)) for sp in specs]
-            count = len(host)
-            host += [self.batches.empty(host[0])] * (n - count)
-            stacked = {k: np.stack([steps.model_inputs(b)[k] for b in host]) for k in steps.model_inputs(host[0])}
+            count = len(specs)
+            chunk = self.batches.chunk(specs, self.host_rows(specs[0]))
+            real = int((chunk["weights"] > 0).sum())
+            tokens += _real_tokens(chunk)
+            stacked = {k: np.concatenate([v, np.zeros((n - count,) + v.shape[1:], v.dtype)]) if count < n else v
+                       for k, v in steps.model_inputs(chunk).items()}
             active = np.arange(n) < count
             if key not in loops:
                 with timers.section("compile"):
@@ -393,9 +396,7 @@ class Trainer:
                                                 active, sched_arr).compile()
             state, m = loops[key](state, frozen, self.plan.global_batch(stacked, stacked=True), active, sched_arr)
             pending.append((step, count, m))
-            real = sum(int((b["weights"] > 0).sum()) for b in host[:count])
             examples += real
-            tokens += sum(_real_tokens(b) for b in host[:count])
             window[1] += real
             step += count
             drain(keep=1)
@@ -479,9 +480,10 @@ def _shape_key(batch: dict, processes: int = 1) -> tuple:
 
 
 def _real_tokens(batch: dict) -> int:
+    """The real (non-padding) tokens of a batch, or of stacked batches."""
     if "segment_ids" in batch:
         return int((batch["segment_ids"] > 0).sum())
-    return int(batch["attention_mask"][batch["weights"] > 0].sum())
+    return int((batch["attention_mask"] * (batch["weights"] > 0)[..., None]).sum())
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

@@ -30,3 +30,18 @@ def test_stsb_correlations():
 def test_majority_baseline():
     m = metrics.majority_baseline("sst2", np.array([1, 1, 0]), np.array([1, 0, 0, 0]))
     assert m == {"accuracy": 0.25}
+
+
+def test_classification_metrics_equal_scikit_learn():
+    """The numpy formulas against scikit-learn on random and degenerate predictions."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(1)
+    cases = [(rng.integers(0, 2, 500), rng.integers(0, 2, 500)) for _ in range(5)]
+    cases += [(np.ones(10, int), rng.integers(0, 2, 10)), (np.zeros(10, int), np.zeros(10, int)),
+              (np.zeros(10, int), np.ones(10, int)), (rng.integers(0, 3, 300), rng.integers(0, 3, 300))]
+    for p, y in cases:
+        assert metrics.compute("rte", p, y)["accuracy"] == accuracy_score(y, p)
+        assert np.isclose(metrics.matthews(p, y), matthews_corrcoef(y, p), atol=1e-12)
+        if y.max() <= 1 and p.max() <= 1:
+            assert np.isclose(metrics.f1(p, y), f1_score(y, p, zero_division=0.0), atol=1e-12)

@@ -137,19 +137,12 @@ def load_classifier(name_or_path: str, num_labels: int, *,
     module = BertForSequenceClassification(config, num_labels=num_labels,
                                            adapter=adapter(config) if adapter else None,
                                            compute=compute, extras=extras(config) if extras else NO_EXTRAS)
-    if param_shardings is None and jax.device_count() == 1:
-        # one device: one trace of the init, then the checkpoint's tensors replace their leaves
-        params = init_params(module, jax.random.key(seed))
-        shapes = params
-        tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
-                   if with_weights else {})
-        params = place_tensors(params, tensors, shapes)
-    else:
-        shapes = param_shapes(module)
-        tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
-                   if with_weights else {})
-        # random init only for what the checkpoint lacks (head, adapter, maybe the pooler)
-        params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
-        params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
+    shapes = param_shapes(module)
+    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
+               if with_weights else {})
+    # random init only for what the checkpoint lacks (head, adapter, maybe the pooler): XLA drops
+    # the rest of the init, which keeps its compilation short
+    params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
+    params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
     tokenizer = hf_weights.load_tokenizer(model_dir)
     return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer, compute)

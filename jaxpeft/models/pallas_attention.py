@@ -398,13 +398,19 @@ def attention(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None =
         raise ValueError(f"qkv bias must be [3, {n}, {d}], got {bias.shape}")
     bias = bias.astype(qkv.dtype)
     if prefix is None:
-        return _attention(qkv, bias, key_valid, None, None, None, static)
+        return _attention_call(qkv, bias, key_valid, None, None, None, static)
     pk, pv = (x.astype(qkv.dtype) for x in prefix)
     if pk.ndim != 4 or pk.shape[0] not in (1, b) or pk.shape[2:] != (n, d) or pv.shape != pk.shape:
         raise ValueError(f"prefix keys/values must be [1 or {b}, P, {n}, {d}], got {pk.shape}, {pv.shape}")
     pvalid = jnp.ones((b, p), jnp.int32) if prefix_valid is None else \
         jnp.broadcast_to(prefix_valid, (b, p)).astype(jnp.int32)
-    return _attention(qkv, bias, key_valid, pk, pv, pvalid, static)
+    return _attention_call(qkv, bias, key_valid, pk, pv, pvalid, static)
+
+
+# The kernels behind a jit of their own: every layer calls them with the same shapes, and JAX traces
+# and lowers one jitted function once per shape, so the Triton kernels are lowered once, not once per
+# layer (see ``pallas_norm._add_norm_call``).
+_attention_call = jax.jit(_attention, static_argnums=(6,))
 
 
 def reference(qkv: Array, key_valid: Array, prefix: tuple[Array, Array] | None = None,

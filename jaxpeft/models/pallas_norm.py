@@ -288,9 +288,18 @@ def dropout_add_norm(h: Array, bias: Array, residual: Array, scale: Array, ln_bi
         raise ValueError("dropout needs a seed (two uint32 words)")
     seed = jnp.zeros((2,), jnp.int32) if seed is None else \
         jax.lax.bitcast_convert_type(jnp.asarray(seed, jnp.uint32), jnp.int32)
+    return _add_norm_call(h, bias, residual.astype(h.dtype), scale, ln_bias, seed, float(rate), float(eps), tuning)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _add_norm_call(h, bias, residual, scale, ln_bias, seed, rate, eps, tuning):
+    """The kernels behind a jit of their own: the model calls them with the same shapes in every
+    layer, and JAX traces and lowers one jitted function once per shape, so the Triton kernels are
+    lowered once per shape, not once per layer (lowering a Pallas kernel takes a tenth of a second,
+    and a BERT step has dozens of calls)."""
+    b, t, _ = h.shape
     rows = jnp.arange(b * t, dtype=jnp.int32).reshape(b, t)
-    return _add_norm(h, bias, residual.astype(h.dtype), scale, ln_bias, rows, seed, float(rate),
-                     float(eps), tuning)
+    return _add_norm(h, bias, residual, scale, ln_bias, rows, seed, rate, eps, tuning)
 
 
 def reference(h: Array, bias: Array, residual: Array, scale: Array, ln_bias: Array,
