@@ -120,7 +120,7 @@ class Trainer:
             self.model: LoadedModel = load_classifier(
                 cfg.model, self.task.num_labels, adapter=self.method.adapter, extras=self.method.extras,
                 added=self.method.added, compute=self.compute, seed=cfg.optim.seed,
-                with_weights=not cfg.random_init,
+                with_weights=not cfg.random_init, pooling=cfg.head.pooling,
                 param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None)
             need = cfg.data.max_seq_length + self.method.extra_positions()
             if need > self.model.config.max_position_embeddings:

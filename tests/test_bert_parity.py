@@ -116,3 +116,22 @@ def test_prompt_extension_point_keeps_real_cls(minilm_dir):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         BertModel(cfg).apply({"params": m.params["bert"]}, **enc,
                              prompt_embeds=jnp.zeros((1, 600, cfg.hidden_size)))
+
+
+def test_mean_pooling_reads_the_mean_of_the_token_outputs(minilm_dir):
+    """``pooling="mean"``: the head reads the masked mean of the last layer's outputs, which is the
+    sentence embedding the bundled model was trained to produce (sentence-transformers' mean
+    pooling of transformers' ``last_hidden_state``)."""
+    from jaxpeft.models.bert import BertForSequenceClassification
+
+    m = load_classifier(str(minilm_dir), 2, pooling="mean")
+    enc = _inputs(m.tokenizer)
+    head = {"kernel": np.eye(m.config.hidden_size, 2, dtype=np.float32), "bias": np.zeros(2, np.float32)}
+    logits = m.module.apply({"params": {**m.params, "classifier": head}}, **enc)
+    ref = TorchBertModel.from_pretrained(str(minilm_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
+    mask = enc["attention_mask"][..., None].astype(np.float32)
+    mean = (out * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(np.asarray(logits), mean[:, :2], atol=1e-4)
+    assert isinstance(m.module, BertForSequenceClassification) and m.module.pooling == "mean"

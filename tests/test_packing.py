@@ -96,3 +96,16 @@ def test_packed_run_trains_and_refuses_input_prompts(glue, tmp_path):
     with pytest.raises(Exception, match="--packing"):
         trainer.Trainer(config.build(dict(method="prompt", task="sst2", data_dir=str(glue), packing=True,
                                           output_dir=str(tmp_path / "b"))))
+
+
+def test_mean_pooling_packed_equals_unpacked():
+    rng = np.random.default_rng(3)
+    enc = _encoded(rng)
+    module = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT, pooling="mean")
+    params = init_params(module, jax.random.key(0))
+    predict = jax.jit(steps.make_predict_step(module))
+    trainable, frozen = masks.split(params, methods.create("bitfit").mask(params))
+    unpacked = steps.predict_logits(predict, trainable, frozen,
+                                    data.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
+    packed = steps.predict_logits(predict, trainable, frozen, packing.eval_batches(enc, 48, 4), len(enc))
+    np.testing.assert_allclose(packed, unpacked, atol=2e-5, rtol=1e-5)

@@ -518,7 +518,8 @@ class BertModel(nn.Module):
                  prompt_mask: Array | None = None,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
                  prefix_mask: Array | None = None, segment_ids: Array | None = None,
-                 read_positions: Array | None = None, cls_only: bool = False) -> tuple[Array, Array | None]:
+                 read_positions: Array | None = None, cls_only: bool = False,
+                 pooling: str = "cls") -> tuple[Array, Array | None]:
         cfg = self.config
         b, length = input_ids.shape
         if segment_ids is not None:
@@ -557,6 +558,10 @@ class BertModel(nn.Module):
         rows = read_positions if read_positions is not None else jnp.zeros((b, 1), jnp.int32)
         x = BertEncoder(cfg, self.compute, self.extras, name="encoder")(
             x, mask, deterministic, prefix_kv, rows if cls_only else None)
+        if pooling == "mean":
+            if cls_only:
+                raise ValueError("mean pooling reads every row of the last layer (cls_only=False)")
+            return x, _mean_pool(x, valid, segment_ids, read_positions)
         read = x if cls_only else _gather_rows(x, rows)
         pooled = BertPooler(cfg, self.compute, name="pooler")(read) if self.add_pooling_layer else None
         if pooled is not None and read_positions is None:
@@ -564,8 +569,28 @@ class BertModel(nn.Module):
         return x, pooled
 
 
+def _mean_pool(x: Array, valid: Array, segments: Array | None, read_positions: Array | None) -> Array:
+    """The mean of the valid rows of ``x`` ``[B, T, H]`` (float32 sums): ``[B, H]``, or per packed
+    example ``[B, K, H]`` (slot ``k`` is segment ``k + 1``)."""
+    xf = x.astype(jnp.float32)
+    if segments is None:
+        m = valid.astype(jnp.float32)[..., None]
+        return (jnp.sum(xf * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x.dtype)
+    k = read_positions.shape[1]
+    onehot = (segments[:, None, :] == jnp.arange(1, k + 1)[None, :, None]).astype(jnp.float32)   # [B, K, T]
+    sums = jnp.einsum("bkt,bth->bkh", onehot, xf)
+    return (sums / jnp.maximum(onehot.sum(-1, keepdims=True), 1.0)).astype(x.dtype)
+
+
+POOLINGS = ("cls", "mean")
+
+
 class BertForSequenceClassification(nn.Module):
     """BERT + dropout + linear head on the pooled ``[CLS]``; ``num_labels == 1`` is regression.
+
+    ``pooling="mean"``: the head reads the mean of the last layer's token outputs instead (the
+    read-out sentence-embedding models are trained for; no pooler layer, every row of the last
+    layer computed).
 
     ``adapter`` is an optional module called as ``adapter(batch_size, deterministic=...)`` that
     returns keyword arguments for :class:`BertModel` (``prompt_embeds``, ``prefix_kv``, ...). Its
@@ -581,6 +606,7 @@ class BertForSequenceClassification(nn.Module):
     adapter: nn.Module | None = None
     compute: Compute = EXACT
     extras: Extras = NO_EXTRAS
+    pooling: str = "cls"
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -588,11 +614,13 @@ class BertForSequenceClassification(nn.Module):
                  position_ids: Array | None = None, segment_ids: Array | None = None,
                  read_positions: Array | None = None) -> Array:
         cfg, comp = self.config, self.compute
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         extra = {} if self.adapter is None else self.adapter(input_ids.shape[0], deterministic=deterministic)
         _, pooled = BertModel(cfg, comp, self.extras, name="bert")(
             input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic,
-            segment_ids=segment_ids, read_positions=read_positions, cls_only=comp.cls_only_last_layer,
-            **extra)
+            segment_ids=segment_ids, read_positions=read_positions,
+            cls_only=comp.cls_only_last_layer and self.pooling == "cls", pooling=self.pooling, **extra)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         pooled = _dropout(comp, rate)(pooled, deterministic=deterministic)
         logits = nn.Dense(self.num_labels, dtype=_dt(comp), param_dtype=jnp.float32,

@@ -117,12 +117,13 @@ def load_classifier(name_or_path: str, num_labels: int, *,
                     adapter: Callable[[BertConfig], nn.Module | None] | None = None,
                     extras: Callable[[BertConfig], Extras] | None = None, added: str | None = None,
                     compute: Compute = EXACT, seed: int = 0, with_weights: bool = True,
-                    param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
+                    param_shardings: Callable[[Any], Any] | None = None, pooling: str = "cls") -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
 
     ``adapter(config)`` builds the method's input-level module (prompts, prefixes), if any;
     ``extras(config)`` its modules inside the layers (LoRA, bottleneck adapters), whose params
-    match the regex ``added`` and start from their own init. ``compute`` says how to compute.
+    match the regex ``added`` and start from their own init. ``compute`` says how to compute;
+    ``pooling`` how the head reads the encoder (``cls`` or ``mean``).
     ``with_weights=False`` keeps the random init (benchmarks of a model's shape).
     ``param_shardings(abstract_params)`` places the params on a device mesh as they are created
     (see :func:`init_params`); pretrained tensors go from the host to each device's slice.
@@ -136,7 +137,8 @@ def load_classifier(name_or_path: str, num_labels: int, *,
         raise UserError(f"{name_or_path}: {e}") from None
     module = BertForSequenceClassification(config, num_labels=num_labels,
                                            adapter=adapter(config) if adapter else None,
-                                           compute=compute, extras=extras(config) if extras else NO_EXTRAS)
+                                           compute=compute, extras=extras(config) if extras else NO_EXTRAS,
+                                           pooling=pooling)
     shapes = param_shapes(module)
     tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
                if with_weights else {})
