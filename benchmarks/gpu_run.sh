@@ -8,8 +8,12 @@
 #   job:METHOD[:FLAGS]         benchmarks/job.py for METHOD on SST-2 (FLAGS: our training flags,
 #                              '+'-separated, e.g. job:bitfit:--packing); PEER=eager,compile
 #                              (default: eager) sets the peer's modes, PEER= none
-#   bench:METHODS:BATCHES[:SEQ[:SIZE]]   the step benchmark (ours only; PEERBENCH=compile adds the peer)
+#   bench:METHODS:BATCHES[:SEQ[:SIZE[:FLAGS]]]   the step benchmark (ours only; PEERBENCH=compile adds
+#                              the peer; FLAGS: compute flags, '+'-separated, e.g. --compute=exact)
 #   train:METHOD[:FLAGS]       one training run of METHOD on SST-2 with our defaults plus FLAGS
+#   seeds:METHOD[:FLAGS]       three training runs (seeds 0, 1, 2; two at a time) of METHOD on SST-2
+#                              with our defaults plus FLAGS; their final dev metrics
+#   multi[:ARGS]               benchmarks/multi_adapter.py (ARGS '+'-separated)
 #   profile:METHOD[:FLAGS]     the same run twice (empty caches, then filled) under cProfile:
 #                              where the host's time goes, the 40 largest cumulative entries
 # Env: MODEL (a BERT folder), GLUE (the GLUE folder), TARGET (dev metric to time, default 0.85).
@@ -20,7 +24,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 py=${PYTHON:-python3}
 for stage in "$@"; do
-  IFS=: read -r kind a b c d <<< "$stage"
+  IFS=: read -r kind a b c d e <<< "$stage"
   name=$(tr -c 'A-Za-z0-9_.-' '_' <<< "$stage" | sed 's/_$//')
   t0=$(date +%s)
   case $kind in
@@ -36,8 +40,22 @@ for stage in "$@"; do
       $py benchmarks/job.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" \
         --peer="${PEER-eager}" --target="${TARGET:-0.85}" --out="$out/$name" -- ${b//+/ } > "$out/$name.log" 2>&1 ;;
     bench)
+      # shellcheck disable=SC2086
       $py scripts/bench.py --sizes="${d:-base}" --methods="$a" --batches="$b" --seq="${c:-128}" --steps=10 \
-        --repeats=3 --peak_tflops=790 ${PEERBENCH:+--peer=$PEERBENCH} --out="$out/$name" > "$out/$name.log" 2>&1 ;;
+        --repeats=3 --peak_tflops=790 ${PEERBENCH:+--peer=$PEERBENCH} --out="$out/$name" ${e//+/ } \
+        > "$out/$name.log" 2>&1 ;;
+    seeds)
+      for seed in 0 1 2; do
+        # shellcheck disable=SC2086
+        $py scripts/train.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" --no-progress \
+          --seed="$seed" --output_dir="$out/$name-$seed" ${b//+/ } > "$out/$name-$seed.log" 2>&1 &
+        if [ "$seed" = 1 ]; then wait; fi
+      done
+      wait
+      for seed in 0 1 2; do tail -1 "$out/$name-$seed.log"; done > "$out/$name.log" ;;
+    multi)
+      # shellcheck disable=SC2086
+      $py benchmarks/multi_adapter.py --out="$out/$name" ${a//+/ } > "$out/$name.log" 2>&1 ;;
     train)
       # shellcheck disable=SC2086
       $py scripts/train.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" --no-progress \

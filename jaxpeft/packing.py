@@ -100,14 +100,18 @@ def packed_batch(data: Encoded, ids: np.ndarray, length: int) -> dict[str, np.nd
 class PackedBatches:
     """Training and evaluation batches of packed rows (the interface of ``data.BucketBatches``).
 
-    ``epochs``: how many epochs training will visit (their packings decide ``rows_per_step``).
+    ``epochs``: how many epochs training will visit (their packings decide ``rows_per_step``);
+    ``row_multiple``: ``rows_per_step`` is a multiple of it (the data-parallel device count).
     """
 
-    def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int, epochs: int):
+    def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int, epochs: int,
+                 row_multiple: int = 1):
         self.data, self.batch_size, self.seed, self.length = encoded, batch_size, seed, max_length
         self.steps_per_epoch = max(1, -(-len(encoded) // batch_size))
         self._rows = {e: self._pack_epoch(e) for e in range(max(1, epochs))}
-        self.rows_per_step = max(math.ceil(len(r) / self.steps_per_epoch) for r in self._rows.values())
+        rows = max(math.ceil(len(r) / self.steps_per_epoch) for r in self._rows.values())
+        # a multiple of the data-parallel devices, which split a step's rows
+        self.rows_per_step = -(-rows // row_multiple) * row_multiple
         self.slots = max(len(r) for rows in self._rows.values() for r in rows)
         self._cache: dict[int, list[np.ndarray]] = {}
 

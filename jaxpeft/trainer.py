@@ -162,7 +162,8 @@ class Trainer:
         o, d = self.cfg.optim, self.cfg.data
         if d.packing:
             epochs = math.ceil(self.total_steps() / self.steps_per_epoch())
-            return packing.PackedBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed, epochs)
+            return packing.PackedBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed, epochs,
+                                         row_multiple=self.plan.data_parallel_size)
         return data.BucketBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed)
 
     def evaluate(self, predict_fn, trainable, frozen) -> dict[str, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 def _specs(tree) -> dict[str, str]:
     from jaxpeft import masks
 
-    return {p: str(tuple(x.sharding.spec)) for p, x in masks.flatten(tree).items()}
+    return {p: str(tuple(getattr(x.sharding, "spec", ()))) for p, x in masks.flatten(tree).items()}
 
 
 def _check_batches(trainer) -> dict:
@@ -57,7 +57,7 @@ def run_one(cfg_values: dict) -> dict:
     records = [json.loads(x) for x in log.read_text().splitlines()] if jax.process_index() == 0 else []
     opt_specs = {}
     for kp, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
-        opt_specs[masks.path_str(kp)] = str(tuple(x.sharding.spec))
+        opt_specs[masks.path_str(kp)] = str(tuple(getattr(x.sharding, "spec", ())))
     return {
         "process": jax.process_index(), "processes": jax.process_count(),
         "devices": jax.device_count(), "local_devices": jax.local_device_count(),

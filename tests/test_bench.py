@@ -33,12 +33,12 @@ def test_capacity_prediction_is_affine_in_batch():
 def test_bench_script_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "bench"
     p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sizes=tiny",
-                        "--methods=full,bitfit,frozen", "--batches=2,4", "--seq=16", "--steps=2", "--repeats=1",
-                        "--capacity", f"--out={out}"], capture_output=True, text=True, timeout=900)
+                        "--methods=full,bitfit,frozen", "--batches=4", "--seq=16", "--steps=2", "--repeats=1",
+                        f"--out={out}"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
     speed = [r for r in recs if "seq_per_s" in r]
-    assert len(speed) == 6 and not any("error" in r for r in recs)
+    assert len(speed) == 3 and not any("error" in r for r in recs)
     for r in speed:
         assert r["seq_per_s"] > 0 and r["step_bytes"] > 0 and r["compile_s"] > 0
         assert r["analytic_flops"] == benchmark.analytic_flops(benchmark.SIZES["tiny"], r["method"], r["batch"], 16)

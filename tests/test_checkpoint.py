@@ -135,7 +135,7 @@ def test_wrong_base_or_other_flags_rejected_before_anything_is_written(finished,
         (dict(bitfit_terms="query"), ["other settings", "bitfit_terms=None (now 'query')"]),
         # a compute field that changes the trajectory (how dropout masks are drawn)
         (dict(dropout_impl="random"), ["other settings", "dropout_impl='hash' (now 'random')"]),
-        (dict(packing=True), ["other settings", "packing=False (now True)"]),
+        (dict(packing=False), ["other settings", "packing=True (now False)"]),   # SST-2 packs by default
         (dict(resume=False), ["--no-resume", "latest step 12"]),
         (dict(keep=0), ["--keep=0"]),
     ]

@@ -158,7 +158,7 @@ def test_backward_needs_no_split_or_concatenation():
     jaxpr = jax.make_jaxpr(lambda x: _grads(lambda y, _: pa.attention(y, valid, tuning=SMALL),
                                             x, None, dout))(qkv)
     prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
-    assert "pallas_call" in prims or "custom_partitioning" in prims   # the two kernels
+    assert str(jaxpr).count("pallas_call") >= 2        # the two kernels (behind a jit of their own)
     assert not prims & {"concatenate", "slice", "dynamic_slice", "gather"}, prims
 
 
@@ -247,12 +247,12 @@ def test_backward_keeps_no_attention_output():
     assert pa.fast_length(128) and pa.fast_length(148) and not pa.fast_length(200) and not pa.fast_length(8)
 
 
-@pytest.mark.parametrize("t,p", [(16, 0), (32, 5), (48, 0)])
+@pytest.mark.parametrize("t,p", [(16, 0), (32, 5)])
 def test_packed_rows_attend_within_their_segment(t, p):
     """Segment ids (packed rows): forward and backward equal the reference, where each query sees
     only its own example's keys (and the prefix); padding queries stay finite."""
     rng = np.random.default_rng(t + p)
-    b, n, d = 3, 2, 16
+    b, n, d = 2, 2, 16
     qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, d)), jnp.float32)
     seg = np.zeros((b, t), np.int32)
     for r in range(b):             # examples of random lengths one after another, then padding

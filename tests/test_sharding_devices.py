@@ -29,7 +29,7 @@ def base_config(method: str, glue: Path, model: Path, out: Path) -> dict:
     return dict(method=method, task="sst2", model=str(model), data_dir=str(glue), output_dir=str(out),
                 max_train_examples=88, max_eval_examples=40, batch_size=16, eval_batch_size=16,
                 max_seq_length=32, max_steps=8, learning_rate=1e-2, log_every=1, progress=False,
-                seed=1, **METHODS[method])
+                seed=1, packing=False, **METHODS[method])
 
 
 _REFERENCE: dict[str, dict] = {}
