@@ -278,7 +278,7 @@ class Plan:
         except (OSError, json.JSONDecodeError):
             return False
         return not self.study.settings[run.setting].saves_adapter or \
-            (d / ADAPTER / "adapter.safetensors").is_file()
+            (d / ADAPTER / "adapter_model.safetensors").is_file()
 
     def check_not_stale(self) -> None:
         """Refuses to reuse finished runs whose config differs from what the study asks now."""

@@ -193,3 +193,37 @@ def test_bad_adapter_options():
         methods.create("adapter", {"adapter_size": 0})
     assert methods.create("adapter", {"adapter_type": "pfeiffer", "train_layer_norms": True}).train_layer_norms
     assert not methods.create("adapter", {"adapter_type": "pfeiffer"}).train_layer_norms
+
+
+@pytest.mark.parametrize("name,options", [CASES[1], CASES[2]], ids=["lora-all", "houlsby"])
+def test_adapter_folder_round_trip(name, options, tiny_bert_dir, glue, tmp_path):
+    """Trained-like params written as an adapter folder and loaded again predict the same; the
+    folder holds transformers-style names (peft's for LoRA)."""
+    import safetensors.numpy
+
+    method = methods.create(name, options)
+    task = data.get_task("sst2")
+    loaded = load_classifier(str(tiny_bert_dir), 2, extras=method.extras, added=method.added, compute=EXACT)
+    flat = masks.flatten(loaded.params)
+    keys = jax.random.split(jax.random.key(3), len(flat))
+    mask = masks.flatten(method.mask(loaded.params))
+    flat = {p: (v + 0.05 * jax.random.normal(k, v.shape) if mask[p] else v) for (p, v), k in zip(flat.items(), keys)}
+    params = masks.unflatten(flat, loaded.params)
+    fp = fingerprint.fingerprint(loaded.params, str(tiny_bert_dir), exclude=method.added)   # before training
+    d = adapters.save_adapter(tmp_path / "a", params, method, task, base_model=str(tiny_bert_dir), fingerprint=fp,
+                              max_seq_length=32)
+    names = safetensors.numpy.load_file(str(d / "adapter_model.safetensors"))
+    n_trainable = masks.count(params, method.mask(params))[0]
+    assert sum(v.size for v in names.values()) == n_trainable
+    if name == "lora":
+        assert "base_model.model.bert.pooler.dense.lora_B.weight" in names
+        assert names["base_model.model.bert.encoder.layer.2.intermediate.dense.lora_B.weight"].shape == (96, 4)
+    else:
+        assert names["bert.encoder.layer.0.attention.output.adapter.down.weight"].shape == (64, 48)
+        assert "bert.embeddings.LayerNorm.weight" in names and "classifier.weight" in names
+    cfg = adapters.read_adapter_config(d)
+    assert cfg["method"] == name and cfg["method_options"] == method.options()
+    loaded2, params2, m2, _ = adapters.load_adapter(d, compute=EXACT)
+    ex = sentences(glue)
+    np.testing.assert_array_equal(logits_of(loaded2, params2, m2, ex), logits_of(loaded, params, method, ex))
+    assert np.abs(logits_of(loaded2, params2, m2, ex) - logits_of(loaded, loaded.params, method, ex)).max() > 1e-3
