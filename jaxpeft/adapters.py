@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -53,8 +52,6 @@ from jaxpeft.methods.base import Method
 from jaxpeft.models import hf_weights
 from jaxpeft.models.bert import BertConfig
 from jaxpeft.models.loading import LoadedModel, load_classifier
-
-log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = peft_format.CONFIG
 ADAPTER_WEIGHTS = peft_format.WEIGHTS

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxpeft import adapters, cli, config, data, masks, methods
+from jaxpeft import adapters, cli, config, data, masks
 from jaxpeft import trainer as trainer_lib
 from jaxpeft.compute import EXACT
 from jaxpeft.methods import lora as lora_lib
@@ -168,6 +168,11 @@ def test_peft_lora_adapter_loads_in_jaxpeft(tiny_bert_dir, glue, tmp_path, capsy
         adapters.load_adapter(folder)
     ours = jax_logits(folder, ex, task="sst2")      # the base: the folder's base_model_name_or_path
     assert_same(ours, theirs)
+    # peft's other weights file (safe_serialization=False): adapter_model.bin
+    as_bin = tmp_path / "peft-lora-bin"
+    pm.save_pretrained(str(as_bin), safe_serialization=False)
+    assert (as_bin / "adapter_model.bin").is_file() and not (as_bin / "adapter_model.safetensors").exists()
+    np.testing.assert_array_equal(jax_logits(as_bin, ex, task="sst2"), ours)
     # the same through jaxpeft-predict, with the base model given as a flag
     from jaxpeft import predict_cli
 
