@@ -292,7 +292,8 @@ def test_bad_peft_folders_are_one_line(trained, tiny_bert_dir, other_tiny_bert_d
         return Path(shutil.copytree(src, tmp_path / name))
 
     ia3 = tmp_path / "ia3"
-    make_peft_adapter(tiny_bert_dir, peft.IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
+    make_peft_adapter(tiny_bert_dir, peft.IA3Config(task_type="SEQ_CLS", target_modules=["key", "value",
+                                                                                      "output.dense"],
                                                     feedforward_modules=["output.dense"]), ia3)
     wrong_shape = copy("wrong_shape")
     t = safetensors.numpy.load_file(str(good / "adapter_model.safetensors"))

@@ -511,8 +511,9 @@ class BertModel(nn.Module):
 
     With ``prompt_embeds`` of length P the sequence output has length ``L + P`` (virtual tokens at
     positions ``1..P``, right after ``[CLS]``; with ``prompt_front`` at ``0..P-1``, in front of
-    ``[CLS]`` as peft places them, so the pooler reads the first virtual token); ``prompt_mask`` (``[B, P]``, default all ones) says
-    which virtual tokens the others may attend to. ``position_ids`` default to ``0..L+P-1``.
+    ``[CLS]`` as peft places them, so the pooler reads the first virtual token); ``prompt_mask``
+    (``[B, P]``, default all ones) says which virtual tokens the others may attend to.
+    ``position_ids`` default to ``0..L+P-1``.
     With ``prefix_kv`` (length P per layer) the keys of every layer get ``prefix_mask`` (default all
     ones) in front of ``attention_mask``.
 
