@@ -25,7 +25,7 @@ def read_run(d: Path, from_step: int) -> dict:
     res = json.loads((d / "results.json").read_text())
     from safetensors.numpy import load_file
 
-    return {"loss": loss, "results": res, "adapter": load_file(str(d / "adapter" / "adapter.safetensors"))}
+    return {"loss": loss, "results": res, "adapter": load_file(str(d / "adapter" / "adapter_model.safetensors"))}
 
 
 def main() -> int:

@@ -5,6 +5,12 @@
     jaxpeft-predict --adapter=runs/bitfit-sst2/adapter --text="a gripping film" --text="dull"
     printf 'A man sleeps.\\tA person rests.\\n' | jaxpeft-predict --adapter=runs/bitfit-rte/adapter
 
+The adapter folder may also be one written by Hugging Face peft (LORA, PROMPT_TUNING, P_TUNING,
+PREFIX_TUNING on a BERT sequence classifier); such a folder does not record the task, so give
+``--task``, and ``--model`` when its ``base_model_name_or_path`` is not reachable from here:
+
+    jaxpeft-predict --adapter=peft-lora-sst2 --task=sst2 --model=bert-base-uncased --text="a gripping film"
+
 The base model is reloaded from its source and checked against the adapter's fingerprint. Input: a
 GLUE-style TSV file of the adapter's task (``--input``; the task's text columns are read by name
 from the header, labels are optional), ``--text`` (repeatable), or lines on stdin; for
@@ -31,6 +37,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
     p.add_argument("--output", help="predictions TSV to write (default: stdout)")
     p.add_argument("--model", help="base model to load instead of the recorded one (same fingerprint)")
+    p.add_argument("--task", help="the adapter's task, where the folder does not record it (one written by "
+                   "peft); must agree where it does")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_seq_length", type=int, help="(default: the length the adapter was trained with)")
     p.add_argument("--compute", default="auto", choices=compute.PRESETS,
@@ -49,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in compute.fields() if hasattr(args, k)}
     spec = compute.resolve(args.compute, overrides)
     # Check every input before the model loads.
-    cfg = adapters.read_adapter_config(args.adapter)
-    task = data.get_task(cfg["task"])
+    folder = adapters.read_adapter(args.adapter)
+    task = adapters.adapter_task(folder, args.task)
     if args.input:
         examples = data.read_tsv(task, Path(args.input))
     elif args.text:
@@ -62,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output and Path(args.output).is_dir():
         raise UserError(f"output {args.output} is a folder")
 
-    loaded, params, method, task = adapters.load_adapter(args.adapter, args.model, compute=spec)
-    length = args.max_seq_length or int(cfg.get("max_seq_length") or 128)
+    loaded, params, method, task = adapters.load_adapter(args.adapter, args.model, task=args.task, compute=spec)
+    length = args.max_seq_length or int(folder.max_seq_length or 128)
     logits = adapters.predict(loaded, params, method, examples, max_seq_length=length,
                               batch_size=args.batch_size)
     header, rows = adapters.prediction_rows(logits, task)

@@ -469,7 +469,7 @@ class Trainer:
         written = adapters.save_adapter(
             path, params, self.method, self.task, base_model=self.cfg.model, fingerprint=self.fingerprint,
             max_seq_length=self.cfg.data.max_seq_length, compute=self.compute, step=int(state.step),
-            head=self.cfg.head, write=self.is_main)
+            head=self.cfg.head, write=self.is_main, model_config=self.model.config)
         return {"adapter_dir": str(written)}
 
 

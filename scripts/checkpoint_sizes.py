@@ -38,11 +38,13 @@ def build(model: str, method, tokenizer):
     from jaxpeft.models.loading import init_params, load_classifier
 
     if model == "bundled":
-        loaded = load_classifier("sentence-transformers/all-MiniLM-L6-v2", 2, adapter=method.adapter)
-        return loaded.params, loaded.tokenizer, "sentence-transformers/all-MiniLM-L6-v2"
+        loaded = load_classifier("sentence-transformers/all-MiniLM-L6-v2", 2, adapter=method.adapter,
+                                 extras=method.extras, added=method.added)
+        return loaded.params, loaded.tokenizer, "sentence-transformers/all-MiniLM-L6-v2", loaded.config
     cfg = BertConfig()
-    module = BertForSequenceClassification(cfg, num_labels=2, adapter=method.adapter(cfg))
-    return init_params(module, jax.random.key(0)), tokenizer, "bert-base-uncased (random weights, shapes only)"
+    module = BertForSequenceClassification(cfg, num_labels=2, adapter=method.adapter(cfg), extras=method.extras(cfg))
+    return (init_params(module, jax.random.key(0)), tokenizer, "bert-base-uncased (random weights, shapes only)",
+            cfg)
 
 
 def trained_like(state):
@@ -71,25 +73,25 @@ def measure(model: str, method_name: str, tmp: Path, tokenizer=None) -> dict:
     import numpy as np
     import safetensors.numpy
 
-    from jaxpeft import adapters, checkpoint, data, fingerprint, masks, methods, train
-    from jaxpeft.config import TrainConfig
+    from jaxpeft import adapters, checkpoint, data, fingerprint, masks, methods, optim, steps
+    from jaxpeft.config import Optim
 
     method = methods.create(method_name)
-    params, tokenizer, name = build(model, method, tokenizer)
+    params, tokenizer, name, model_config = build(model, method, tokenizer)
     params = method.init_params(params, tokenizer=tokenizer, rng=jax.random.key(1))
     mask = method.mask(params)
     n_train, n_all = masks.count(params, mask)
     trainable, _ = masks.split(params, mask)
-    tx, _ = train.make_optimizer(TrainConfig(), 1000)
-    state = trained_like(train.init_state(trainable, tx, 0))
+    tx = optim.make_optimizer(Optim())
+    state = trained_like(steps.init_state(trainable, tx, 0))
     params = masks.merge(state.trainable, masks.split(params, mask)[1])   # the trained-like values
-    fp = fingerprint.fingerprint(params, name)
+    fp = fingerprint.fingerprint(params, name, exclude=method.added)
     work = tmp / f"{model}-{method_name}"
     ckpt = checkpoint.RunCheckpoints(work / "checkpoints", keep=1, async_save=False)
     ckpt.save(1, state, {"step": 1, "method": method_name, "fingerprint": fp})
     ckpt.close()
     adapter = adapters.save_adapter(work / "adapter", params, method, data.get_task("sst2"), base_model=name,
-                                    fingerprint=fp)
+                                    fingerprint=fp, model_config=model_config)
     full = work / "full.safetensors"
     safetensors.numpy.save_file({k: np.asarray(v, np.float32) for k, v in masks.flatten(params).items()},
                                 str(full))

@@ -61,10 +61,18 @@ def test_exported_adapter_predicts_exactly_like_the_trained_model(method, traine
     np.testing.assert_array_equal(exported, in_memory)
     assert len(set(in_memory.argmax(-1))) >= 1 and np.isfinite(in_memory).all()
 
-    arrays = safetensors.numpy.load_file(str(adapter / "adapter.safetensors"))
+    arrays = adapters.read_adapter_weights(adapter)
     assert sorted(arrays) == masks.trainable_paths(t.mask)
-    assert all(a.dtype == np.float32 for a in arrays.values())
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = safetensors.numpy.load_file(str(adapter / "adapter_model.safetensors"))
+    assert all(a.dtype == np.float32 for a in tensors.values())
+    # transformers' names and layout: BertForSequenceClassification's state dict keys, [out, in]
+    assert tensors["classifier.weight"].shape == (2, 48) and "bert.encoder.layer_0" not in "".join(tensors)
+    assert "bert.encoder.layer.2.intermediate.dense.bias" in tensors
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    assert raw["task_type"] == "SEQ_CLS" and "peft_type" not in raw   # peft has no such method
+    assert raw["base_model_name_or_path"] == str(Path(t.cfg.model).resolve())
+    cfg = raw["jaxpeft"]
+    assert cfg["format"] == "jaxpeft-adapter" and cfg["format_version"] == 2
     assert cfg["method"] == method and cfg["task"] == "sst2" and cfg["num_labels"] == 2
     assert cfg["base_model"] == str(Path(t.cfg.model).resolve()) and cfg["step"] == 10
     assert cfg["fingerprint"] == t.fingerprint and cfg["jaxpeft_version"]
@@ -85,6 +93,24 @@ def test_bitfit_adapter_of_bundled_model_is_under_1mb(minilm_dir, tmp_path):
     _, loaded_params, _, _ = adapters.load_adapter(d)
     for path, v in method.export_params(params).items():
         assert np.asarray(masks.flatten(loaded_params)[path]).tobytes() == np.asarray(v).tobytes()
+
+
+def test_adapters_of_the_previous_format_still_load(trained, glue, tmp_path):
+    """A folder of format version 1 (adapter.safetensors with our param paths, our fields at the top
+    of adapter_config.json) predicts exactly as the same adapter in today's format."""
+    t = trained("bitfit")
+    new = Path(t.cfg.run.output_dir) / "adapter"
+    old = tmp_path / "v1"
+    old.mkdir()
+    safetensors.numpy.save_file(adapters.read_adapter_weights(new), str(old / "adapter.safetensors"),
+                                metadata={"format": "jaxpeft-adapter"})
+    cfg = {**json.loads((new / "adapter_config.json").read_text())["jaxpeft"], "format_version": 1}
+    (old / "adapter_config.json").write_text(json.dumps(cfg))
+    assert adapters.read_adapter(old).kind == "jaxpeft-v1" and adapters.read_adapter(new).kind == "jaxpeft"
+    examples = dev_examples(glue, 16)
+    got = [adapters.predict(*[x for x in adapters.load_adapter(d)[:3]], examples, max_seq_length=SEQ)
+           for d in (old, new)]
+    np.testing.assert_array_equal(got[0], got[1])
 
 
 def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypatch):
@@ -160,20 +186,27 @@ def _bad_adapters(src: Path, tmp: Path) -> dict:
     cases["broken_json"] = (broken, "adapter_config.json is not valid JSON")
     nokey = shutil.copytree(src, tmp / "no_key")
     cfg = json.loads((nokey / "adapter_config.json").read_text())
-    del cfg["fingerprint"]
+    del cfg["jaxpeft"]["fingerprint"]
     (nokey / "adapter_config.json").write_text(json.dumps(cfg))
-    cases["no_key"] = (nokey, "missing key 'fingerprint'")
+    cases["no_key"] = (nokey, "missing key 'jaxpeft.fingerprint'")
     badm = shutil.copytree(src, tmp / "bad_method")
-    (badm / "adapter_config.json").write_text(
-        (src / "adapter_config.json").read_text().replace('"method": "bitfit"', '"method": "lora"'))
-    cases["bad_method"] = (badm, "unknown method 'lora'")
+    text = (src / "adapter_config.json").read_text()
+    assert '"method": "bitfit"' in text
+    (badm / "adapter_config.json").write_text(text.replace('"method": "bitfit"', '"method": "loraa"'))
+    cases["bad_method"] = (badm, "unknown method 'loraa'")
     cases["missing"] = (tmp / "nope", "adapter folder")
+    noconfig = shutil.copytree(src, tmp / "no_config")
+    (noconfig / "adapter_config.json").unlink()
+    cases["no_config"] = (noconfig, "is not an adapter folder: it has no adapter_config.json")
     noweights = shutil.copytree(src, tmp / "no_weights")
-    (noweights / "adapter.safetensors").unlink()
-    cases["no_weights"] = (noweights, "has no adapter.safetensors")
+    (noweights / "adapter_model.safetensors").unlink()
+    cases["no_weights"] = (noweights, "has no adapter_model.safetensors")
     damaged = shutil.copytree(src, tmp / "damaged")
-    (damaged / "adapter.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    cases["damaged"] = (damaged, "adapter.safetensors cannot be read")
+    (damaged / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    cases["damaged"] = (damaged, "adapter_model.safetensors cannot be read")
+    neither = shutil.copytree(src, tmp / "neither")
+    (neither / "adapter_config.json").write_text('{"r": 8}')
+    cases["neither"] = (neither, "neither a jaxpeft nor a peft adapter config")
     return cases
 
 

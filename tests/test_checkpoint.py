@@ -40,7 +40,7 @@ def dir_bytes(d: Path) -> int:
 def adapter_arrays(out: Path) -> dict:
     import safetensors.numpy
 
-    return safetensors.numpy.load_file(str(out / "adapter" / "adapter.safetensors"))
+    return safetensors.numpy.load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

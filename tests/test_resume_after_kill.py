@@ -75,8 +75,8 @@ def test_sigkill_mid_training_then_resume_is_bitwise_identical(glue, tiny_bert_d
     assert baseline.wait(600) == 0, (tmp_path / "straight.log").read_text()
 
     # Parameters (the exported adapter holds every trainable leaf) and optimizer state: bitwise.
-    a = safetensors.numpy.load_file(str(straight / "adapter" / "adapter.safetensors"))
-    b = safetensors.numpy.load_file(str(killed / "adapter" / "adapter.safetensors"))
+    a = safetensors.numpy.load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = safetensors.numpy.load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 10
     assert all(a[k].tobytes() == b[k].tobytes() for k in a), [k for k in a if a[k].tobytes() != b[k].tobytes()]
     sa, sb = saved_state(straight, TOTAL), saved_state(killed, TOTAL)

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from experiments.bitfit_study import bias_change
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("adapters", nargs="+", help="adapter folder(s) (adapter_config.json + adapter.safetensors)")
+    p.add_argument("adapters", nargs="+", help="adapter folder(s) (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--model", help="base model id or folder (default: the adapter's base_model)")
     p.add_argument("--out", default="bias_change", help="output prefix (default: bias_change)")
     p.add_argument("--title", default="", help="heatmap title")

@@ -324,7 +324,7 @@ class Plan:
         except (OSError, json.JSONDecodeError):
             return False
         return not self.study.settings[run.setting].saves_adapter or \
-            (d / ADAPTER / "adapter.safetensors").is_file()
+            (d / ADAPTER / "adapter_model.safetensors").is_file()
 
     def check_not_stale(self) -> None:
         """Refuses to reuse finished runs made with other settings than the study asks for now

@@ -1,5 +1,6 @@
 """PEFT methods by name. Each is a :class:`~jaxpeft.methods.base.Method`: a mask plus, for prompt
-methods, an adapter module that adds parameters."""
+methods, an adapter module that adds parameters, and for LoRA and bottleneck adapters, modules
+inside the layers (``Method.extras``)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any, Mapping
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import HEAD_PATTERN, Method
 from jaxpeft.methods.bitfit import BitFit, Frozen, Full
+from jaxpeft.methods.bottleneck import Adapter
+from jaxpeft.methods.lora import LoRA
 from jaxpeft.methods.prefix import PrefixTuning, PTuningV2
 from jaxpeft.methods.prompt import PromptTuning, PTuning
 
 REGISTRY: dict[str, type[Method]] = {
-    m.name: m for m in (Full, Frozen, BitFit, PromptTuning, PTuning, PrefixTuning, PTuningV2)}
+    m.name: m for m in (Full, Frozen, BitFit, LoRA, Adapter, PromptTuning, PTuning, PrefixTuning, PTuningV2)}
 
 
 def create(name: str, options: Mapping[str, Any] | None = None, *, strict: bool = True) -> Method:
@@ -39,5 +42,5 @@ def all_options() -> set[str]:
     return {f.name for cls in REGISTRY.values() for f in dataclasses.fields(cls)}
 
 
-__all__ = ["HEAD_PATTERN", "Method", "REGISTRY", "all_options", "create", "BitFit", "Frozen", "Full", "PromptTuning",
-           "PTuning", "PrefixTuning", "PTuningV2"]
+__all__ = ["HEAD_PATTERN", "Method", "REGISTRY", "all_options", "create", "Adapter", "BitFit", "Frozen", "Full",
+           "LoRA", "PromptTuning", "PTuning", "PrefixTuning", "PTuningV2"]

@@ -11,6 +11,11 @@ task head trains too. Where they sit (see :class:`~jaxpeft.models.bert.BertModel
   ``max_seq_length + P`` must fit ``max_position_embeddings``;
 * token type 0 and attention-mask 1 for every virtual token.
 
+``prompt_position=front`` puts the virtual tokens in front of ``[CLS]`` instead, at positions
+``0..P-1`` (``p_1 .. p_P [CLS] x_1 .. x_n [SEP]``), where Hugging Face peft puts them: the pooler
+and the head then read the first virtual token, and an adapter moves between jaxpeft and peft with
+the same predictions (``tests/test_peft_interop.py``).
+
 Prompt tuning holds the ``[P, H]`` prompt directly (``adapter/prompt_embeddings``). P-tuning
 computes it with a prompt encoder (bidirectional LSTM + MLP as in the paper, or an MLP) from a
 trainable ``[P, H]`` input (``adapter/input_embeddings``). The encoder is needed only for
@@ -36,12 +41,19 @@ from jaxpeft.options import at_least, option, positive
 
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ENCODER_TYPES = ("lstm", "mlp")
+PROMPT_POSITIONS = ("after_cls", "front")
 ADAPTER_PATTERN = r"^adapter/"
 WORD_EMBEDDINGS = "bert/embeddings/word_embeddings/embedding"
 
 
 def virtual_tokens(default: int = 20, what: str = "virtual tokens") -> int:
     return option(default, f"number of {what} (peft's num_virtual_tokens)", positive)
+
+
+def prompt_position() -> str:
+    return option("after_cls", "where the virtual tokens go: after_cls (right after [CLS], which the head "
+                  "reads) or front (in front of [CLS], as peft places them; the head reads the first "
+                  "virtual token)", choices=PROMPT_POSITIONS)
 
 
 # ----------------------------------------------------------------------------- adapter modules
@@ -55,11 +67,13 @@ class PromptEmbeddings(nn.Module):
         hidden_size: H, the encoder's hidden size.
         init_std: standard deviation of the random init (replaced by :meth:`PromptTuning.init_params`
             once the pretrained word embeddings are known).
+        front: put the prompt in front of ``[CLS]`` (peft's placement) instead of after it.
     """
 
     num_virtual_tokens: int
     hidden_size: int
     init_std: float = 0.02
+    front: bool = False
 
     @nn.compact
     def prompts(self) -> jax.Array:
@@ -67,9 +81,9 @@ class PromptEmbeddings(nn.Module):
         return self.param("prompt_embeddings", nn.initializers.normal(self.init_std),
                           (self.num_virtual_tokens, self.hidden_size), jnp.float32)
 
-    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, jax.Array]:
+    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
         del batch_size, deterministic  # one prompt for every row, broadcast by the model
-        return {"prompt_embeds": self.prompts()[None]}
+        return {"prompt_embeds": self.prompts()[None], "prompt_front": self.front}
 
 
 def bidirectional_lstm(x: jax.Array, forward: Any, backward: Any) -> jax.Array:
@@ -159,6 +173,7 @@ class PromptEncoder(nn.Module):
         encoder_type: ``lstm`` or ``mlp``.
         encoder_hidden_size: E.
         encoder_num_layers: LSTM layers (``lstm`` only).
+        front: put the prompt in front of ``[CLS]`` (peft's placement) instead of after it.
     """
 
     num_virtual_tokens: int
@@ -166,6 +181,7 @@ class PromptEncoder(nn.Module):
     encoder_type: str = "lstm"
     encoder_hidden_size: int = 384
     encoder_num_layers: int = 2
+    front: bool = False
 
     @nn.compact
     def prompts(self) -> jax.Array:
@@ -195,9 +211,9 @@ class PromptEncoder(nn.Module):
             raise UserError(f"unknown encoder_type {self.encoder_type!r}; known: {', '.join(ENCODER_TYPES)}")
         return nn.Dense(self.hidden_size, name="mlp_out")(h)
 
-    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, jax.Array]:
+    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
         del batch_size, deterministic
-        return {"prompt_embeds": self.prompts()[None]}
+        return {"prompt_embeds": self.prompts()[None], "prompt_front": self.front}
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -252,6 +268,7 @@ class PromptTuning(Method):
         num_virtual_tokens: number of virtual tokens (peft's name; default 20).
         prompt_init: ``random`` | ``sample_vocab`` | ``text``.
         prompt_init_text: the text for ``prompt_init=text`` (peft: ``prompt_tuning_init_text``).
+        prompt_position: ``after_cls`` (default) or ``front`` (peft's placement).
     """
 
     name = "prompt"
@@ -262,13 +279,15 @@ class PromptTuning(Method):
                               choices=PROMPT_INITS)
     prompt_init_text: str | None = option(None, "the text for --prompt_init=text (peft: "
                                           "prompt_tuning_init_text)")
+    prompt_position: str = prompt_position()
 
     def validate(self):
         if self.prompt_init == "text" and not (self.prompt_init_text or "").strip():
             raise UserError("prompt_init=text needs --prompt_init_text")
 
     def adapter(self, config: BertConfig) -> nn.Module:
-        return PromptEmbeddings(self.num_virtual_tokens, config.hidden_size, config.initializer_range)
+        return PromptEmbeddings(self.num_virtual_tokens, config.hidden_size, config.initializer_range,
+                                self.prompt_position == "front")
 
     def extra_positions(self) -> int:
         return self.num_virtual_tokens
@@ -297,6 +316,7 @@ class PTuning(Method):
             direction (so the two directions together are ``H`` wide, as in the P-tuning code),
             ``H`` for the MLP.
         encoder_num_layers: LSTM layers (default 2, as peft).
+        prompt_position: ``after_cls`` (default) or ``front`` (peft's placement).
     """
 
     name = "ptuning"
@@ -308,11 +328,12 @@ class PTuning(Method):
         None, "width of the prompt encoder / prefix MLP (default: H/2 per LSTM direction, H for the "
         "MLP; 512 for prefix tuning)", positive)
     encoder_num_layers: int = option(2, "LSTM layers of P-tuning's encoder", at_least(1))
+    prompt_position: str = prompt_position()
 
     def encoder(self, hidden_size: int) -> PromptEncoder:
         width = self.encoder_hidden_size or (hidden_size // 2 if self.encoder_type == "lstm" else hidden_size)
         return PromptEncoder(self.num_virtual_tokens, hidden_size, self.encoder_type, width,
-                             self.encoder_num_layers)
+                             self.encoder_num_layers, self.prompt_position == "front")
 
     def adapter(self, config: BertConfig) -> nn.Module:
         return self.encoder(config.hidden_size)
@@ -334,4 +355,4 @@ class PTuning(Method):
                 **self.head_params(params, modules_to_save)}
 
     def for_inference(self) -> Method:
-        return PromptTuning(num_virtual_tokens=self.num_virtual_tokens)
+        return PromptTuning(num_virtual_tokens=self.num_virtual_tokens, prompt_position=self.prompt_position)

@@ -10,13 +10,16 @@ softmax, LayerNorm statistics and logits stay in float32 whatever the dtype.
 Extension points:
 
 * ``prompt_embeds`` (``[B or 1, P, H]``): virtual-token embeddings inserted right after the first
-  token (``[CLS]``), so the pooler still reads the real ``[CLS]`` (prompt methods);
+  token (``[CLS]``), so the pooler still reads the real ``[CLS]`` (prompt methods); with
+  ``prompt_front`` they go in front of ``[CLS]`` instead, where peft puts them (the pooler then
+  reads the first virtual token);
 * ``prefix_kv`` (one ``(key, value)`` pair per layer, each ``[B or 1, P, heads, head_dim]``): extra
   keys/values placed in front of each layer's own (prefix methods);
 * ``segment_ids`` / ``read_positions``: packed rows (several examples per row, each attending
   only to its own tokens, and the positions whose outputs the head reads);
-* ``lora`` in :class:`BertSelfAttention` / :class:`BertOutput`'s dense layers and ``adapters``
-  after the sublayers come from the method (``jaxpeft.methods``) through :class:`Extras`.
+* ``lora`` in every dense layer (query, key, value, the two output projections, the intermediate
+  layer and the pooler) and ``adapter`` after the sublayers come from the method
+  (``jaxpeft.methods``) through :class:`Extras`.
 
 Each self-attention sows its projected ``(key, value)`` into the ``intermediates`` collection, so
 callers (tests, prefix extraction) can read them with ``mutable=["intermediates"]``.
@@ -164,9 +167,15 @@ class Extras:
 
     ``lora``: ``lora(name, in_features, out_features)`` returns a module computing the low-rank
     update ``x -> delta`` of the dense layer ``name`` (``query``, ``key``, ``value``,
-    ``attention_output``, ``intermediate``, ``output``), or ``None`` where it has none.
-    ``adapter``: ``adapter(site, hidden)`` returns a module applied to a sublayer's projection
-    output before its residual connection (``site``: ``attention`` or ``output``), or ``None``.
+    ``attention_output``, ``intermediate``, ``output``, ``pooler``), or ``None`` where it has none;
+    the layer adds ``module(x, deterministic)`` to its matmul's output (before the bias).
+    ``adapter``: ``adapter(site, hidden)`` returns a module applied as ``y = module(y,
+    deterministic)`` to a sublayer's projection output after its dropout and before its residual
+    connection and LayerNorm (``site``: ``attention`` or ``output``), or ``None``.
+
+    Both are called inside the layer's compact method, so the module they return becomes a child
+    of that layer: give it a ``name`` (LoRA: ``query_lora`` beside ``query``; adapters:
+    ``adapter``). Both must be hashable (frozen dataclasses), as module attributes are.
     """
 
     lora: Any = None
@@ -220,8 +229,10 @@ class BertEmbeddings(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array | None,
-                 deterministic: bool = True, prompt_embeds: Array | None = None) -> Array:
-        """``position_ids=None``: positions ``0..L-1`` in every row (``L`` with the virtual tokens)."""
+                 deterministic: bool = True, prompt_embeds: Array | None = None,
+                 prompt_front: bool = False) -> Array:
+        """``position_ids=None``: positions ``0..L-1`` in every row (``L`` with the virtual tokens).
+        The virtual tokens go after the first token, or in front of it with ``prompt_front``."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, param_dtype=jnp.float32,
@@ -229,7 +240,8 @@ class BertEmbeddings(nn.Module):
         if prompt_embeds is not None:
             p = jnp.broadcast_to(prompt_embeds.astype(words.dtype),
                                  (words.shape[0],) + prompt_embeds.shape[-2:])
-            words = jnp.concatenate([words[:, :1], p, words[:, 1:]], axis=1)
+            words = (jnp.concatenate([p, words], axis=1) if prompt_front
+                     else jnp.concatenate([words[:, :1], p, words[:, 1:]], axis=1))
         # the position and token-type tables' gradients as sums, not scatter-adds (embedding_lookup)
         pos_table = EmbedTable(cfg.max_position_embeddings, cfg.hidden_size, init, name="position_embeddings")()
         if position_ids is None:
@@ -481,21 +493,28 @@ class BertPooler(nn.Module):
 
     config: BertConfig
     compute: Compute = EXACT
+    extras: Extras = NO_EXTRAS
 
     @nn.compact
-    def __call__(self, rows: Array) -> Array:
+    def __call__(self, rows: Array, deterministic: bool = True) -> Array:
         kernel, bias = DenseParams(self.config.hidden_size, self.config.initializer_range,
                                    name="dense")(rows.shape[-1])
         dt = _dt(self.compute)
-        return jnp.tanh(_matmul(rows, kernel, dt) + bias.astype(dt))
+        y = _matmul(rows, kernel, dt)
+        lora = self.extras.lora_for("pooler", rows.shape[-1], self.config.hidden_size)
+        if lora is not None:
+            y = y + lora(rows, deterministic).astype(dt)
+        return jnp.tanh(y + bias.astype(dt))
 
 
 class BertModel(nn.Module):
     """The encoder: ``(input_ids, attention_mask, token_type_ids) -> (sequence_output, pooled)``.
 
     With ``prompt_embeds`` of length P the sequence output has length ``L + P`` (virtual tokens at
-    positions ``1..P``, right after ``[CLS]``); ``prompt_mask`` (``[B, P]``, default all ones) says
-    which virtual tokens the others may attend to. ``position_ids`` default to ``0..L+P-1``.
+    positions ``1..P``, right after ``[CLS]``; with ``prompt_front`` at ``0..P-1``, in front of
+    ``[CLS]`` as peft places them, so the pooler reads the first virtual token); ``prompt_mask``
+    (``[B, P]``, default all ones) says which virtual tokens the others may attend to.
+    ``position_ids`` default to ``0..L+P-1``.
     With ``prefix_kv`` (length P per layer) the keys of every layer get ``prefix_mask`` (default all
     ones) in front of ``attention_mask``.
 
@@ -515,7 +534,7 @@ class BertModel(nn.Module):
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  token_type_ids: Array | None = None, position_ids: Array | None = None, *,
                  deterministic: bool = True, prompt_embeds: Array | None = None,
-                 prompt_mask: Array | None = None,
+                 prompt_mask: Array | None = None, prompt_front: bool = False,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
                  prefix_mask: Array | None = None, segment_ids: Array | None = None,
                  read_positions: Array | None = None, cls_only: bool = False,
@@ -535,15 +554,19 @@ class BertModel(nn.Module):
             p = prompt_embeds.shape[-2]
             pm = jnp.ones((b, p), bool) if prompt_mask is None else \
                 jnp.broadcast_to(prompt_mask.astype(bool), (b, p))
-            valid = jnp.concatenate([valid[:, :1], pm, valid[:, 1:]], axis=1)
-            token_type_ids = jnp.concatenate(
-                [token_type_ids[:, :1], jnp.zeros((b, p), jnp.int32), token_type_ids[:, 1:]], 1)
+            zeros = jnp.zeros((b, p), token_type_ids.dtype)
+            if prompt_front:
+                valid = jnp.concatenate([pm, valid], axis=1)
+                token_type_ids = jnp.concatenate([zeros, token_type_ids], 1)
+            else:
+                valid = jnp.concatenate([valid[:, :1], pm, valid[:, 1:]], axis=1)
+                token_type_ids = jnp.concatenate([token_type_ids[:, :1], zeros, token_type_ids[:, 1:]], 1)
             length += p
         if length > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {length} tokens (virtual tokens included) exceeds "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         x = BertEmbeddings(cfg, self.compute, name="embeddings")(input_ids, token_type_ids, position_ids,
-                                                                 deterministic, prompt_embeds)
+                                                                 deterministic, prompt_embeds, prompt_front)
         key_valid = valid
         if prefix_kv is not None:
             p = prefix_kv[0][0].shape[-3]
@@ -563,7 +586,8 @@ class BertModel(nn.Module):
                 raise ValueError("mean pooling reads every row of the last layer (cls_only=False)")
             return x, _mean_pool(x, valid, segment_ids, read_positions)
         read = x if cls_only else _gather_rows(x, rows)
-        pooled = BertPooler(cfg, self.compute, name="pooler")(read) if self.add_pooling_layer else None
+        pooled = (BertPooler(cfg, self.compute, self.extras, name="pooler")(read, deterministic)
+                  if self.add_pooling_layer else None)
         if pooled is not None and read_positions is None:
             pooled = pooled[:, 0]
         return x, pooled

@@ -1,0 +1,27 @@
+"""LoRA (Hu et al. 2021): rank 8, alpha 16 (scale 2) on the attention's query and value projections,
+peft's default targets for BERT.
+
+LoRA's update starts at zero and its B matrices move by about the learning rate per Adam step,
+so it takes a rate between BitFit's and full fine-tuning's: 5e-4..1e-3 is the usual range for
+small encoders (Hu et al. used 4e-4..5e-4 on RoBERTa-base with alpha = r; with alpha = 2r the
+effective step doubles). 1e-3 on the bundled 6-layer MiniLM; the head trains at the same rate.
+Epochs as BitFit's.
+"""
+
+
+def get_config(task: str) -> dict:
+    cfg = dict(learning_rate=1e-3, batch_size=32, num_epochs=3, max_seq_length=128, warmup_ratio=0.06,
+               weight_decay=0.0, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="query,value")
+    per_task = {
+        "sst2": dict(num_epochs=2, max_seq_length=64, eval_every=1000),
+        "cola": dict(num_epochs=10, max_seq_length=64),
+        "mrpc": dict(num_epochs=10),
+        "stsb": dict(num_epochs=10),
+        "rte": dict(num_epochs=10),
+        "wnli": dict(num_epochs=5),
+        "qnli": dict(num_epochs=2),
+        "qqp": dict(num_epochs=2, eval_every=5000),
+        "mnli": dict(num_epochs=2, eval_every=5000),
+    }
+    cfg.update(per_task.get(task, {}))
+    return cfg
