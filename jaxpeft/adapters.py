@@ -401,8 +401,9 @@ def load_adapter(directory: str | Path, model: str | None = None, *, task: str |
         from jaxpeft import compute as compute_lib
 
         compute = compute_lib.resolve("auto")
+    pooling = folder.record.get("pooling") or "cls"     # how the head reads the encoder, as trained
     loaded = load_classifier(source, task_obj.num_labels, adapter=method.adapter, extras=method.extras,
-                             added=method.added, compute=compute)
+                             added=method.added, compute=compute, pooling=pooling)
     if folder.kind != "peft":
         check_base(folder.record["fingerprint"], base_fingerprint(loaded.params, source, str(loaded.model_dir),
                                                                   exclude=method.added), f"adapter {directory}")

@@ -129,6 +129,12 @@ class Trainer:
                                 f"{self.model.config.max_position_embeddings}")
             self.params = self.plan.put(self.method.init_params(
                 self.model.params, tokenizer=self.model.tokenizer, rng=jax.random.key(cfg.optim.seed + 1)))
+            for module in self.modules_to_save:
+                if not masks.trainable_paths(masks.match(self.params, include=module_pattern(module),
+                                                         allow_empty=True)):
+                    raise UserError(f"--modules_to_save={cfg.head.modules_to_save}: this model has no module "
+                                    f"{module!r}" + (" (--pooling=mean reads no pooler)" if
+                                                     cfg.head.pooling == "mean" else ""))
             self.mask = self.method.mask(self.params, self.modules_to_save)
         with self.timers.section("data"):
             d = cfg.data

@@ -236,3 +236,38 @@ def test_adapter_of_another_base_is_rejected_at_the_cli(trained, other_tiny_bert
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0].startswith(f"error: adapter {adapter} was trained on base model {tiny_bert_dir.resolve()}")
     assert f"use --model={tiny_bert_dir.resolve()}" in lines[0]
+
+
+@pytest.mark.parametrize("pooling,modules", [("cls", "pooler"), ("mean", None)])
+def test_head_options_are_recorded_and_restored(pooling, modules, glue, tiny_bert_dir, tmp_path):
+    """``--modules_to_save=pooler``: the pooler trains with BitFit (its kernel too); ``--pooling=mean``:
+    the head reads the mean of the token outputs (and there is no pooler). Both go into the adapter,
+    and the loaded adapter predicts with them exactly as the trained model did."""
+    out = tmp_path / "run"
+    cfg = config.build(dict(method="bitfit", task="sst2", model=str(tiny_bert_dir), data_dir=str(glue),
+                            output_dir=str(out), max_steps=4, batch_size=8, max_train_examples=32,
+                            max_eval_examples=16, max_seq_length=SEQ, keep=0, progress=False,
+                            pooling=pooling, modules_to_save=modules, packing=False))
+    t = trainer_lib.Trainer(cfg, echo=lambda s: None)
+    t.run()
+    flat = masks.flatten(t.params)
+    n_bias = sum(v.size for p, v in flat.items() if p.endswith("bias") and p.startswith("bert/"))
+    hidden = t.model.config.hidden_size
+    head = hidden * 2 + 2
+    if modules == "pooler":
+        assert masks.count(t.params, t.mask)[0] == n_bias + hidden * hidden + head
+        assert "bert/pooler/dense/kernel" in masks.trainable_paths(t.mask)
+    else:
+        assert not any("pooler" in p for p in flat) and masks.count(t.params, t.mask)[0] == n_bias + head
+    record = adapters.read_adapter_config(out / "adapter")
+    record = record.get("jaxpeft", record)
+    assert record["pooling"] == pooling and record["modules_to_save"] == ([modules] if modules else [])
+    loaded, params, m, task = adapters.load_adapter(out / "adapter")
+    assert loaded.module.pooling == pooling
+    examples = dev_examples(glue, 16)
+    enc = data.encode(t.model.tokenizer, examples, SEQ)
+    fn = jax.jit(steps.make_predict_step(t.model.module))
+    batches = data.BucketBatches(enc, 8, SEQ, 0).eval_batches(enc, 8)
+    want = steps.predict_logits(fn, t.final_state.trainable, t.frozen, batches, len(enc))
+    got = adapters.predict(loaded, params, m, examples, max_seq_length=SEQ, batch_size=8)
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -13,8 +13,8 @@ def get_config(task: str) -> dict:
     cfg = dict(learning_rate=1e-3, batch_size=32, num_epochs=3, max_seq_length=128, warmup_ratio=0.06,
                weight_decay=0.0, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="query,value")
     per_task = {
-        "sst2": dict(num_epochs=2, max_seq_length=64, eval_every=1000),
-        "cola": dict(num_epochs=10, max_seq_length=64),
+        "sst2": dict(packing=True, num_epochs=2, max_seq_length=64),
+        "cola": dict(packing=True, num_epochs=10, max_seq_length=64),
         "mrpc": dict(num_epochs=10),
         "stsb": dict(num_epochs=10),
         "rte": dict(num_epochs=10),
