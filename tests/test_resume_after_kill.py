@@ -1,5 +1,9 @@
 """A training process killed with SIGKILL and started again ends bitwise where an uninterrupted run
-ends: same parameters, optimizer state, losses after the resume point, best/final dev metrics."""
+ends: same parameters, optimizer state, losses after the resume point, best/final dev metrics.
+
+The run sends 4 steps per device call and checkpoints every 10 steps, so the kill lands in the middle
+of the calls between two checkpoints: the steps done since the last checkpoint are lost and done
+again."""
 
 import json
 import os
@@ -24,7 +28,8 @@ def command(model, glue, out):
     return [sys.executable, str(REPO / "scripts" / "train.py"), f"--model={model}", "--task=sst2",
             f"--data_dir={glue}", f"--output_dir={out}", f"--max_steps={TOTAL}", "--max_train_examples=320",
             "--batch_size=8", "--max_seq_length=16", "--max_eval_examples=64", "--eval_every=25",
-            "--save_every=5", "--keep=2", "--log_every=5", "--learning_rate=3e-3", "--seed=7", "--no-progress"]
+            "--save_every=10", "--steps_per_dispatch=4", "--keep=2", "--log_every=1", "--learning_rate=3e-3",
+            "--seed=7", "--no-progress", "--packing"]
 
 
 def start(cmd, log: Path) -> subprocess.Popen:
@@ -64,6 +69,7 @@ def test_sigkill_mid_training_then_resume_is_bitwise_identical(glue, tiny_bert_d
     assert not (killed / "results.json").exists(), "the run finished before it could be killed:\n" + log
     at_kill = checkpoint.complete_steps(killed / "checkpoints")
     assert at_kill and 30 <= at_kill[-1] < TOTAL, at_kill
+    logged = max(losses(killed, 0), default=0)   # steps whose losses the killed run had read back
 
     resumed = subprocess.run(command(tiny_bert_dir, glue, killed), capture_output=True, text=True,
                              env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"), timeout=600,
@@ -72,6 +78,7 @@ def test_sigkill_mid_training_then_resume_is_bitwise_identical(glue, tiny_bert_d
     assert "did not provide metrics" not in resumed.stderr   # periodic saves are quiet
     from_step = int(resumed.stdout.split("resuming from step ", 1)[1].split()[0])
     assert from_step == at_kill[-1]
+    print(f"killed with steps up to {logged} logged, resumed from the checkpoint of step {from_step}")
     assert baseline.wait(600) == 0, (tmp_path / "straight.log").read_text()
 
     # Parameters (the exported adapter holds every trainable leaf) and optimizer state: bitwise.
