@@ -41,6 +41,18 @@ def peer(size, method, batch, seq, mode, steps, repeats, timeout) -> dict:
     return {**base, "error": " | ".join((p.stderr or "").strip().splitlines()[-2:])[-300:]}
 
 
+def _field_value(kv: str) -> tuple[str, object]:
+    """``"norm_impl=xla"`` -> ``("norm_impl", "xla")``, typed as the compute field."""
+    from jaxpeft import compute, options
+    from jaxpeft.errors import UserError
+
+    k, sep, v = kv.strip().partition("=")
+    if not sep or k not in compute.fields():
+        raise UserError(f"--variants: {kv!r} is not FIELD=VALUE of a compute field ({', '.join(compute.fields())})")
+    kind = options.field_type(compute.Compute, k)
+    return k, options.parse_bool(v) if kind is bool else kind(v)
+
+
 def parser() -> argparse.ArgumentParser:
     from jaxpeft import compute, options
 
@@ -51,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--compute", default="auto", choices=compute.PRESETS)
     options.add_flags(ap.add_argument_group("compute (each overrides the --compute preset)"), compute.Compute)
+    ap.add_argument("--variants", default="",
+                    help="';'-separated variants of the compute spec, each a comma list of FIELD=VALUE "
+                         "overrides (an empty one: the spec itself), e.g. ';norm_impl=xla;attention_impl=cudnn'")
     ap.add_argument("--dropout", type=float, default=None, help="override BERT's dropout (0.1)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
@@ -93,6 +108,17 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        specs = [spec]
+        if a.variants:
+            specs = [spec.replace(**dict(_field_value(kv) for kv in v.split(",") if kv.strip()))
+                     for v in a.variants.split(";")]
+            platform, _, nvidia = compute.platform_info()
+            for sp in specs:
+                sp.check_platform(platform, nvidia=nvidia)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
@@ -127,8 +153,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for size in a.sizes.split(","):
         for method in meths:
-            for batch in ([] if a.no_ours else batches):
-                bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, compute=spec,
+            for batch, sp in [(b, sp) for b in ([] if a.no_ours else batches) for sp in specs]:
+                bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, compute=sp,
                                            steps=a.steps, repeats=a.repeats, peak_tflops=peak,
                                            dropout=a.dropout, mesh=a.mesh)
                 try:
