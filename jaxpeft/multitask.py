@@ -10,9 +10,10 @@ leaves stacked on a leading K axis, gathered per row, the model vmapped over the
 * **Sampling.** Each row's task is drawn with probability proportional to the task's training
   examples (``--task_sampling=proportional``) or to ``size^(1/T)`` (``temperature``,
   ``--sampling_temperature=T``: T=1 is proportional, larger T is closer to uniform, so small tasks
-  get more rows). Each task's examples are consumed in its own shuffled order, epoch after epoch;
-  rows are then sorted by length within pools of 50 batches (less padding) and the batches
-  shuffled. An "epoch" is as many rows as all tasks' training examples together. The order is a
+  get more rows). Each task's examples are consumed in its own shuffled order, epoch after epoch.
+  Within a pool of 50 batches each batch keeps its drawn mix of tasks, and each task's rows are
+  handed out shortest first, so a batch holds short rows of every task or long rows of every task
+  (less padding, still mixed); the batches are then shuffled. An "epoch" is as many rows as all tasks' training examples together. The order is a
   function of ``(seed, epoch)``, so a resumed run sees the same batches.
 * **Loss.** The sum over tasks of each task's mean loss on its rows (cross-entropy on its own
   labels, or MSE for STS-B): task A's adapter gets exactly the gradient a single-task step on A's
@@ -163,8 +164,10 @@ class TaskBatches:
             b, pool = self.batch_size, self.batch_size * self.POOL
             batches = []
             for s in range(0, len(rows), pool):
-                chunk = rows[s:s + pool]
-                chunk = chunk[np.argsort(self.data.lengths[chunk], kind="stable")]
+                chunk, tasks = rows[s:s + pool], draws[s:s + pool]
+                for k in range(len(self.sizes)):   # each task's rows of the pool, shortest to the first batches
+                    slots = np.flatnonzero(tasks == k)
+                    chunk[slots] = chunk[slots][np.argsort(self.data.lengths[chunk[slots]], kind="stable")]
                 batches += [chunk[i:i + b] for i in range(0, len(chunk), b)]
             np.random.default_rng([self.seed, epoch, 8]).shuffle(batches)
             self._cache = {epoch: batches}

@@ -73,8 +73,8 @@ def test_mixed_step_gradient_of_each_adapter_is_its_single_task_gradient(method,
 
 def test_task_batches_follow_the_sampling_and_each_tasks_order():
     parts = []
-    for k, n in enumerate((300, 60, 40)):
-        lengths = np.random.default_rng(k).integers(3, 30, n).astype(np.int32)
+    for k, n in enumerate((300, 60, 40)):   # the tasks' lengths differ: batches must mix them all the same
+        lengths = np.random.default_rng(k).integers(3 + 8 * k, 14 + 8 * k, n).astype(np.int32)
         ids = (np.arange(32)[None] < lengths[:, None]).astype(np.int32)
         parts.append(data.Encoded(ids, np.zeros_like(ids), lengths, np.zeros(n, np.int32)))
     probs = multitask.sampling_probs([300, 60, 40], "temperature", 2.0)
@@ -90,6 +90,8 @@ def test_task_batches_follow_the_sampling_and_each_tasks_order():
         mine = rows[tb.task_of[rows] == k]
         order_in_time = np.concatenate([np.concatenate([b[tb.task_of[b] == k] for b in e]) for e in epochs])
         assert sorted(order_in_time.tolist()) == sorted(mine.tolist())
+    mixed = [len(set(tb.task_of[b].tolist())) == 3 for e in epochs for b in e]
+    assert np.mean(mixed) > 0.8
     batch = tb.batch(epochs[0][0])
     assert batch["adapter_index"].tolist() == tb.task_of[epochs[0][0]].tolist()
     assert batch["input_ids"].shape[0] == 16
