@@ -146,12 +146,13 @@ def pad_head(path: str, a: Any, num_labels: int) -> Any:
     return jnp.pad(jnp.asarray(a), pad)
 
 
-def stack_adapters(params: Sequence[Any], paths: Sequence[str], num_labels: int) -> dict[str, jax.Array]:
-    """``{path: [K, ...]}`` of ``paths`` from K full params trees (heads padded to ``num_labels``)."""
-    flats = [masks.flatten(p) for p in params]
+def stack_adapters(own: Sequence[dict[str, Any]], base: dict[str, Any], paths: Sequence[str],
+                   num_labels: int) -> dict[str, jax.Array]:
+    """``{path: [K, ...]}`` of ``paths``: adapter ``k``'s leaf from ``own[k]`` (``{path: array}``),
+    or the base's (``base``) where it has none; heads padded to ``num_labels`` outputs."""
     out = {}
     for path in paths:
-        leaves = [pad_head(path, f[path], num_labels) for f in flats]
+        leaves = [pad_head(path, o[path] if path in o else base[path], num_labels) for o in own]
         shapes = {tuple(x.shape) for x in leaves}
         if len(shapes) > 1:
             raise UserError(f"the adapters' {path} have different shapes {sorted(shapes)}; adapters of one "
@@ -244,26 +245,29 @@ def load(specs: Sequence[tuple[str, str]], model: str | None = None, *, compute:
     """Loads K adapters (``(name, folder)`` pairs) on their one base model.
 
     Each adapter goes through :func:`jaxpeft.adapters.load_adapter` (its fingerprint checked
-    against the base, its arrays overlaid); the stacked leaves are the union of what their
-    methods train, so a leaf an adapter did not train holds the base's value.
+    against the base, its arrays overlaid; so the base is read once per adapter, and one copy is
+    kept); the stacked leaves are the union of what their methods train, so a leaf an adapter did
+    not train holds the base's value.
     """
     from jaxpeft import adapters
 
     fam, configs = check_configs(specs)
-    loaded_all = []
-    for _, d in specs:
-        loaded_all.append(adapters.load_adapter(d, model, compute=compute))
-    loaded, _, method, _ = loaded_all[0]
-    tasks = tuple(t for _, _, _, t in loaded_all)
-    width = max(t.num_labels for t in tasks)
     modules = tuple(configs[0].get("modules_to_save") or ())
-    owned = sorted(set().union(*(masks.trainable_paths(m.mask(p, modules)) for _, p, m, _ in loaded_all)))
-    stacked = stack_adapters([p for _, p, _, _ in loaded_all], owned, width)
-    base = loaded_all[0][1]
+    first, own, tasks = None, [], []
+    for _, d in specs:
+        loaded, params, method, task = adapters.load_adapter(d, model, compute=compute)
+        flat = masks.flatten(params)
+        own.append({p: flat[p] for p in masks.trainable_paths(method.mask(params, modules))})
+        tasks.append(task)
+        if first is None:   # one base is kept (the adapters' bases are the same: their fingerprints agree)
+            first = (loaded, params, method)
+    loaded, base, method = first
+    width = max(t.num_labels for t in tasks)
+    stacked = stack_adapters(own, masks.flatten(base), sorted(set().union(*own)), width)
     frozen = masks.unflatten({k: v for k, v in masks.flatten(base).items() if k not in stacked}, base)
     module = loaded.module.clone(num_labels=width)
     lengths = tuple(int(c.get("max_seq_length") or 128) for c in configs)
-    return MultiAdapter(tuple(n for n, _ in specs), tuple(d for _, d in specs), fam, tasks, lengths, module,
+    return MultiAdapter(tuple(n for n, _ in specs), tuple(d for _, d in specs), fam, tuple(tasks), lengths, module,
                         stacked, frozen, loaded, method.extra_positions())
 
 

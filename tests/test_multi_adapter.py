@@ -144,10 +144,10 @@ def test_mixed_forward_runs_the_pallas_kernels(method, options):
     inits = [masks.flatten(init_params(exact, jax.random.key(k))) for k in range(2)]
     base = init_params(exact, jax.random.key(0))
     owned = masks.trainable_paths(m.mask(base))
-    # three adapters on one base: their own leaves from three inits, the rest the base's
+    # two adapters on one base: their own leaves from two inits, the rest the base's
     per = [masks.unflatten({p: (init[p] if p in owned else v) for p, v in masks.flatten(base).items()}, base)
            for init in inits]
-    stacked = multi_adapter.stack_adapters(per, owned, 2)
+    stacked = multi_adapter.stack_adapters([{p: i[p] for p in owned} for i in inits], masks.flatten(base), owned, 2)
     frozen = masks.unflatten({p: v for p, v in masks.flatten(base).items() if p not in stacked}, base)
     fast = exact.clone(compute=FAST.replace(prng_impl="threefry2x32"))
     t = 16 - m.extra_positions()                         # 16 tokens in all: a length the kernel takes
