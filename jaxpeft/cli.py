@@ -39,6 +39,7 @@ TRAIN_DOC = """Fine-tune a BERT encoder on a GLUE task with a PEFT method.
     jaxpeft-train --method=bitfit --task=sst2
     jaxpeft-train --method=bitfit --bitfit_terms=query,intermediate --task=rte
     jaxpeft-train --method=lora --task=mrpc --lora_r=8 --compute=exact
+    jaxpeft-train --method=bitfit --tasks=sst2,cola,mrpc --task_sampling=temperature
 
 Defaults come from the method's config for the task (jaxpeft/configs/<method>.py); every flag
 overrides them. --compute=auto (the default) takes the fastest path on this platform.
@@ -49,6 +50,11 @@ def train(argv: Sequence[str] | None = None) -> int:
     from jaxpeft import config, trainer
 
     cfg = config.parse_args(argv, description=TRAIN_DOC)
+    if cfg.tasks:   # several tasks, one adapter each, in mixed batches
+        from jaxpeft import multitask
+
+        multitask.run(cfg, start=_START)
+        return 0
     trainer.run(cfg, start=_START)
     return 0
 

@@ -142,6 +142,13 @@ class TrainConfig:
     random_init: bool = option(False, "the model's shape from config.json with random weights (benchmarks)")
     compute: str = option("auto", "how to compute: auto (the fastest path here), exact (float32, "
                           "transformers' math), fast (bfloat16 + our GPU kernels)", choices=compute_lib.PRESETS)
+    tasks: str | None = option(None, "comma list of GLUE tasks to train at once, one adapter each, in mixed "
+                               "batches (jaxpeft.multitask; the method's defaults are its first task's)")
+    task_sampling: str = option("proportional", "how --tasks share a batch: proportional (to each task's "
+                                "training examples) or temperature (to size^(1/sampling_temperature))",
+                                choices=("proportional", "temperature"))
+    sampling_temperature: float = option(2.0, "T of --task_sampling=temperature (1: proportional; larger: "
+                                         "closer to uniform)", positive)
     optim: Optim = dataclasses.field(default_factory=Optim)
     data: Data = dataclasses.field(default_factory=Data)
     head: Head = dataclasses.field(default_factory=Head)
@@ -159,7 +166,7 @@ class TrainConfig:
         compute_lib.check_overrides(self.compute_overrides)
         methods.create(self.method, self.method_options)   # checks the options
         if self.run.output_dir is None:
-            self.run.output_dir = f"runs/{self.method}-{self.task}"
+            self.run.output_dir = f"runs/{self.method}-{self.tasks.replace(',', '+') if self.tasks else self.task}"
 
     # -- views -----------------------------------------------------------------------------------
     def method_obj(self) -> methods.Method:
@@ -183,7 +190,8 @@ class TrainConfig:
         return self.to_flat()
 
 
-_TOP = ("method", "task", "model", "config", "random_init", "compute")
+_TOP = ("method", "task", "model", "config", "random_init", "compute", "tasks", "task_sampling",
+        "sampling_temperature")
 
 
 def _owner() -> dict[str, str]:
@@ -267,12 +275,14 @@ def method_config_file(method: str) -> Path:
 def build(overrides: Mapping[str, Any]) -> TrainConfig:
     """Defaults < the method's config file for the task < ``overrides`` (e.g. parsed CLI flags)."""
     method = overrides.get("method", "bitfit")
-    task = overrides.get("task", "sst2")
+    task = overrides.get("task") or (overrides.get("tasks") or "sst2").split(",")[0].strip() or "sst2"
     if method not in methods.REGISTRY:
         raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")
     path = overrides.get("config") or method_config_file(method)
     values: dict[str, Any] = dict(load_config_file(path, task))
     values["config"] = str(path)
+    if overrides.get("tasks"):   # multi-task runs do not pack: a config's packing is for its single-task runs
+        values.pop("packing", None)
     # a config file's keys must exist (here or in some method) like flags do
     try:
         from_flat({**values, "method": method})

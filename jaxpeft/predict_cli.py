@@ -31,7 +31,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     from jaxpeft import compute, options
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights)")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="adapter folder (adapter_config.json + weights); several as --adapter=NAME=DIR, "
+                   "with --input's 'adapter' column naming each row's (jaxpeft.multi_adapter)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="GLUE-style TSV file of the adapter's task")
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
@@ -49,6 +51,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if len(args.adapter) > 1 or any("=" in a and not Path(a).is_dir() for a in args.adapter):
+        from jaxpeft import multi_adapter
+
+        return multi_adapter.predict_main(args)
+    args.adapter = args.adapter[0]
     from jaxpeft import adapters, compute, data, metrics
     from jaxpeft.errors import UserError
 
