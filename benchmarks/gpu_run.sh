@@ -14,6 +14,8 @@
 #   seeds:METHOD[:FLAGS]       three training runs (seeds 0, 1, 2; two at a time) of METHOD on SST-2
 #                              with our defaults plus FLAGS; their final dev metrics
 #   multi[:ARGS]               benchmarks/multi_adapter.py (ARGS '+'-separated)
+#   multitask:METHOD:TASKS[:FLAGS]   one multi-task run of METHOD on TASKS (comma list), then one
+#                              single-task run per task with its defaults, one after the other
 #   profile:METHOD[:FLAGS]     the same run twice (empty caches, then filled) under cProfile:
 #                              where the host's time goes, the 40 largest cumulative entries
 # Env: MODEL (a BERT folder), GLUE (the GLUE folder), TARGET (dev metric to time, default 0.85).
@@ -56,6 +58,16 @@ for stage in "$@"; do
     multi)
       # shellcheck disable=SC2086
       $py benchmarks/multi_adapter.py --out="$out/$name" ${a//+/ } > "$out/$name.log" 2>&1 ;;
+    multitask)
+      # shellcheck disable=SC2086
+      $py scripts/train.py --method="$a" --tasks="$b" --data_dir="$glue" --model="$model" --no-progress \
+        --output_dir="$out/$name-mixed" ${c//+/ } > "$out/$name-mixed.log" 2>&1
+      for task in ${b//,/ }; do
+        # shellcheck disable=SC2086
+        $py scripts/train.py --method="$a" --task="$task" --data_dir="$glue" --model="$model" --no-progress \
+          --output_dir="$out/$name-$task" ${c//+/ } > "$out/$name-$task.log" 2>&1
+      done
+      for f in "$out/$name"-*.log; do echo "$f: $(tail -1 "$f")"; done > "$out/$name.log" ;;
     train)
       # shellcheck disable=SC2086
       $py scripts/train.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" --no-progress \
