@@ -7,7 +7,8 @@
 #   tests                      the tests that run only on a GPU (auto against exact, ...)
 #   job:METHOD[:FLAGS]         benchmarks/job.py for METHOD on SST-2 (FLAGS: our training flags,
 #                              '+'-separated, e.g. job:bitfit:--packing); PEER=eager,compile
-#                              (default: eager) sets the peer's modes, PEER= none
+#                              (default: eager) sets the peer's modes, PEER= none; JOBARGS: more
+#                              job.py arguments (e.g. '--runs=cold --peer_epochs=1')
 #   bench:METHODS:BATCHES[:SEQ[:SIZE[:FLAGS]]]   the step benchmark (ours only; PEERBENCH=compile adds
 #                              the peer; FLAGS: compute flags, '+'-separated, e.g. --compute=exact)
 #   train:METHOD[:FLAGS]       one training run of METHOD on SST-2 with our defaults plus FLAGS
@@ -40,7 +41,8 @@ for stage in "$@"; do
     job)
       # shellcheck disable=SC2086  # the flags are a list
       $py benchmarks/job.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" \
-        --peer="${PEER-eager}" --target="${TARGET:-0.85}" --out="$out/$name" -- ${b//+/ } > "$out/$name.log" 2>&1 ;;
+        --peer="${PEER-eager}" --target="${TARGET:-0.85}" --out="$out/$name" ${JOBARGS:-} -- ${b//+/ } \
+        > "$out/$name.log" 2>&1 ;;
     bench)
       # shellcheck disable=SC2086
       $py scripts/bench.py --sizes="${d:-base}" --methods="$a" --batches="$b" --seq="${c:-128}" --steps=10 \
