@@ -3,7 +3,7 @@ Pearson and Spearman correlations from scipy.
 
 The classification metrics are the textbook formulas, checked against scikit-learn's in
 ``tests/test_metrics.py`` (equal on random predictions, degenerate cases included). A run does not
-import scikit-learn: its import took 11.7 s on the GPU host of docs/benchmarks.md, more than the
+import scikit-learn: its import took 11.7 s on the H200 host (2026-12-02), more than the
 whole training loop of the main command.
 
 >>> import numpy as np

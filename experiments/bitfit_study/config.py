@@ -7,9 +7,8 @@ the study can be repeated by hand with ``jaxpeft-train --config=experiments/bitf
 settings (method + BitFit terms + learning-rate grid) and seeds.
 
 Budget (``python experiments/bitfit_study/run.py plan`` prints it from the data): one epoch of SST-2
-and a few of the small tasks, 140 runs, about 4.6M training examples and 0.5M dev forwards in all --
-sized for about 8 minutes on one H200 with ``--jobs 8`` (see docs/results.md for how that estimate
-is made).
+and a few of the small tasks, for every setting, learning rate and seed (``plan`` prints the runs,
+training examples and dev forwards; docs/results.md says how the time estimate is made).
 """
 
 #: The GLUE tasks of the offline copy that have a labelled train split.
@@ -54,5 +53,8 @@ def get_study() -> dict:
             "bitfit_no_qi": dict(label="BitFit, all but b_q, b_m2", method="bitfit",
                                  bitfit_terms=OTHER_TERMS, learning_rates=bitfit_lrs),
             "frozen": dict(label="Frozen (head only)", method="frozen", learning_rates=(1e-3, 3e-3, 1e-2)),
+            # the seed's comparison: BitFit against Adapters and LoRA at their own parameter counts
+            "adapter": dict(label="Adapters (Houlsby, size 64)", method="adapter", learning_rates=(1e-4, 3e-4, 1e-3)),
+            "lora": dict(label="LoRA (r 8, query + value)", method="lora", learning_rates=(3e-4, 1e-3, 3e-3)),
         },
     )

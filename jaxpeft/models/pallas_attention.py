@@ -245,7 +245,7 @@ class Tuning:
 
     The defaults were the fastest whole BERT-base train step (seq 128, batch 256) on an H200:
     7,529 seq/s against 7,352 for ``128:8:64:8`` and 7,246 for cuDNN in the same process
-    (docs/benchmarks.md)."""
+    (2026-12-01; in the git history of docs/benchmarks.md)."""
 
     block_q: int = 128
     num_warps: int = 8

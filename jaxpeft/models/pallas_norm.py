@@ -172,7 +172,7 @@ class Tuning:
 
     The defaults were the fastest of three in the BERT-base BitFit step (seq 128, batch 256) on an
     H200: 8,504 seq/s, against 8,417 for ``4:4:4:64:4`` and 8,124 for ``8:8:8:64:8`` (XLA's
-    fusions: 7,872) in the same process (docs/benchmarks.md)."""
+    fusions: 7,872) in the same process, 2026-12-01 (in the git history of docs/benchmarks.md)."""
 
     block_rows: int = 2
     num_warps: int = 4
