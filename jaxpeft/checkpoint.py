@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -410,3 +411,46 @@ class Checkpoints:
             return {}
         self.run.close()
         return {"checkpoint_dir": str(self.directory), "checkpoint_steps": self.run.steps()}
+
+
+@dataclasses.dataclass
+class Cadence:
+    """When a training loop evaluates and saves: an evaluation every ``eval_every`` steps (at each
+    epoch's end when 0); a checkpoint every ``save_every`` steps, or, when that is 0, once
+    ``save_minutes`` have passed since the last save (an evaluation saves too: call
+    :meth:`saved`). Neither happens at the last step, which the loop's end evaluates and saves."""
+
+    total: int
+    steps_per_epoch: int
+    eval_every: int
+    save_every: int
+    save_minutes: float
+    last_save: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @classmethod
+    def of(cls, run: Any, total: int, steps_per_epoch: int) -> "Cadence":
+        """From a run's settings (``TrainConfig.run``)."""
+        return cls(total, steps_per_epoch, run.eval_every, run.save_every, run.save_minutes)
+
+    def eval_due(self, step: int) -> bool:
+        every = self.eval_every if self.eval_every > 0 else self.steps_per_epoch
+        return step < self.total and step % every == 0
+
+    def save_due(self, step: int) -> str | None:
+        """``"every"`` (a ``save_every`` step), ``"time"`` (``save_minutes`` have passed) or ``None``."""
+        if self.save_every > 0:
+            return "every" if step % self.save_every == 0 else None
+        late = time.perf_counter() - self.last_save >= 60 * self.save_minutes
+        return "time" if self.save_minutes > 0 and step < self.total and late else None
+
+    def save(self, due: str, step: int, state: Any, checkpoints: "Checkpoints") -> None:
+        """Saves ``state`` as :meth:`save_due` said (a time-based save is kept apart from the
+        ``save_every`` series)."""
+        if due == "time":
+            checkpoints.save(step, state)
+        else:
+            checkpoints.after_step(step, state)
+        self.saved()
+
+    def saved(self) -> None:
+        self.last_save = time.perf_counter()

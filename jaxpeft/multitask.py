@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 from jaxpeft import adapters, data, fingerprint, masks, metrics, multi_adapter, optim, runtime, steps
-from jaxpeft.checkpoint import Checkpoints, RunIdentity, sha256_arrays
+from jaxpeft.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
 from jaxpeft.compute import EXACT
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
@@ -506,10 +506,10 @@ class MultiTaskTrainer:
             self.echo(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
             with timers.section("checkpoint"):
                 self.checkpoints.after_eval(step, state, last_eval, is_best)
-            last_save[0] = time.perf_counter()
+            cadence.saved()
 
         t_loop = time.perf_counter()
-        last_save = [t_loop]
+        cadence = Cadence.of(cfg.run, total, spe)
         before = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"]
         while step < total:
             epoch, b = divmod(step, spe)
@@ -529,21 +529,15 @@ class MultiTaskTrainer:
             pending.append((step, m))
             drain(keep=1)
             bar.update(1)
-            if step < total and ((cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0)
-                                 or (cfg.run.eval_every <= 0 and step % spe == 0)):
+            if cadence.eval_due(step):
                 drain(keep=0)
                 do_eval()
                 window[:] = [time.perf_counter(), 0]
-            by_time = (cfg.run.save_every == 0 and cfg.run.save_minutes > 0 and step < total
-                       and time.perf_counter() - last_save[0] >= 60 * cfg.run.save_minutes)
-            if (cfg.run.save_every > 0 and step % cfg.run.save_every == 0) or by_time:
+            due = cadence.save_due(step)
+            if due:
                 drain(keep=0)
                 with timers.section("checkpoint"):
-                    if by_time:
-                        self.checkpoints.save(step, state)
-                    else:
-                        self.checkpoints.after_step(step, state)
-                last_save[0] = time.perf_counter()
+                    cadence.save(due, step, state, self.checkpoints)
         drain(keep=0)
         jax.block_until_ready(state.trainable)
         elsewhere = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"] - before

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxpeft import adapters, data, fingerprint, masks, metrics, multihost, optim, packing, runtime, sharding, steps
-from jaxpeft.checkpoint import Checkpoints, RunIdentity, sha256_arrays
+from jaxpeft.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import HEAD_PATTERN, module_pattern
@@ -373,10 +373,10 @@ class Trainer:
             self.echo(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
             with timers.section("checkpoint"):
                 self.checkpoints.after_eval(step, state, last_eval, is_best)
-            last_save[0] = time.perf_counter()
+            cadence.saved()
 
         t_loop = time.perf_counter()
-        last_save = [t_loop]
+        cadence = Cadence.of(cfg.run, total, spe)
         eval_time_before = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"]
         while step < total:
             epoch, start = divmod(step, spe)
@@ -407,22 +407,15 @@ class Trainer:
             window[1] += real
             step += count
             drain(keep=1)
-            at_epoch_end = step % spe == 0
-            if step < total and ((cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0)
-                                 or (cfg.run.eval_every <= 0 and at_epoch_end)):
+            if cadence.eval_due(step):
                 drain(keep=0)
                 do_eval()
                 window[:] = [time.perf_counter(), 0]
-            by_time = (cfg.run.save_every == 0 and cfg.run.save_minutes > 0 and step < total
-                       and time.perf_counter() - last_save[0] >= 60 * cfg.run.save_minutes)
-            if (cfg.run.save_every > 0 and step % cfg.run.save_every == 0) or by_time:
+            due = cadence.save_due(step)
+            if due:
                 drain(keep=0)
                 with timers.section("checkpoint"):
-                    if by_time:
-                        self.checkpoints.save(step, state)
-                    else:
-                        self.checkpoints.after_step(step, state)
-                last_save[0] = time.perf_counter()
+                    cadence.save(due, step, state, self.checkpoints)
         drain(keep=0)
         jax.block_until_ready(state.trainable)
         spent_elsewhere = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"] \

@@ -254,3 +254,32 @@ def test_nest_rejects_ambiguous_paths():
     assert np.array_equal(back["x"]["y"], np.ones(2)) and isinstance(back["x"]["z"], optax.MaskedNode)
     with pytest.raises(ValueError, match="missing"):
         checkpoint.state_from_tree({"x": {}}, like)
+
+
+def test_cadence_evaluates_and_saves_when_the_run_settings_say():
+    from jaxpeft.checkpoint import Cadence
+
+    per_epoch = Cadence(total=30, steps_per_epoch=10, eval_every=0, save_every=0, save_minutes=0.0)
+    assert [s for s in range(1, 31) if per_epoch.eval_due(s)] == [10, 20]    # the last step: the loop's end
+    assert not any(per_epoch.save_due(s) for s in range(1, 31))              # no --save_every, no minutes
+    every = Cadence(total=30, steps_per_epoch=10, eval_every=4, save_every=6, save_minutes=10.0)
+    assert [s for s in range(1, 31) if every.eval_due(s)] == [4, 8, 12, 16, 20, 24, 28]
+    assert [s for s in range(1, 31) if every.save_due(s)] == [6, 12, 18, 24, 30]   # --save_every wins
+    timed = Cadence(total=30, steps_per_epoch=10, eval_every=0, save_every=0, save_minutes=1.0)
+    assert timed.save_due(5) is None
+    timed.last_save -= 61.0                                                  # a minute has passed
+    assert timed.save_due(5) == "time" and timed.save_due(30) is None
+
+    class Recorder:
+        calls: list = []
+
+        def save(self, step, state):
+            self.calls.append(("save", step))
+
+        def after_step(self, step, state):
+            self.calls.append(("after_step", step))
+
+    rec = Recorder()
+    timed.save("time", 5, None, rec)
+    every.save("every", 6, None, rec)
+    assert rec.calls == [("save", 5), ("after_step", 6)] and timed.save_due(7) is None
