@@ -8,20 +8,9 @@ effective step doubles). 1e-3 on the bundled 6-layer MiniLM; the head trains at 
 Epochs as BitFit's.
 """
 
+from jaxpeft.configs.module_common import for_task
+
 
 def get_config(task: str) -> dict:
-    cfg = dict(learning_rate=1e-3, batch_size=32, num_epochs=3, max_seq_length=128, warmup_ratio=0.06,
-               weight_decay=0.0, lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="query,value")
-    per_task = {
-        "sst2": dict(packing=True, num_epochs=2, max_seq_length=64),
-        "cola": dict(packing=True, num_epochs=10, max_seq_length=64),
-        "mrpc": dict(num_epochs=10),
-        "stsb": dict(num_epochs=10),
-        "rte": dict(num_epochs=10),
-        "wnli": dict(num_epochs=5),
-        "qnli": dict(num_epochs=2),
-        "qqp": dict(num_epochs=2, eval_every=5000),
-        "mnli": dict(num_epochs=2, eval_every=5000),
-    }
-    cfg.update(per_task.get(task, {}))
-    return cfg
+    return for_task(dict(learning_rate=1e-3, weight_decay=0.0, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
+                         target_modules="query,value"), task)
