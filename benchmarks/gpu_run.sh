@@ -17,6 +17,12 @@
 #   multi[:ARGS]               benchmarks/multi_adapter.py (ARGS '+'-separated)
 #   multitask:METHOD:TASKS[:FLAGS]   one multi-task run of METHOD on TASKS (comma list), then one
 #                              single-task run per task with its defaults, one after the other
+#   mps                        starts CUDA MPS (several processes' kernels then share the GPU at once)
+#   study[:ARGS]               experiments/bitfit_study/run.py run (ARGS '+'-separated, e.g.
+#                              study:--jobs=10+--config=experiments/bitfit_study/config_defaults.py);
+#                              STUDY_OUT: its results folder (default OUT_DIR/<stage>), resumable
+#   peers[:ARGS]               experiments/bitfit_study/run.py peer: the PyTorch peer of every run the
+#                              study chose, side by side (ARGS as for study); same STUDY_OUT
 #   profile:METHOD[:FLAGS]     the same run twice (empty caches, then filled) under cProfile:
 #                              where the host's time goes, the 40 largest cumulative entries
 # Env: MODEL (a BERT folder), GLUE (the GLUE folder), TARGET (dev metric to time, default 0.85).
@@ -70,6 +76,13 @@ for stage in "$@"; do
           --output_dir="$out/$name-$task" ${c//+/ } > "$out/$name-$task.log" 2>&1
       done
       for f in "$out/$name"-*.log; do echo "$f: $(tail -1 "$f")"; done > "$out/$name.log" ;;
+    mps)
+      { nvidia-cuda-mps-control -d && echo "MPS daemon started"; } > "$out/$name.log" 2>&1 ;;
+    study|peers)
+      cmd=$([ "$kind" = study ] && echo run || echo peer)
+      # shellcheck disable=SC2086
+      $py experiments/bitfit_study/run.py "$cmd" --data_dir="$glue" --model="$model" \
+        --out="${STUDY_OUT:-$out/$name}" ${a//+/ } > "$out/$name.log" 2>&1 ;;
     train)
       # shellcheck disable=SC2086
       $py scripts/train.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" --no-progress \

@@ -62,15 +62,12 @@ def run_ours(a, extra: list[str], out: Path, xla_cache: Path, data_cache: Path, 
 
 
 def run_peer(a, mode: str, cfg, out: Path) -> dict:
-    o, d = cfg.optim, cfg.data
-    cmd = [sys.executable, str(REPO / "benchmarks" / "peft_job.py"), f"--method={a.method}", f"--task={a.task}",
-           f"--data_dir={a.data_dir}", f"--learning_rate={o.learning_rate}", f"--batch_size={o.batch_size}",
-           f"--num_epochs={a.peer_epochs or o.num_epochs}", f"--max_seq_length={d.max_seq_length}",
-           f"--warmup_ratio={o.warmup_ratio}", f"--weight_decay={o.weight_decay}",
-           f"--eval_batch_size={d.eval_batch_size}", f"--max_train_examples={d.max_train_examples}",
-           f"--mode={mode}"] + ([f"--model={a.model}"] if a.model else [])
-    if "num_virtual_tokens" in cfg.method_options:
-        cmd.append(f"--num_virtual_tokens={cfg.method_options['num_virtual_tokens']}")
+    from benchmarks.peft_job import peer_args
+
+    flags = [f for f in peer_args(cfg) if not f.startswith("--num_epochs=")]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "peft_job.py"), *flags, f"--data_dir={a.data_dir}",
+           f"--num_epochs={a.peer_epochs or cfg.optim.num_epochs}", f"--mode={mode}"] + \
+        ([f"--model={a.model}"] if a.model else [])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     outer = time.perf_counter() - t0

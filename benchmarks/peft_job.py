@@ -6,9 +6,13 @@ tokenized examples and batches (``jaxpeft.data``: the same length-bucketed batch
 size in the same order), AdamW with global-norm clipping at 1, linear warm-up then linear decay,
 the same epochs, an evaluation on dev after every epoch, bf16 autocast on a GPU, eager or
 ``torch.compile``. BitFit, Frozen and full fine-tuning set ``requires_grad`` as the BitFit reference
-code does; LoRA and the prompt methods are peft's. Prints one JSON line: the wall time split like
-our ``results.json`` (``startup_seconds``, ``data_seconds``, ``train_seconds``, ``eval_seconds``,
-``wall_seconds``), examples/s, and the dev metric after every epoch.
+code does (``--bitfit_terms`` as ours); LoRA and the prompt methods are peft's; bottleneck adapters,
+which peft lacks, are ours written in PyTorch (Houlsby's placement, the LayerNorms train). The
+classifier can take its own rate (``--head_learning_rate``). Prints one JSON line: the wall time split
+like our ``results.json`` (``startup_seconds``, ``data_seconds``, ``train_seconds``, ``eval_seconds``,
+``wall_seconds``), examples/s, and the dev metric after every evaluation (every epoch, or every
+``--eval_every`` steps) with the final and the best. :func:`peer_args` gives the flags that mirror one
+of our runs' config.
 
     python benchmarks/peft_job.py --method=bitfit --task=sst2 --data_dir=GLUE --model=DIR \\
         --learning_rate=3e-3 --num_epochs=2 --max_seq_length=64 --mode=eager
@@ -30,33 +34,118 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def build(model_dir: str, method: str, num_labels: int, virtual: int):
+#: Our BitFit terms (``jaxpeft.masks.BERT_BIAS_TERMS``) match transformers' names once ``.`` is ``/``.
+def _ours(name: str) -> str:
+    return name.replace(".", "/")
+
+
+def add_adapters(model, size: int, sites: tuple[str, ...]) -> list:
+    """Houlsby bottleneck adapters, as ours (``jaxpeft.methods.bottleneck``): ``y + up(gelu(down(y)))``
+    on each sublayer's projection output after its dropout, before its residual LayerNorm; ``down``
+    ``N(0, 0.02)``, ``up`` zero. Returns the adapter modules."""
+    import torch
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, hidden: int):
+            super().__init__()
+            self.down, self.up = nn.Linear(hidden, size), nn.Linear(size, hidden)
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+        def forward(self, y):
+            return y + self.up(torch.nn.functional.gelu(self.down(y)))
+
+    def patch(block):  # BertSelfOutput / BertOutput: dense -> dropout -> adapter -> LayerNorm(+ input)
+        block.adapter = Bottleneck(block.dense.out_features)
+        block.forward = lambda h, x: block.LayerNorm(block.adapter(block.dropout(block.dense(h))) + x)
+        return block.adapter
+
+    out = []
+    for layer in model.bert.encoder.layer:
+        if "attention" in sites:
+            out.append(patch(layer.attention.output))
+        if "output" in sites:
+            out.append(patch(layer.output))
+    return out
+
+
+def build(model_dir: str, a, num_labels: int):
+    """The model of ``a.method`` with our config's trainable set."""
+    import re
+
     import torch
     from transformers import BertForSequenceClassification
 
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
-    if method in ("full", "frozen", "bitfit"):
+    if a.method in ("full", "frozen", "bitfit", "adapter"):
+        from jaxpeft.masks import BERT_BIAS_TERMS
+
+        terms = [t.strip() for t in (a.bitfit_terms or "").split(",") if t.strip()]
+        bias = re.compile("|".join(f"(?:{BERT_BIAS_TERMS[t]})" for t in terms)) if terms else None
+        if a.method == "adapter":
+            sites = ("attention", "output") if a.adapter_type == "houlsby" else ("output",)
+            add_adapters(model, a.adapter_size, sites)
         for name, p in model.named_parameters():
-            p.requires_grad = (method == "full" or name.startswith("classifier.")
-                               or (method == "bitfit" and name.endswith("bias")))
+            if a.method == "full" or name.startswith("classifier."):
+                p.requires_grad = True
+            elif a.method == "bitfit":
+                p.requires_grad = name.endswith("bias") and (bias is None or bool(bias.search(_ours(name))))
+            elif a.method == "adapter":
+                p.requires_grad = ".adapter." in name or (a.adapter_type == "houlsby" and "LayerNorm" in name)
+            else:
+                p.requires_grad = False
         return model
     import peft
 
+    v, H = a.num_virtual_tokens, model.config.hidden_size
     kinds = {
-        "prompt": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=virtual),
-        "ptuning": lambda: peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=virtual,
-                                                    encoder_hidden_size=128),
-        "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=virtual,
-                                                  prefix_projection=True, encoder_hidden_size=512),
-        "ptuning_v2": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=virtual),
-        "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]),
+        "prompt": lambda: peft.PromptTuningConfig(
+            task_type="SEQ_CLS", num_virtual_tokens=v,
+            prompt_tuning_init={"sample_vocab": "SAMPLE_VOCAB"}.get(a.prompt_init, "RANDOM")),
+        "ptuning": lambda: peft.PromptEncoderConfig(
+            task_type="SEQ_CLS", num_virtual_tokens=v, encoder_reparameterization_type=a.encoder_type.upper(),
+            encoder_num_layers=a.encoder_num_layers,   # ours: H/2 per LSTM direction, H for the MLP
+            encoder_hidden_size=a.encoder_hidden_size or H // (2 if a.encoder_type == "lstm" else 1)),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=v, prefix_projection=True,
+                                                  encoder_hidden_size=a.encoder_hidden_size or 512),
+        "ptuning_v2": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=v),
+        "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=a.lora_r, lora_alpha=a.lora_alpha,
+                                        lora_dropout=a.lora_dropout, target_modules=a.target_modules.split(",")),
     }
-    if method not in kinds:
-        raise SystemExit(f"the peer has no method {method!r}")
-    return peft.get_peft_model(model, kinds[method]())
+    if a.method not in kinds:
+        raise SystemExit(f"the peer has no method {a.method!r}")
+    return peft.get_peft_model(model, kinds[a.method]())
 
 
-def main() -> int:
+def peer_args(cfg) -> list[str]:
+    """This script's flags for the run ``cfg`` (a ``jaxpeft.config.TrainConfig``) describes: the same
+    method, task, schedule, evaluations and method options (packing, dropout and compute settings
+    have no counterpart here)."""
+    o, d, r, m = cfg.optim, cfg.data, cfg.run, dict(cfg.method_options)
+    if cfg.head.pooling != "cls" or cfg.head.modules_to_save:
+        raise SystemExit("the peer reads [CLS] through the frozen pooler only")
+    args = [f"--method={cfg.method}", f"--task={cfg.task}", f"--learning_rate={o.learning_rate}",
+            f"--batch_size={o.batch_size}", f"--num_epochs={o.num_epochs}", f"--max_seq_length={d.max_seq_length}",
+            f"--max_steps={o.max_steps}", f"--warmup_ratio={o.warmup_ratio}", f"--weight_decay={o.weight_decay}",
+            f"--max_grad_norm={o.max_grad_norm}", f"--eval_batch_size={d.eval_batch_size}",
+            f"--max_train_examples={d.max_train_examples}",
+            f"--max_eval_examples={d.max_eval_examples}", f"--eval_every={r.eval_every}", f"--seed={o.seed}"]
+    if o.head_learning_rate is not None:
+        args.append(f"--head_learning_rate={o.head_learning_rate}")
+    method = cfg.method_obj()
+    for k in ("num_virtual_tokens", "bitfit_terms", "prompt_init", "encoder_type", "encoder_hidden_size",
+              "encoder_num_layers", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "adapter_size",
+              "adapter_type"):
+        v = m.get(k, getattr(method, k, None))
+        if v is not None:
+            args.append(f"--{k}={v}")
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="bitfit")
     ap.add_argument("--task", default="sst2")
@@ -70,10 +159,31 @@ def main() -> int:
     ap.add_argument("--warmup_ratio", type=float, default=0.06)
     ap.add_argument("--weight_decay", type=float, default=0.0)
     ap.add_argument("--max_train_examples", type=int, default=0)
+    ap.add_argument("--max_eval_examples", type=int, default=0)
+    ap.add_argument("--max_steps", type=int, default=0, help="stop after N steps (0: --num_epochs decides)")
+    ap.add_argument("--max_grad_norm", type=float, default=1.0)
+    ap.add_argument("--head_learning_rate", type=float, default=None,
+                    help="the classifier's own peak rate (default: --learning_rate)")
+    ap.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: every epoch)")
     ap.add_argument("--num_virtual_tokens", type=int, default=20)
+    ap.add_argument("--bitfit_terms", default=None, help="BitFit: comma list of bias terms (default: every bias)")
+    ap.add_argument("--prompt_init", default="random")
+    ap.add_argument("--encoder_type", default="lstm")
+    ap.add_argument("--encoder_hidden_size", type=int, default=None)
+    ap.add_argument("--encoder_num_layers", type=int, default=2)
+    ap.add_argument("--lora_r", type=int, default=8)
+    ap.add_argument("--lora_alpha", type=float, default=16.0)
+    ap.add_argument("--lora_dropout", type=float, default=0.0)
+    ap.add_argument("--target_modules", default="query,value")
+    ap.add_argument("--adapter_size", type=int, default=64)
+    ap.add_argument("--adapter_type", default="houlsby")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", default="eager", choices=("eager", "compile"))
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    a = parser().parse_args()
 
     import numpy as np
     import torch
@@ -85,7 +195,7 @@ def main() -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = data.get_task(a.task)
     model_dir = str(hf_weights.resolve_model_dir(a.model or hf_weights.DEFAULT_MODEL))
-    model = build(model_dir, a.method, task.num_labels, a.num_virtual_tokens).to(dev)
+    model = build(model_dir, a, task.num_labels).to(dev)
     t_startup = time.perf_counter() - _START
 
     t0 = time.perf_counter()
@@ -94,6 +204,8 @@ def main() -> int:
     if a.max_train_examples:
         train_ex = train_ex.take(a.max_train_examples)
     dev_ex = data.load_split(task, task.eval_splits[0], a.data_dir)
+    if a.max_eval_examples:
+        dev_ex = dev_ex.take(a.max_eval_examples)
     train = data.encode(tok, train_ex, a.max_seq_length)
     dev_enc = data.encode(tok, dev_ex, a.max_seq_length)
     buckets = data.length_buckets(a.max_seq_length)
@@ -105,12 +217,19 @@ def main() -> int:
         return out
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "LayerNorm" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim > 1 and "LayerNorm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=a.learning_rate)
+    # weight decay on matrices but not on embeddings or LayerNorms (ours: jaxpeft.optim.decay_mask);
+    # the classifier at its own rate where the config gives one
+    head_lr = a.head_learning_rate or a.learning_rate
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            decays = p.ndim > 1 and "LayerNorm" not in n and "embeddings" not in n
+            groups.setdefault(("classifier" in n, decays), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": a.weight_decay if decays else 0.0,
+                              "lr": head_lr if head else a.learning_rate}
+                             for (head, decays), ps in groups.items()], lr=a.learning_rate)
     spe = math.ceil(len(train) / a.batch_size)
-    total = max(1, math.ceil(a.num_epochs * spe))
+    total = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_epochs * spe))
     warmup = int(round(a.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(warmup, 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
@@ -149,13 +268,14 @@ def main() -> int:
                 per = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none")
             loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if a.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             examples += int((idx >= 0).sum())
-            if step % spe == 0 or step == total:
+            if (step % a.eval_every == 0 if a.eval_every > 0 else step % spe == 0) or step == total:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t_e = time.perf_counter()
@@ -169,10 +289,12 @@ def main() -> int:
     train_s = time.perf_counter() - t_loop - eval_s
     print(json.dumps({
         "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name,
+        "seed": a.seed, "args": vars(a),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "steps": step,
         "startup_seconds": t_startup, "data_seconds": t_data, "train_seconds": train_s, "eval_seconds": eval_s,
         "wall_seconds": time.perf_counter() - _START, "examples_per_second": examples / max(train_s, 1e-9),
-        "evals": evals, "final_dev": evals[-1] if evals else None,
+        "evals": evals, "final_dev": evals[-1] if evals else None, "main_metric": task.main_metric,
+        "best_dev": max(evals, key=lambda e: e[task.main_metric]) if evals else None,
         "trainable_params": sum(p.numel() for p in params)}), flush=True)
     return 0
 

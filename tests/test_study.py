@@ -226,3 +226,23 @@ def test_set_values_are_typed_by_their_setting():
                          ("max_steps=three", "invalid literal"), ("progress=maybe", "expected a boolean")]:
         with pytest.raises(UserError, match=needle):
             study.parse_overrides([item])
+
+
+def test_peer_repeats_the_chosen_runs_and_is_tabulated(tiny_study, tmp_path):
+    out, common = tiny_study
+    rc, stdout, err = run_study("run", *common, "--settings=frozen", "--seeds=0")
+    assert rc == 0, stdout + err
+    rc, stdout, err = run_study("peer", *common, "--settings=frozen", "--jobs=2")
+    assert rc == 0, stdout + err
+    peer = json.loads((out / "rte/frozen/peer-lr0.01-seed0.json").read_text())
+    ours = json.loads((out / "rte/frozen/lr0.01-seed0/results.json").read_text())
+    # the same config: rate, steps, evaluation set, seed
+    assert (peer["args"]["learning_rate"], peer["steps"], peer["args"]["max_eval_examples"], peer["seed"]) == \
+        (0.01, ours["steps"], 32, 0)
+    assert peer["trainable_params"] == ours["trainable_params"]
+    rc, stdout, err = run_study("peer", *common, "--settings=frozen")   # nothing left to repeat
+    assert rc == 0 and "peer: 0 run(s) to repeat" in stdout, stdout + err
+    rc, stdout, err = run_study("table", *common, "--settings=frozen", "--seeds=0")
+    assert rc == 0, err
+    a, b = ours["final_dev"]["accuracy"], peer["final_dev"]["accuracy"]
+    assert f"| Frozen | {100 * a:.1f} / {100 * b:.1f} ({100 * (a - b):+.1f}) |" in stdout

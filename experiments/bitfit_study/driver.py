@@ -152,3 +152,75 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
          f"in {wall:.0f}s" + (f"; seeds not run for {', '.join('/'.join(g) for g in blocked)}"
                               if blocked else ""))
     return {"done": done, "skipped": skipped, "failed": failed, "blocked": blocked, "wall_seconds": wall}
+
+
+# ----------------------------------------------------------------------------- the PyTorch peer
+
+PEER_SCRIPT = ROOT / "benchmarks" / "peft_job.py"
+
+
+def peer_file(plan: Plan, run: Run) -> Path:
+    """Where the peer's result for ``run``'s config goes: ``<task>/<setting>/peer-lr<lr>-seed<seed>.json``."""
+    return plan.out / run.task / run.setting / f"peer-lr{run.learning_rate:g}-seed{run.seed}.json"
+
+
+def peer_runs(plan: Plan, seeds: tuple[int, ...] | None = None) -> list[Run]:
+    """The runs the peer repeats: every group whose grid is done, at its chosen learning rate, for
+    ``seeds`` (default: the selection seed)."""
+    out = []
+    for g in plan.groups():
+        grid = plan.grid_runs(g)
+        if not all(map(plan.is_complete, grid)):
+            continue
+        lr = choose_lr(plan.grid_metrics(g))
+        out += [Run(*g, lr, s) for s in (seeds or (plan.study.selection_seed,))]
+    return out
+
+
+def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = None,
+                  echo: Callable[[str], None] = print, poll_s: float = 0.5) -> dict[str, Any]:
+    """Runs the PyTorch peer (``benchmarks/peft_job.py``: transformers + peft, eager) of every run
+    :func:`peer_runs` names whose peer file is missing, ``jobs`` at a time, each with the flags that
+    mirror the run's config (``peer_args``). Writes the peer's JSON line to :func:`peer_file`."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.peft_job import peer_args
+
+    env = worker_env(jobs, None)
+    runs = [r for r in peer_runs(plan, seeds) if not peer_file(plan, r).is_file()]
+    echo(f"peer: {len(runs)} run(s) to repeat, {jobs} at a time")
+    running: dict[subprocess.Popen, tuple[Run, float, Any]] = {}
+    done, failed = [], []
+    t0 = time.perf_counter()
+    try:
+        while runs or running:
+            while runs and len(running) < jobs:
+                run = runs.pop(0)
+                cfg = plan.config(run)
+                cmd = [sys.executable, str(PEER_SCRIPT), *peer_args(cfg), f"--model={plan.model}"] + \
+                    ([f"--data_dir={plan.data_dir}"] if plan.data_dir else [])
+                log = open(peer_file(plan, run).with_suffix(".log"), "w")
+                running[subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)] = \
+                    (run, time.perf_counter(), log)
+            time.sleep(poll_s)
+            for p in [p for p in running if p.poll() is not None]:
+                run, start, log = running.pop(p)
+                log.close()
+                lines = [x for x in (p.stdout.read() if p.stdout else "").splitlines() if x.startswith("{")]
+                if p.returncode == 0 and lines:
+                    peer_file(plan, run).write_text(lines[-1] + "\n")
+                    res = json.loads(lines[-1])
+                    done.append(run)
+                    echo(f"peer {run.rel}: {res['main_metric']}={res['final_dev'][res['main_metric']]:.4f} "
+                         f"({time.perf_counter() - start:.0f}s)")
+                else:
+                    failed.append(run)
+                    echo(f"peer {run.rel}: FAILED (exit {p.returncode}) -- see "
+                         f"{peer_file(plan, run).with_suffix('.log')}")
+    except KeyboardInterrupt:
+        for p in running:
+            p.terminate()
+        for p in running:
+            p.wait()
+        raise
+    echo(f"peer: {len(done)} done, {len(failed)} failed in {time.perf_counter() - t0:.0f}s")
+    return {"done": done, "failed": failed}

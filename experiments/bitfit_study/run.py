@@ -3,6 +3,7 @@
 
     python experiments/bitfit_study/run.py plan  --data_dir=$GLUE            # runs and budget
     python experiments/bitfit_study/run.py run   --data_dir=$GLUE --jobs=8   # every run not done yet
+    python experiments/bitfit_study/run.py peer  --data_dir=$GLUE --jobs=8   # the PyTorch peer, chosen lr
     python experiments/bitfit_study/run.py table --doc=docs/results.md       # tables from results files
     python experiments/bitfit_study/run.py adapters --setting=bitfit --tasks=rte  # adapter folders, chosen lr
 
@@ -31,7 +32,7 @@ def _csv(kind=str):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "plan", "table", "adapters"])
+    p.add_argument("command", choices=["run", "plan", "peer", "table", "adapters"])
     p.add_argument("--config", help="study config file (default: experiments/bitfit_study/config.py)")
     p.add_argument("--out", default="runs/study", help="results folder (default: runs/study)")
     p.add_argument("--tasks", type=_csv(), help="subset of the study's tasks, e.g. rte,mrpc")
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     from jaxpeft.errors import UserError
 
     a = parser().parse_args(argv)
-    st = study.load_study(a.config).select(a.tasks, a.settings, a.seeds)
+    st = study.load_study(a.config).select(a.tasks, a.settings, None if a.command == "peer" else a.seeds)
     if a.command in ("table", "adapters"):
         groups, n = tables.collect(a.out, st)
         if a.command == "adapters":
@@ -78,7 +79,10 @@ def main(argv=None) -> int:
         return 0
     cache = a.compile_cache or str(Path(a.out) / ".jax_cache")
     cache = None if cache.lower() == "none" else cache
-    summary = driver.execute(plan, jobs=a.jobs, compile_cache=cache)
+    if a.command == "peer":
+        summary = driver.execute_peers(plan, jobs=a.jobs, seeds=tuple(a.seeds) if a.seeds else None)
+    else:
+        summary = driver.execute(plan, jobs=a.jobs, compile_cache=cache)
     return 1 if summary["failed"] else 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from experiments.bitfit_study.study import ADAPTER, RESULTS, Study, choose_lr, m
 from jaxpeft.errors import UserError
 
 BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
+PEER_GLOB = "peer-lr*-seed*.json"
+PEER_NAME = re.compile(r"peer-lr(.+)-seed(\d+)\.json")
 _METRIC_NAMES = {"accuracy": "acc", "matthews_correlation": "MCC", "f1": "F1", "pearson": "Pearson"}
 
 
@@ -26,6 +29,8 @@ class Group:
     """The runs of one task and setting: ``{(learning_rate, seed): (results, folder)}``."""
 
     runs: dict[tuple[float, int], tuple[dict[str, Any], Path]] = dataclasses.field(default_factory=dict)
+    #: The PyTorch peer's results (``peer-lr<lr>-seed<seed>.json``): ``{(learning_rate, seed): results}``.
+    peers: dict[tuple[float, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def selection_seed(self) -> int:
@@ -44,6 +49,12 @@ class Group:
 
     def values(self) -> list[float]:
         return [main_metric(res) for _, res, _ in self.at_chosen()]
+
+    def peer_values(self) -> list[float]:
+        """The peer's final dev metrics at the chosen learning rate (one per seed it ran)."""
+        lr = self.chosen_lr()
+        return [float(res["final_dev"][res["main_metric"]]) for (r, _), res in sorted(self.peers.items())
+                if r == lr]
 
     def trainable_pct(self) -> float:
         return next(iter(self.runs.values()))[0]["trainable_pct"]
@@ -69,6 +80,15 @@ def collect(out: str | Path, study: Study) -> tuple[dict[tuple[str, str], Group]
             continue
         groups.setdefault(key, Group()).runs[(lr, seed)] = (res, path.parent)
         n += 1
+    for (task, setting), g in groups.items():
+        for path in sorted((out / task / setting).glob(PEER_GLOB)):
+            res = read_results(path)
+            try:
+                lr, seed = PEER_NAME.fullmatch(path.name).groups()
+                res["final_dev"][res["main_metric"]]
+            except (AttributeError, TypeError, KeyError):
+                continue
+            g.peers[(float(lr), int(seed))] = res
     return groups, n
 
 
@@ -151,7 +171,33 @@ def render(groups: dict[tuple[str, str], Group], study: Study, n_files: int, sou
     lines += ["", "Dev metric x100 of the selection seed (the smallest) at each learning rate; bold: "
               "chosen." + (" †: chosen at the edge of the grid (a wider grid might do better)."
                            if edge else "")]
+    if any(g.peers for g in groups.values()):
+        lines += ["", *peer_table(groups, study, tasks, metrics)]
     return "\n".join(lines)
+
+
+def peer_table(groups: dict[tuple[str, str], Group], study: Study, tasks: list[str],
+               metrics: dict[str, str]) -> list[str]:
+    """Ours against the PyTorch peer at the same config (the chosen learning rate): ``ours / peer``,
+    each the mean over its seeds, and the difference."""
+    lines = ["| setting | " + " | ".join(_task_header(t, metrics[t]) for t in tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for name, s in study.settings.items():
+        row = [s.label]
+        for t in tasks:
+            g = groups.get((t, name))
+            peer = g.peer_values() if g else []
+            if not peer:
+                row.append("—")
+                continue
+            ours, theirs = statistics.fmean(g.values()), statistics.fmean(peer)
+            row.append(f"{_pct(ours)} / {_pct(theirs)} ({100 * (ours - theirs):+.1f})")
+        lines.append("| " + " | ".join(row) + " |")
+    n_peer = sorted({len(g.peer_values()) for g in groups.values() if g.peers})
+    lines += ["", "Ours / the PyTorch peer (transformers + peft, `benchmarks/peft_job.py`, the same config at "
+              f"the chosen learning rate; {'/'.join(map(str, n_peer))} seed(s)), final dev metric x100, and "
+              "ours minus the peer's."]
+    return lines
 
 
 def write_between_markers(doc: str | Path, table: str) -> None:
