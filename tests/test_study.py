@@ -1,6 +1,7 @@
 """The BitFit study driver (experiments/bitfit_study) on a tiny grid on CPU: results files, adapters,
 resume, refusal of runs made with other settings, tables from the files."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -246,3 +247,34 @@ def test_peer_repeats_the_chosen_runs_and_is_tabulated(tiny_study, tmp_path):
     assert rc == 0, err
     a, b = ours["final_dev"]["accuracy"], peer["final_dev"]["accuracy"]
     assert f"| Frozen | {100 * a:.1f} / {100 * b:.1f} ({100 * (a - b):+.1f}) |" in stdout
+
+
+def test_a_study_of_the_method_configs_runs_each_at_its_configs_rate(tmp_path, glue, tiny_bert_dir):
+    cfg = tmp_path / "defaults.py"
+    cfg.write_text('''
+def get_config(task):
+    return dict(max_steps=2, progress=False)
+
+def get_study():
+    return dict(tasks=("rte", "sst2"), seeds=(0, 1), method_configs=True,
+                settings={"prefix": dict(method="prefix"),
+                          "bitfit_qi": dict(method="bitfit", bitfit_terms="query,intermediate"),
+                          "lora": dict(method="lora", learning_rates=(1e-4,))})
+''')
+    st = study.load_study(cfg)
+    plan = study.Plan(st, tmp_path / "out", model=str(tiny_bert_dir), data_dir=str(glue))
+    for task in ("rte", "sst2"):
+        for setting, method, options in [("prefix", "prefix", {}),
+                                         ("bitfit_qi", "bitfit", {"bitfit_terms": "query,intermediate"})]:
+            (run,) = plan.grid_runs((task, setting))
+            own = config.build({"method": method, "task": task, **options})   # jaxpeft-train's defaults
+            got = plan.config(run)
+            assert run.learning_rate == own.optim.learning_rate == got.optim.learning_rate
+            assert got.optim.max_steps == 2 and got.optim.seed == 0   # get_config's, then the grid's
+            assert got.optim == dataclasses.replace(own.optim, max_steps=2)
+            assert got.data == dataclasses.replace(own.data, data_dir=str(glue)) and got.head == own.head
+            assert got.method_obj() == own.method_obj()
+            assert got.optim.head_learning_rate == own.optim.head_learning_rate
+    assert [r.learning_rate for r in plan.grid_runs(("rte", "lora"))] == [1e-4]   # its own grid
+    assert plan.config(plan.grid_runs(("rte", "lora"))[0]).optim.num_epochs == \
+        config.build({"method": "lora", "task": "rte"}).optim.num_epochs

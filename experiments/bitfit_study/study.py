@@ -13,7 +13,10 @@ runs the runs; the tables are built from the ``results.json`` files alone
 
 Every run's settings are ``jaxpeft.config.TrainConfig`` settings by flag name: the study config's
 ``get_config(task)``, then ``--set KEY=VALUE`` (:func:`parse_overrides`), then the grid's own
-(:data:`GRID_KEYS`).
+(:data:`GRID_KEYS`). A study whose ``get_study()`` says ``method_configs=True`` starts every run from
+its method's own config for the task (``jaxpeft/configs/<method>.py``, what ``jaxpeft-train`` uses
+by default) under ``get_config(task)``; its settings may leave ``learning_rates`` out to run at that
+config's rate only (``config_defaults.py``: every method's defaults on every task).
 """
 
 from __future__ import annotations
@@ -90,6 +93,23 @@ class Study:
     seeds: tuple[int, ...]
     settings: dict[str, Setting]
     get_config: Callable[[str], dict]
+    method_configs: bool = False
+
+    def base_config(self, task: str, method: str) -> dict[str, Any]:
+        """What a run of ``method`` on ``task`` starts from: its method's config for the task (with
+        ``method_configs``), then ``get_config(task)``."""
+        values = dict(config_lib.load_config_file(config_lib.method_config_file(method), task)) \
+            if self.method_configs else {}
+        values.update(self.get_config(task))
+        return values
+
+    def learning_rates(self, task: str, setting: str) -> tuple[float, ...]:
+        """The grid of ``setting`` on ``task``: its own rates, or the config's rate for the task."""
+        s = self.settings[setting]
+        if s.learning_rates:
+            return s.learning_rates
+        values = self.base_config(task, s.method)
+        return (float(values.get("learning_rate", config_lib.Optim.learning_rate)),)
 
     @property
     def selection_seed(self) -> int:
@@ -128,19 +148,20 @@ def load_study(path: str | Path | None = None) -> Study:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         raw = dict(module.get_study())
         settings = {name: Setting(name=name, label=s.get("label", name), method=s["method"],
-                                  learning_rates=tuple(float(x) for x in s["learning_rates"]),
+                                  learning_rates=tuple(float(x) for x in s.get("learning_rates") or ()),
                                   bitfit_terms=s.get("bitfit_terms"))
                     for name, s in raw["settings"].items()}
         study = Study(path, tuple(raw["tasks"]), tuple(int(x) for x in raw["seeds"]), settings,
-                      module.get_config)
+                      module.get_config, bool(raw.get("method_configs", False)))
     except Exception as e:
         raise UserError(f"study config {path}: {type(e).__name__}: {e}") from None
     for t in study.tasks:
         data.get_task(t)
     for s in settings.values():
         methods.create(s.method, s.method_options())  # unknown method/term: fails here
-        if not s.learning_rates:
-            raise UserError(f"study config {path}: setting {s.name!r} has no learning rate")
+        if not s.learning_rates and not study.method_configs:
+            raise UserError(f"study config {path}: setting {s.name!r} has no learning rate (only a study "
+                            "with method_configs=True runs at its configs' rates)")
     return study
 
 
@@ -237,7 +258,7 @@ class Plan:
 
     def grid_runs(self, group: tuple[str, str]) -> list[Run]:
         t, s = group
-        return [Run(t, s, lr, self.study.selection_seed) for lr in self.study.settings[s].learning_rates]
+        return [Run(t, s, lr, self.study.selection_seed) for lr in self.study.learning_rates(t, s)]
 
     def seed_runs(self, group: tuple[str, str], lr: float) -> list[Run]:
         return [Run(*group, lr, seed) for seed in self.study.seeds if seed != self.study.selection_seed]
@@ -251,7 +272,7 @@ class Plan:
         if run in self._configs:
             return self._configs[run]
         s = self.study.settings[run.setting]
-        values = dict(self.study.get_config(run.task))
+        values = self.study.base_config(run.task, s.method)
         values.update(self.overrides)
         values.pop("bitfit_terms", None)   # the grid decides it (only settings of BitFit have it)
         values.update(method=s.method, **s.method_options(), task=run.task, seed=run.seed,
@@ -332,7 +353,7 @@ class Plan:
         stale = []
         for g in self.groups():
             s = self.study.settings[g[1]]
-            for lr in s.learning_rates:
+            for lr in self.study.learning_rates(*g):
                 for seed in self.study.seeds:
                     run = Run(*g, lr, seed)
                     if not self.is_complete(run):

@@ -136,7 +136,7 @@ def render(groups: dict[tuple[str, str], Group], study: Study, n_files: int, sou
             cell = _pct(mean) + (f" ± {_pct(statistics.stdev(vals))}" if len(vals) > 1 else "")
             if len(vals) != n_seeds:
                 cell += f" (n={len(vals)})"
-            if len(g.grid()) < len(s.learning_rates):
+            if len(g.grid()) < len(study.learning_rates(t, name)):
                 cell += " *"
                 notes.add("* learning-rate grid not complete in the results files.")
             row.append(cell)
