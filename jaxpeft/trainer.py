@@ -11,6 +11,7 @@ records the run's time split (``*_seconds``).
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import math
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 #: train steps per device call when ``--steps_per_dispatch=0``
 DEFAULT_STEPS_PER_DISPATCH = 32
+
+#: The compiled programs of this process by :meth:`Trainer.program_key`: a later run in the same
+#: process with the same model, method, optimizer constants, mesh and shapes (another learning rate,
+#: seed or number of epochs: the schedule, the seed and the data are arguments of the programs)
+#: reuses them instead of tracing and compiling again, as the study's worker processes do.
+_PROGRAMS: dict[str, tuple[dict, dict]] = {}
 
 
 class JsonLog:
@@ -256,6 +263,10 @@ class Trainer:
             for b in self.batches.eval_batches(enc, self.cfg.data.eval_batch_size):
                 eval_examples.setdefault(_shape_key(b), b)
         pc = jax.process_count()
+        program = self.program_key(state, frozen, n, train_examples, eval_examples)
+        if program in _PROGRAMS:
+            loops, predicts = _PROGRAMS[program]
+            return dict(loops), dict(predicts)
         sched = optim.Schedule.create(1.0, 1, 0.0).as_array()
         lowered: list[tuple[str, Any, Any]] = []
         for key, b in train_examples.items():
@@ -274,7 +285,29 @@ class Trainer:
             futures = [(kind, key, pool.submit(low.compile)) for kind, key, low in lowered]
             for kind, key, fut in futures:
                 (loops if kind == "train" else predicts)[key] = fut.result()
+        _PROGRAMS[program] = (dict(loops), dict(predicts))
         return loops, predicts
+
+    def program_key(self, state, frozen, n: int, train_examples: dict, eval_examples: dict) -> str:
+        """What the train loop and predict programs are a function of: the model module (its config,
+        compute spec, method modules, head), the loss, the optimizer's constants, the mesh, the
+        steps per call, and the shapes, dtypes and shardings of every argument."""
+        o = self.cfg.optim
+        head_scale = (o.head_learning_rate / o.learning_rate
+                      if o.head_learning_rate is not None and o.head_learning_rate != o.learning_rate else None)
+
+        def avals(tree) -> str:
+            leaves = [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None)))
+                      for x in jax.tree_util.tree_leaves(tree)]
+            return f"{jax.tree_util.tree_structure(tree)}{leaves}"
+
+        inputs = {str(k): {name: (v.shape, str(v.dtype)) for name, v in steps.model_inputs(b).items()}
+                  for k, b in [*train_examples.items(), *eval_examples.items()]}
+        parts = [repr(self.model.module), self.task.is_regression, o.adam_b1, o.adam_b2, o.adam_eps,
+                 o.weight_decay, o.max_grad_norm, head_scale, self.modules_to_save, self.plan.describe(),
+                 [str(d) for d in jax.devices()], jax.process_count(), n, sorted(map(str, train_examples)),
+                 sorted(map(str, eval_examples)), inputs, avals(state), avals(frozen)]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     # -- the loop ----------------------------------------------------------------------------
     def steps_per_dispatch(self) -> int:

@@ -1,10 +1,13 @@
-"""Runs the runs of a study's :class:`~experiments.bitfit_study.study.Plan`, several at a time on one
-device, each in its own process; resumable.
+"""Runs the runs of a study's :class:`~experiments.bitfit_study.study.Plan`, several processes at a
+time on one device; resumable.
 
-Grid runs start longest first; the seeds of a task and setting start once its learning rate is chosen.
-Every run's folder gets its ``spec.json`` (the run and its settings by flag name) before it starts;
-the worker process builds the run's ``jaxpeft.config.TrainConfig`` from it and trains with
-``jaxpeft.trainer.Trainer``. The driver's own record is ``<out>/driver.jsonl``: when the study
+A task and setting's grid runs (its learning rates) run one after the other in one worker process,
+and so do its other seeds once its learning rate is chosen: they share their compiled programs
+(``jaxpeft.trainer``'s program cache), so a group compiles once instead of once per run. Groups start
+longest first. Every run's folder gets its ``spec.json`` (the run and its settings by flag name)
+before it starts; the worker builds the run's ``jaxpeft.config.TrainConfig`` from it and trains with
+``jaxpeft.trainer.Trainer``; its output goes to the run's ``output.log`` (the process's own to
+``<task>/<setting>/worker.log``). The driver's own record is ``<out>/driver.jsonl``: when the study
 started and ended, each learning rate chosen, and each run's wall time (the whole process, and the
 trainer's ``wall_seconds`` from ``results.json``), metric and speed.
 """
@@ -43,7 +46,7 @@ def worker_env(jobs: int, compile_cache: str | None) -> dict[str, str]:
 
 _WORKER = ("import sys; sys.path.insert(0, {root!r}); from jaxpeft import cli; "
            "from experiments.bitfit_study import driver; "
-           "sys.exit(cli.guarded(lambda: driver.run_one(sys.argv[1])))")
+           "sys.exit(cli.guarded(lambda: driver.run_many(sys.argv[1:])))")
 
 
 def run_one(folder: str | Path) -> int:
@@ -60,13 +63,35 @@ def run_one(folder: str | Path) -> int:
     return 0
 
 
+def run_many(folders: list[str]) -> int:
+    """:func:`run_one` for each folder in turn, in this process, so that runs with the same programs
+    (a group's learning rates and seeds) compile them once (``jaxpeft.trainer``'s program cache).
+    Each run's output goes to its ``output.log``; a failed run is recorded there and the next one
+    still runs. Returns 1 if any run failed."""
+    import contextlib
+    import traceback
+
+    failed = 0
+    for folder in folders:
+        with open(Path(folder) / "output.log", "a") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            try:
+                run_one(folder)
+            except BaseException as e:  # noqa: BLE001 -- recorded; the next run goes on
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failed = 1
+                print(f"error: {e}" if e.__class__.__name__ == "UserError" else traceback.format_exc())
+    return failed
+
+
 def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
             echo: Callable[[str], None] = print, poll_s: float = 0.2) -> dict[str, Any]:
     """Runs every unfinished run of ``plan``, ``jobs`` at a time; returns a summary."""
     plan.check_not_stale()
     plan.out.mkdir(parents=True, exist_ok=True)
     env = worker_env(jobs, compile_cache)
-    queue: list[tuple[float, str, Run]] = []
+    queue: list[tuple[float, str, tuple[Run, ...]]] = []
     waiting = {g: set(plan.grid_runs(g)) for g in plan.groups()}
     done, failed, skipped, blocked = [], [], [], []
     log = open(plan.out / "driver.jsonl", "a")
@@ -75,12 +100,17 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    def push(run: Run):
-        if plan.is_complete(run):
-            skipped.append(run)
-            finished(run)
-        else:
-            heapq.heappush(queue, (-plan.cost(run), run.rel, run))
+    def push(runs: list[Run]):
+        """Queues ``runs`` (one group's) to run one after the other in one process."""
+        todo_runs = []
+        for run in runs:
+            if plan.is_complete(run):
+                skipped.append(run)
+                finished(run)
+            else:
+                todo_runs.append(run)
+        if todo_runs:
+            heapq.heappush(queue, (-sum(map(plan.cost, todo_runs)), todo_runs[0].rel, tuple(todo_runs)))
 
     def finished(run: Run):
         g = run.group
@@ -91,53 +121,56 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
                 lr = choose_lr(plan.grid_metrics(g))
                 echo(f"{g[0]}/{g[1]}: learning rate {lr:g} chosen on dev (seed {plan.study.selection_seed})")
                 note(event="chosen", task=g[0], setting=g[1], learning_rate=lr)
-                for r in plan.seed_runs(g, lr):
-                    push(r)
+                push(plan.seed_runs(g, lr))
 
     all_runs = plan.all_runs()
     todo = sum(1 for r in all_runs if not plan.is_complete(r))
-    echo(f"study: {len(all_runs)} runs in {plan.out} ({todo} to run), {jobs} at a time")
+    echo(f"study: {len(all_runs)} runs in {plan.out} ({todo} to run), {jobs} processes at a time")
     note(event="start", time=time.time(), jobs=jobs, runs=len(all_runs), to_run=todo)
     for g in plan.groups():
-        for r in plan.grid_runs(g):
-            push(r)
-    running: dict[subprocess.Popen, tuple[Run, float]] = {}
+        push(plan.grid_runs(g))
+    running: dict[subprocess.Popen, tuple[tuple[Run, ...], float]] = {}
     t0 = time.perf_counter()
     try:
         while queue or running:
             while queue and len(running) < jobs:
-                _, _, run = heapq.heappop(queue)
-                d = plan.folder(run)
-                if d.exists():
-                    shutil.rmtree(d)  # an unfinished earlier attempt
-                d.mkdir(parents=True)
-                (d / SPEC).write_text(json.dumps(plan.spec(run), indent=2) + "\n")
-                with open(d / "output.log", "w") as out:
-                    p = subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT)), str(d)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env)
-                running[p] = (run, time.perf_counter())
+                _, _, batch = heapq.heappop(queue)
+                for run in batch:
+                    d = plan.folder(run)
+                    if d.exists():
+                        shutil.rmtree(d)  # an unfinished earlier attempt
+                    d.mkdir(parents=True)
+                    (d / SPEC).write_text(json.dumps(plan.spec(run), indent=2) + "\n")
+                with open(plan.folder(batch[0]).parent / "worker.log", "a") as wlog:
+                    p = subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT)),
+                                          *[str(plan.folder(r)) for r in batch]],
+                                         stdout=wlog, stderr=subprocess.STDOUT, env=env)
+                running[p] = (batch, time.perf_counter())
             time.sleep(poll_s)
             for p in [p for p in running if p.poll() is not None]:
-                run, start = running.pop(p)
+                batch, start = running.pop(p)
                 secs = time.perf_counter() - start
-                if p.returncode == 0 and plan.is_complete(run):
-                    res = read_results(plan.folder(run) / RESULTS)
-                    done.append(run)
-                    echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: {res['main_metric']}="
-                         f"{main_metric(res):.4f} ({secs:.0f}s)")
-                    note(event="done", run=run.rel, seconds=secs, metric=main_metric(res),
-                         wall_seconds=res.get("wall_seconds"), compile_seconds=res.get("compile_seconds"),
-                         train_seconds=res["train_seconds"], examples_per_second=res["examples_per_second"])
-                    finished(run)
-                else:
-                    failed.append(run)
-                    tail = (plan.folder(run) / "output.log").read_text().strip().splitlines()[-1:]
-                    echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: FAILED (exit {p.returncode}): "
-                         f"{tail[0] if tail else ''} -- see {plan.folder(run) / 'output.log'}")
-                    note(event="failed", run=run.rel, seconds=secs, returncode=p.returncode)
-                    if run.group in waiting:
-                        blocked.append(run.group)
-                        del waiting[run.group]
+                for run in batch:
+                    if plan.is_complete(run):
+                        res = read_results(plan.folder(run) / RESULTS)
+                        done.append(run)
+                        echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: {res['main_metric']}="
+                             f"{main_metric(res):.4f} ({res.get('wall_seconds', 0):.0f}s)")
+                        note(event="done", run=run.rel, seconds=res.get("wall_seconds"), metric=main_metric(res),
+                             process_seconds=secs, process_runs=len(batch),
+                             wall_seconds=res.get("wall_seconds"), compile_seconds=res.get("compile_seconds"),
+                             train_seconds=res["train_seconds"], examples_per_second=res["examples_per_second"])
+                        finished(run)
+                    else:
+                        failed.append(run)
+                        log = plan.folder(run) / "output.log"
+                        tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
+                        echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: FAILED (exit {p.returncode}): "
+                             f"{tail[0] if tail else ''} -- see {log}")
+                        note(event="failed", run=run.rel, seconds=secs, returncode=p.returncode)
+                        if run.group in waiting:
+                            blocked.append(run.group)
+                            del waiting[run.group]
     except KeyboardInterrupt:
         for p in running:
             p.terminate()
