@@ -63,6 +63,14 @@ def run_one(folder: str | Path) -> int:
     return 0
 
 
+def stop(processes) -> None:
+    """Terminates ``processes`` and waits for them (an interrupted driver leaves none behind)."""
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.wait()
+
+
 def run_many(folders: list[str]) -> int:
     """:func:`run_one` for each folder in turn, in this process, so that runs with the same programs
     (a group's learning rates and seeds) compile them once (``jaxpeft.trainer``'s program cache).
@@ -172,10 +180,7 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
                             blocked.append(run.group)
                             del waiting[run.group]
     except KeyboardInterrupt:
-        for p in running:
-            p.terminate()
-        for p in running:
-            p.wait()
+        stop(running)
         raise
     finally:
         wall = time.perf_counter() - t0
@@ -250,10 +255,7 @@ def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = Non
                     echo(f"peer {run.rel}: FAILED (exit {p.returncode}) -- see "
                          f"{peer_file(plan, run).with_suffix('.log')}")
     except KeyboardInterrupt:
-        for p in running:
-            p.terminate()
-        for p in running:
-            p.wait()
+        stop(running)
         raise
     echo(f"peer: {len(done)} done, {len(failed)} failed in {time.perf_counter() - t0:.0f}s")
     return {"done": done, "failed": failed}
