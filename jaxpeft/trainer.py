@@ -40,8 +40,10 @@ DEFAULT_STEPS_PER_DISPATCH = 32
 #: The compiled programs of this process by :meth:`Trainer.program_key`: a later run in the same
 #: process with the same model, method, optimizer constants, mesh and shapes (another learning rate,
 #: seed or number of epochs: the schedule, the seed and the data are arguments of the programs)
-#: reuses them instead of tracing and compiling again, as the study's worker processes do.
+#: reuses them instead of tracing and compiling again, as the study's worker processes do. The
+#: oldest entries go beyond :data:`KEPT_PROGRAMS`.
 _PROGRAMS: dict[str, tuple[dict, dict]] = {}
+KEPT_PROGRAMS = 8
 
 
 class JsonLog:
@@ -286,6 +288,8 @@ class Trainer:
             for kind, key, fut in futures:
                 (loops if kind == "train" else predicts)[key] = fut.result()
         _PROGRAMS[program] = (dict(loops), dict(predicts))
+        while len(_PROGRAMS) > KEPT_PROGRAMS:
+            del _PROGRAMS[next(iter(_PROGRAMS))]
         return loops, predicts
 
     def program_key(self, state, frozen, n: int, train_examples: dict, eval_examples: dict) -> str:
