@@ -81,9 +81,10 @@ def build(model_dir: str, a, num_labels: int):
 
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
     if a.method in ("full", "frozen", "bitfit", "adapter"):
-        from jaxpeft.masks import BERT_BIAS_TERMS
+        from jaxpeft.masks import BERT_BIAS_TERMS, BITFIT_ALIASES
 
-        terms = [t.strip() for t in (a.bitfit_terms or "").split(",") if t.strip()]
+        terms = [BITFIT_ALIASES.get(t.strip().lower(), t.strip()) for t in (a.bitfit_terms or "").split(",")
+                 if t.strip()]
         bias = re.compile("|".join(f"(?:{BERT_BIAS_TERMS[t]})" for t in terms)) if terms else None
         if a.method == "adapter":
             sites = ("attention", "output") if a.adapter_type == "houlsby" else ("output",)
@@ -122,8 +123,8 @@ def build(model_dir: str, a, num_labels: int):
 
 def peer_args(cfg) -> list[str]:
     """This script's flags for the run ``cfg`` (a ``jaxpeft.config.TrainConfig``) describes: the same
-    method, task, schedule, evaluations and method options (packing, dropout and compute settings
-    have no counterpart here)."""
+    method, task, schedule, evaluations and method options. Packing, the dropout and compute settings
+    and P-tuning v2's dropout on the prefixes have no counterpart here (peft has no prefix dropout)."""
     o, d, r, m = cfg.optim, cfg.data, cfg.run, dict(cfg.method_options)
     if cfg.head.pooling != "cls" or cfg.head.modules_to_save:
         raise SystemExit("the peer reads [CLS] through the frozen pooler only")

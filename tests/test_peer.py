@@ -17,7 +17,7 @@ def peer_namespace(flags: list[str]):
 
 
 @pytest.mark.parametrize("method,options", [
-    ("full", {}), ("frozen", {}), ("bitfit", {}), ("bitfit", {"bitfit_terms": "query,intermediate"}),
+    ("full", {}), ("frozen", {}), ("bitfit", {}), ("bitfit", {"bitfit_terms": "b_q,b_m2"}),
     ("bitfit", {"bitfit_terms": "key,value,attention_output,attention_layernorm,output,output_layernorm"}),
     ("lora", {}), ("adapter", {}), ("adapter", {"adapter_type": "pfeiffer"})])
 def test_peer_trains_what_our_config_trains(method, options, tiny_bert_dir, glue, tmp_path):
