@@ -5,8 +5,8 @@ grid) x seeds. For every task and setting the learning rate is chosen on dev wit
 (the *selection seed*); the other seeds then run at the chosen rate. Every run writes its own
 folder ``<out>/<task>/<setting>/lr<lr>-seed<seed>/`` (``spec.json``, ``results.json``,
 ``log.jsonl``, ``output.log`` and, for BitFit settings, an ``adapter/`` folder), in a worker
-process it shares with the rest of its group's grid or seeds. A run whose ``results.json`` (and adapter, where one is due) exists is skipped; a folder without them is wiped
-and run again; a finished run made with other settings than the study asks for now is refused
+process it shares with the rest of its group's grid or seeds. A run whose ``results.json`` (and
+adapter, where one is due) exists is skipped; a folder without them is wiped and run again; a finished run made with other settings than the study asks for now is refused
 (:mod:`records <experiments.bitfit_study.records>`). :mod:`driver <experiments.bitfit_study.driver>`
 runs the runs; the tables are built from the ``results.json`` files alone
 (:mod:`tables <experiments.bitfit_study.tables>`).
