@@ -1,15 +1,16 @@
 """The BitFit study: its grid, the runs it makes and what each one trains with.
 
-The grid (``config.py`` beside this file): tasks x settings (a method, its BitFit terms and a learning-rate
-grid) x seeds. For every task and setting the learning rate is chosen on dev with the smallest seed
-(the *selection seed*); the other seeds then run at the chosen rate. Every run writes its own
-folder ``<out>/<task>/<setting>/lr<lr>-seed<seed>/`` (``spec.json``, ``results.json``,
-``log.jsonl``, ``output.log`` and, for BitFit settings, an ``adapter/`` folder), in a worker
-process it shares with the rest of its group's grid or seeds. A run whose ``results.json`` (and
-adapter, where one is due) exists is skipped; a folder without them is wiped and run again; a finished run made with other settings than the study asks for now is refused
-(:mod:`records <experiments.bitfit_study.records>`). :mod:`driver <experiments.bitfit_study.driver>`
-runs the runs; the tables are built from the ``results.json`` files alone
-(:mod:`tables <experiments.bitfit_study.tables>`).
+The grid (``config.py`` beside this file): tasks x settings (a method, its BitFit terms and a
+learning-rate grid) x seeds. For every task and setting the learning rate is chosen on dev with the
+smallest seed (the *selection seed*); the other seeds then run at the chosen rate. Every run writes
+its own folder ``<out>/<task>/<setting>/lr<lr>-seed<seed>/`` (``spec.json``, ``results.json``,
+``log.jsonl``, ``output.log`` and, for BitFit settings, an ``adapter/`` folder), in a worker process
+it shares with the rest of its group's grid or seeds. A run whose ``results.json`` (and adapter,
+where one is due) exists is skipped; a folder without them is wiped and run again; a finished run
+made with other settings than the study asks for now is refused (:mod:`records
+<experiments.bitfit_study.records>`). :mod:`driver <experiments.bitfit_study.driver>` runs the runs;
+the tables are built from the ``results.json`` files alone (:mod:`tables
+<experiments.bitfit_study.tables>`).
 
 Every run's settings are ``jaxpeft.config.TrainConfig`` settings by flag name: the study config's
 ``get_config(task)``, then ``--set KEY=VALUE`` (:func:`parse_overrides`), then the grid's own
