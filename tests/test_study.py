@@ -274,7 +274,7 @@ def get_study():
             assert run.learning_rate == own.optim.learning_rate == got.optim.learning_rate
             assert got.optim.max_steps == 2 and got.optim.seed == 0   # get_config's, then the grid's
             assert got.optim == dataclasses.replace(own.optim, max_steps=2)
-            assert got.data == dataclasses.replace(own.data, data_dir=str(glue)) and got.head == own.head
+            assert got.data == dataclasses.replace(own.data, data_dir=str(Path(glue).resolve())) and got.head == own.head
             assert got.method_obj() == own.method_obj()
             assert got.optim.head_learning_rate == own.optim.head_learning_rate
     assert [r.learning_rate for r in plan.grid_runs(("rte", "lora"))] == [1e-4]   # its own grid
