@@ -266,7 +266,8 @@ class Trainer:
                 eval_examples.setdefault(_shape_key(b), b)
         pc = jax.process_count()
         program = self.program_key(state, frozen, n, train_examples, eval_examples)
-        if program in _PROGRAMS:
+        self.programs_reused = program in _PROGRAMS
+        if self.programs_reused:
             loops, predicts = _PROGRAMS[program]
             return dict(loops), dict(predicts)
         sched = optim.Schedule.create(1.0, 1, 0.0).as_array()
@@ -349,10 +350,13 @@ class Trainer:
         predict_jit = self.plan.jit_predict(steps.make_predict_step(self.model.module), state_sh.trainable,
                                             frozen_sh)
         # what later parts of the run import, while XLA compiles (it leaves the interpreter free)
-        runtime.prewarm(metrics.HEAVY_IMPORTS + ("orbax.checkpoint",)
-                        + (("matplotlib.pyplot",) if cfg.run.plot else ()))
+        warming = runtime.prewarm(metrics.HEAVY_IMPORTS + ("orbax.checkpoint",)
+                                  + (("matplotlib.pyplot",) if cfg.run.plot else ()))
         with timers.section("compile"):
             loops, predicts = self.compile_all(loop_jit, predict_jit, state, frozen, n)
+            # done before the run uses them: a module imported from two threads at once can be seen
+            # half-initialised (matplotlib.pyplot was, after programs reused from an earlier run)
+            warming.join()
         shapes = {"train": [str(k) for k in loops], "predict": [str(k) for k in predicts]}
 
         def predict_fn(trainable, frozen_, batch):
@@ -473,6 +477,7 @@ class Trainer:
             "main_metric": task.main_metric, "best_dev": best, "best_step": best_step,
             "final_dev": last_eval, "steps": step, "epochs": step / spe,
             "train_examples": len(self.train_data), "steps_per_dispatch": n, "compiled_shapes": shapes,
+            "programs_reused": self.programs_reused,
             "examples_per_second": examples / max(train_seconds, 1e-9),
             "tokens_per_second": tokens / max(train_seconds, 1e-9),
             "seed": o.seed, "config": self.config_record(),
