@@ -61,7 +61,7 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
         assert r["config"]["learning_rate"] == lr and r["seed"] == 0 and r["steps"] == 2
         assert r["config"]["model"] == str(tiny_bert_dir)
     # the grid's two runs share one process: the second reuses the first's compiled programs
-    assert sorted(r["compile_seconds"] < 0.5 for r in grid.values()) == [False, True]
+    assert sorted(r["programs_reused"] for r in grid.values()) == [False, True]
 
     # the adapter: exactly the trainable leaves (every bias + the head), moved by training
     adapter = out / f"rte/bitfit/lr{chosen:g}-seed1/adapter"
