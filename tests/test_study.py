@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.bitfit_study import bias_change, records, study, tables
+from experiments.bitfit_study import bias_change, driver, records, study, tables
 from jaxpeft import adapters, compute, config
 from jaxpeft.errors import UserError
 
@@ -280,3 +280,12 @@ def get_study():
     assert [r.learning_rate for r in plan.grid_runs(("rte", "lora"))] == [1e-4]   # its own grid
     assert plan.config(plan.grid_runs(("rte", "lora"))[0]).optim.num_epochs == \
         config.build({"method": "lora", "task": "rte"}).optim.num_epochs
+    # one rate per group: nothing to choose, so the seeds join the grid run and the peer need not wait
+    assert plan.known_lr(("rte", "lora")) == 1e-4
+    peers = driver.peer_runs(plan)
+    assert {(r.task, r.setting, r.seed) for r in peers} == \
+        {(t, s, 0) for t in ("rte", "sst2") for s in ("prefix", "bitfit_qi", "lora")}
+    assert [plan.cost(r) for r in peers] == sorted((plan.cost(r) for r in peers), reverse=True)
+    grid = study.Plan(study.load_study(study.DEFAULT_STUDY), tmp_path / "grid", model=str(tiny_bert_dir),
+                      data_dir=str(glue))
+    assert grid.known_lr(("rte", "bitfit")) is None and driver.peer_runs(grid) == []

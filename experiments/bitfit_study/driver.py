@@ -136,7 +136,12 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
     echo(f"study: {len(all_runs)} runs in {plan.out} ({todo} to run), {jobs} processes at a time")
     note(event="start", time=time.time(), jobs=jobs, runs=len(all_runs), to_run=todo)
     for g in plan.groups():
-        push(plan.grid_runs(g))
+        lr = plan.known_lr(g)
+        if lr is None:
+            push(plan.grid_runs(g))
+        else:  # one rate: its seeds go in the same process (one compilation)
+            del waiting[g]
+            push(plan.grid_runs(g) + plan.seed_runs(g, lr))
     running: dict[subprocess.Popen, tuple[tuple[Run, ...], float]] = {}
     t0 = time.perf_counter()
     try:
@@ -203,16 +208,17 @@ def peer_file(plan: Plan, run: Run) -> Path:
 
 
 def peer_runs(plan: Plan, seeds: tuple[int, ...] | None = None) -> list[Run]:
-    """The runs the peer repeats: every group whose grid is done, at its chosen learning rate, for
-    ``seeds`` (default: the selection seed)."""
+    """The runs the peer repeats: every group whose grid is done (or has only one rate), at its
+    chosen learning rate, for ``seeds`` (default: the selection seed), costliest first."""
     out = []
     for g in plan.groups():
-        grid = plan.grid_runs(g)
-        if not all(map(plan.is_complete, grid)):
-            continue
-        lr = choose_lr(plan.grid_metrics(g))
+        lr = plan.known_lr(g)
+        if lr is None:
+            if not all(map(plan.is_complete, plan.grid_runs(g))):
+                continue
+            lr = choose_lr(plan.grid_metrics(g))
         out += [Run(*g, lr, s) for s in (seeds or (plan.study.selection_seed,))]
-    return out
+    return sorted(out, key=plan.cost, reverse=True)
 
 
 def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = None,
@@ -236,6 +242,7 @@ def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = Non
                 cfg = plan.config(run)
                 cmd = [sys.executable, str(PEER_SCRIPT), *peer_args(cfg), f"--model={plan.model}"] + \
                     ([f"--data_dir={plan.data_dir}"] if plan.data_dir else [])
+                peer_file(plan, run).parent.mkdir(parents=True, exist_ok=True)
                 log = open(peer_file(plan, run).with_suffix(".log"), "w")
                 running[subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)] = \
                     (run, time.perf_counter(), log)

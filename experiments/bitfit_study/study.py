@@ -261,6 +261,12 @@ class Plan:
         t, s = group
         return [Run(t, s, lr, self.study.selection_seed) for lr in self.study.learning_rates(t, s)]
 
+    def known_lr(self, group: tuple[str, str]) -> float | None:
+        """The group's rate when its grid has only one (nothing to choose, so no need to wait for
+        the grid's result), else None."""
+        rates = self.study.learning_rates(*group)
+        return rates[0] if len(rates) == 1 else None
+
     def seed_runs(self, group: tuple[str, str], lr: float) -> list[Run]:
         return [Run(*group, lr, seed) for seed in self.study.seeds if seed != self.study.selection_seed]
 
