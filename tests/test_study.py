@@ -121,12 +121,15 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
         r["final_dev"]["accuracy"], r["trainable_pct"] = value, 1.23456
         p.write_text(json.dumps(r))
     doc = tmp_path / "results.md"
-    doc.write_text(f"# Results\nbefore\n{tables.BEGIN}\nold table\n{tables.END}\nafter\n")
-    rc, stdout, err = run_study("table", *common, f"--doc={doc}")
+    begin, end = tables.markers()
+    other_begin, other_end = tables.markers("defaults-table")
+    doc.write_text(f"# Results\nbefore\n{begin}\nold table\n{end}\n{other_begin}\nkept\n{other_end}\nafter\n")
+    rc, stdout, err = run_study("table", *common, f"--doc={doc}", f"--figures={tmp_path / 'img/curves'}")
     assert rc == 0, err
     text = doc.read_text()
-    assert text.startswith("# Results\nbefore\n" + tables.BEGIN)
-    assert text.endswith(tables.END + "\nafter\n")
+    assert text.startswith("# Results\nbefore\n" + begin)
+    assert text.endswith(f"{end}\n{other_begin}\nkept\n{other_end}\nafter\n")   # only its own markers
+    assert f"wrote {tmp_path / 'img/curves_rte.png'}" in stdout and (tmp_path / "img/curves_rte.png").stat().st_size
     assert "old table" not in text
     assert "| BitFit | 1.2346 | 70.0 ± 14.1 | 70.0 |" in text     # mean and sample std of 0.8 and 0.6
     assert "| Frozen | — | — | — |" in text

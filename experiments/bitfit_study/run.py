@@ -47,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_cache", default=None,
                    help="persistent compilation cache folder (default: OUT/.jax_cache; 'none': off)")
     p.add_argument("--doc", help="table: also write the tables between the markers of this file")
+    p.add_argument("--marker", default="study-table",
+                   help="table: the name in the --doc markers <!-- NAME:begin --> ... <!-- NAME:end -->")
+    p.add_argument("--figures", metavar="PREFIX",
+                   help="table: also draw each task's learning curves, every setting, to PREFIX_<task>.png")
     p.add_argument("--setting", default="bitfit", help="adapters: which setting (default: bitfit)")
     return p
 
@@ -68,7 +72,10 @@ def main(argv=None) -> int:
         table = tables.render(groups, st, n, a.out)
         print(table)
         if a.doc:
-            tables.write_between_markers(a.doc, table)
+            tables.write_between_markers(a.doc, table, a.marker)
+        if a.figures:
+            for path in tables.draw_curves(groups, st, a.figures):
+                print(f"wrote {path}")
         return 0
     if a.jobs < 1:
         raise UserError("--jobs must be at least 1")

@@ -18,7 +18,6 @@ from typing import Any
 from experiments.bitfit_study.study import ADAPTER, RESULTS, Study, choose_lr, main_metric, read_results
 from jaxpeft.errors import UserError
 
-BEGIN, END = "<!-- study-table:begin -->", "<!-- study-table:end -->"
 PEER_GLOB = "peer-lr*-seed*.json"
 PEER_NAME = re.compile(r"peer-lr(.+)-seed(\d+)\.json")
 _METRIC_NAMES = {"accuracy": "acc", "matthews_correlation": "MCC", "f1": "F1", "pearson": "Pearson"}
@@ -200,17 +199,47 @@ def peer_table(groups: dict[tuple[str, str], Group], study: Study, tasks: list[s
     return lines
 
 
-def write_between_markers(doc: str | Path, table: str) -> None:
-    """Replaces what lies between the study-table markers of ``doc`` with ``table``."""
+def markers(name: str = "study-table") -> tuple[str, str]:
+    """The two comment lines that enclose a driver-made table called ``name`` in a document."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def write_between_markers(doc: str | Path, table: str, name: str = "study-table") -> None:
+    """Replaces what lies between the ``name`` markers of ``doc`` with ``table``."""
     doc = Path(doc)
     if not doc.is_file():
         raise UserError(f"document {doc} not found")
+    begin, end = markers(name)
     text = doc.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise UserError(f"{doc} needs one line {BEGIN} followed by one line {END}")
-    before, rest = text.split(BEGIN)
-    after = rest.split(END)[1]
-    doc.write_text(f"{before}{BEGIN}\n{table}\n{END}{after}")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise UserError(f"{doc} needs one line {begin} followed by one line {end}")
+    before, rest = text.split(begin)
+    after = rest.split(end)[1]
+    doc.write_text(f"{before}{begin}\n{table}\n{end}{after}")
+
+
+def draw_curves(groups: dict[tuple[str, str], Group], study: Study, prefix: str | Path) -> list[Path]:
+    """One figure per task, ``PREFIX_<task>.png``: the dev metric and the training loss against the
+    step of every setting's run at its chosen learning rate (the selection seed). Empty when
+    matplotlib is missing."""
+    from jaxpeft import curves
+
+    out = []
+    for task in study.tasks:
+        runs, metric = {}, "accuracy"
+        for name, setting in study.settings.items():
+            g = groups.get((task, name))
+            if g is None:
+                continue
+            seed, res, folder = g.at_chosen()[0]
+            metric = res["main_metric"]
+            runs[f"{setting.label} ({_lr(g.chosen_lr())})"] = curves.read_log(folder)
+        if runs:
+            path = curves.plot_runs(runs, f"{prefix}_{task}.png", metric=metric,
+                                    title=f"{task}: each setting at its chosen learning rate, seed {seed}")
+            if path is not None:
+                out.append(path)
+    return out
 
 
 def chosen_adapters(groups: dict[tuple[str, str], Group], tasks: list[str], setting: str) -> list[Path]:
