@@ -7,8 +7,9 @@ the identity (their up-projection at zero), so they need a rate well above full 
 
 STS-B (regression, labels 0..5) gives the head its own rate, 1e-2: with Adam a parameter moves
 about the rate per step, so at 1e-3 the head's bias needs ~2,700 steps to reach the labels' mean
-(~2.7) and the run has 1,800. Two of three H200 seeds then pushed the offset through the encoder
-instead and the prediction went constant (Pearson 0.0 at the end). On the CPU, with the head at
+(~2.7) and the run has 1,800. In two of three H200 seeds the encoder was pushed to carry the
+offset instead and the prediction went constant early (Pearson 0.0 after epoch 3); one of them
+never recovered (0.0 at the end). On the CPU, with the head at
 1e-2, seed 1 ended at 86.5 and seed 0 at 85.9 (docs/results.md).
 """
 
