@@ -292,3 +292,38 @@ def get_study():
     grid = study.Plan(study.load_study(study.DEFAULT_STUDY), tmp_path / "grid", model=str(tiny_bert_dir),
                       data_dir=str(glue))
     assert grid.known_lr(("rte", "bitfit")) is None and driver.peer_runs(grid) == []
+
+
+def test_settings_may_fix_other_options_and_are_told_apart_by_their_folder(tmp_path, glue, tiny_bert_dir):
+    cfg = tmp_path / "search.py"
+    cfg.write_text('''
+def get_config(task):
+    return dict(max_steps=2, progress=False, pooling="cls")
+
+def get_study():
+    return dict(tasks=("rte",), seeds=(0,), method_configs=True,
+                settings={"frozen": dict(method="frozen"),
+                          "frozen_mean": dict(method="frozen", options=dict(pooling="mean", num_epochs=3),
+                                              learning_rates=(1e-3, 1e-2))})
+''')
+    st = study.load_study(cfg)
+    plan = study.Plan(st, tmp_path / "out", model=str(tiny_bert_dir), data_dir=str(glue))
+    (plain,) = plan.grid_runs(("rte", "frozen"))
+    mean = plan.grid_runs(("rte", "frozen_mean"))
+    assert [r.learning_rate for r in mean] == [1e-3, 1e-2]
+    assert plan.config(plain).head.pooling == "cls"
+    assert plan.config(plain).optim.num_epochs == config.build({"method": "frozen", "task": "rte"}).optim.num_epochs
+    got = plan.config(mean[0])
+    assert got.head.pooling == "mean" and got.optim.num_epochs == 3   # over get_config(task)
+    # both settings train "frozen": a results file is read as the setting of the folder it is in
+    assert st.setting_at("frozen_mean", "frozen", None) == "frozen_mean"
+    assert st.setting_at("frozen", "frozen", None) == "frozen"
+    assert st.setting_at("elsewhere", "frozen", None) == "frozen"
+    assert st.setting_at("frozen_mean", "bitfit", None) is None
+    bad = tmp_path / "bad.py"
+    bad.write_text(cfg.read_text().replace('pooling="mean"', 'learning_rate=1.0'))
+    with pytest.raises(UserError, match="'learning_rate' is not an option a setting may fix"):
+        study.load_study(bad)
+    bad.write_text(cfg.read_text().replace('pooling="mean"', 'no_such_option=1'))
+    with pytest.raises(UserError, match="'no_such_option'"):
+        study.load_study(bad)

@@ -71,6 +71,9 @@ class Setting:
     method: str
     learning_rates: tuple[float, ...]
     bitfit_terms: str | None = None
+    #: Other training settings by flag name that this setting fixes (e.g. ``pooling="mean"``,
+    #: ``packing=False``), as sorted ``(key, value)`` pairs; they apply over ``get_config(task)``.
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def saves_adapter(self) -> bool:
@@ -81,7 +84,8 @@ class Setting:
         return {"bitfit_terms": self.bitfit_terms} if self.method == "bitfit" or self.bitfit_terms else {}
 
     def matches(self, method: str, bitfit_terms: str | None) -> bool:
-        """Whether a run of ``method`` with ``bitfit_terms`` is a run of this setting."""
+        """Whether a run of ``method`` with ``bitfit_terms`` is a run of this setting (settings that
+        differ only in :attr:`options` are told apart by their folder)."""
         if method != self.method:
             return False
         return method != "bitfit" or canonical_terms(bitfit_terms) == canonical_terms(self.bitfit_terms)
@@ -119,6 +123,12 @@ class Study:
     def setting_of(self, method: str, bitfit_terms: str | None) -> str | None:
         return next((n for n, s in self.settings.items() if s.matches(method, bitfit_terms)), None)
 
+    def setting_at(self, folder: str, method: str, bitfit_terms: str | None) -> str | None:
+        """The setting of a run of ``method`` with ``bitfit_terms`` found in the setting folder
+        ``folder``: that folder's setting where the run matches it, else the first that matches."""
+        s = self.settings.get(folder)
+        return folder if s is not None and s.matches(method, bitfit_terms) else self.setting_of(method, bitfit_terms)
+
     def select(self, tasks: Sequence[str] | None = None, settings: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> "Study":
         """The same study restricted to some tasks / settings / seeds (each checked)."""
@@ -150,7 +160,8 @@ def load_study(path: str | Path | None = None) -> Study:
         raw = dict(module.get_study())
         settings = {name: Setting(name=name, label=s.get("label", name), method=s["method"],
                                   learning_rates=tuple(float(x) for x in s.get("learning_rates") or ()),
-                                  bitfit_terms=s.get("bitfit_terms"))
+                                  bitfit_terms=s.get("bitfit_terms"),
+                                  options=tuple(sorted(dict(s.get("options") or {}).items())))
                     for name, s in raw["settings"].items()}
         study = Study(path, tuple(raw["tasks"]), tuple(int(x) for x in raw["seeds"]), settings,
                       module.get_config, bool(raw.get("method_configs", False)))
@@ -160,6 +171,10 @@ def load_study(path: str | Path | None = None) -> Study:
         data.get_task(t)
     for s in settings.values():
         methods.create(s.method, s.method_options())  # unknown method/term: fails here
+        for key, _ in s.options:
+            if key not in setting_types() or key in GRID_KEYS or key in OWN_FLAGS:
+                raise UserError(f"study config {path}: setting {s.name!r}: {key!r} is not an option a "
+                                "setting may fix (a flag of jaxpeft-train other than the grid's own)")
         if not s.learning_rates and not study.method_configs:
             raise UserError(f"study config {path}: setting {s.name!r} has no learning rate (only a study "
                             "with method_configs=True runs at its configs' rates)")
@@ -280,6 +295,7 @@ class Plan:
             return self._configs[run]
         s = self.study.settings[run.setting]
         values = self.study.base_config(run.task, s.method)
+        values.update(s.options)
         values.update(self.overrides)
         values.pop("bitfit_terms", None)   # the grid decides it (only settings of BitFit have it)
         values.update(method=s.method, **s.method_options(), task=run.task, seed=run.seed,

@@ -69,7 +69,8 @@ def collect(out: str | Path, study: Study) -> tuple[dict[tuple[str, str], Group]
     for path in sorted(out.rglob(RESULTS)):
         res = read_results(path)
         try:
-            setting = study.setting_of(res["method"], (res.get("method_options") or {}).get("bitfit_terms"))
+            setting = study.setting_at(path.parent.parent.name, res["method"],
+                                       (res.get("method_options") or {}).get("bitfit_terms"))
             key = (res["task"], setting)
             lr, seed = float(res["config"]["learning_rate"]), int(res["seed"])
             main_metric(res)
