@@ -8,7 +8,8 @@ the same epochs, an evaluation on dev after every epoch, bf16 autocast on a GPU,
 ``torch.compile``. BitFit, Frozen and full fine-tuning set ``requires_grad`` as the BitFit reference
 code does (``--bitfit_terms`` as ours); LoRA and the prompt methods are peft's; bottleneck adapters,
 which peft lacks, are ours written in PyTorch (Houlsby's placement, the LayerNorms train). The
-classifier can take its own rate (``--head_learning_rate``). Prints one JSON line: the wall time split
+classifier can take its own rate (``--head_learning_rate``) and read the pooler on [CLS] or, as ours
+with ``--pooling=mean``, the mean of the last layer. Prints one JSON line: the wall time split
 like our ``results.json`` (``startup_seconds``, ``data_seconds``, ``train_seconds``, ``eval_seconds``,
 ``wall_seconds``), examples/s, and the dev metric after every evaluation (every epoch, or every
 ``--eval_every`` steps) with the final and the best. :func:`peer_args` gives the flags that mirror one
@@ -72,6 +73,34 @@ def add_adapters(model, size: int, sites: tuple[str, ...]) -> list:
     return out
 
 
+def read_mean(model) -> None:
+    """``--pooling=mean``, as ours (``jaxpeft.models.bert``): the classifier reads the mean of the
+    last layer's outputs over the attended positions (a prompt's virtual tokens included, a prefix's
+    keys not), summed in float32, instead of the pooler on [CLS]. The pooler is replaced by the
+    mean; the attention mask comes from BERT's own call (peft's prompt methods pass it with the
+    virtual tokens' ones in front, so its last ``T`` columns are the ``T`` outputs' own)."""
+    import torch
+    from torch import nn
+
+    class MeanPool(nn.Module):
+        mask = None
+
+        def forward(self, hidden):
+            h = hidden.float()
+            if self.mask is None:
+                return h.mean(1)
+            m = self.mask[:, -h.shape[1]:].to(h.dtype).unsqueeze(-1)
+            return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    pool = MeanPool()
+
+    def grab_mask(module, args, kwargs):
+        pool.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    model.bert.register_forward_pre_hook(grab_mask, with_kwargs=True)
+    model.bert.pooler = pool
+
+
 def build(model_dir: str, a, num_labels: int):
     """The model of ``a.method`` with our config's trainable set."""
     import re
@@ -80,6 +109,8 @@ def build(model_dir: str, a, num_labels: int):
     from transformers import BertForSequenceClassification
 
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
+    if a.pooling == "mean":
+        read_mean(model)
     if a.method in ("full", "frozen", "bitfit", "adapter"):
         from jaxpeft.masks import BERT_BIAS_TERMS, BITFIT_ALIASES
 
@@ -126,14 +157,15 @@ def peer_args(cfg) -> list[str]:
     method, task, schedule, evaluations and method options. Packing, the dropout and compute settings
     and P-tuning v2's dropout on the prefixes have no counterpart here (peft has no prefix dropout)."""
     o, d, r, m = cfg.optim, cfg.data, cfg.run, dict(cfg.method_options)
-    if cfg.head.pooling != "cls" or cfg.head.modules_to_save:
-        raise SystemExit("the peer reads [CLS] through the frozen pooler only")
+    if cfg.head.modules_to_save:
+        raise SystemExit("the peer trains no modules_to_save but the classifier")
     args = [f"--method={cfg.method}", f"--task={cfg.task}", f"--learning_rate={o.learning_rate}",
             f"--batch_size={o.batch_size}", f"--num_epochs={o.num_epochs}", f"--max_seq_length={d.max_seq_length}",
             f"--max_steps={o.max_steps}", f"--warmup_ratio={o.warmup_ratio}", f"--weight_decay={o.weight_decay}",
             f"--max_grad_norm={o.max_grad_norm}", f"--eval_batch_size={d.eval_batch_size}",
             f"--max_train_examples={d.max_train_examples}",
-            f"--max_eval_examples={d.max_eval_examples}", f"--eval_every={r.eval_every}", f"--seed={o.seed}"]
+            f"--max_eval_examples={d.max_eval_examples}", f"--eval_every={r.eval_every}", f"--seed={o.seed}",
+            f"--pooling={cfg.head.pooling}"]
     if o.head_learning_rate is not None:
         args.append(f"--head_learning_rate={o.head_learning_rate}")
     method = cfg.method_obj()
@@ -179,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter_size", type=int, default=64)
     ap.add_argument("--adapter_type", default="houlsby")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pooling", default="cls", choices=("cls", "mean"),
+                    help="cls: the pooler on [CLS]; mean: the mean of the last layer's outputs, as ours")
     ap.add_argument("--mode", default="eager", choices=("eager", "compile"))
     return ap
 
@@ -289,7 +323,7 @@ def main() -> int:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t_loop - eval_s
     print(json.dumps({
-        "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name,
+        "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name, "pooling": a.pooling,
         "seed": a.seed, "args": vars(a),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "steps": step,
         "startup_seconds": t_startup, "data_seconds": t_data, "train_seconds": train_s, "eval_seconds": eval_s,

@@ -53,5 +53,30 @@ def test_peer_args_mirror_the_config():
     assert (a.method, a.task, a.learning_rate, a.head_learning_rate, a.num_epochs, a.seed, a.eval_every) == \
         ("ptuning", "rte", o.learning_rate, o.head_learning_rate, o.num_epochs, 2, 50)
     assert (a.encoder_type, a.encoder_num_layers, a.num_virtual_tokens) == ("lstm", 2, 20)
-    with pytest.raises(SystemExit, match="pooler"):
-        peer_args(config.build({"method": "bitfit", "task": "rte", "pooling": "mean"}))
+    assert a.pooling == "cls"
+    with pytest.raises(SystemExit, match="modules_to_save"):
+        peer_args(config.build({"method": "bitfit", "task": "rte", "modules_to_save": "pooler"}))
+
+
+@pytest.mark.parametrize("method", ["frozen", "prompt"])
+def test_peer_mean_pooling_reads_the_mean_of_the_attended_outputs(method, tiny_bert_dir):
+    import torch
+
+    cfg = config.build({"method": method, "task": "rte", "pooling": "mean"})
+    a = peer_namespace(peer_args(cfg))
+    assert a.pooling == "mean"
+    torch.manual_seed(0)
+    model = build(str(tiny_bert_dir), a, num_labels=2).eval()
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 2023, 102, 0, 0, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        # the same model's last layer, read independently: every attended position, virtual tokens included
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    n_virtual = hidden.shape[1] - ids.shape[1]
+    assert n_virtual == (cfg.method_obj().num_virtual_tokens if method == "prompt" else 0)
+    full_mask = torch.cat([torch.ones(2, n_virtual), mask.float()], 1).unsqueeze(-1)
+    mean = (hidden * full_mask).sum(1) / full_mask.sum(1)
+    classifier = model.classifier if method == "frozen" else model.base_model.classifier.modules_to_save["default"]
+    torch.testing.assert_close(logits, classifier(mean))
+    assert torch.isfinite(logits).all() and not torch.allclose(logits[0], logits[1])
