@@ -19,10 +19,10 @@ TASKS = ("cola", "mrpc", "stsb", "rte")
 #: Which settings each task searches.
 CELLS = {
     "cola": ("adapter", "adapter_unpacked", "full", "full_unpacked", "ptuning_v2", "ptuning_v2_nodrop"),
-    "mrpc": ("adapter", "prefix"),
-    "stsb": ("prefix", "ptuning_v2", "ptuning_v2_nodrop", "frozen", "frozen_mean", "frozen_pooler"),
+    "mrpc": ("adapter", "prefix", "lora", "ptuning_v2"),
+    "stsb": ("adapter", "prefix", "ptuning_v2", "ptuning_v2_nodrop", "frozen", "frozen_mean", "frozen_pooler"),
     "rte": ("bitfit", "prefix", "prefix_short", "prefix_mean", "ptuning_v2", "ptuning_v2_nodrop",
-            "ptuning_v2_short", "ptuning_v2_mean", "prompt", "prompt_mean", "ptuning", "frozen",
+            "ptuning_v2_short", "ptuning_v2_mean", "prompt", "prompt_mean", "ptuning", "ptuning_mean", "frozen",
             "frozen_mean", "frozen_pooler"),
 }
 
@@ -37,6 +37,7 @@ def get_study() -> dict:
         # module methods: the rate, and packing (CoLA's configs pack; the peer does not)
         "adapter": dict(method="adapter", learning_rates=(3e-4, 1e-3, 3e-3)),
         "adapter_unpacked": dict(method="adapter", options=dict(packing=False)),
+        "lora": dict(method="lora", learning_rates=(3e-4, 1e-3, 3e-3)),
         "full": dict(method="full", learning_rates=(2e-5, 5e-5, 1e-4)),
         "full_unpacked": dict(method="full", options=dict(packing=False)),
         "bitfit": dict(method="bitfit", learning_rates=(3e-4, 1e-3, 3e-3)),
@@ -49,6 +50,7 @@ def get_study() -> dict:
         "prompt": dict(method="prompt", learning_rates=(1e-2, 3e-2, 1e-1)),
         "prompt_mean": dict(method="prompt", options=dict(pooling="mean")),
         "ptuning": dict(method="ptuning", learning_rates=(3e-4, 1e-3, 3e-3)),
+        "ptuning_mean": dict(method="ptuning", options=dict(pooling="mean")),
         "prefix": dict(method="prefix", learning_rates=(3e-5, 1e-4, 3e-4)),
         "prefix_short": dict(method="prefix", options=dict(num_epochs=20)),
         "prefix_mean": dict(method="prefix", options=dict(pooling="mean")),

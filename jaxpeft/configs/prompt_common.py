@@ -17,6 +17,7 @@ PER_TASK = {
 }
 
 
-def for_task(cfg: dict, task: str) -> dict:
-    """``cfg`` (the method's defaults, 10 epochs) with the task's schedule applied."""
-    return {"num_epochs": 10, "max_seq_length": 128, **cfg, **PER_TASK.get(task, {})}
+def for_task(cfg: dict, task: str, **per_task: dict) -> dict:
+    """``cfg`` (the method's defaults, 10 epochs) with the task's schedule applied, then the method's
+    own values for that task (``per_task[task]``)."""
+    return {"num_epochs": 10, "max_seq_length": 128, **cfg, **PER_TASK.get(task, {}), **per_task.get(task, {})}

@@ -5,6 +5,11 @@ The reference scripts' RTE recipe on BERT-large is batch 32, lr 1e-2, 20 prefix 
 max length 128; we keep it as is for RTE on the 6-layer, 384-wide bundled model (its prefixes are
 12 x smaller: 6 x 2 x 20 x 384 = 92k values instead of 24 x 2 x 20 x 1024 = 983k) and use the
 same rate and length for the other tasks with epochs scaled to the dataset size.
+
+Per task, from the H200 search of 3e-3 / 1e-2 / 3e-2 on seed 0 (docs/results.md): MRPC and STS-B
+at 3e-2 (MRPC 85.2 / 85.3 / 87.1, STS-B 81.6 / 83.6 / 84.9; CoLA stays at 1e-2: 20.5 / 24.7 / 0.0).
+RTE reads the mean of the last layer (``pooling="mean"``): 56.3 against 49.8 on [CLS] (seed 0),
+55.6 +- 1.9 over 3 seeds.
 """
 
 from jaxpeft.configs.prompt_common import for_task
@@ -13,4 +18,5 @@ from jaxpeft.configs.prompt_common import for_task
 def get_config(task: str) -> dict:
     cfg = dict(learning_rate=1e-2, batch_size=32, num_epochs=10, max_seq_length=128, warmup_ratio=0.06,
                weight_decay=0.0, num_virtual_tokens=20, prefix_projection=False, prefix_dropout=0.1)
-    return for_task(cfg, task)
+    return for_task(cfg, task, mrpc=dict(learning_rate=3e-2), stsb=dict(learning_rate=3e-2),
+                    rte=dict(pooling="mean"))
