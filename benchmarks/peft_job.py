@@ -323,7 +323,7 @@ def main() -> int:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t_loop - eval_s
     print(json.dumps({
-        "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name, "pooling": a.pooling,
+        "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name,
         "seed": a.seed, "args": vars(a),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "steps": step,
         "startup_seconds": t_startup, "data_seconds": t_data, "train_seconds": train_s, "eval_seconds": eval_s,

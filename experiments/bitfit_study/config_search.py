@@ -21,9 +21,8 @@ CELLS = {
     "cola": ("adapter", "adapter_unpacked", "full", "full_unpacked", "ptuning_v2", "ptuning_v2_nodrop"),
     "mrpc": ("adapter", "prefix", "lora", "ptuning_v2"),
     "stsb": ("adapter", "prefix", "ptuning_v2", "ptuning_v2_nodrop", "frozen", "frozen_mean", "frozen_pooler"),
-    "rte": ("bitfit", "prefix", "prefix_short", "prefix_mean", "ptuning_v2", "ptuning_v2_nodrop",
-            "ptuning_v2_short", "ptuning_v2_mean", "prompt", "prompt_mean", "ptuning", "ptuning_mean", "frozen",
-            "frozen_mean", "frozen_pooler"),
+    "rte": ("bitfit", "prefix", "prefix_mean", "ptuning_v2", "ptuning_v2_nodrop", "ptuning_v2_mean", "prompt",
+            "prompt_mean", "ptuning", "ptuning_mean", "frozen", "frozen_mean", "frozen_pooler"),
 }
 
 
@@ -46,17 +45,15 @@ def get_study() -> dict:
         "frozen_mean": dict(method="frozen", options=dict(pooling="mean"), learning_rates=(1e-3, 1e-2, 3e-2)),
         "frozen_pooler": dict(method="frozen", options=dict(modules_to_save="pooler"),
                               learning_rates=(1e-4, 1e-3)),
-        # the prompt methods: the rate, fewer epochs, no prefix dropout, mean pooling
+        # the prompt methods: the rate, no prefix dropout, mean pooling
         "prompt": dict(method="prompt", learning_rates=(1e-2, 3e-2, 1e-1)),
         "prompt_mean": dict(method="prompt", options=dict(pooling="mean")),
         "ptuning": dict(method="ptuning", learning_rates=(3e-4, 1e-3, 3e-3)),
         "ptuning_mean": dict(method="ptuning", options=dict(pooling="mean")),
         "prefix": dict(method="prefix", learning_rates=(3e-5, 1e-4, 3e-4)),
-        "prefix_short": dict(method="prefix", options=dict(num_epochs=20)),
         "prefix_mean": dict(method="prefix", options=dict(pooling="mean")),
         "ptuning_v2": dict(method="ptuning_v2", learning_rates=(3e-3, 1e-2, 3e-2)),
         "ptuning_v2_nodrop": dict(method="ptuning_v2", options=dict(prefix_dropout=0.0)),
-        "ptuning_v2_short": dict(method="ptuning_v2", options=dict(num_epochs=20)),
         "ptuning_v2_mean": dict(method="ptuning_v2", options=dict(pooling="mean")),
     }
     for name, v in s.items():
