@@ -456,7 +456,7 @@ def predict(loaded: LoadedModel, params: Any, method: Method, examples: data.Exa
                         f"exceeds the model's {loaded.config.max_position_embeddings} positions")
     enc = data.encode(loaded.tokenizer, examples, max_seq_length)
     trainable, frozen = masks.split(params, method.mask(params))
-    fn = jax.jit(steps.make_predict_step(loaded.module))
+    fn = jax.jit(steps.make_predict_step(loaded.module), compiler_options=loaded.module.compute.compiler_options())
     batches = data.BucketBatches(enc, batch_size, max_seq_length, 0).eval_batches(enc, batch_size)
     return steps.predict_logits(fn, trainable, frozen, batches, len(enc))
 

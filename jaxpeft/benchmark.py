@@ -148,7 +148,8 @@ def build_step(bc: BenchConfig):
     frozen_sh = plan.tree_shardings(frozen)
     del params, trainable
     batch = plan.global_batch({k: np.asarray(v) for k, v in _random_batch(cfg, bc.batch, bc.seq).items()})
-    step = plan.jit_train_step(steps.make_train_step(module, tx, regression=False), state_sh, frozen_sh)
+    step = plan.jit_train_step(steps.make_train_step(module, tx, regression=False), state_sh, frozen_sh,
+                               compiler_options=bc.compute.compiler_options())
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch, np.float32(1e-4)).compile()
     compile_s = time.perf_counter() - t0
@@ -224,6 +225,8 @@ def variant(r: dict) -> str:
     if r.get("dropout") is not None:
         parts.append(f"dropout={r['dropout']:g}")
     parts.append("last_layer=" + ("cls" if r.get("cls_only_last_layer", True) else "all"))
+    if "triton_gemm" in r:
+        parts.append("triton_gemm=" + ("on" if r["triton_gemm"] else "off"))
     return " ".join(parts)
 
 

@@ -2,12 +2,13 @@
 
 :class:`Compute` holds every choice that is not the architecture (``BertConfig``) or the method:
 the compute dtype, the attention implementation, how a sublayer's output (bias, dropout, residual,
-LayerNorm) is computed, where dropout masks come from, the dropout RNG, rematerialisation, and the
-[CLS]-only last layer. The presets:
+LayerNorm) is computed, where dropout masks come from, the dropout RNG, rematerialisation, whether
+XLA tries Triton GEMM fusions on a GPU, and the [CLS]-only last layer. The presets:
 
 * ``exact``: the reference math as transformers computes it: float32, dense attention with dropout
   on the attention probabilities, XLA's ops;
-* ``fast``: bfloat16 and our GPU kernels (Pallas attention and sublayer outputs);
+* ``fast``: bfloat16 and our GPU kernels (Pallas attention and sublayer outputs), cuBLAS for the
+  matmuls (no Triton GEMM autotuning: half the compilation);
 * ``auto`` (the default everywhere): the fastest path supported where it runs (:func:`auto_for`):
   ``fast`` on one NVIDIA GPU; bfloat16 with cuDNN attention on a mesh of NVIDIA GPUs; bfloat16
   with XLA's ops on a TPU or another GPU; ``exact`` on a CPU.
@@ -66,6 +67,11 @@ class Compute:
         "on accelerators)", ("threefry2x32", "rbg"))
     remat: str = _field("none", "none, or layer: recompute each encoder layer in the backward "
                         "pass (least memory, one more forward)", ("none", "layer"), trajectory=False)
+    triton_gemm: bool = _field(
+        True, "let XLA also try Triton GEMM fusions for the matmuls (NVIDIA GPU; XLA's default): "
+        "each is autotuned when the program compiles. Off: cuBLAS for every matmul, which compiles "
+        "in about half the time at the same step speed (docs/benchmarks.md)", (True, False),
+        trajectory=False)
     cls_only_last_layer: bool = _field(
         True, "compute the last layer for the rows the head reads ([CLS]) only: the same logits "
         "and gradients with less work", (True, False))
@@ -90,6 +96,11 @@ class Compute:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata["trajectory"]}
 
+    def compiler_options(self) -> dict[str, Any]:
+        """XLA options of every program compiled with this spec (``jax.jit(compiler_options=)``;
+        the GPU options are ignored elsewhere)."""
+        return {} if self.triton_gemm else {"xla_gpu_enable_triton_gemm": False}
+
     def uses_pallas(self) -> list[str]:
         return [f"{k}=pallas" for k in ("attention_impl", "norm_impl") if getattr(self, k) == "pallas"]
 
@@ -110,7 +121,7 @@ class Compute:
 EXACT = Compute()
 #: One NVIDIA GPU: bfloat16 and our kernels.
 FAST = Compute(dtype="bfloat16", attention_impl="pallas", norm_impl="pallas", dropout_impl="hash",
-               prng_impl="rbg")
+               prng_impl="rbg", triton_gemm=False)
 
 
 def fields() -> dict[str, dataclasses.Field]:

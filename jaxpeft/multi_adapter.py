@@ -375,7 +375,7 @@ def predict_rows(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | 
         raise UserError(f"max_seq_length={max(lengths)} plus {multi.extra_positions} virtual tokens exceeds "
                         f"the model's {multi.loaded.config.max_position_embeddings} positions")
     enc = encode_rows(multi.loaded.tokenizer, rows, lengths)
-    fn = jax.jit(make_mixed_predict_step(multi.module))
+    fn = jax.jit(make_mixed_predict_step(multi.module), compiler_options=multi.module.compute.compiler_options())
     buckets = data.length_buckets(max(lengths))
     route = rows.adapter
 

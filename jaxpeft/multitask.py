@@ -462,9 +462,10 @@ class MultiTaskTrainer:
                 resume=cfg.run.resume, main_metric=AVERAGE, data_position=self.data_position, echo=self.echo,
                 log=jlog.write)
             state = self.checkpoints.resume(state)
-        step_jit = jax.jit(self.mixed.train_step(tx), donate_argnums=(0,))
-        export_fn = jax.jit(self.mixed.export)
-        predict_fn = jax.jit(multi_adapter.make_mixed_predict_step(self.mixed.module))
+        xla = self.compute.compiler_options()
+        step_jit = jax.jit(self.mixed.train_step(tx), donate_argnums=(0,), compiler_options=xla)
+        export_fn = jax.jit(self.mixed.export, compiler_options=xla)
+        predict_fn = jax.jit(multi_adapter.make_mixed_predict_step(self.mixed.module), compiler_options=xla)
         compiled: dict[int, Any] = {}
         jlog.write(event="start", config=self.config_record(), method_options=self.method.options(), tasks=names,
                    train_examples={n: len(e) for n, e in zip(names, self.train_data)},

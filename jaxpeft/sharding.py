@@ -273,30 +273,32 @@ class MeshPlan:
         return counted
 
     def jit_train_step(self, step: Callable, state_sharding: Any, frozen_sharding: Any,
-                       max_traces: int | None = None) -> Callable:
+                       max_traces: int | None = None, compiler_options: dict | None = None) -> Callable:
         """``step(state, frozen, batch, lr) -> (state, metrics)`` jitted on the mesh: state donated
         and kept on its shardings, the batch split over the batch axes, lr and metrics replicated."""
         return jax.jit(self.traced(step, "train_step", max_traces),
                        in_shardings=(state_sharding, frozen_sharding, self.batch_sharding, self.replicated),
-                       out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
+                       out_shardings=(state_sharding, self.replicated), donate_argnums=(0,),
+                       compiler_options=compiler_options)
 
     def jit_train_loop(self, loop: Callable, state_sharding: Any, frozen_sharding: Any,
-                       max_traces: int | None = None) -> Callable:
+                       max_traces: int | None = None, compiler_options: dict | None = None) -> Callable:
         """``loop(state, frozen, batches, active, schedule) -> (state, metrics)`` (``steps.
         make_train_loop``) jitted on the mesh: state donated, the stacked batches split along their
         rows, the rest replicated."""
         return jax.jit(self.traced(loop, "train_loop", max_traces),
                        in_shardings=(state_sharding, frozen_sharding, self.stacked_batch_sharding,
                                      self.replicated, self.replicated),
-                       out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
+                       out_shardings=(state_sharding, self.replicated), donate_argnums=(0,),
+                       compiler_options=compiler_options)
 
     def jit_predict(self, predict: Callable, trainable_sharding: Any, frozen_sharding: Any,
-                    max_traces: int | None = None) -> Callable:
+                    max_traces: int | None = None, compiler_options: dict | None = None) -> Callable:
         """``predict(trainable, frozen, batch) -> logits`` jitted on the mesh; the logits come back
         replicated, so every process can read all of them."""
         return jax.jit(self.traced(predict, "predict", max_traces),
                        in_shardings=(trainable_sharding, frozen_sharding, self.batch_sharding),
-                       out_shardings=self.replicated)
+                       out_shardings=self.replicated, compiler_options=compiler_options)
 
 
 def create_plan(mesh: str | None = None, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,

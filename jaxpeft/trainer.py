@@ -267,27 +267,38 @@ class Trainer:
         pc = jax.process_count()
         program = self.program_key(state, frozen, n, train_examples, eval_examples)
         self.programs_reused = program in _PROGRAMS
+        self.compile_split = {}
         if self.programs_reused:
             loops, predicts = _PROGRAMS[program]
             return dict(loops), dict(predicts)
         sched = optim.Schedule.create(1.0, 1, 0.0).as_array()
-        lowered: list[tuple[str, Any, Any]] = []
+        jobs: list[tuple[str, Any, Callable[[], Any]]] = []
         for key, b in train_examples.items():
             abstract = {k: jax.ShapeDtypeStruct((n, v.shape[0] * pc) + v.shape[1:], v.dtype,
                                                 sharding=self.plan.stacked_batch_sharding)
                         for k, v in steps.model_inputs(b).items()}
-            lowered.append(("train", key, loop_jit.lower(state, frozen, abstract, np.ones(n, bool), sched)))
+            jobs.append(("train", key, lambda a=abstract: loop_jit.lower(state, frozen, a, np.ones(n, bool), sched)))
         for key, b in eval_examples.items():
             abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                 sharding=self.plan.batch_sharding)
                         for k, v in steps.model_inputs(b).items()}
-            lowered.append(("predict", key, predict_jit.lower(state.trainable, frozen, abstract)))
+            jobs.append(("predict", key, lambda a=abstract: predict_jit.lower(state.trainable, frozen, a)))
         loops, predicts = {}, {}
-        # XLA compiles outside the interpreter lock: the shapes compile side by side
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(lowered))) as pool:
-            futures = [(kind, key, pool.submit(low.compile)) for kind, key, low in lowered]
+        lowering = 0.0
+        t0 = time.perf_counter()
+        # XLA compiles outside the interpreter lock: each program compiles while the next one is
+        # traced and lowered, and the shapes compile side by side
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            futures = []
+            for kind, key, lower in jobs:
+                t = time.perf_counter()
+                low = lower()
+                lowering += time.perf_counter() - t
+                futures.append((kind, key, pool.submit(low.compile)))
             for kind, key, fut in futures:
                 (loops if kind == "train" else predicts)[key] = fut.result()
+        self.compile_split = {"lower_seconds": round(lowering, 4),
+                              "xla_wait_seconds": round(time.perf_counter() - t0 - lowering, 4)}
         _PROGRAMS[program] = (dict(loops), dict(predicts))
         while len(_PROGRAMS) > KEPT_PROGRAMS:
             del _PROGRAMS[next(iter(_PROGRAMS))]
@@ -345,10 +356,11 @@ class Trainer:
                 echo=self.echo, log=jlog.write)
             state = self.checkpoints.resume(state)
         n = self.steps_per_dispatch()
+        xla = self.compute.compiler_options()
         loop_jit = self.plan.jit_train_loop(steps.make_train_loop(self.model.module, tx, task.is_regression),
-                                            state_sh, frozen_sh)
+                                            state_sh, frozen_sh, compiler_options=xla)
         predict_jit = self.plan.jit_predict(steps.make_predict_step(self.model.module), state_sh.trainable,
-                                            frozen_sh)
+                                            frozen_sh, compiler_options=xla)
         # what later parts of the run import, while XLA compiles (it leaves the interpreter free)
         warming = runtime.prewarm(metrics.HEAVY_IMPORTS + ("orbax.checkpoint",)
                                   + (("matplotlib.pyplot",) if cfg.run.plot else ()))
@@ -469,6 +481,10 @@ class Trainer:
             ckpt = self.checkpoints.close()
         with timers.section("export"):
             export = self.export(state, frozen)
+            if self.is_main and cfg.run.plot:
+                from jaxpeft import curves
+
+                curves.plot_run(self.out, title=f"{cfg.method} on {task.name}", metric=task.main_metric)
         train_seconds = timers.seconds["train"]
         results = {
             "method": cfg.method, "task": task.name, "model": cfg.model,
@@ -477,7 +493,7 @@ class Trainer:
             "main_metric": task.main_metric, "best_dev": best, "best_step": best_step,
             "final_dev": last_eval, "steps": step, "epochs": step / spe,
             "train_examples": len(self.train_data), "steps_per_dispatch": n, "compiled_shapes": shapes,
-            "programs_reused": self.programs_reused,
+            "programs_reused": self.programs_reused, "compile_split": self.compile_split,
             "examples_per_second": examples / max(train_seconds, 1e-9),
             "tokens_per_second": tokens / max(train_seconds, 1e-9),
             "seed": o.seed, "config": self.config_record(),
@@ -491,10 +507,6 @@ class Trainer:
             (self.out / "results.json").write_text(text)
         jlog.write(event="end", steps=step, **timers.report(),
                    examples_per_second=results["examples_per_second"])
-        if self.is_main and cfg.run.plot:
-            from jaxpeft import curves
-
-            curves.plot_run(self.out, title=f"{cfg.method} on {task.name}", metric=task.main_metric)
         self.echo(f"done: best {task.main_metric}={best[task.main_metric]:.4f} at step {best_step}, "
                   f"final {last_eval[task.main_metric]:.4f}; {step} steps in {train_seconds:.1f}s "
                   f"({results['examples_per_second']:.1f} examples/s), {results['wall_seconds']:.1f}s in all "

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import compute, config, masks, methods, steps
+from jaxpeft import compute, config, data, masks, methods, steps
 from jaxpeft.compute import EXACT, FAST, Compute
 from jaxpeft.errors import UserError
 from jaxpeft.models import pallas_common
@@ -57,6 +57,11 @@ def test_presets_per_platform():
     rocm = compute.resolve("auto", platform="gpu", num_devices=1, nvidia=False)
     assert not rocm.uses_pallas() and rocm.attention_impl == "dense"
     assert EXACT.dtype == "float32" and EXACT.attention_impl == "dense"
+    # XLA's Triton GEMM autotuning off on NVIDIA GPUs (the compilation it costs), XLA's default elsewhere
+    assert FAST.compiler_options() == mesh.compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+    assert EXACT.compiler_options() == tpu.compiler_options() == rocm.compiler_options() == {}
+    assert compute.resolve("fast", {"triton_gemm": True}, platform="gpu").compiler_options() == {}
+    assert config.parse_args(["--method=bitfit", "--task=sst2", "--no-triton_gemm"]).compute_overrides == {"triton_gemm": False}
 
 
 def test_auto_equals_exact_on_this_cpu():
@@ -218,3 +223,44 @@ def test_auto_matches_exact_within_bf16_tolerance_on_gpu(method, minilm_dir):
     num = sum(float(jnp.sum((flat1[k] - flat0[k]) ** 2)) for k in flat0)
     den = sum(float(jnp.sum(flat0[k] ** 2)) for k in flat0)
     assert (num / den) ** 0.5 < 5e-2, (num / den) ** 0.5       # relative error of the whole gradient
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the fused kernels run on an NVIDIA GPU")
+@pytest.mark.parametrize("attention_impl", ["pallas", "cudnn"])
+def test_packed_rows_with_fused_attention_match_exact_on_gpu(attention_impl, minilm_dir):
+    """Packed rows (several examples per row, padding slots at the end) through each fused
+    attention: finite outputs and gradients that match ``exact`` within bf16 rounding (a padding
+    query without any key made cuDNN's softmax NaN)."""
+    from jaxpeft import packing
+    from jaxpeft.models.loading import load_classifier
+
+    rng = np.random.default_rng(3)
+    n, t = 40, 64
+    lengths = rng.integers(4, 20, size=n)
+    valid = np.arange(t)[None] < lengths[:, None]
+    ids = rng.integers(1000, 20000, size=(n, t)).astype(np.int32) * valid
+    ids[:, 0] = 101
+    enc = data.Encoded(ids, np.zeros((n, t), np.int32), lengths, rng.integers(0, 2, size=n).astype(np.int32))
+    packed = next(packing.eval_batches(enc, t, rows_per_batch=8))
+    batch = steps.model_inputs(packed)
+    used = jnp.asarray(packed["index"] >= 0, jnp.float32)          # [rows, slots]: the real examples
+    m = methods.create("bitfit")
+    results = []
+    for comp in (EXACT, FAST.replace(attention_impl=attention_impl, norm_impl="xla")):
+        loaded = load_classifier(str(minilm_dir), 2, compute=comp)
+        trainable, frozen = masks.split(loaded.params, m.mask(loaded.params))
+        frozen = kernels_in_compute_dtype(frozen, comp)
+
+        def loss(tr, module=loaded.module, frozen=frozen):
+            logits = steps.apply_model(module, masks.merge(tr, frozen), batch, True).astype(jnp.float32)
+            weight = jnp.sin(jnp.arange(logits.size, dtype=jnp.float32)).reshape(logits.shape)
+            return jnp.sum(logits * weight * used[..., None])
+
+        results.append(jax.jit(jax.value_and_grad(loss))(trainable))
+    (l0, g0), (l1, g1) = results
+    flat0, flat1 = masks.flatten(g0), masks.flatten(g1)
+    assert np.isfinite(float(l1)) and all(bool(jnp.all(jnp.isfinite(v))) for v in flat1.values())
+    np.testing.assert_allclose(float(l1), float(l0), rtol=5e-2, atol=5e-2)
+    num = sum(float(jnp.sum((flat1[k] - flat0[k]) ** 2)) for k in flat0)
+    den = sum(float(jnp.sum(flat0[k] ** 2)) for k in flat0)
+    assert (num / den) ** 0.5 < 5e-2, (num / den) ** 0.5

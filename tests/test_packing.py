@@ -109,3 +109,21 @@ def test_mean_pooling_packed_equals_unpacked():
                                     data.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
     packed = steps.predict_logits(predict, trainable, frozen, packing.eval_batches(enc, 48, 4), len(enc))
     np.testing.assert_allclose(packed, unpacked, atol=2e-5, rtol=1e-5)
+
+
+def test_packed_mask_gives_every_query_a_key_and_real_queries_only_their_segment():
+    """Fused attention kernels (cuDNN's) turn a query with no key into NaN: padding queries see the
+    padding keys; a real query sees exactly the keys of its own example (and the prefix)."""
+    from jaxpeft.models.bert import KeyMask
+
+    seg = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 2, 2, 2, 3, 3, 3]], np.int32)
+    for p in (0, 2):
+        valid = np.concatenate([np.ones((2, p), bool), seg > 0], axis=1)
+        dense = np.asarray(KeyMask(valid=valid, segments=seg).dense())[:, 0]      # [B, T, P + T]
+        assert dense.shape == (2, 8, p + 8)
+        assert dense.any(-1).all()
+        assert dense[:, :, :p].all()
+        real = seg > 0
+        want = (seg[:, :, None] == seg[:, None, :])
+        np.testing.assert_array_equal(dense[:, :, p:][real], want[real])
+        assert not (dense[:, :, p:][real] & ~real[:, None, :].repeat(8, 1)[real]).any()   # no padding key

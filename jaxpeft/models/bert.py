@@ -263,7 +263,7 @@ class KeyMask:
 
     ``valid`` ``[B, S]``: the keys (prefix keys first) that exist. ``segments`` (packed rows)
     ``[B, T]``: the segment of each of the sequence's own tokens (0: padding); a query then sees the
-    keys of its own segment and every valid prefix key. ``lengths`` ``[B]``: set when each row's
+    keys of its own segment and every valid prefix key (a padding query: the padding keys). ``lengths`` ``[B]``: set when each row's
     valid keys are a prefix of the row (fused kernels take lengths instead of a mask).
     """
 
@@ -278,7 +278,9 @@ class KeyMask:
             return self.valid[:, None, None, :]
         seg_q = self.segments if query_rows is None else _gather_rows(self.segments, query_rows)
         p = self.valid.shape[1] - self.segments.shape[1]
-        same = (seg_q[:, :, None] == self.segments[:, None, :]) & (self.segments[:, None, :] > 0)
+        # a padding query (segment 0) sees the padding keys: no query is left without a key, which
+        # fused kernels (cuDNN's) turn into NaN; no real query sees a padding key
+        same = seg_q[:, :, None] == self.segments[:, None, :]
         if p:
             prefix = jnp.broadcast_to(self.valid[:, None, :p], same.shape[:2] + (p,))
             same = jnp.concatenate([prefix, same], axis=-1)
