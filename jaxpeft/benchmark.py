@@ -227,6 +227,8 @@ def variant(r: dict) -> str:
     parts.append("last_layer=" + ("cls" if r.get("cls_only_last_layer", True) else "all"))
     if "triton_gemm" in r:
         parts.append("triton_gemm=" + ("on" if r["triton_gemm"] else "off"))
+    if "gemm_autotune" in r:
+        parts.append("autotune=" + ("on" if r["gemm_autotune"] else "off"))
     return " ".join(parts)
 
 

@@ -72,6 +72,10 @@ class Compute:
         "each is autotuned when the program compiles. Off: cuBLAS for every matmul, which compiles "
         "in about half the time at the same step speed (docs/benchmarks.md)", (True, False),
         trajectory=False)
+    gemm_autotune: bool = _field(
+        True, "time cuBLAS's algorithms for every matmul while the program compiles (NVIDIA GPU; "
+        "XLA's default). Off: cuBLAS's own heuristic choice, no autotuning (XLA's autotune level 0), "
+        "which shortens a cold compilation (docs/benchmarks.md)", (True, False), trajectory=False)
     cls_only_last_layer: bool = _field(
         True, "compute the last layer for the rows the head reads ([CLS]) only: the same logits "
         "and gradients with less work", (True, False))
@@ -99,7 +103,12 @@ class Compute:
     def compiler_options(self) -> dict[str, Any]:
         """XLA options of every program compiled with this spec (``jax.jit(compiler_options=)``;
         the GPU options are ignored elsewhere)."""
-        return {} if self.triton_gemm else {"xla_gpu_enable_triton_gemm": False}
+        out: dict[str, Any] = {}
+        if not self.triton_gemm:
+            out["xla_gpu_enable_triton_gemm"] = False
+        if not self.gemm_autotune:
+            out["xla_gpu_autotune_level"] = 0
+        return out
 
     def uses_pallas(self) -> list[str]:
         return [f"{k}=pallas" for k in ("attention_impl", "norm_impl") if getattr(self, k) == "pallas"]
@@ -121,7 +130,7 @@ class Compute:
 EXACT = Compute()
 #: One NVIDIA GPU: bfloat16 and our kernels.
 FAST = Compute(dtype="bfloat16", attention_impl="pallas", norm_impl="pallas", dropout_impl="hash",
-               prng_impl="rbg", triton_gemm=False)
+               prng_impl="rbg", triton_gemm=False, gemm_autotune=False)
 
 
 def fields() -> dict[str, dataclasses.Field]:

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxpeft import adapters, data, fingerprint, masks, metrics, multihost, optim, packing, runtime, sharding, steps
+from jaxpeft import (adapters, data, fingerprint, masks, metrics, multihost, optim, packing, program_store, runtime,
+                     sharding, steps)
 from jaxpeft.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
@@ -267,10 +268,21 @@ class Trainer:
         pc = jax.process_count()
         program = self.program_key(state, frozen, n, train_examples, eval_examples)
         self.programs_reused = program in _PROGRAMS
+        self.programs_loaded = False
         self.compile_split = {}
         if self.programs_reused:
             loops, predicts = _PROGRAMS[program]
             return dict(loops), dict(predicts)
+        store = program_store.ProgramStore.beside(self.cache_dir)
+        if store is not None:
+            t0 = time.perf_counter()
+            stored = store.load(program)
+            if stored is not None and set(stored.get("train", ())) == set(train_examples) \
+                    and set(stored.get("predict", ())) == set(eval_examples):
+                self.programs_loaded = True
+                self.compile_split = {"load_seconds": round(time.perf_counter() - t0, 4)}
+                self._remember(program, stored["train"], stored["predict"])
+                return dict(stored["train"]), dict(stored["predict"])
         sched = optim.Schedule.create(1.0, 1, 0.0).as_array()
         jobs: list[tuple[str, Any, Callable[[], Any]]] = []
         for key, b in train_examples.items():
@@ -288,7 +300,8 @@ class Trainer:
         t0 = time.perf_counter()
         # XLA compiles outside the interpreter lock: each program compiles while the next one is
         # traced and lowered, and the shapes compile side by side
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        with program_store.watch_cache_hits() as hits, \
+                concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
             futures = []
             for kind, key, lower in jobs:
                 t = time.perf_counter()
@@ -299,10 +312,18 @@ class Trainer:
                 (loops if kind == "train" else predicts)[key] = fut.result()
         self.compile_split = {"lower_seconds": round(lowering, 4),
                               "xla_wait_seconds": round(time.perf_counter() - t0 - lowering, 4)}
+        if store is not None and not hits.count:    # only fresh executables (see program_store)
+            t0 = time.perf_counter()
+            store.save(program, {"train": loops, "predict": predicts})
+            self.compile_split["store_seconds"] = round(time.perf_counter() - t0, 4)
+        self._remember(program, loops, predicts)
+        return loops, predicts
+
+    @staticmethod
+    def _remember(program: str, loops: dict, predicts: dict) -> None:
         _PROGRAMS[program] = (dict(loops), dict(predicts))
         while len(_PROGRAMS) > KEPT_PROGRAMS:
             del _PROGRAMS[next(iter(_PROGRAMS))]
-        return loops, predicts
 
     def program_key(self, state, frozen, n: int, train_examples: dict, eval_examples: dict) -> str:
         """What the train loop and predict programs are a function of: the model module (its config,
@@ -493,7 +514,8 @@ class Trainer:
             "main_metric": task.main_metric, "best_dev": best, "best_step": best_step,
             "final_dev": last_eval, "steps": step, "epochs": step / spe,
             "train_examples": len(self.train_data), "steps_per_dispatch": n, "compiled_shapes": shapes,
-            "programs_reused": self.programs_reused, "compile_split": self.compile_split,
+            "programs_reused": self.programs_reused,
+            "programs_loaded": self.programs_loaded, "compile_split": self.compile_split,
             "examples_per_second": examples / max(train_seconds, 1e-9),
             "tokens_per_second": tokens / max(train_seconds, 1e-9),
             "seed": o.seed, "config": self.config_record(),

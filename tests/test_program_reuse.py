@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, config, trainer
+from jaxpeft import adapters, config, program_store, trainer
 
 
 def run(tmp_path, name, glue, model, **flags):
@@ -51,3 +51,44 @@ def test_anything_baked_into_the_programs_compiles_its_own(other, tmp_path, glue
     run(tmp_path, "a", glue, tiny_bert_dir)
     other_run, _ = run(tmp_path, "b", glue, tiny_bert_dir, **other)
     assert len(fresh_programs) == 2 and other_run["programs_reused"] is False
+
+
+def test_a_later_process_loads_the_stored_programs_and_trains_the_same(tmp_path, glue, tiny_bert_dir,
+                                                                        fresh_programs):
+    """A run in a new process (the in-process programs cleared) with the same command loads the
+    programs an earlier run stored beside the compilation cache, without tracing, and trains to the
+    same weights; a store that cannot be read is dropped and the run compiles."""
+    cache = str(tmp_path / "xla")
+    first, first_w = run(tmp_path, "a", glue, tiny_bert_dir, compilation_cache=cache)
+    assert first["programs_loaded"] is False and "lower_seconds" in first["compile_split"]
+    stored = list((tmp_path / "xla" / program_store.FOLDER).glob("*.pkl"))
+    assert len(stored) == 1
+    fresh_programs.clear()
+    again, again_w = run(tmp_path, "b", glue, tiny_bert_dir, compilation_cache=cache)
+    assert again["programs_loaded"] is True and set(again["compile_split"]) == {"load_seconds"}
+    assert again["final_dev"] == first["final_dev"] and again["best_dev"] == first["best_dev"]
+    assert again_w.keys() == first_w.keys()
+    for k in first_w:
+        np.testing.assert_array_equal(again_w[k], first_w[k])
+
+    stored[0].write_bytes(b"not a pickle")
+    fresh_programs.clear()
+    broken, broken_w = run(tmp_path, "c", glue, tiny_bert_dir, compilation_cache=cache)
+    assert broken["programs_loaded"] is False and "lower_seconds" in broken["compile_split"]
+    for k in first_w:
+        np.testing.assert_array_equal(broken_w[k], first_w[k])
+    # its programs came from JAX's compilation cache (which run "a" filled): executables read from
+    # there are not stored again (on the CPU they would lose code), so the store stays empty
+    assert not stored[0].exists() and not list(stored[0].parent.iterdir())
+
+
+def test_stored_programs_are_keyed_by_the_code_and_the_environment(tmp_path, monkeypatch):
+    store = program_store.ProgramStore(tmp_path)
+    key = store.path("the trainer's key")
+    assert store.path("the trainer's key") == key and store.path("another key") != key
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert store.path("the trainer's key") != key
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(program_store, "source_digest", lambda: "edited source")
+    assert store.path("the trainer's key") != key
+    assert program_store.ProgramStore.beside(None) is None

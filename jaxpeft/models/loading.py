@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
 from jaxpeft import masks
 from jaxpeft.compute import EXACT, Compute
@@ -41,17 +42,24 @@ def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
 
 
 def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[Any], Any] | None = None,
-                skip: Iterable[str] = ()) -> Any:
+                skip: Iterable[str] = (), traced: "TracedInit | None" = None) -> Any:
     """Random params of ``module`` (jitted init, so no op-by-op dispatch).
 
     ``param_shardings(abstract_params)`` gives each leaf's sharding; the params are then created
     directly on their shardings, never whole on one device. Paths in ``skip`` (those a checkpoint
-    provides) come back as ``optax.MaskedNode`` holes and are never computed.
+    provides) come back as ``optax.MaskedNode`` holes and are never computed. ``traced``:
+    :func:`trace_init` of ``module``, whose trace is reused instead of tracing the model again.
     """
     skip = frozenset(skip)
+    if traced is None:
+        def full(r):
+            return module.init(r, **dummy_inputs())["params"]
+        shapes = None
+    else:
+        full, shapes = traced.fn, traced.shapes
 
     def fn(r):
-        params = module.init(r, **dummy_inputs())["params"]
+        params = full(r)
         if not skip:
             return params
         return masks.unflatten({p: v for p, v in masks.flatten(params).items() if p not in skip}, params)
@@ -59,6 +67,24 @@ def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[An
     if param_shardings is None:
         return jax.jit(fn)(rng)
     return jax.jit(fn, out_shardings=param_shardings(jax.eval_shape(fn, rng)))(rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedInit:
+    """``module.init`` traced once: ``fn(rng)`` replays the trace (no Flax module code runs),
+    ``shapes`` are the params' shapes and dtypes."""
+
+    fn: Callable[[jax.Array], Any]
+    shapes: Any
+
+
+def trace_init(module: nn.Module) -> TracedInit:
+    """Traces ``module``'s init once (tracing a model is the slow part of initialising it)."""
+    closed, shapes = jax.make_jaxpr(lambda r: module.init(r, **dummy_inputs())["params"],
+                                    return_shape=True)(jax.random.key(0))
+    tree = jax.tree_util.tree_structure(shapes)
+    replay = jax_core.jaxpr_as_fun(closed)
+    return TracedInit(lambda r: jax.tree_util.tree_unflatten(tree, replay(r)), shapes)
 
 
 def param_shapes(module: nn.Module) -> Any:
@@ -139,12 +165,13 @@ def load_classifier(name_or_path: str, num_labels: int, *,
                                            adapter=adapter(config) if adapter else None,
                                            compute=compute, extras=extras(config) if extras else NO_EXTRAS,
                                            pooling=pooling)
-    shapes = param_shapes(module)
+    traced = trace_init(module)
+    shapes = traced.shapes
     tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
                if with_weights else {})
     # random init only for what the checkpoint lacks (head, adapter, maybe the pooler): XLA drops
     # the rest of the init, which keeps its compilation short
-    params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors)
+    params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors, traced=traced)
     params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
     tokenizer = hf_weights.load_tokenizer(model_dir)
     return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer, compute)
