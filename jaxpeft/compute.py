@@ -74,9 +74,9 @@ class Compute:
         trajectory=False)
     gemm_autotune: bool = _field(
         True, "time cuBLAS's algorithms for every matmul while the program compiles (NVIDIA GPU; "
-        "XLA's default): the fastest steps. Off: cuBLAS's heuristic choice (XLA's autotune level 0), "
-        "which compiles about 2 s faster and steps about 7%% slower at small batches "
-        "(docs/benchmarks.md)", (True, False), trajectory=False)
+        "XLA's default). Off: cuBLAS's heuristic choice (XLA's autotune level 0), which compiles "
+        "the main command about 2 s faster; its steps are 2-8%% slower at batch 32 and as fast at "
+        "BERT-base batch 256 (docs/benchmarks.md)", (True, False), trajectory=False)
     cls_only_last_layer: bool = _field(
         True, "compute the last layer for the rows the head reads ([CLS]) only: the same logits "
         "and gradients with less work", (True, False))
@@ -131,7 +131,7 @@ class Compute:
 EXACT = Compute()
 #: One NVIDIA GPU: bfloat16 and our kernels.
 FAST = Compute(dtype="bfloat16", attention_impl="pallas", norm_impl="pallas", dropout_impl="hash",
-               prng_impl="rbg", triton_gemm=False)
+               prng_impl="rbg", triton_gemm=False, gemm_autotune=False)
 
 
 def fields() -> dict[str, dataclasses.Field]:

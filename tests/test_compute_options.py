@@ -57,13 +57,14 @@ def test_presets_per_platform():
     rocm = compute.resolve("auto", platform="gpu", num_devices=1, nvidia=False)
     assert not rocm.uses_pallas() and rocm.attention_impl == "dense"
     assert EXACT.dtype == "float32" and EXACT.attention_impl == "dense"
-    # XLA's Triton GEMMs off on NVIDIA GPUs (the compilation they cost), XLA's defaults elsewhere;
-    # GEMM autotuning stays on (faster steps), and can be turned off
-    assert FAST.compiler_options() == mesh.compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+    # XLA's Triton GEMMs and GEMM autotuning off on NVIDIA GPUs (the compilation they cost), XLA's
+    # defaults elsewhere
+    off = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+    assert FAST.compiler_options() == mesh.compiler_options() == off
     assert EXACT.compiler_options() == tpu.compiler_options() == rocm.compiler_options() == {}
-    assert compute.resolve("fast", {"triton_gemm": True}, platform="gpu").compiler_options() == {}
-    assert compute.resolve("fast", {"gemm_autotune": False}, platform="gpu").compiler_options() == {
-        "xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+    assert compute.resolve("fast", {"triton_gemm": True, "gemm_autotune": True}, platform="gpu").compiler_options() == {}
+    assert compute.resolve("fast", {"gemm_autotune": True}, platform="gpu").compiler_options() == {
+        "xla_gpu_enable_triton_gemm": False}
     assert config.parse_args(["--method=bitfit", "--task=sst2", "--no-triton_gemm"]).compute_overrides == {"triton_gemm": False}
 
 
