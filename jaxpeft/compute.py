@@ -75,7 +75,7 @@ class Compute:
     gemm_autotune: bool = _field(
         True, "time cuBLAS's algorithms for every matmul while the program compiles (NVIDIA GPU; "
         "XLA's default). Off: cuBLAS's heuristic choice (XLA's autotune level 0), which compiles "
-        "the main command about 2 s faster; its steps are 2-8%% slower at batch 32 and as fast at "
+        "the main command about 2 s faster; its steps are 4-9%% slower at batch 32 and as fast at "
         "BERT-base batch 256 (docs/benchmarks.md)", (True, False), trajectory=False)
     cls_only_last_layer: bool = _field(
         True, "compute the last layer for the rows the head reads ([CLS]) only: the same logits "

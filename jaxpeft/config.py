@@ -122,8 +122,8 @@ class Devices:
     process_id: int | None = option(None, "this process's index in an explicit multi-process run",
                                     non_negative)
     compilation_cache: str | None = option(
-        None, "persistent compilation cache folder, or 'off' (default: $JAXPEFT_COMPILATION_CACHE, "
-        "else ~/.cache/jaxpeft/xla)")
+        None, "folder of the persistent compilation cache and the stored programs, or 'off' (default: "
+        "$JAXPEFT_COMPILATION_CACHE, else ~/.cache/jaxpeft/xla)")
 
     def __post_init__(self):
         options.check(self)

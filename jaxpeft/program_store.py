@@ -2,8 +2,8 @@
 compiling.
 
 JAX's persistent compilation cache (``jaxpeft.runtime``) saves XLA's work, but finds its entry by
-the lowered program: every run still traces the model and lowers it first, which took 2.3-2.9 s of
-the main command's 12 s warm run on one H200 (``docs/benchmarks.md``). The store keeps each run's
+the lowered program: every run would still trace the model and lower it first, 2-3 s of the main
+command on one H200 (``docs/benchmarks.md``). The store keeps each run's
 executables, serialised (``jax.experimental.serialize_executable``), in
 ``<compilation cache>/jaxpeft-programs/`` under a key of everything they are a function of: the
 trainer's program key (model, method, optimizer constants, mesh, shapes, dtypes, shardings) and

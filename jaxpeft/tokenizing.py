@@ -3,9 +3,10 @@
 Encoding a split goes through Hugging Face's ``tokenizers`` library on the model's
 ``tokenizer.json`` (what transformers' fast tokenizer runs underneath; it loads in milliseconds),
 and a split already tokenized comes from the on-disk cache (``jaxpeft.data.encode_cached``)
-without any tokenizer. Everything else (the vocabulary for prompt initialisation, ``tokenize``,
-calling it like a transformers tokenizer) goes to transformers' ``AutoTokenizer``, loaded on first
-use: importing transformers takes seconds, which the main command does not need to spend.
+without any tokenizer; the vocabulary and the special tokens (what prompt initialisation samples
+from) come from the same file. Everything else (``tokenize``, calling it like a transformers
+tokenizer) goes to transformers' ``AutoTokenizer``, loaded on first use: importing transformers
+takes seconds, which a run does not need to spend.
 Both give the same ids (``tests/test_data.py`` checks them on GLUE sentences and pairs).
 """
 
@@ -78,6 +79,19 @@ class Tokenizer:
                 pad = fast.token_to_id("[PAD]")
             return int(pad or 0)
         return int(self.hf.pad_token_id or 0)
+
+    def get_vocab(self) -> dict[str, int]:
+        """``{token: id}`` of the whole vocabulary, added tokens included."""
+        fast = self._fast_tokenizer()
+        return fast.get_vocab(with_added_tokens=True) if fast is not None else self.hf.get_vocab()
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of the special tokens ([CLS], [SEP], [PAD], ...), as transformers lists them."""
+        fast = self._fast_tokenizer()
+        if fast is None:
+            return list(self.hf.all_special_ids)
+        return sorted(i for i, t in fast.get_added_tokens_decoder().items() if t.special)
 
     # -- everything else: transformers' tokenizer ----------------------------------------------------
     @property

@@ -4,7 +4,8 @@ The loop sends many train steps to the device per call (``steps.make_train_loop`
 learning rate comes from the step counter on the device), stopping a call where an evaluation or
 a checkpoint falls, and returns to the host only for those and to read the losses of the previous
 call (while the next one runs). Every shape the run needs is compiled before the first step,
-several at once, through the persistent compilation cache (``jaxpeft.runtime``). ``results.json``
+several at once, through the persistent compilation cache (``jaxpeft.runtime``); a run whose
+programs an earlier process stored (``jaxpeft.program_store``) loads them without tracing. ``results.json``
 records the run's time split (``*_seconds``).
 """
 

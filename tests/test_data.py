@@ -137,3 +137,18 @@ def test_fast_encoding_equals_the_transformers_tokenizer(task, glue, minilm_dir)
     for k in ("input_ids", "token_type_ids", "lengths"):
         np.testing.assert_array_equal(getattr(cached, k), getattr(fast, k))
         np.testing.assert_array_equal(getattr(again, k), getattr(fast, k))
+
+
+def test_vocabulary_and_special_tokens_without_transformers_equal_transformers(minilm_dir):
+    """What prompt initialisation samples from comes from tokenizer.json (no transformers import),
+    the same as transformers' tokenizer gives."""
+    from transformers import AutoTokenizer
+
+    from jaxpeft.methods.prompt import ordinary_token_ids
+    from jaxpeft.tokenizing import Tokenizer
+
+    ours, ref = Tokenizer(minilm_dir), AutoTokenizer.from_pretrained(str(minilm_dir))
+    assert ours.get_vocab() == ref.get_vocab()
+    assert ours.all_special_ids == sorted(ref.all_special_ids)
+    assert ours._hf is None                      # transformers' tokenizer was never loaded
+    np.testing.assert_array_equal(ordinary_token_ids(ours), ordinary_token_ids(ref))
