@@ -142,21 +142,18 @@ class ProgramStore:
         returns the file, or ``None`` where the programs cannot be serialised or written."""
         from jax.experimental import serialize_executable
 
-        path = self.path(program_key)
+        path, tmp = self.path(program_key), None
         try:
             stored = {group: {name: serialize_executable.serialize(c) for name, c in progs.items()}
                       for group, progs in programs.items()}
             self.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        except Exception as e:  # noqa: BLE001 -- the run goes on; the next one compiles again
-            log.warning("could not store the compiled programs in %s (%s: %s)", self.folder, type(e).__name__, e)
-            return None
-        try:
             with os.fdopen(fd, "wb") as f:
                 pickle.dump(stored, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, path)
             return path
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 -- the run goes on; the next one compiles again
             log.warning("could not store the compiled programs in %s (%s: %s)", self.folder, type(e).__name__, e)
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             return None

@@ -5,8 +5,8 @@ learning rate comes from the step counter on the device), stopping a call where 
 a checkpoint falls, and returns to the host only for those and to read the losses of the previous
 call (while the next one runs). Every shape the run needs is compiled before the first step,
 several at once, through the persistent compilation cache (``jaxpeft.runtime``); a run whose
-programs an earlier process stored (``jaxpeft.program_store``) loads them without tracing. ``results.json``
-records the run's time split (``*_seconds``).
+programs an earlier process stored (``jaxpeft.program_store``) loads them without tracing.
+``results.json`` records the run's time split (``*_seconds``).
 """
 
 from __future__ import annotations

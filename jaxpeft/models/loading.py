@@ -51,12 +51,7 @@ def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[An
     :func:`trace_init` of ``module``, whose trace is reused instead of tracing the model again.
     """
     skip = frozenset(skip)
-    if traced is None:
-        def full(r):
-            return module.init(r, **dummy_inputs())["params"]
-        shapes = None
-    else:
-        full, shapes = traced.fn, traced.shapes
+    full = traced.fn if traced is not None else (lambda r: module.init(r, **dummy_inputs())["params"])
 
     def fn(r):
         params = full(r)
