@@ -13,7 +13,9 @@ with ``--pooling=mean``, the mean of the last layer. Prints one JSON line: the w
 like our ``results.json`` (``startup_seconds``, ``data_seconds``, ``train_seconds``, ``eval_seconds``,
 ``wall_seconds``), examples/s, and the dev metric after every evaluation (every epoch, or every
 ``--eval_every`` steps) with the final and the best. :func:`peer_args` gives the flags that mirror one
-of our runs' config.
+of our runs' config. ``--time_limit`` with ``--state`` splits a long run into parts: the run pauses at
+a step boundary, saving its trainable weights, optimizer, schedule, random state and evaluations, and
+the same command resumes it where it stopped, to the same result.
 
     python benchmarks/peft_job.py --method=bitfit --task=sst2 --data_dir=GLUE --model=DIR \\
         --learning_rate=3e-3 --num_epochs=2 --max_seq_length=64 --mode=eager
@@ -152,6 +154,17 @@ def build(model_dir: str, a, num_labels: int):
     return peft.get_peft_model(model, kinds[a.method]())
 
 
+#: Exit status of a run paused by ``--time_limit`` (its state saved; run it again to go on).
+PAUSED = 75
+
+#: What a paused run's state must agree on with the run that resumes it.
+_RESUME_KEYS = ("method", "task", "model", "learning_rate", "batch_size", "num_epochs", "max_seq_length",
+                "warmup_ratio", "weight_decay", "max_train_examples", "max_steps", "max_grad_norm",
+                "head_learning_rate", "num_virtual_tokens", "bitfit_terms", "prompt_init", "encoder_type",
+                "encoder_hidden_size", "encoder_num_layers", "lora_r", "lora_alpha", "lora_dropout",
+                "target_modules", "adapter_size", "adapter_type", "seed", "pooling", "mode")
+
+
 def peer_args(cfg) -> list[str]:
     """This script's flags for the run ``cfg`` (a ``jaxpeft.config.TrainConfig``) describes: the same
     method, task, schedule, evaluations and method options. Packing, the dropout and compute settings
@@ -214,6 +227,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--pooling", default="cls", choices=("cls", "mean"),
                     help="cls: the pooler on [CLS]; mean: the mean of the last layer's outputs, as ours")
     ap.add_argument("--mode", default="eager", choices=("eager", "compile"))
+    ap.add_argument("--state", default=None,
+                    help="resumable run: where its state is kept when --time_limit pauses it; a run started "
+                         "with an existing state file resumes from it (and deletes it when it finishes)")
+    ap.add_argument("--time_limit", type=float, default=0.0,
+                    help="pause after the first step that ends this many seconds after the start, saving "
+                         f"the state to --state, and exit with status {PAUSED} (0: no limit)")
     return ap
 
 
@@ -286,11 +305,47 @@ def main() -> int:
         return metrics.compute(task.name, preds, dev_enc.labels)
 
     model.train()
-    step, train_s, eval_s, examples, evals = 0, 0.0, 0.0, 0, []
-    t_loop = time.perf_counter()
+    step, train_s, eval_s, examples, evals, parts, wall0 = 0, 0.0, 0.0, 0, [], 1, 0.0
+    state = Path(a.state) if a.state else None
+    if state is not None and state.is_file():
+        saved = torch.load(state, map_location=dev, weights_only=False)
+        differ = [k for k in _RESUME_KEYS if saved["args"].get(k) != getattr(a, k)]
+        if differ:
+            raise SystemExit(f"{state}: saved by a run with other settings ({', '.join(differ)}); delete it to start over")
+        model.load_state_dict(saved["trainable"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["cpu"].cpu())
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+        step, train_s, eval_s, examples, evals = (saved[k] for k in ("step", "train_s", "eval_s", "examples", "evals"))
+        parts, wall0 = saved["parts"] + 1, saved["wall_s"]
+        print(f"resuming at step {step} of {total} from {state}", file=sys.stderr, flush=True)
+
+    def pause() -> int:
+        """Saves what the next run needs to go on from ``step`` exactly (written whole, then renamed)."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        tmp = state.with_name(state.name + ".tmp")
+        torch.save({"args": vars(a), "step": step, "examples": examples, "evals": evals, "parts": parts,
+                    "wall_s": wall0 + time.perf_counter() - _START,
+                    "train_s": train_s + time.perf_counter() - t_loop - (eval_s - eval_s0), "eval_s": eval_s,
+                    "trainable": {n: t for n, t in model.state_dict().items() if n in names},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": {"cpu": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None}}, tmp)
+        os.replace(tmp, state)
+        print(json.dumps({"paused": True, "step": step, "steps": total, "state": str(state), "evals": evals}),
+              flush=True)
+        return PAUSED
+
+    t_loop, eval_s0 = time.perf_counter(), eval_s
     while step < total:
         epoch = step // spe
-        for idx in data.epoch_order(train.lengths, a.batch_size, a.seed, epoch):
+        for i, idx in enumerate(data.epoch_order(train.lengths, a.batch_size, a.seed, epoch)):
+            if i < step - epoch * spe:      # done before the pause
+                continue
             b = data.make_batch(train, idx, buckets)
             inputs = to_torch(b)
             labels = torch.from_numpy(b["labels"]).to(dev)
@@ -316,21 +371,25 @@ def main() -> int:
                 t_e = time.perf_counter()
                 m = evaluate()
                 eval_s += time.perf_counter() - t_e
-                evals.append({"step": step, "wall_seconds": time.perf_counter() - _START, **m})
+                evals.append({"step": step, "wall_seconds": wall0 + time.perf_counter() - _START, **m})
             if step >= total:
                 break
+            if state is not None and a.time_limit > 0 and time.perf_counter() - _START > a.time_limit:
+                return pause()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    train_s = time.perf_counter() - t_loop - eval_s
+    train_s += time.perf_counter() - t_loop - (eval_s - eval_s0)
     print(json.dumps({
         "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name,
         "seed": a.seed, "args": vars(a),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "steps": step,
         "startup_seconds": t_startup, "data_seconds": t_data, "train_seconds": train_s, "eval_seconds": eval_s,
-        "wall_seconds": time.perf_counter() - _START, "examples_per_second": examples / max(train_s, 1e-9),
+        "wall_seconds": wall0 + time.perf_counter() - _START, "examples_per_second": examples / max(train_s, 1e-9),
         "evals": evals, "final_dev": evals[-1] if evals else None, "main_metric": task.main_metric,
         "best_dev": max(evals, key=lambda e: e[task.main_metric]) if evals else None,
-        "trainable_params": sum(p.numel() for p in params)}), flush=True)
+        "trainable_params": sum(p.numel() for p in params), "parts": parts}), flush=True)
+    if state is not None:
+        state.unlink(missing_ok=True)
     return 0
 
 

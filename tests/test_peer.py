@@ -80,3 +80,47 @@ def test_peer_mean_pooling_reads_the_mean_of_the_attended_outputs(method, tiny_b
     classifier = model.classifier if method == "frozen" else model.base_model.classifier.modules_to_save["default"]
     torch.testing.assert_close(logits, classifier(mean))
     assert torch.isfinite(logits).all() and not torch.allclose(logits[0], logits[1])
+
+
+def test_peer_paused_and_resumed_trains_as_one_run(tiny_bert_dir, glue, tmp_path):
+    """``--time_limit`` with ``--state``: a run paused after every step and resumed each time ends
+    with the same evaluations as the run made in one go, and its state file is gone at the end."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.peft_job import PAUSED
+
+    flags = [sys.executable, str(REPO / "benchmarks" / "peft_job.py"), "--method=ptuning", "--task=stsb",
+             f"--data_dir={glue}", f"--model={tiny_bert_dir}", "--learning_rate=1e-2", "--max_steps=3",
+             "--eval_every=2", "--max_train_examples=96", "--max_eval_examples=32", "--num_virtual_tokens=4"]
+
+    def run(*extra) -> tuple[int, dict]:
+        p = subprocess.run(flags + list(extra), capture_output=True, text=True, timeout=300)
+        lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+        assert lines, p.stderr[-2000:]
+        return p.returncode, json.loads(lines[-1])
+
+    rc, whole = run()
+    assert rc == 0 and whole["parts"] == 1
+    state = tmp_path / "peer.state.pt"
+    codes, steps = [], []
+    while True:
+        rc, out = run(f"--state={state}", "--time_limit=0.001")     # pauses after every step
+        codes.append(rc)
+        if rc != PAUSED:
+            break
+        steps.append(out["step"])
+        assert state.is_file()
+    assert codes == [PAUSED, PAUSED, 0] and steps == [1, 2]
+    assert out["parts"] == 3 and not state.exists()
+    assert [e["step"] for e in out["evals"]] == [e["step"] for e in whole["evals"]] == [2, 3]
+    for a, b in zip(out["evals"], whole["evals"]):     # a continuous metric: equal weights, equal values
+        assert a["pearson"] == b["pearson"] and a["spearman"] == b["spearman"]
+    assert out["evals"][0]["pearson"] != out["evals"][1]["pearson"]
+    assert out["steps"] == whole["steps"] == 3
+    # a state saved with other settings is refused, not silently mixed in
+    rc, _ = run(f"--state={state}", "--time_limit=0.001")
+    assert rc == PAUSED
+    p = subprocess.run(flags[:-1] + ["--num_virtual_tokens=5", f"--state={state}"], capture_output=True, text=True)
+    assert p.returncode != 0 and "other settings (num_virtual_tokens)" in p.stderr

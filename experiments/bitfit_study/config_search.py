@@ -20,9 +20,11 @@ TASKS = ("cola", "mrpc", "stsb", "rte")
 CELLS = {
     "cola": ("adapter", "adapter_unpacked", "full", "full_unpacked", "ptuning_v2", "ptuning_v2_nodrop"),
     "mrpc": ("adapter", "prefix", "lora", "ptuning_v2"),
-    "stsb": ("adapter", "prefix", "ptuning_v2", "ptuning_v2_nodrop", "frozen", "frozen_mean", "frozen_pooler"),
+    "stsb": ("adapter", "prefix", "ptuning_v2", "ptuning_v2_nodrop", "frozen", "frozen_mean", "frozen_pooler",
+             "prefix_high", "prefix_mean", "prefix_mean_high", "ptuning_lstm", "ptuning_slow", "ptuning_mlp"),
     "rte": ("bitfit", "prefix", "prefix_mean", "ptuning_v2", "ptuning_v2_nodrop", "ptuning_v2_mean", "prompt",
-            "prompt_mean", "ptuning", "ptuning_mean", "frozen", "frozen_mean", "frozen_pooler"),
+            "prompt_mean", "ptuning", "ptuning_mean", "frozen", "frozen_mean", "frozen_pooler",
+            "prompt_100", "prompt_100_mean", "ptuning_mean_slow"),
 }
 
 
@@ -50,8 +52,21 @@ def get_study() -> dict:
         "prompt_mean": dict(method="prompt", options=dict(pooling="mean")),
         "ptuning": dict(method="ptuning", learning_rates=(3e-4, 1e-3, 3e-3)),
         "ptuning_mean": dict(method="ptuning", options=dict(pooling="mean")),
+        # P-tuning's collapsed STS-B seed, over 5 seeds: the config (the LSTM encoder at 1e-3), a lower
+        # rate for the encoder, peft's MLP encoder
+        "ptuning_lstm": dict(method="ptuning", learning_rates=(1e-3,)),
+        "ptuning_slow": dict(method="ptuning", learning_rates=(3e-4,)),
+        "ptuning_mlp": dict(method="ptuning", options=dict(encoder_type="mlp")),
+        "ptuning_mean_slow": dict(method="ptuning", options=dict(pooling="mean"), learning_rates=(3e-4,)),
+        # the shallow prompt on RTE: five times the virtual tokens, rates up to Lester et al.'s 0.3
+        "prompt_100": dict(method="prompt", options=dict(num_virtual_tokens=100), learning_rates=(3e-2, 1e-1, 3e-1)),
+        "prompt_100_mean": dict(method="prompt", options=dict(num_virtual_tokens=100, pooling="mean"),
+                                learning_rates=(3e-2, 1e-1, 3e-1)),
         "prefix": dict(method="prefix", learning_rates=(3e-5, 1e-4, 3e-4)),
         "prefix_mean": dict(method="prefix", options=dict(pooling="mean")),
+        # prefix tuning on STS-B: rates above the grid's top (3e-4, chosen at the edge), [CLS] and mean
+        "prefix_high": dict(method="prefix", learning_rates=(1e-3, 3e-3)),
+        "prefix_mean_high": dict(method="prefix", options=dict(pooling="mean"), learning_rates=(1e-3,)),
         "ptuning_v2": dict(method="ptuning_v2", learning_rates=(3e-3, 1e-2, 3e-2)),
         "ptuning_v2_nodrop": dict(method="ptuning_v2", options=dict(prefix_dropout=0.0)),
         "ptuning_v2_mean": dict(method="ptuning_v2", options=dict(pooling="mean")),

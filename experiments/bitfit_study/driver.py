@@ -222,28 +222,36 @@ def peer_runs(plan: Plan, seeds: tuple[int, ...] | None = None) -> list[Run]:
 
 
 def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = None,
-                  echo: Callable[[str], None] = print, poll_s: float = 0.5) -> dict[str, Any]:
+                  echo: Callable[[str], None] = print, poll_s: float = 0.5,
+                  time_limit: float = 0.0) -> dict[str, Any]:
     """Runs the PyTorch peer (``benchmarks/peft_job.py``: transformers + peft, eager) of every run
     :func:`peer_runs` names whose peer file is missing, ``jobs`` at a time, each with the flags that
-    mirror the run's config (``peer_args``). Writes the peer's JSON line to :func:`peer_file`."""
+    mirror the run's config (``peer_args``). Writes the peer's JSON line to :func:`peer_file`.
+    ``time_limit`` (seconds, 0: none) pauses each peer run that is still training then, its state
+    kept beside its peer file (``peer-...state.pt``); the next call resumes it."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.peft_job import peer_args
+    from benchmarks.peft_job import PAUSED, peer_args
 
     env = worker_env(jobs, None)
     runs = [r for r in peer_runs(plan, seeds) if not peer_file(plan, r).is_file()]
     echo(f"peer: {len(runs)} run(s) to repeat, {jobs} at a time")
     running: dict[subprocess.Popen, tuple[Run, float, Any]] = {}
-    done, failed = [], []
+    done, failed, paused = [], [], []
     t0 = time.perf_counter()
     try:
         while runs or running:
+            if runs and time_limit and time.perf_counter() - t0 > time_limit:
+                echo(f"peer: time is up; {len(runs)} run(s) not started")
+                runs = []
             while runs and len(running) < jobs:
                 run = runs.pop(0)
                 cfg = plan.config(run)
-                cmd = [sys.executable, str(PEER_SCRIPT), *peer_args(cfg), f"--model={plan.model}"] + \
-                    ([f"--data_dir={plan.data_dir}"] if plan.data_dir else [])
+                cmd = [sys.executable, str(PEER_SCRIPT), *peer_args(cfg), f"--model={plan.model}",
+                       f"--state={peer_file(plan, run).with_suffix('.state.pt')}"] + \
+                    ([f"--data_dir={plan.data_dir}"] if plan.data_dir else []) + \
+                    ([f"--time_limit={time_limit - (time.perf_counter() - t0)}"] if time_limit else [])
                 peer_file(plan, run).parent.mkdir(parents=True, exist_ok=True)
-                log = open(peer_file(plan, run).with_suffix(".log"), "w")
+                log = open(peer_file(plan, run).with_suffix(".log"), "a")
                 running[subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)] = \
                     (run, time.perf_counter(), log)
             time.sleep(poll_s)
@@ -257,6 +265,10 @@ def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = Non
                     done.append(run)
                     echo(f"peer {run.rel}: {res['main_metric']}={res['final_dev'][res['main_metric']]:.4f} "
                          f"({time.perf_counter() - start:.0f}s)")
+                elif p.returncode == PAUSED:
+                    paused.append(run)
+                    echo(f"peer {run.rel}: paused at step {json.loads(lines[-1])['step']} "
+                         f"({time.perf_counter() - start:.0f}s); the next call resumes it")
                 else:
                     failed.append(run)
                     echo(f"peer {run.rel}: FAILED (exit {p.returncode}) -- see "
@@ -264,5 +276,6 @@ def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = Non
     except KeyboardInterrupt:
         stop(running)
         raise
-    echo(f"peer: {len(done)} done, {len(failed)} failed in {time.perf_counter() - t0:.0f}s")
-    return {"done": done, "failed": failed}
+    echo(f"peer: {len(done)} done, {len(failed)} failed" + (f", {len(paused)} paused" if paused else "")
+         + f" in {time.perf_counter() - t0:.0f}s")
+    return {"done": done, "failed": failed, "paused": paused}

@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training option (a jaxpeft-train flag) for every run, e.g. --set dtype=bfloat16")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the device)")
+    p.add_argument("--peer_time_limit", type=float, default=0.0,
+                   help="peer: pause the peer runs still training after this many seconds (their state is "
+                        "kept; the next peer command resumes them); 0: no limit")
     p.add_argument("--compile_cache", default=None,
                    help="persistent compilation cache folder (default: OUT/.jax_cache; 'none': off)")
     p.add_argument("--doc", help="table: also write the tables between the markers of this file")
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
     cache = a.compile_cache or str(Path(a.out) / ".jax_cache")
     cache = None if cache.lower() == "none" else cache
     if a.command == "peer":
-        summary = driver.execute_peers(plan, jobs=a.jobs, seeds=tuple(a.seeds) if a.seeds else None)
+        summary = driver.execute_peers(plan, jobs=a.jobs, seeds=tuple(a.seeds) if a.seeds else None,
+                                       time_limit=a.peer_time_limit)
     else:
         summary = driver.execute(plan, jobs=a.jobs, compile_cache=cache)
     return 1 if summary["failed"] else 0
