@@ -74,7 +74,7 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("bitfit", ("bitfit",)),
     Family("prompt", ("prompt",), ("num_virtual_tokens",)),         # prompt tuning; P-tuning exports
-    Family("prefix", ("prefix", "ptuning_v2"), ("num_virtual_tokens",)),
+    Family("prefix", ("prefix", "ptuning_v2"), ("num_virtual_tokens", "shift_positions")),
     Family("lora", ("lora",), ("lora_r", "lora_alpha", "target_modules")),
 )}
 #: the methods that train each family (P-tuning exports as prompt tuning)

@@ -221,9 +221,9 @@ def method_from_peft(cfg: Mapping[str, Any], where: str) -> tuple[Method, tuple[
                 raise UserError(f"{where}: num_transformer_submodules={cfg['num_transformer_submodules']}; "
                                 "an encoder classifier has 1")
             p = int(cfg["num_virtual_tokens"])
-            if peft_type == "PREFIX_TUNING":
+            if peft_type == "PREFIX_TUNING":    # transformers' BERT numbers the input after the prefix
                 return methods.create("prefix", {"num_virtual_tokens": p, "prefix_projection": False,
-                                                 "prefix_dropout": 0.0}), modules
+                                                 "prefix_dropout": 0.0, "shift_positions": True}), modules
             return methods.create("prompt", {"num_virtual_tokens": p, "prompt_position": "front"}), modules
         for key, off in _LORA_UNSUPPORTED.items():
             if cfg.get(key) not in (None, off):

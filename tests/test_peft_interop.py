@@ -224,7 +224,8 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
     with pytest.raises(ValueError, match="does not support past key values"):
         pm(input_ids=ids, attention_mask=torch.ones_like(ids))
     info = adapters.read_adapter(folder)
-    assert (info.method.name, info.method.num_virtual_tokens, info.method.prefix_projection) == ("prefix", 4, False)
+    assert (info.method.name, info.method.num_virtual_tokens, info.method.prefix_projection,
+            info.method.shift_positions) == ("prefix", 4, False, True)
     arrays = adapters.read_adapter_weights(folder)
     for (pk, pv), (ok, ov) in zip(peft_kv(pm), ours_kv(arrays), strict=True):
         np.testing.assert_array_equal(pk, ok)

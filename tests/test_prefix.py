@@ -63,6 +63,9 @@ def test_prefix_equals_real_tokens_in_front(minilm, impl, dtype, atol):
     assert prefix_kv[0][0].shape == (b, p, cfg.num_attention_heads, cfg.head_dim)
     positions = jnp.broadcast_to(p + jnp.arange(length), (b, length))
     seq, _ = BertModel(cfg, comp).apply(bert, **enc, position_ids=positions, prefix_kv=prefix_kv)
+    # shift_positions' path: the same positions from an offset instead of explicit ids
+    shifted, _ = BertModel(cfg, comp).apply(bert, **enc, prefix_kv=prefix_kv, position_offset=p)
+    np.testing.assert_array_equal(np.asarray(shifted), np.asarray(seq))
     assert seq.shape == (b, length, cfg.hidden_size)
     valid = enc["attention_mask"].astype(bool)
     got = np.asarray(seq, np.float32)[valid]
@@ -174,3 +177,23 @@ def test_bfloat16_train_step():
     _, before, after, mask, _ = train_steps(method, steps=2, compute=EXACT.replace(dtype="bfloat16"))
     assert_only_masked_leaves_changed(before, after, mask)
     assert masks.flatten(after)["adapter/prefix_keys"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["prefix", "ptuning_v2"])
+def test_shift_positions_numbers_the_input_after_the_prefix(minilm, name):
+    """``shift_positions``: the classifier reads the input at positions P.. (unpacked rows, and
+    packed rows' own position ids moved by P), which changes the logits."""
+    enc = _inputs(minilm.tokenizer)
+    b, length = enc["input_ids"].shape
+    p = 6
+    shifted = methods.create(name, {"num_virtual_tokens": p, "shift_positions": True})
+    module, params = _with_prefix(minilm, shifted)
+    plain_module, _ = _with_prefix(minilm, methods.create(name, {"num_virtual_tokens": p}))
+    assert shifted.extra_positions() == p
+    got = module.apply({"params": params}, **enc)
+    want = plain_module.apply({"params": params}, **enc, position_ids=jnp.broadcast_to(p + jnp.arange(length), (b, length)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert np.abs(np.asarray(got) - np.asarray(plain_module.apply({"params": params}, **enc))).max() > 1e-3
+    ids = jnp.asarray(np.tile(np.arange(length) % 5, (b, 1)))        # packed rows: positions restart
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, **enc, position_ids=ids)),
+                               np.asarray(plain_module.apply({"params": params}, **enc, position_ids=ids + p)), atol=1e-5)

@@ -265,8 +265,9 @@ def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = Non
                     done.append(run)
                     echo(f"peer {run.rel}: {res['main_metric']}={res['final_dev'][res['main_metric']]:.4f} "
                          f"({time.perf_counter() - start:.0f}s)")
-                elif p.returncode == PAUSED:
-                    paused.append(run)
+                elif p.returncode == PAUSED and lines:
+                    paused.append(run)      # its evaluations so far, for a look before it resumes
+                    peer_file(plan, run).with_suffix(".paused.json").write_text(lines[-1] + "\n")
                     echo(f"peer {run.rel}: paused at step {json.loads(lines[-1])['step']} "
                          f"({time.perf_counter() - start:.0f}s); the next call resumes it")
                 else:

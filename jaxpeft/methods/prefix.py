@@ -18,6 +18,11 @@ Two parameterisations:
 
 ``prefix_dropout`` (P-tuning v2: 0.1) drops prefix entries independently per batch row in
 training, as P-tuning v2 does on its ``past_key_values``.
+
+The input keeps BERT's pretrained positions ``0..L-1`` by default. ``shift_positions`` numbers
+them ``P..P+L-1`` instead, as if the prefix were ``P`` tokens of text in front of the input: that
+is what transformers' BERT does with the prefixes peft (and P-tuning v2's reference code) hand it
+as past key values, so a prefix trained there is read the same way here.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class PrefixKV(nn.Module):
         projection: produce the prefixes with :class:`PrefixProjection` instead of holding them.
         encoder_hidden_size: width of the projection MLP.
         dropout: dropout rate on the prefixes in training (per batch row).
+        shift_positions: number the input's positions from P (see the module's docstring).
     """
 
     num_virtual_tokens: int
@@ -89,6 +95,7 @@ class PrefixKV(nn.Module):
     projection: bool = False
     encoder_hidden_size: int = DEFAULT_PROJECTION_HIDDEN
     dropout: float = 0.0
+    shift_positions: bool = False
 
     @nn.compact
     def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
@@ -108,7 +115,7 @@ class PrefixKV(nn.Module):
         d = h // self.num_heads
         kv = [(keys[i].reshape(keys.shape[1], p, self.num_heads, d),
                values[i].reshape(values.shape[1], p, self.num_heads, d)) for i in range(n)]
-        return {"prefix_kv": kv}
+        return {"prefix_kv": kv, **({"position_offset": p} if self.shift_positions else {})}
 
 
 @dataclasses.dataclass
@@ -123,6 +130,8 @@ class PrefixTuning(Method):
         prefix_projection: reparameterise through an MLP during training.
         encoder_hidden_size: width of that MLP.
         prefix_dropout: dropout on the prefixes in training.
+        shift_positions: number the input's positions from P, after the prefix, as transformers'
+            BERT does under peft (default: off, the pretrained positions from 0).
     """
 
     name = "prefix"
@@ -137,6 +146,9 @@ class PrefixTuning(Method):
     prefix_dropout: float | None = option(
         None, "dropout on the prefixes in training (default: 0 for prefix, 0.1 for ptuning_v2)",
         in_range(0, 1, hi_open=True))
+    shift_positions: bool = option(
+        False, "number the input's positions from P, after the prefix, as transformers' BERT does with "
+        "peft's prefixes (default: the pretrained positions from 0)")
 
     def validate(self):
         if self.prefix_projection is None:
@@ -146,10 +158,13 @@ class PrefixTuning(Method):
         if self.encoder_hidden_size is None:
             self.encoder_hidden_size = DEFAULT_PROJECTION_HIDDEN
 
+    def extra_positions(self) -> int:
+        return self.num_virtual_tokens if self.shift_positions else 0
+
     def adapter(self, config: BertConfig) -> nn.Module:
         return PrefixKV(self.num_virtual_tokens, config.num_hidden_layers, config.num_attention_heads,
                         config.hidden_size, bool(self.prefix_projection), self.encoder_hidden_size,
-                        float(self.prefix_dropout))
+                        float(self.prefix_dropout), bool(self.shift_positions))
 
     def trainable(self, params: Any) -> Any:
         return masks.match(params, include=ADAPTER_PATTERN)

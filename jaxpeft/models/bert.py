@@ -230,9 +230,10 @@ class BertEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array | None,
                  deterministic: bool = True, prompt_embeds: Array | None = None,
-                 prompt_front: bool = False) -> Array:
+                 prompt_front: bool = False, position_offset: int = 0) -> Array:
         """``position_ids=None``: positions ``0..L-1`` in every row (``L`` with the virtual tokens).
-        The virtual tokens go after the first token, or in front of it with ``prompt_front``."""
+        The virtual tokens go after the first token, or in front of it with ``prompt_front``.
+        ``position_offset`` is added to every position (a prefix of that many keys in front)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, param_dtype=jnp.float32,
@@ -245,9 +246,9 @@ class BertEmbeddings(nn.Module):
         # the position and token-type tables' gradients as sums, not scatter-adds (embedding_lookup)
         pos_table = EmbedTable(cfg.max_position_embeddings, cfg.hidden_size, init, name="position_embeddings")()
         if position_ids is None:
-            pos = pos_table[None, :words.shape[1]]
+            pos = pos_table[None, position_offset:position_offset + words.shape[1]]
         else:
-            pos = jnp.take(pos_table, position_ids, axis=0)
+            pos = jnp.take(pos_table, position_ids + position_offset, axis=0)
         type_table = EmbedTable(cfg.type_vocab_size, cfg.hidden_size, init, name="token_type_embeddings")()
         if cfg.type_vocab_size <= SMALL_TABLE_ROWS:
             types = take_small(type_table, token_type_ids)
@@ -540,7 +541,7 @@ class BertModel(nn.Module):
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
                  prefix_mask: Array | None = None, segment_ids: Array | None = None,
                  read_positions: Array | None = None, cls_only: bool = False,
-                 pooling: str = "cls") -> tuple[Array, Array | None]:
+                 pooling: str = "cls", position_offset: int = 0) -> tuple[Array, Array | None]:
         cfg = self.config
         b, length = input_ids.shape
         if segment_ids is not None:
@@ -564,11 +565,12 @@ class BertModel(nn.Module):
                 valid = jnp.concatenate([valid[:, :1], pm, valid[:, 1:]], axis=1)
                 token_type_ids = jnp.concatenate([token_type_ids[:, :1], zeros, token_type_ids[:, 1:]], 1)
             length += p
-        if length > cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {length} tokens (virtual tokens included) exceeds "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        if length + position_offset > cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {length} tokens (virtual tokens included) from position "
+                             f"{position_offset} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         x = BertEmbeddings(cfg, self.compute, name="embeddings")(input_ids, token_type_ids, position_ids,
-                                                                 deterministic, prompt_embeds, prompt_front)
+                                                                 deterministic, prompt_embeds, prompt_front,
+                                                                 position_offset)
         key_valid = valid
         if prefix_kv is not None:
             p = prefix_kv[0][0].shape[-3]
