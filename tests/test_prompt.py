@@ -317,3 +317,35 @@ def test_ptuning_lstm_encoder_equals_torch_and_is_unrolled():
 
     grad = jax.jit(jax.grad(lambda q: jnp.sum(enc.apply({"params": q}, 2)["prompt_embeds"] ** 2)))
     assert " while(" not in grad.lower(params).compile().as_text()
+
+
+def test_fresh_params_made_on_the_host_equal_the_device_init():
+    """``init_params(on_host=True)`` (what an accelerator does for a pretrained model's fresh params:
+    the CPU computes them, then they are placed) gives the same params, holes and placement as the
+    device's own init; here with P-tuning's LSTM encoder (orthogonal recurrent kernels)."""
+    import optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from masked_step import SMALL
+    from jaxpeft.models.bert import BertForSequenceClassification
+    from jaxpeft.models.loading import init_params, trace_init
+
+    method = methods.create("ptuning", {"num_virtual_tokens": 4})
+    module = BertForSequenceClassification(SMALL, num_labels=2, adapter=method.adapter(SMALL))
+    traced = trace_init(module)
+    skip = [p for p in masks.flatten(traced.shapes) if p.startswith("bert/")]
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    place = lambda shapes: jax.tree_util.tree_map(lambda _: replicated, shapes)     # noqa: E731
+    for shardings in (None, place):
+        on_device = init_params(module, jax.random.key(3), shardings, skip=skip, traced=traced, on_host=False)
+        on_host = init_params(module, jax.random.key(3), shardings, skip=skip, traced=traced, on_host=True)
+        a, b = masks.flatten(on_device), masks.flatten(on_host)
+        assert sorted(a) == sorted(b) and any("lstm_1_backward" in p for p in a)
+        assert not any(p.startswith("bert/") for p in b)
+        for p in a:
+            np.testing.assert_array_equal(np.asarray(a[p]), np.asarray(b[p]))
+            if shardings is not None:
+                assert b[p].sharding == replicated
+        holes = jax.tree_util.tree_leaves(on_host, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        assert sum(isinstance(x, optax.MaskedNode) for x in holes) == len(skip)

@@ -21,7 +21,7 @@ CELLS = {
     "cola": ("adapter", "adapter_unpacked", "full", "full_unpacked", "ptuning_v2", "ptuning_v2_nodrop"),
     "mrpc": ("adapter", "prefix", "lora", "ptuning_v2"),
     "stsb": ("adapter", "prefix", "ptuning_v2", "ptuning_v2_nodrop", "frozen", "frozen_mean", "frozen_pooler",
-             "prefix_high", "prefix_mean", "prefix_mean_high", "ptuning_lstm", "ptuning_slow", "ptuning_mlp", "prefix_shift"),
+             "prefix_high", "prefix_mean", "prefix_mean_high", "ptuning_lstm", "ptuning_slow", "ptuning_mlp", "prefix_shift", "prefix_shift_mean"),
     "rte": ("bitfit", "prefix", "prefix_mean", "ptuning_v2", "ptuning_v2_nodrop", "ptuning_v2_mean", "prompt",
             "prompt_mean", "ptuning", "ptuning_mean", "frozen", "frozen_mean", "frozen_pooler",
             "prompt_100", "prompt_100_mean", "ptuning_mean_slow"),
@@ -69,6 +69,7 @@ def get_study() -> dict:
         "prefix_mean_high": dict(method="prefix", options=dict(pooling="mean"), learning_rates=(1e-3,)),
         # ... and the input numbered after the prefix, as transformers' BERT does under peft
         "prefix_shift": dict(method="prefix", options=dict(shift_positions=True), learning_rates=(1e-4, 3e-4)),
+        "prefix_shift_mean": dict(method="prefix", options=dict(shift_positions=True, pooling="mean")),
         "ptuning_v2": dict(method="ptuning_v2", learning_rates=(3e-3, 1e-2, 3e-2)),
         "ptuning_v2_nodrop": dict(method="ptuning_v2", options=dict(prefix_dropout=0.0)),
         "ptuning_v2_mean": dict(method="ptuning_v2", options=dict(pooling="mean")),

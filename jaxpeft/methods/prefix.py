@@ -175,7 +175,8 @@ class PrefixTuning(Method):
         if not self.prefix_projection:
             return adapter["prefix_keys"], adapter["prefix_values"]
         proj = adapter["prefix_projection"]
-        return PrefixProjection.from_params(proj).apply({"params": proj})
+        module = PrefixProjection.from_params(proj)
+        return jax.jit(lambda p: module.apply({"params": p}))(proj)
 
     def export_params(self, params: Any, modules_to_save=()) -> dict[str, Any]:
         """The prefixes as direct parameters (the projection MLP evaluated once) and the head."""

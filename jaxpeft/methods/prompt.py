@@ -191,13 +191,16 @@ class PromptEncoder(nn.Module):
         width = self.encoder_hidden_size
         if self.encoder_type == "lstm":
             if self.is_initializing():
-                # flax's cells create the params (names, shapes, initialisers: the checkpoint format)
-                h = e[None]
+                # flax's cells create the params (names, shapes, initialisers: the checkpoint format),
+                # each called on one step: running them over the sequence would make the init a
+                # loop of LSTM steps for XLA to compile, and only the params are kept
+                carry = (jnp.zeros((1, width), jnp.float32),) * 2
+                x = e[:1]
                 for i in range(self.encoder_num_layers):
-                    forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"))
-                    backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"))
-                    h = nn.Bidirectional(forward, backward)(h)
-                h = h[0]
+                    h = jnp.concatenate([nn.OptimizedLSTMCell(width, name=f"lstm_{i}_{d}")(carry, x)[1]
+                                         for d in ("forward", "backward")], axis=-1)
+                    x = h
+                h = jnp.broadcast_to(h, (self.num_virtual_tokens, 2 * width))
             else:
                 h = e
                 params = self.variables["params"]
@@ -347,7 +350,9 @@ class PTuning(Method):
     def compute_prompt(self, params: Any) -> jax.Array:
         """The ``[P, H]`` prompt the encoder produces from ``params["adapter"]``."""
         hidden = params["adapter"]["input_embeddings"].shape[-1]
-        return self.encoder(hidden).apply({"params": params["adapter"]}, method=PromptEncoder.prompts)
+        encoder = self.encoder(hidden)
+        # one compiled program, not an op-by-op dispatch of the LSTM's steps
+        return jax.jit(lambda a: encoder.apply({"params": a}, method=PromptEncoder.prompts))(params["adapter"])
 
     def export_params(self, params: Any, modules_to_save=()) -> dict[str, Any]:
         """The computed prompt (under prompt tuning's path) and the head; no encoder."""

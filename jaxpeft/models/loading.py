@@ -42,13 +42,19 @@ def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
 
 
 def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[Any], Any] | None = None,
-                skip: Iterable[str] = (), traced: "TracedInit | None" = None) -> Any:
+                skip: Iterable[str] = (), traced: "TracedInit | None" = None,
+                on_host: bool | None = None) -> Any:
     """Random params of ``module`` (jitted init, so no op-by-op dispatch).
 
     ``param_shardings(abstract_params)`` gives each leaf's sharding; the params are then created
     directly on their shardings, never whole on one device. Paths in ``skip`` (those a checkpoint
     provides) come back as ``optax.MaskedNode`` holes and are never computed. ``traced``:
     :func:`trace_init` of ``module``, whose trace is reused instead of tracing the model again.
+
+    ``on_host``: compute the params with the CPU backend, then place them. The default does so on
+    an accelerator in a single process when ``skip`` is given: the fresh params of a pretrained
+    model (a head, an adapter, a prompt encoder) are small, and their init -- random bits, the
+    orthogonal QR of an LSTM's recurrent kernels -- compiles far faster for the CPU than for a GPU.
     """
     skip = frozenset(skip)
     full = traced.fn if traced is not None else (lambda r: module.init(r, **dummy_inputs())["params"])
@@ -59,6 +65,14 @@ def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[An
             return params
         return masks.unflatten({p: v for p, v in masks.flatten(params).items() if p not in skip}, params)
 
+    if on_host is None:
+        on_host = bool(skip) and jax.default_backend() != "cpu" and jax.process_count() == 1
+    if on_host:
+        cpu = jax.devices("cpu")[0]
+        with jax.default_device(cpu):
+            params = jax.jit(fn)(jax.device_put(rng, cpu))
+        target = param_shardings(jax.eval_shape(fn, rng)) if param_shardings is not None else jax.devices()[0]
+        return jax.device_put(params, target)
     if param_shardings is None:
         return jax.jit(fn)(rng)
     return jax.jit(fn, out_shardings=param_shardings(jax.eval_shape(fn, rng)))(rng)
