@@ -150,6 +150,7 @@ def test_bad_prefix_options(options, needle):
 
 @pytest.mark.parametrize("name,options", [
     ("prefix", {"num_virtual_tokens": 5, "encoder_hidden_size": 16}),
+    ("prefix", {"num_virtual_tokens": 5, "encoder_hidden_size": 16, "shift_positions": True}),
     ("ptuning_v2", {"num_virtual_tokens": 5}),
     ("ptuning_v2", {"num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 16,
                     "prefix_dropout": 0.0}),
