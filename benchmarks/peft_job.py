@@ -157,12 +157,8 @@ def build(model_dir: str, a, num_labels: int):
 #: Exit status of a run paused by ``--time_limit`` (its state saved; run it again to go on).
 PAUSED = 75
 
-#: What a paused run's state must agree on with the run that resumes it.
-_RESUME_KEYS = ("method", "task", "model", "learning_rate", "batch_size", "num_epochs", "max_seq_length",
-                "warmup_ratio", "weight_decay", "max_train_examples", "max_steps", "max_grad_norm",
-                "head_learning_rate", "num_virtual_tokens", "bitfit_terms", "prompt_init", "encoder_type",
-                "encoder_hidden_size", "encoder_num_layers", "lora_r", "lora_alpha", "lora_dropout",
-                "target_modules", "adapter_size", "adapter_type", "seed", "pooling", "mode")
+#: Flags a resumed run may change; every other flag must be the paused run's.
+_FREE_ON_RESUME = ("data_dir", "state", "time_limit")
 
 
 def peer_args(cfg) -> list[str]:
@@ -309,7 +305,7 @@ def main() -> int:
     state = Path(a.state) if a.state else None
     if state is not None and state.is_file():
         saved = torch.load(state, map_location=dev, weights_only=False)
-        differ = [k for k in _RESUME_KEYS if saved["args"].get(k) != getattr(a, k)]
+        differ = [k for k, v in vars(a).items() if k not in _FREE_ON_RESUME and saved["args"].get(k) != v]
         if differ:
             raise SystemExit(f"{state}: saved by a run with other settings ({', '.join(differ)}); delete it to start over")
         model.load_state_dict(saved["trainable"], strict=False)

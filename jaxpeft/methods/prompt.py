@@ -191,16 +191,13 @@ class PromptEncoder(nn.Module):
         width = self.encoder_hidden_size
         if self.encoder_type == "lstm":
             if self.is_initializing():
-                # flax's cells create the params (names, shapes, initialisers: the checkpoint format),
-                # each called on one step: running them over the sequence would make the init a
-                # loop of LSTM steps for XLA to compile, and only the params are kept
-                carry = (jnp.zeros((1, width), jnp.float32),) * 2
-                x = e[:1]
+                # flax's cells create the params (names, shapes, initialisers: the checkpoint format)
+                h = e[None]
                 for i in range(self.encoder_num_layers):
-                    h = jnp.concatenate([nn.OptimizedLSTMCell(width, name=f"lstm_{i}_{d}")(carry, x)[1]
-                                         for d in ("forward", "backward")], axis=-1)
-                    x = h
-                h = jnp.broadcast_to(h, (self.num_virtual_tokens, 2 * width))
+                    forward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_forward"))
+                    backward = nn.RNN(nn.OptimizedLSTMCell(width, name=f"lstm_{i}_backward"))
+                    h = nn.Bidirectional(forward, backward)(h)
+                h = h[0]
             else:
                 h = e
                 params = self.variables["params"]
