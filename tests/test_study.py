@@ -327,3 +327,26 @@ def get_study():
     bad.write_text(cfg.read_text().replace('pooling="mean"', 'no_such_option=1'))
     with pytest.raises(UserError, match="'no_such_option'"):
         study.load_study(bad)
+
+
+@pytest.mark.parametrize("name", ["config", "config_cpu", "config_defaults", "config_search", "config_gaps"])
+def test_every_shipped_study_config_builds_every_run(name, glue, tmp_path):
+    """Each setting's options are flags with valid values (a typo fails the plan, before any run)."""
+    st = study.load_study(Path(study.__file__).parent / f"{name}.py")
+    plan = study.Plan(st, tmp_path / "out", data_dir=str(glue))
+    runs = [r for g in plan.groups() for r in plan.grid_runs(g)]
+    assert runs and all(plan.config(r).task == r.task for r in runs)
+
+
+def test_the_configs_the_follow_up_changed_resolve_as_documented():
+    cfg = config.build({"method": "adapter", "task": "cola"})
+    assert cfg.head.pooling == "mean" and cfg.optim.learning_rate == 1e-3 and cfg.compute == "auto"
+    assert config.build({"method": "adapter", "task": "sst2"}).head.pooling == "cls"
+    assert config.build({"method": "lora", "task": "mrpc"}).compute == "exact"
+    assert config.build({"method": "lora", "task": "sst2"}).compute == "auto"
+    for method, lr in (("prompt", 3e-2), ("ptuning", 1e-3)):
+        rte = config.build({"method": method, "task": "rte"})
+        assert (rte.head.pooling, rte.optim.learning_rate, rte.optim.head_learning_rate) == ("mean", lr, 1e-3)
+        assert config.build({"method": method, "task": "mrpc"}).head.pooling == "cls"
+    # the command line still wins over the method's config
+    assert config.build({"method": "lora", "task": "mrpc", "compute": "auto"}).compute == "auto"

@@ -7,8 +7,11 @@ The frozen setting trains the classification head (and nothing else) by SGD. Thi
 pretrained model's features once, in float32 with transformers' own BERT (an independent code
 path), for three read-outs ([CLS], the mean of the attended tokens, BERT's pooler), and fits
 scikit-learn's logistic regression on the training split at several regularisation strengths:
-the optimum a linear head on these features can reach. It prints the train and dev accuracy of
-each, and the dev set's majority-class rate. Classification tasks only.
+the optimum a linear head on these features can reach. For sentence pairs it adds ``pair``: the
+two sentences encoded apart, as a sentence-embedding model is used for pairs, and the features
+[u, v, |u - v|, u * v] of their means (standardised; a read-out the training code does not
+have). It prints the train and dev accuracy of each, and the dev set's majority-class rate.
+Classification tasks only.
 """
 
 import argparse
@@ -20,22 +23,30 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent.parent))
 
 CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+PAIR_CS = (0.001, 0.01, 0.1, 1.0)
 
 
 def features(model, tokenizer, texts, max_length: int, batch: int = 64):
     import numpy as np
     import torch
 
-    out: dict[str, list] = {"cls": [], "mean": [], "pooler": []}
+    def mean(cols):
+        enc = tokenizer(*cols, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        o = model(**enc)
+        h, m = o.last_hidden_state, enc["attention_mask"][..., None].float()
+        return o, h, ((h * m).sum(1) / m.sum(1)).numpy()
+
+    out: dict[str, list] = {"cls": [], "mean": [], "pooler": []} | ({"pair": []} if len(texts) == 2 else {})
     with torch.no_grad():
         for i in range(0, len(texts[0]), batch):
             cols = [list(t[i:i + batch]) for t in texts]
-            enc = tokenizer(*cols, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            o = model(**enc)
-            h, m = o.last_hidden_state, enc["attention_mask"][..., None].float()
+            o, h, m = mean(cols)
             out["cls"].append(h[:, 0].numpy())
-            out["mean"].append(((h * m).sum(1) / m.sum(1)).numpy())
+            out["mean"].append(m)
             out["pooler"].append(o.pooler_output.numpy())
+            if "pair" in out:
+                u, v = mean(cols[:1])[2], mean(cols[1:])[2]
+                out["pair"].append(np.concatenate([u, v, np.abs(u - v), u * v], axis=1))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -48,6 +59,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import numpy as np
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     from transformers import AutoModel, AutoTokenizer
 
     from jaxpeft import data
@@ -69,8 +82,9 @@ def main(argv=None) -> int:
     print(f"dev majority class: {100 * majority:.1f}%\n")
     print("| read-out | C | train acc | dev acc |\n|---|---:|---:|---:|")
     for k in ftr:
-        for c in CS:
-            clf = LogisticRegression(C=c, max_iter=5000).fit(ftr[k], ytr)
+        for c in PAIR_CS if k == "pair" else CS:
+            clf = LogisticRegression(C=c, max_iter=5000)
+            clf = (make_pipeline(StandardScaler(), clf) if k == "pair" else clf).fit(ftr[k], ytr)
             print(f"| {k} | {c:g} | {100 * clf.score(ftr[k], ytr):.1f} | {100 * clf.score(fdv[k], ydv):.1f} |")
     return 0
 
