@@ -53,7 +53,8 @@ def test_peer_args_mirror_the_config():
     assert (a.method, a.task, a.learning_rate, a.head_learning_rate, a.num_epochs, a.seed, a.eval_every) == \
         ("ptuning", "rte", o.learning_rate, o.head_learning_rate, o.num_epochs, 2, 50)
     assert (a.encoder_type, a.encoder_num_layers, a.num_virtual_tokens) == ("lstm", 2, 20)
-    assert a.pooling == "cls"
+    assert a.pooling == cfg.head.pooling == "mean"      # RTE's P-tuning config reads the mean
+    assert peer_namespace(peer_args(config.build({"method": "ptuning", "task": "sst2"}))).pooling == "cls"
     with pytest.raises(SystemExit, match="modules_to_save"):
         peer_args(config.build({"method": "bitfit", "task": "rte", "modules_to_save": "pooler"}))
 

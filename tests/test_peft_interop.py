@@ -121,7 +121,8 @@ def test_jaxpeft_lora_adapter_loads_in_peft(trained, tiny_bert_dir, glue):
 @pytest.mark.parametrize("method,options", [("prompt", {}), ("ptuning", {"encoder_type": "mlp"}), ("ptuning", {})],
                          ids=["prompt", "ptuning-mlp", "ptuning-lstm"])
 def test_jaxpeft_prompt_adapter_in_front_loads_in_peft(method, options, trained, tiny_bert_dir, glue):
-    folder = trained(method, "rte", prompt_position="front", num_virtual_tokens=6, **options)
+    # [CLS] read-out: transformers' BertForSequenceClassification pools [CLS] (RTE's configs read the mean)
+    folder = trained(method, "rte", prompt_position="front", num_virtual_tokens=6, pooling="cls", **options)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["peft_type"] == {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}[method]
     assert (cfg["num_virtual_tokens"], cfg["token_dim"], cfg["num_layers"], cfg["num_attention_heads"]) == (6, 48, 3, 4)
