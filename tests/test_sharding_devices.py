@@ -54,8 +54,10 @@ def start_worker(devices: int, out: Path, configs: list[dict], tag: str) -> subp
         f = out.parent / f"{tag}-config{i}.json"
         f.write_text(json.dumps(c))
         files.append(str(f))
+    # a cache of its own: the recompile guard counts traces, and a warm program store (an earlier
+    # run's) would provide the train loop without one
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false",
+               TOKENIZERS_PARALLELISM="false", JAXPEFT_COMPILATION_CACHE=str(out.parent / f"{tag}-xla"),
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                           + f" --xla_force_host_platform_device_count={devices}"))
     return subprocess.Popen([sys.executable, str(WORKER), str(out), *files], env=env,
