@@ -8,8 +8,9 @@ the same epochs, an evaluation on dev after every epoch, bf16 autocast on a GPU,
 ``torch.compile``. BitFit, Frozen and full fine-tuning set ``requires_grad`` as the BitFit reference
 code does (``--bitfit_terms`` as ours); LoRA and the prompt methods are peft's; bottleneck adapters,
 which peft lacks, are ours written in PyTorch (Houlsby's placement, the LayerNorms train). The
-classifier can take its own rate (``--head_learning_rate``) and read the pooler on [CLS] or, as ours
-with ``--pooling=mean``, the mean of the last layer. Prints one JSON line: the wall time split
+classifier can take its own rate (``--head_learning_rate``) and read the pooler on [CLS] or, as ours,
+the mean of the last layer (``--pooling=mean``) or the cosine of a pair's two sentences encoded apart
+(``--pooling=cosine``). Prints one JSON line: the wall time split
 like our ``results.json`` (``startup_seconds``, ``data_seconds``, ``train_seconds``, ``eval_seconds``,
 ``wall_seconds``), examples/s, and the dev metric after every evaluation (every epoch, or every
 ``--eval_every`` steps) with the final and the best. :func:`peer_args` gives the flags that mirror one
@@ -103,6 +104,44 @@ def read_mean(model) -> None:
     model.bert.pooler = pool
 
 
+def read_cosine(model) -> None:
+    """``--pooling=cosine``, as ours: the batch's rows are the pairs' first sentences then their
+    second ones (:func:`split_pairs`), each read as its mean (:func:`read_mean`), and the classifier
+    reads the cosine of the two means through a linear layer of one input (no dropout)."""
+    import torch
+    from torch import nn
+
+    class CosineHead(nn.Module):
+        def __init__(self, num_labels: int):
+            super().__init__()
+            self.dense = nn.Linear(1, num_labels)
+            nn.init.normal_(self.dense.weight, std=model.config.initializer_range)
+            nn.init.zeros_(self.dense.bias)
+
+        def forward(self, pooled):
+            u, v = pooled.float().chunk(2)
+            return self.dense(torch.nn.functional.cosine_similarity(u, v, eps=1e-8)[:, None])
+
+    read_mean(model)
+    model.dropout = nn.Identity()
+    model.classifier = CosineHead(model.num_labels)
+
+
+def split_pairs(b: dict) -> dict:
+    """Host rows ``[CLS] a [SEP] b [SEP]`` as ``2B`` rows ``[CLS] a [SEP]`` then ``[CLS] b [SEP]``
+    (each as the tokenizer encodes one sentence; token types 0), right-padded with 0."""
+    import numpy as np
+
+    ids, mask, types = b["input_ids"], b["attention_mask"].astype(bool), b["token_type_ids"]
+    n, width = ids.shape
+    out_ids, out_mask = np.zeros((2 * n, width), ids.dtype), np.zeros((2 * n, width), b["attention_mask"].dtype)
+    for i in range(n):
+        row, kind = ids[i][mask[i]], types[i][mask[i]]
+        for j, part in ((i, row[kind == 0]), (n + i, np.concatenate([row[:1], row[kind != 0]]))):
+            out_ids[j, :len(part)], out_mask[j, :len(part)] = part, 1
+    return {"input_ids": out_ids, "attention_mask": out_mask, "token_type_ids": np.zeros_like(out_ids)}
+
+
 def build(model_dir: str, a, num_labels: int):
     """The model of ``a.method`` with our config's trainable set."""
     import re
@@ -113,6 +152,8 @@ def build(model_dir: str, a, num_labels: int):
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
     if a.pooling == "mean":
         read_mean(model)
+    elif a.pooling == "cosine":
+        read_cosine(model)
     if a.method in ("full", "frozen", "bitfit", "adapter"):
         from jaxpeft.masks import BERT_BIAS_TERMS, BITFIT_ALIASES
 
@@ -220,8 +261,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter_size", type=int, default=64)
     ap.add_argument("--adapter_type", default="houlsby")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pooling", default="cls", choices=("cls", "mean"),
-                    help="cls: the pooler on [CLS]; mean: the mean of the last layer's outputs, as ours")
+    ap.add_argument("--pooling", default="cls", choices=("cls", "mean", "cosine"),
+                    help="cls: the pooler on [CLS]; mean: the mean of the last layer's outputs; cosine: the "
+                         "cosine of a pair's two sentences encoded apart; as ours")
     ap.add_argument("--mode", default="eager", choices=("eager", "compile"))
     ap.add_argument("--state", default=None,
                     help="resumable run: where its state is kept when --time_limit pauses it; a run started "
@@ -262,6 +304,8 @@ def main() -> int:
     t_data = time.perf_counter() - t0
 
     def to_torch(b):
+        if a.pooling == "cosine":
+            b = split_pairs(b)
         out = {k: torch.from_numpy(b[k]).to(dev, non_blocking=True).long()
                for k in ("input_ids", "attention_mask", "token_type_ids")}
         return out

@@ -73,7 +73,9 @@ class Head:
     """How the task head reads the encoder, and which modules train fully under any method."""
 
     pooling: str = option("cls", "cls: the pooler on [CLS] (BERT's head); mean: the mean of the last "
-                          "layer's token outputs (sentence-embedding models)", choices=("cls", "mean"))
+                          "layer's token outputs (sentence-embedding models); cosine (sentence pairs): the "
+                          "cosine of the two sentences' means, each encoded apart",
+                          choices=("cls", "mean", "cosine"))
     modules_to_save: str | None = option(
         None, "comma list of modules that train fully under any method, peft's name (pooler; "
         "classifier always trains)")
@@ -281,8 +283,10 @@ def build(overrides: Mapping[str, Any]) -> TrainConfig:
     path = overrides.get("config") or method_config_file(method)
     values: dict[str, Any] = dict(load_config_file(path, task))
     values["config"] = str(path)
-    if overrides.get("tasks"):   # multi-task runs do not pack: a config's packing is for its single-task runs
+    if overrides.get("tasks"):   # a config's packing and cosine read-out are for its single-task runs
         values.pop("packing", None)
+        if values.get("pooling") == "cosine":
+            values.pop("pooling")
     # a config file's keys must exist (here or in some method) like flags do
     try:
         from_flat({**values, "method": method})

@@ -226,6 +226,10 @@ def check_configs(specs: Sequence[tuple[str, str]]) -> tuple[Family, list[dict]]
                         f"one family ({', '.join(FAMILIES)})")
     fam = families[0]
     (n0, _), c0 = specs[0], configs[0]
+    for (name, d), cfg in zip(specs, configs):
+        if cfg.get("pooling") == "cosine":
+            raise UserError(f"adapter {name} ({d}) reads the cosine of a pair's two sentences encoded apart; "
+                            "several adapters in one batch need one row per example (load it alone)")
     for (name, _), cfg in zip(specs[1:], configs[1:]):
         if not same_base(c0["fingerprint"], cfg["fingerprint"]):
             raise UserError(f"adapters {n0} and {name} were trained on different base models "

@@ -326,6 +326,9 @@ class MultiTaskTrainer:
                             f"these can: {multi_adapter.supported_methods()}")
         if cfg.data.packing:
             raise UserError("--tasks: --packing is not supported in multi-task runs")
+        if cfg.head.pooling == "cosine":
+            raise UserError("--tasks: --pooling=cosine is not supported in multi-task runs (a batch's rows are "
+                            "its examples there)")
         if cfg.devices.mesh or (cfg.devices.num_processes or 1) > 1:
             raise UserError("--tasks: multi-task runs use one device (no --mesh, no multi-process runs)")
         self.out = check_output_dir(cfg.run.output_dir)

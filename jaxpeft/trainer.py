@@ -70,6 +70,18 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+def check_pooling(cfg: TrainConfig, task: data.GlueTask) -> None:
+    """``--pooling=cosine`` compares the two sentences of a pair, one unpacked row per example."""
+    if cfg.head.pooling != "cosine":
+        return
+    if len(task.tsv_texts) != 2:
+        raise UserError(f"--pooling=cosine compares the two sentences of a pair; {task.name} has one sentence "
+                        "per example")
+    if cfg.data.packing:
+        raise UserError("--packing: --pooling=cosine encodes each pair's sentences apart, which packed rows "
+                        "do not; use --no-packing or another --pooling")
+
+
 def check_output_dir(path: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -112,6 +124,7 @@ class Trainer:
         if cfg.data.packing and not self.method.supports_packing:
             raise UserError(f"--packing: --method={cfg.method} puts its prompt into every row's input; "
                             "packed rows need the prompt per example, which it does not support")
+        check_pooling(cfg, self.task)
         with self.timers.section("startup"):
             self.cache_dir = runtime.enable_compilation_cache(cfg.devices.compilation_cache)
             self.plan = self.make_plan()   # before anything else touches JAX (multi-process init)
@@ -144,8 +157,8 @@ class Trainer:
                 if not masks.trainable_paths(masks.match(self.params, include=module_pattern(module),
                                                          allow_empty=True)):
                     raise UserError(f"--modules_to_save={cfg.head.modules_to_save}: this model has no module "
-                                    f"{module!r}" + (" (--pooling=mean reads no pooler)" if
-                                                     cfg.head.pooling == "mean" else ""))
+                                    f"{module!r}" + (f" (--pooling={cfg.head.pooling} reads no pooler)" if
+                                                     cfg.head.pooling != "cls" else ""))
             self.mask = self.method.mask(self.params, self.modules_to_save)
         with self.timers.section("data"):
             d = cfg.data

@@ -41,8 +41,8 @@ def trained(glue, tiny_bert_dir, tmp_path_factory):
     return get
 
 
-def dev_examples(glue, n=48):
-    return data.load_split(data.get_task("sst2"), "dev", glue).take(n)
+def dev_examples(glue, n=48, task="sst2"):
+    return data.load_split(data.get_task(task), "dev", glue).take(n)
 
 
 @pytest.mark.parametrize("method", ["bitfit", "full"])
@@ -238,13 +238,15 @@ def test_adapter_of_another_base_is_rejected_at_the_cli(trained, other_tiny_bert
     assert f"use --model={tiny_bert_dir.resolve()}" in lines[0]
 
 
-@pytest.mark.parametrize("pooling,modules", [("cls", "pooler"), ("mean", None)])
-def test_head_options_are_recorded_and_restored(pooling, modules, glue, tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("pooling,modules,task", [("cls", "pooler", "sst2"), ("mean", None, "sst2"),
+                                                  ("cosine", None, "mrpc")])
+def test_head_options_are_recorded_and_restored(pooling, modules, task, glue, tiny_bert_dir, tmp_path):
     """``--modules_to_save=pooler``: the pooler trains with BitFit (its kernel too); ``--pooling=mean``:
-    the head reads the mean of the token outputs (and there is no pooler). Both go into the adapter,
-    and the loaded adapter predicts with them exactly as the trained model did."""
+    the head reads the mean of the token outputs (and there is no pooler); ``--pooling=cosine``: the
+    head reads one number, the cosine of a pair's two sentences. They go into the adapter, and the
+    loaded adapter predicts with them exactly as the trained model did."""
     out = tmp_path / "run"
-    cfg = config.build(dict(method="bitfit", task="sst2", model=str(tiny_bert_dir), data_dir=str(glue),
+    cfg = config.build(dict(method="bitfit", task=task, model=str(tiny_bert_dir), data_dir=str(glue),
                             output_dir=str(out), max_steps=4, batch_size=8, max_train_examples=32,
                             max_eval_examples=16, max_seq_length=SEQ, keep=0, progress=False,
                             pooling=pooling, modules_to_save=modules, packing=False))
@@ -253,7 +255,7 @@ def test_head_options_are_recorded_and_restored(pooling, modules, glue, tiny_ber
     flat = masks.flatten(t.params)
     n_bias = sum(v.size for p, v in flat.items() if p.endswith("bias") and p.startswith("bert/"))
     hidden = t.model.config.hidden_size
-    head = hidden * 2 + 2
+    head = (1 if pooling == "cosine" else hidden) * 2 + 2
     if modules == "pooler":
         assert masks.count(t.params, t.mask)[0] == n_bias + hidden * hidden + head
         assert "bert/pooler/dense/kernel" in masks.trainable_paths(t.mask)
@@ -262,9 +264,9 @@ def test_head_options_are_recorded_and_restored(pooling, modules, glue, tiny_ber
     record = adapters.read_adapter_config(out / "adapter")
     record = record.get("jaxpeft", record)
     assert record["pooling"] == pooling and record["modules_to_save"] == ([modules] if modules else [])
-    loaded, params, m, task = adapters.load_adapter(out / "adapter")
-    assert loaded.module.pooling == pooling
-    examples = dev_examples(glue, 16)
+    loaded, params, m, loaded_task = adapters.load_adapter(out / "adapter")
+    assert loaded.module.pooling == pooling and loaded_task.name == task
+    examples = dev_examples(glue, 16, task)
     enc = data.encode(t.model.tokenizer, examples, SEQ)
     fn = jax.jit(steps.make_predict_step(t.model.module))
     batches = data.BucketBatches(enc, 8, SEQ, 0).eval_batches(enc, 8)

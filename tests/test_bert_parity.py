@@ -135,3 +135,54 @@ def test_mean_pooling_reads_the_mean_of_the_token_outputs(minilm_dir):
     mean = (out * mask).sum(1) / mask.sum(1)
     np.testing.assert_allclose(np.asarray(logits), mean[:, :2], atol=1e-4)
     assert isinstance(m.module, BertForSequenceClassification) and m.module.pooling == "mean"
+
+
+PAIRS = [
+    ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing."),
+    ("The drain is clogged with hair. It has to be cleaned, and quickly, before the guests arrive "
+     "for dinner tonight at eight.", "The hair has to be cleaned."),
+    ("Three dogs.", "A cat sleeps on the warm windowsill while the rain keeps falling outside."),
+]
+
+
+def test_split_pair_gives_each_sentence_as_the_tokenizer_encodes_it_alone(minilm_dir):
+    from jaxpeft.models.bert import split_pair
+
+    tok = load_classifier(str(minilm_dir), 2).tokenizer
+    a, b = [p for p, _ in PAIRS], [h for _, h in PAIRS]
+    enc = tok(a, b, padding="max_length", max_length=48, return_tensors="np")
+    ids, mask = split_pair(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    assert ids.shape == (6, 48)
+    for row, text in enumerate(a + b):
+        alone = tok(text)["input_ids"]
+        assert mask[row].sum() == len(alone)
+        assert ids[row, :len(alone)].tolist() == alone
+
+
+def test_cosine_pooling_reads_the_cosine_of_the_sentences_encoded_apart(minilm_dir):
+    """``pooling="cosine"``: the head reads the cosine of the two sentences' mean embeddings, each
+    sentence encoded alone -- sentence-transformers' similarity, from transformers' BertModel."""
+    from jaxpeft.models.bert import BertForSequenceClassification
+
+    m = load_classifier(str(minilm_dir), 2, pooling="cosine")
+    assert m.params["classifier"]["kernel"].shape == (1, 2)
+    a, b = [p for p, _ in PAIRS], [h for _, h in PAIRS]
+    enc = m.tokenizer(a, b, padding=True, return_tensors="np")
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    head = {"kernel": np.array([[1.0, -2.0]], np.float32), "bias": np.array([0.0, 0.5], np.float32)}
+    logits = np.asarray(m.module.apply({"params": {**m.params, "classifier": head}}, **enc))
+    ref = TorchBertModel.from_pretrained(str(minilm_dir), attn_implementation="eager").eval()
+
+    def embed(texts):
+        e = m.tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = ref(**e).last_hidden_state
+        w = e["attention_mask"][..., None].float()
+        return (h * w).sum(1) / w.sum(1)
+
+    cos = torch.nn.functional.cosine_similarity(embed(a), embed(b)).numpy()
+    assert cos.std() > 0.05            # the pairs are not alike: the check can tell them apart
+    np.testing.assert_allclose(logits[:, 0], cos, atol=1e-5)
+    np.testing.assert_allclose(logits[:, 1], -2 * cos + 0.5, atol=1e-5)
+    assert isinstance(m.module, BertForSequenceClassification) and m.module.pooling == "cosine"

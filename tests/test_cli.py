@@ -51,6 +51,12 @@ CASES = {
     "missing data folder": (["--data_dir={tmp}/nope"], ["does not exist"]),
     "missing split": (["--task=qnli"], ["QNLI/train.tsv not found"]),
     "config file missing": (["--config={tmp}/none.py"], ["config file", "not found"]),
+    "cosine on one sentence": (["--task=sst2", "--pooling=cosine"],
+                               ["--pooling=cosine compares the two sentences of a pair; sst2 has one"]),
+    "cosine packed": (["--task=rte", "--pooling=cosine", "--packing"], ["--packing", "--pooling=cosine",
+                                                                         "--no-packing"]),
+    "cosine multi-task": (["--tasks=rte,mrpc", "--method=lora", "--pooling=cosine"],
+                          ["--pooling=cosine is not supported in multi-task runs"]),
 }
 
 

@@ -3,6 +3,8 @@ predictions equal each adapter's own predictions on its rows (float32 on the CPU
 through the library and ``jaxpeft-predict --adapter=NAME=DIR ...``; bad input is one line and exit
 status 2 before anything is written; and the mixed forward runs our Pallas kernels (interpreted)."""
 
+import json
+import shutil
 import sys
 
 import jax
@@ -110,6 +112,11 @@ def test_bad_input_is_one_line_before_anything_is_written(family_adapters, glue,
     no_column = tmp_path / "no_column.tsv"
     no_column.write_text(path.read_text().replace("adapter\t", "name\t", 1))
     ok = [f"--adapter={n}={d}" for n, d in zip(NAMES, bitfit)]
+    cosine = tmp_path / "cosine"
+    shutil.copytree(bitfit[1], cosine)
+    record = json.loads((cosine / "adapter_config.json").read_text())
+    record["jaxpeft"]["pooling"] = "cosine"
+    (cosine / "adapter_config.json").write_text(json.dumps(record))
     cases = {
         "unknown name": (ok + [f"--input={unknown}"], "adapter 'nlj' is not one of pos, nli, sim"),
         "other base": ([ok[0], f"--adapter=nli={other}", ok[2], f"--input={path}"],
@@ -123,6 +130,8 @@ def test_bad_input_is_one_line_before_anything_is_written(family_adapters, glue,
         "no adapter column": (ok + [f"--input={no_column}"], "has no 'adapter' column"),
         "texts, not a file": (ok + ["--text=fine"], "give --input=FILE.tsv"),
         "missing adapter": (ok[:2] + [f"--adapter=sim={tmp_path / 'nope'}", f"--input={path}"], "not found"),
+        "cosine read-out": ([ok[0], f"--adapter=nli={cosine}", ok[2], f"--input={path}"],
+                            "reads the cosine of a pair's two sentences"),
     }
     out = tmp_path / "out.tsv"
     out.write_text("previous\n")

@@ -53,7 +53,7 @@ def test_peer_args_mirror_the_config():
     assert (a.method, a.task, a.learning_rate, a.head_learning_rate, a.num_epochs, a.seed, a.eval_every) == \
         ("ptuning", "rte", o.learning_rate, o.head_learning_rate, o.num_epochs, 2, 50)
     assert (a.encoder_type, a.encoder_num_layers, a.num_virtual_tokens) == ("lstm", 2, 20)
-    assert a.pooling == cfg.head.pooling == "mean"      # RTE's P-tuning config reads the mean
+    assert a.pooling == cfg.head.pooling == "cosine"      # RTE's P-tuning config reads the cosine
     assert peer_namespace(peer_args(config.build({"method": "ptuning", "task": "sst2"}))).pooling == "cls"
     with pytest.raises(SystemExit, match="modules_to_save"):
         peer_args(config.build({"method": "bitfit", "task": "rte", "modules_to_save": "pooler"}))
@@ -125,3 +125,36 @@ def test_peer_paused_and_resumed_trains_as_one_run(tiny_bert_dir, glue, tmp_path
     assert rc == PAUSED
     p = subprocess.run(flags[:-1] + ["--num_virtual_tokens=5", f"--state={state}"], capture_output=True, text=True)
     assert p.returncode != 0 and "other settings (num_virtual_tokens)" in p.stderr
+
+
+@pytest.mark.parametrize("method", ["frozen", "lora"])
+def test_peer_cosine_pooling_gives_our_logits(method, tiny_bert_dir):
+    """``--pooling=cosine``: the peer splits the pair rows on the host (numpy) and reads the cosine of
+    the two sentences' means; with the same head, its logits are ours (LoRA starts as the identity)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.peft_job import split_pairs
+    from jaxpeft.models import load_classifier
+
+    cfg = config.build({"method": method, "task": "rte", "pooling": "cosine"})
+    a = peer_namespace(peer_args(cfg))
+    assert a.pooling == "cosine"
+    torch.manual_seed(0)
+    model = build(str(tiny_bert_dir), a, num_labels=2).eval()
+    ours = load_classifier(str(tiny_bert_dir), 2, pooling="cosine")
+    enc = ours.tokenizer(["A man is dancing in the rain.", "Two dogs.", "The cat sat on the mat today."],
+                         ["A man dances.", "Several animals play in a big green park.", "The cat sat."],
+                         padding=True, return_tensors="np")
+    enc = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    head = model.classifier if method == "frozen" else model.base_model.model.classifier.modules_to_save["default"]
+    kernel = head.dense.weight.detach().numpy().T
+    ours_logits = np.asarray(ours.module.apply(
+        {"params": {**ours.params, "classifier": {"kernel": kernel, "bias": head.dense.bias.detach().numpy()}}},
+        **enc))
+    split = split_pairs(enc)
+    assert split["input_ids"].shape == (6, enc["input_ids"].shape[1])
+    with torch.no_grad():
+        theirs = model(**{k: torch.from_numpy(v).long() for k, v in split.items()}).logits.numpy()
+    assert theirs.shape == (3, 2) and np.ptp(theirs[:, 0]) > 0
+    np.testing.assert_allclose(ours_logits, theirs, atol=1e-5)

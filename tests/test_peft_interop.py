@@ -121,7 +121,7 @@ def test_jaxpeft_lora_adapter_loads_in_peft(trained, tiny_bert_dir, glue):
 @pytest.mark.parametrize("method,options", [("prompt", {}), ("ptuning", {"encoder_type": "mlp"}), ("ptuning", {})],
                          ids=["prompt", "ptuning-mlp", "ptuning-lstm"])
 def test_jaxpeft_prompt_adapter_in_front_loads_in_peft(method, options, trained, tiny_bert_dir, glue):
-    # [CLS] read-out: transformers' BertForSequenceClassification pools [CLS] (RTE's configs read the mean)
+    # [CLS] read-out: transformers' BertForSequenceClassification pools [CLS] (RTE's configs read the cosine)
     folder = trained(method, "rte", prompt_position="front", num_virtual_tokens=6, pooling="cls", **options)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["peft_type"] == {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}[method]
@@ -336,3 +336,22 @@ def test_bad_peft_folders_are_one_line(trained, tiny_bert_dir, other_tiny_bert_d
         rc, lines = run_predict([f"--adapter={folder}", *extra, "--text=a fine film", f"--output={out}"], capsys)
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (name, lines)
         assert out.read_text() == "previous\n", name
+
+
+def test_cosine_adapter_is_refused_by_peft_and_predicts_in_jaxpeft(trained, tiny_bert_dir, glue):
+    """``pooling="cosine"``: a classifier of one input, which transformers' BERT classifier (what peft
+    wraps) cannot hold -- peft refuses the folder; jaxpeft loads it and predicts as the run did."""
+    folder = trained("lora", "rte", pooling="cosine")
+    tensors = safetensors.numpy.load_file(str(folder / "adapter_model.safetensors"))
+    assert tensors["base_model.model.classifier.weight"].shape == (2, 1)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft_model(tiny_bert_dir, folder)
+    ex = examples(glue, "rte", 16)
+    loaded, params, method, _ = adapters.load_adapter(folder, compute=EXACT)
+    assert loaded.module.pooling == "cosine"
+    logits = adapters.predict(loaded, params, method, ex, max_seq_length=SEQ, batch_size=8)
+    # the head reads cos(u, v) only: the two logits are w_c * cos + b_c, so one straight line holds them
+    w, b = np.asarray(params["classifier"]["kernel"])[0], np.asarray(params["classifier"]["bias"])
+    cos = (logits[:, 0] - b[0]) / w[0]
+    np.testing.assert_allclose(logits[:, 1], w[1] * cos + b[1], atol=1e-4)
+    assert np.all(np.abs(cos) <= 1 + 1e-4) and np.ptp(cos) > 0

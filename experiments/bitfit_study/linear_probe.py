@@ -9,8 +9,9 @@ path), for three read-outs ([CLS], the mean of the attended tokens, BERT's poole
 scikit-learn's logistic regression on the training split at several regularisation strengths:
 the optimum a linear head on these features can reach. For sentence pairs it adds ``pair``: the
 two sentences encoded apart, as a sentence-embedding model is used for pairs, and the features
-[u, v, |u - v|, u * v] of their means (standardised; a read-out the training code does not
-have). It prints the train and dev accuracy of each, and the dev set's majority-class rate.
+[u, v, |u - v|, u * v] of their means (standardised), and ``cosine``: the one number cos(u, v),
+the comparison the bundled sentence-embedding model was trained for (what ``--pooling=cosine``
+reads). It prints the train and dev accuracy of each, and the dev set's majority-class rate.
 Classification tasks only.
 """
 
@@ -36,7 +37,8 @@ def features(model, tokenizer, texts, max_length: int, batch: int = 64):
         h, m = o.last_hidden_state, enc["attention_mask"][..., None].float()
         return o, h, ((h * m).sum(1) / m.sum(1)).numpy()
 
-    out: dict[str, list] = {"cls": [], "mean": [], "pooler": []} | ({"pair": []} if len(texts) == 2 else {})
+    pairs = {"pair": [], "cosine": []} if len(texts) == 2 else {}
+    out: dict[str, list] = {"cls": [], "mean": [], "pooler": []} | pairs
     with torch.no_grad():
         for i in range(0, len(texts[0]), batch):
             cols = [list(t[i:i + batch]) for t in texts]
@@ -47,6 +49,8 @@ def features(model, tokenizer, texts, max_length: int, batch: int = 64):
             if "pair" in out:
                 u, v = mean(cols[:1])[2], mean(cols[1:])[2]
                 out["pair"].append(np.concatenate([u, v, np.abs(u - v), u * v], axis=1))
+                cos = (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
+                out["cosine"].append(cos[:, None])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -541,7 +541,8 @@ class BertModel(nn.Module):
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None,
                  prefix_mask: Array | None = None, segment_ids: Array | None = None,
                  read_positions: Array | None = None, cls_only: bool = False,
-                 pooling: str = "cls", position_offset: int = 0) -> tuple[Array, Array | None]:
+                 pooling: str = "cls", position_offset: int = 0,
+                 mean_f32: bool = False) -> tuple[Array, Array | None]:
         cfg = self.config
         b, length = input_ids.shape
         if segment_ids is not None:
@@ -588,7 +589,8 @@ class BertModel(nn.Module):
         if pooling == "mean":
             if cls_only:
                 raise ValueError("mean pooling reads every row of the last layer (cls_only=False)")
-            return x, _mean_pool(x, valid, segment_ids, read_positions)
+            mean = _mean_pool(x, valid, segment_ids, read_positions)
+            return x, mean if mean_f32 else mean.astype(x.dtype)
         read = x if cls_only else _gather_rows(x, rows)
         pooled = (BertPooler(cfg, self.compute, self.extras, name="pooler")(read, deterministic)
                   if self.add_pooling_layer else None)
@@ -598,19 +600,42 @@ class BertModel(nn.Module):
 
 
 def _mean_pool(x: Array, valid: Array, segments: Array | None, read_positions: Array | None) -> Array:
-    """The mean of the valid rows of ``x`` ``[B, T, H]`` (float32 sums): ``[B, H]``, or per packed
+    """The mean of the valid rows of ``x`` ``[B, T, H]``, in float32: ``[B, H]``, or per packed
     example ``[B, K, H]`` (slot ``k`` is segment ``k + 1``)."""
     xf = x.astype(jnp.float32)
     if segments is None:
         m = valid.astype(jnp.float32)[..., None]
-        return (jnp.sum(xf * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(x.dtype)
+        return jnp.sum(xf * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
     k = read_positions.shape[1]
     onehot = (segments[:, None, :] == jnp.arange(1, k + 1)[None, :, None]).astype(jnp.float32)   # [B, K, T]
     sums = jnp.einsum("bkt,bth->bkh", onehot, xf)
-    return (sums / jnp.maximum(onehot.sum(-1, keepdims=True), 1.0)).astype(x.dtype)
+    return sums / jnp.maximum(onehot.sum(-1, keepdims=True), 1.0)
 
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "cosine")
+
+
+def split_pair(input_ids: Array, attention_mask: Array | None, token_type_ids: Array) -> tuple[Array, Array]:
+    """The two sentences of joint pair rows ``[CLS] a [SEP] b [SEP]`` (right-padded, ``b``'s tokens of
+    type 1) as rows of their own: ``[2B, L]`` ids and masks, the ``B`` first sentences ``[CLS] a [SEP]``
+    then the ``B`` second ones ``[CLS] b [SEP]`` -- each as the tokenizer encodes a single sentence."""
+    b, length = input_ids.shape
+    valid = (jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool))
+    first = valid & (token_type_ids == 0)
+    n_a = first.sum(-1)
+    n_b = (valid & (token_type_ids != 0)).sum(-1)
+    j = jnp.arange(length)[None, :]
+    src = jnp.clip(n_a[:, None] - 1 + j, 0, length - 1)      # row j of b's own: joint row n_a - 1 + j
+    b_ids = jnp.where(j == 0, input_ids[:, :1], jnp.take_along_axis(input_ids, src, axis=1))
+    b_valid = j < (n_b + 1)[:, None]
+    return (jnp.concatenate([jnp.where(first, input_ids, 0), jnp.where(b_valid, b_ids, 0)]),
+            jnp.concatenate([first, b_valid]).astype(jnp.int32))
+
+
+def cosine(u: Array, v: Array) -> Array:
+    """Row-wise cosine similarity of ``[B, H]`` arrays, in float32: ``[B]``."""
+    u, v = u.astype(jnp.float32), v.astype(jnp.float32)
+    return jnp.sum(u * v, -1) / jnp.maximum(jnp.linalg.norm(u, axis=-1) * jnp.linalg.norm(v, axis=-1), 1e-8)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -619,6 +644,11 @@ class BertForSequenceClassification(nn.Module):
     ``pooling="mean"``: the head reads the mean of the last layer's token outputs instead (the
     read-out sentence-embedding models are trained for; no pooler layer, every row of the last
     layer computed).
+
+    ``pooling="cosine"`` (sentence pairs): the two sentences are encoded apart (:func:`split_pair`),
+    each read as the mean of its last layer's outputs, and the head reads the cosine of the two
+    means -- one number, how a sentence-embedding model compares two sentences -- through a dense
+    layer of one input. No dropout on it; unpacked rows only.
 
     ``adapter`` is an optional module called as ``adapter(batch_size, deterministic=...)`` that
     returns keyword arguments for :class:`BertModel` (``prompt_embeds``, ``prefix_kv``, ...). Its
@@ -644,13 +674,26 @@ class BertForSequenceClassification(nn.Module):
         cfg, comp = self.config, self.compute
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        pooling, b = self.pooling, input_ids.shape[0]
+        if pooling == "cosine":
+            if segment_ids is not None or position_ids is not None:
+                raise ValueError("cosine pooling reads unpacked pair rows (no segment_ids or position_ids)")
+            if token_type_ids is None:
+                raise ValueError("cosine pooling needs the pair's token_type_ids")
+            input_ids, attention_mask = split_pair(input_ids, attention_mask, token_type_ids)
+            token_type_ids, pooling = jnp.zeros_like(input_ids), "mean"
         extra = {} if self.adapter is None else self.adapter(input_ids.shape[0], deterministic=deterministic)
         _, pooled = BertModel(cfg, comp, self.extras, name="bert")(
             input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic,
             segment_ids=segment_ids, read_positions=read_positions,
-            cls_only=comp.cls_only_last_layer and self.pooling == "cls", pooling=self.pooling, **extra)
-        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = _dropout(comp, rate)(pooled, deterministic=deterministic)
-        logits = nn.Dense(self.num_labels, dtype=_dt(comp), param_dtype=jnp.float32,
+            cls_only=comp.cls_only_last_layer and pooling == "cls", pooling=pooling,
+            mean_f32=self.pooling == "cosine", **extra)
+        if self.pooling == "cosine":
+            pooled = cosine(pooled[:b], pooled[b:])[:, None]
+        else:
+            rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+            pooled = _dropout(comp, rate)(pooled, deterministic=deterministic)
+        logits = nn.Dense(self.num_labels, dtype=jnp.float32 if self.pooling == "cosine" else _dt(comp),
+                          param_dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(cfg.initializer_range), name="classifier")(pooled)
         return logits.astype(jnp.float32)
