@@ -40,7 +40,9 @@ def test_tiny_run_records_trainable_counts(method, task, glue, tmp_path):
     assert all(p.startswith(("adapter/", "classifier/")) for p in masks.trainable_paths(trainer.mask))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["steps"] == 3 and on_disk["method"] == method
-    assert on_disk["trainable_params"] == EXPECTED_METHOD_PARAMS[method] + HEAD
+    head = HEAD if cfg.head.pooling != "cosine" else 2 * 1 + 2     # the cosine read-out: one input
+    assert (cfg.head.pooling == "cosine") == (task == "rte")          # RTE's P-tuning v2 config reads it
+    assert on_disk["trainable_params"] == EXPECTED_METHOD_PARAMS[method] + head
     assert on_disk["trainable_pct"] == pytest.approx(100 * on_disk["trainable_params"] / on_disk["total_params"])
     assert on_disk["method_options"]["num_virtual_tokens"] == 20
     assert f"trainable params: {on_disk['trainable_params']:,}" in lines[0]

@@ -346,7 +346,28 @@ def test_the_configs_the_follow_up_changed_resolve_as_documented():
     assert config.build({"method": "lora", "task": "sst2"}).compute == "auto"
     for method, lr in (("prompt", 3e-2), ("ptuning", 1e-3)):
         rte = config.build({"method": method, "task": "rte"})
-        assert (rte.head.pooling, rte.optim.learning_rate, rte.optim.head_learning_rate) == ("mean", lr, 1e-3)
-        assert config.build({"method": method, "task": "mrpc"}).head.pooling == "cls"
+        assert (rte.head.pooling, rte.optim.learning_rate, rte.optim.head_learning_rate) == ("cosine", lr, 1e-2)
+
+
+def test_the_pair_tasks_read_the_cosine_where_the_measurements_chose_it():
+    """docs/results.md, "The cosine read-out": each (method, pair task) below reads the cosine of the
+    two sentences encoded apart; the others keep their read-out."""
+    cosine = {"frozen": ("stsb", "rte"), "prompt": ("stsb", "mrpc", "rte"), "ptuning": ("stsb", "mrpc", "rte"),
+              "bitfit": ("rte",), "ptuning_v2": ("rte",)}
+    for method in ("full", "frozen", "bitfit", "lora", "adapter", "prompt", "ptuning", "prefix", "ptuning_v2"):
+        for task in ("sst2", "cola", "mrpc", "stsb", "rte"):
+            cfg = config.build({"method": method, "task": task})
+            assert (cfg.head.pooling == "cosine") == (task in cosine.get(method, ())), (method, task)
+            assert not (cfg.head.pooling == "cosine" and cfg.data.packing), (method, task)
+    assert config.build({"method": "ptuning", "task": "stsb"}).optim.learning_rate == 3e-4
+    assert config.build({"method": "prefix", "task": "rte"}).head.pooling == "mean"
+    assert config.build({"method": "prompt", "task": "rte", "pooling": "cls"}).head.pooling == "cls"
     # the command line still wins over the method's config
     assert config.build({"method": "lora", "task": "mrpc", "compute": "auto"}).compute == "auto"
+
+
+def test_multi_task_runs_take_neither_packing_nor_the_cosine_from_the_first_tasks_config():
+    cfg = config.build({"method": "prompt", "tasks": "rte,mrpc"})
+    assert cfg.head.pooling == "cls" and cfg.optim.head_learning_rate == 1e-2   # the rest of RTE's config stays
+    assert config.build({"method": "bitfit", "tasks": "sst2,rte"}).data.packing is False
+    assert config.build({"method": "prompt", "task": "rte"}).head.pooling == "cosine"
