@@ -329,7 +329,8 @@ def get_study():
         study.load_study(bad)
 
 
-@pytest.mark.parametrize("name", ["config", "config_cpu", "config_defaults", "config_search", "config_gaps"])
+@pytest.mark.parametrize("name", ["config", "config_cpu", "config_defaults", "config_search", "config_gaps",
+                                  "config_cosine"])
 def test_every_shipped_study_config_builds_every_run(name, glue, tmp_path):
     """Each setting's options are flags with valid values (a typo fails the plan, before any run)."""
     st = study.load_study(Path(study.__file__).parent / f"{name}.py")
