@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from jaxpeft import compute as compute_lib
 from jaxpeft import methods, options
 from jaxpeft.errors import UserError
+from jaxpeft.models.bert import POOLINGS
 from jaxpeft.models.hf_weights import DEFAULT_MODEL
 from jaxpeft.options import at_least, in_range, non_negative, option, positive
 
@@ -75,7 +76,7 @@ class Head:
     pooling: str = option("cls", "cls: the pooler on [CLS] (BERT's head); mean: the mean of the last "
                           "layer's token outputs (sentence-embedding models); cosine (sentence pairs): the "
                           "cosine of the two sentences' means, each encoded apart",
-                          choices=("cls", "mean", "cosine"))
+                          choices=POOLINGS)
     modules_to_save: str | None = option(
         None, "comma list of modules that train fully under any method, peft's name (pooler; "
         "classifier always trains)")
