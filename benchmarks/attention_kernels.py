@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxpeft.models import pallas_attention as pa  # noqa: E402
+from jaxpeft.models.kernels import pallas_attention as pa  # noqa: E402
 
 
 def _cudnn(qkv, valid, prefix, prefix_valid, bias):

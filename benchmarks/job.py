@@ -111,11 +111,12 @@ def main() -> int:
     ap.add_argument("--out", default="job")
     ap.add_argument("extra", nargs="*", help="flags for our training command (after --)")
     a = ap.parse_args()
-    from jaxpeft import config, data
+    from jaxpeft import config
+    from jaxpeft.tasks import glue
 
     # our settings, defaults and flags as the training command reads them: the peer gets the same
     cfg = config.parse_args([f"--method={a.method}", f"--task={a.task}", f"--data_dir={a.data_dir}", *a.extra])
-    metric = data.get_task(a.task).main_metric
+    metric = glue.get_task(a.task).main_metric
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

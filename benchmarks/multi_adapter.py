@@ -9,9 +9,9 @@ no gradients) on random-init weights of a model's shape and random token ids, ev
 For each family (``--families``: bitfit, prefix, prompt, lora; 20 virtual tokens for prefix and
 prompt, rank 8 on query and value for LoRA) and each K (``--ks``):
 
-* ``single``: one adapter, the plain predict step (``jaxpeft.steps.make_predict_step``) on the
+* ``single``: one adapter, the plain predict step (``jaxpeft.training.steps.make_predict_step``) on the
   whole batch: the reference (measured once per family);
-* ``mixed``: K adapters stacked (``jaxpeft.multi_adapter``), a random adapter per row, one call;
+* ``mixed``: K adapters stacked (``jaxpeft.adapters.mixed``), a random adapter per row, one call;
 * ``separate``: the same rows grouped by adapter, each group its own call of the plain predict step
   with its adapter's params (a group's rows padded to a power of two, so a few shapes serve every
   K; only real rows are counted).
@@ -42,8 +42,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxpeft import compute as compute_lib  # noqa: E402
-from jaxpeft import masks, methods, multi_adapter, runtime, steps  # noqa: E402
-from jaxpeft.benchmark import SIZES  # noqa: E402
+from jaxpeft import masks, methods, runtime  # noqa: E402
+from jaxpeft.adapters import mixed
+from jaxpeft.training import steps
+from jaxpeft.bench.step import SIZES  # noqa: E402
 from jaxpeft.compute import EXACT, Compute  # noqa: E402
 from jaxpeft.models.bert import BertForSequenceClassification, kernels_in_compute_dtype  # noqa: E402
 from jaxpeft.models.loading import init_params  # noqa: E402
@@ -74,7 +76,7 @@ class Family:
         self.frozen = jax.jit(lambda f: kernels_in_compute_dtype(f, compute))(frozen)
         self.like = masks.split(params, method.mask(params))[0]
         self.plain = jax.jit(steps.make_predict_step(self.module))
-        self.mixed = jax.jit(multi_adapter.make_mixed_predict_step(self.module))
+        self.mixed = jax.jit(mixed.make_mixed_predict_step(self.module))
 
     def first(self, k: int) -> dict[str, jax.Array]:
         """The first ``k`` adapters, stacked."""
@@ -122,7 +124,7 @@ def measure(mode: str, fam: Family, k: int, args) -> dict[str, Any]:
         fn = lambda: fam.plain(trainable, fam.frozen, batch)  # noqa: E731
     elif mode == "mixed":
         stacked = fam.first(k)
-        routed = {**batch, multi_adapter.INDEX_KEY: jnp.asarray(index)}
+        routed = {**batch, mixed.INDEX_KEY: jnp.asarray(index)}
         fn = lambda: fam.mixed(stacked, fam.frozen, routed)  # noqa: E731
     else:
         host = {n: np.asarray(v) for n, v in batch.items()}

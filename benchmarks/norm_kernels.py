@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxpeft.models import pallas_norm as pn  # noqa: E402
+from jaxpeft.models.kernels import pallas_norm as pn  # noqa: E402
 
 
 def _time(fn, args, iters):

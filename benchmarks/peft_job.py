@@ -280,27 +280,28 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from jaxpeft import data, metrics
+    from jaxpeft.data import batches, encoding
+    from jaxpeft.tasks import glue, metrics
     from jaxpeft.models import hf_weights
 
     torch.manual_seed(a.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task = data.get_task(a.task)
+    task = glue.get_task(a.task)
     model_dir = str(hf_weights.resolve_model_dir(a.model or hf_weights.DEFAULT_MODEL))
     model = build(model_dir, a, task.num_labels).to(dev)
     t_startup = time.perf_counter() - _START
 
     t0 = time.perf_counter()
     tok = hf_weights.load_tokenizer(Path(model_dir))
-    train_ex = data.load_split(task, "train", a.data_dir)
+    train_ex = glue.load_split(task, "train", a.data_dir)
     if a.max_train_examples:
         train_ex = train_ex.take(a.max_train_examples)
-    dev_ex = data.load_split(task, task.eval_splits[0], a.data_dir)
+    dev_ex = glue.load_split(task, task.eval_splits[0], a.data_dir)
     if a.max_eval_examples:
         dev_ex = dev_ex.take(a.max_eval_examples)
-    train = data.encode(tok, train_ex, a.max_seq_length)
-    dev_enc = data.encode(tok, dev_ex, a.max_seq_length)
-    buckets = data.length_buckets(a.max_seq_length)
+    train = encoding.encode(tok, train_ex, a.max_seq_length)
+    dev_enc = encoding.encode(tok, dev_ex, a.max_seq_length)
+    buckets = batches.length_buckets(a.max_seq_length)
     t_data = time.perf_counter() - t0
 
     def to_torch(b):
@@ -311,7 +312,7 @@ def main() -> int:
         return out
 
     params = [p for p in model.parameters() if p.requires_grad]
-    # weight decay on matrices but not on embeddings or LayerNorms (ours: jaxpeft.optim.decay_mask);
+    # weight decay on matrices but not on embeddings or LayerNorms (ours: jaxpeft.training.optim.decay_mask);
     # the classifier at its own rate where the config gives one
     head_lr = a.head_learning_rate or a.learning_rate
     groups: dict[tuple[bool, bool], list] = {}
@@ -335,8 +336,8 @@ def main() -> int:
         model.eval()
         logits = np.zeros((len(dev_enc), task.num_labels), np.float32)
         with torch.no_grad(), autocast:
-            for idx in data.eval_order(dev_enc.lengths, a.eval_batch_size):
-                b = data.make_batch(dev_enc, idx, buckets)
+            for idx in batches.eval_order(dev_enc.lengths, a.eval_batch_size):
+                b = batches.make_batch(dev_enc, idx, buckets)
                 out = fwd(**to_torch(b)).logits.float().cpu().numpy()
                 real = idx >= 0
                 logits[idx[real]] = out[real]
@@ -383,10 +384,10 @@ def main() -> int:
     t_loop, eval_s0 = time.perf_counter(), eval_s
     while step < total:
         epoch = step // spe
-        for i, idx in enumerate(data.epoch_order(train.lengths, a.batch_size, a.seed, epoch)):
+        for i, idx in enumerate(batches.epoch_order(train.lengths, a.batch_size, a.seed, epoch)):
             if i < step - epoch * spe:      # done before the pause
                 continue
-            b = data.make_batch(train, idx, buckets)
+            b = batches.make_batch(train, idx, buckets)
             inputs = to_torch(b)
             labels = torch.from_numpy(b["labels"]).to(dev)
             weights = torch.from_numpy(b["weights"]).to(dev)

@@ -67,7 +67,8 @@ def main() -> int:
 
     import jax
 
-    from jaxpeft import config, trainer
+    from jaxpeft import config
+    from jaxpeft.training import trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = a.cache or str(Path(tmp) / "xla")

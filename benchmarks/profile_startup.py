@@ -37,8 +37,8 @@ def main() -> int:
     mark("import flax.linen")
     import optax  # noqa: F401
     mark("import optax")
-    import jaxpeft.trainer  # noqa: F401
-    mark("import jaxpeft.trainer")
+    import jaxpeft.training.trainer  # noqa: F401
+    mark("import jaxpeft.training.trainer")
     import orbax.checkpoint  # noqa: F401
     mark("import orbax.checkpoint")
     from jaxpeft import compute

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py --method=bitfit --batch=256 --out=prof [--remat=elementwise ...]
 
-Builds the same compiled step as ``scripts/bench.py`` (``jaxpeft.benchmark.build_step``), runs a few
+Builds the same compiled step as ``scripts/bench.py`` (``jaxpeft.bench.step.build_step``), runs a few
 steps under ``jax.profiler.trace``, and reads the trace's device events back: time per kernel
 kind (matmul, attention, fusion, random bits, copies, reductions) and the 40 longest kernels with
 the HLO instruction each ran. Writes ``<out>/profile_<name>.md``, the compiled HLO
@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxpeft import compute, options  # noqa: E402
-from jaxpeft.benchmark import BenchConfig, build_step, variant  # noqa: E402
+from jaxpeft.bench.step import BenchConfig, build_step, variant  # noqa: E402
 
 KINDS = [  # first match wins; kernel names of cuBLAS/cuDNN/XLA on recent GPUs
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),

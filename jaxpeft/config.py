@@ -146,7 +146,7 @@ class TrainConfig:
     compute: str = option("auto", "how to compute: auto (the fastest path here), exact (float32, "
                           "transformers' math), fast (bfloat16 + our GPU kernels)", choices=compute_lib.PRESETS)
     tasks: str | None = option(None, "comma list of GLUE tasks to train at once, one adapter each, in mixed "
-                               "batches (jaxpeft.multitask; the method's defaults are its first task's)")
+                               "batches (jaxpeft.training.multitask; the method's defaults are its first task's)")
     task_sampling: str = option("proportional", "how --tasks share a batch: proportional (to each task's "
                                 "training examples) or temperature (to size^(1/sampling_temperature))",
                                 choices=("proportional", "temperature"))

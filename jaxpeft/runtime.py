@@ -2,7 +2,7 @@
 imports warmed in the background.
 
 The compilation cache is on by default, in the user's cache folder: a second run of the same
-command reads its compiled steps instead of compiling them (and, through ``jaxpeft.program_store``
+command reads its compiled steps instead of compiling them (and, through ``jaxpeft.training.program_store``
 in the same folder, instead of tracing them). ``--compilation_cache=DIR`` moves it,
 ``--compilation_cache=off`` turns it off; without the flag, ``$JAXPEFT_COMPILATION_CACHE`` (a
 folder or ``off``), then JAX's own ``$JAX_COMPILATION_CACHE_DIR``, then

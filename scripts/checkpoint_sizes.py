@@ -73,7 +73,11 @@ def measure(model: str, method_name: str, tmp: Path, tokenizer=None) -> dict:
     import numpy as np
     import safetensors.numpy
 
-    from jaxpeft import adapters, checkpoint, data, fingerprint, masks, methods, optim, steps
+    from jaxpeft import masks, methods
+    from jaxpeft.adapters import folder
+    from jaxpeft.training import checkpoint, optim, steps
+    from jaxpeft.tasks import glue
+    from jaxpeft.models import fingerprint
     from jaxpeft.config import Optim
 
     method = methods.create(method_name)
@@ -90,7 +94,7 @@ def measure(model: str, method_name: str, tmp: Path, tokenizer=None) -> dict:
     ckpt = checkpoint.RunCheckpoints(work / "checkpoints", keep=1, async_save=False)
     ckpt.save(1, state, {"step": 1, "method": method_name, "fingerprint": fp})
     ckpt.close()
-    adapter = adapters.save_adapter(work / "adapter", params, method, data.get_task("sst2"), base_model=name,
+    adapter = folder.save_adapter(work / "adapter", params, method, glue.get_task("sst2"), base_model=name,
                                     fingerprint=fp, model_config=model_config)
     full = work / "full.safetensors"
     safetensors.numpy.save_file({k: np.asarray(v, np.float32) for k, v in masks.flatten(params).items()},

@@ -13,7 +13,7 @@ import textwrap
 
 _PRELUDE = """
 import jax, numpy as np
-from jaxpeft.models import pallas_common
+from jaxpeft.models.kernels import pallas_common
 pallas_common._interpreter_allowed = 1   # the kernels run in Pallas's interpreter on the CPU
 
 def rel_err(got, want):

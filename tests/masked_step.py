@@ -8,12 +8,13 @@ import inspect
 import jax
 import numpy as np
 
-from jaxpeft import masks, optim
+from jaxpeft import masks
+from jaxpeft.training import optim
 from jaxpeft.compute import EXACT
 from jaxpeft.config import Optim
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 from jaxpeft.models.loading import init_params
-from jaxpeft.steps import init_state, make_train_step
+from jaxpeft.training.steps import init_state, make_train_step
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=96)

@@ -44,7 +44,8 @@ def _check_batches(trainer) -> dict:
 def run_one(cfg_values: dict) -> dict:
     import jax
 
-    from jaxpeft import config, masks, trainer as trainer_lib
+    from jaxpeft import config, masks
+    from jaxpeft.training import trainer as trainer_lib
 
     cfg = config.build(cfg_values)
     trainer = trainer_lib.Trainer(cfg, echo=lambda s: None)

@@ -8,7 +8,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpeft import adapters, data, fingerprint, masks, methods
+from jaxpeft import masks, methods
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.models import fingerprint
 from jaxpeft.models.loading import load_classifier
 
 
@@ -17,7 +20,7 @@ def make_adapter(directory: Path, model_dir: Path, method: str, task: str, *, se
     """An adapter folder of ``method`` for ``task`` on ``model_dir`` whose trained leaves are the
     fresh init moved by random noise (so every adapter computes something of its own)."""
     m = methods.create(method, options)
-    t = data.get_task(task)
+    t = glue_tasks.get_task(task)
     loaded = load_classifier(str(model_dir), t.num_labels, adapter=m.adapter, extras=m.extras, added=m.added,
                              seed=seed)
     params = m.init_params(loaded.params, tokenizer=loaded.tokenizer, rng=jax.random.key(seed))
@@ -34,8 +37,8 @@ def make_adapter(directory: Path, model_dir: Path, method: str, task: str, *, se
 
 def texts_of(glue: Path, task: str, n: int, offset: int = 0) -> list[tuple[str, ...]]:
     """``n`` dev texts (one or two per row) of a local GLUE task."""
-    t = data.get_task(task)
-    ex = data.load_split(t, "dev", glue)
+    t = glue_tasks.get_task(task)
+    ex = glue_tasks.load_split(t, "dev", glue)
     cols = [c[offset:offset + n] for c in ex.texts]
     return list(zip(*cols))
 

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxpeft import adapters, cli, config, data, fingerprint, masks, methods, steps, trainer as trainer_lib
+from jaxpeft import cli, config, masks, methods
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.data import batches as batching, encoding
+from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.models import fingerprint
+from jaxpeft.training import steps, trainer as trainer_lib
 from jaxpeft.errors import UserError
 from jaxpeft.models.loading import load_classifier
 
@@ -42,16 +47,16 @@ def trained(glue, tiny_bert_dir, tmp_path_factory):
 
 
 def dev_examples(glue, n=48, task="sst2"):
-    return data.load_split(data.get_task(task), "dev", glue).take(n)
+    return glue_tasks.load_split(glue_tasks.get_task(task), "dev", glue).take(n)
 
 
 @pytest.mark.parametrize("method", ["bitfit", "full"])
 def test_exported_adapter_predicts_exactly_like_the_trained_model(method, trained, glue):
     t = trained(method)
     examples = dev_examples(glue)
-    enc = data.encode(t.model.tokenizer, examples, SEQ)
+    enc = encoding.encode(t.model.tokenizer, examples, SEQ)
     fn = jax.jit(steps.make_predict_step(t.model.module))
-    batches = data.BucketBatches(enc, BATCH, SEQ, 0).eval_batches(enc, BATCH)
+    batches = batching.BucketBatches(enc, BATCH, SEQ, 0).eval_batches(enc, BATCH)
     in_memory = steps.predict_logits(fn, t.final_state.trainable, t.frozen, batches, len(enc))
 
     adapter = Path(t.cfg.run.output_dir) / "adapter"
@@ -81,7 +86,7 @@ def test_exported_adapter_predicts_exactly_like_the_trained_model(method, traine
 
 def test_bitfit_adapter_of_bundled_model_is_under_1mb(minilm_dir, tmp_path):
     method = methods.create("bitfit")
-    task = data.get_task("sst2")
+    task = glue_tasks.get_task("sst2")
     model = load_classifier(str(minilm_dir), task.num_labels)
     params = model.params
     fp = fingerprint.fingerprint(params, str(minilm_dir))
@@ -136,13 +141,13 @@ def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypat
 
 def run_script(args, capsys, stdin_text=None, monkeypatch=None):
     """``jaxpeft-predict ARGS`` (what ``scripts/predict.py`` runs), in this process."""
-    from jaxpeft import predict_cli
+    from jaxpeft.cli import predict
 
     if stdin_text is not None:
         import io
 
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin_text))
-    rc = cli.guarded(lambda: predict_cli.main(args))
+    rc = cli.guarded(lambda: predict.main(args))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -162,10 +167,10 @@ def test_predict_script_on_tsv_text_and_stdin(trained, glue, tmp_path, capsys, m
     assert [r[1] for r in rows[1:]] == [str(i) for i in probs.argmax(1)]
     # Same numbers as the library on the same texts.
     loaded, params, m, task = adapters.load_adapter(adapter)
-    logits = adapters.predict(loaded, params, m, data.read_tsv(task, test_tsv), max_seq_length=SEQ)
+    logits = adapters.predict(loaded, params, m, glue_tasks.read_tsv(task, test_tsv), max_seq_length=SEQ)
     np.testing.assert_allclose(probs, adapters.scores(logits, task), atol=1e-6)
 
-    texts = data.read_tsv(task, test_tsv).texts[0][:2]
+    texts = glue_tasks.read_tsv(task, test_tsv).texts[0][:2]
     rc, stdout, err = run_script([f"--adapter={adapter}", f"--text={texts[0]}", f"--text={texts[1]}"], capsys)
     assert rc == 0, err
     assert stdout.splitlines()[1:] == ["\t".join(r) for r in rows[1:3]]
@@ -267,9 +272,9 @@ def test_head_options_are_recorded_and_restored(pooling, modules, task, glue, ti
     loaded, params, m, loaded_task = adapters.load_adapter(out / "adapter")
     assert loaded.module.pooling == pooling and loaded_task.name == task
     examples = dev_examples(glue, 16, task)
-    enc = data.encode(t.model.tokenizer, examples, SEQ)
+    enc = encoding.encode(t.model.tokenizer, examples, SEQ)
     fn = jax.jit(steps.make_predict_step(t.model.module))
-    batches = data.BucketBatches(enc, 8, SEQ, 0).eval_batches(enc, 8)
+    batches = batching.BucketBatches(enc, 8, SEQ, 0).eval_batches(enc, 8)
     want = steps.predict_logits(fn, t.final_state.trainable, t.frozen, batches, len(enc))
     got = adapters.predict(loaded, params, m, examples, max_seq_length=SEQ, batch_size=8)
     np.testing.assert_allclose(got, want, atol=1e-6)

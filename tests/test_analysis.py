@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from experiments.bitfit_study import bias_change
-from jaxpeft import adapters, data, masks, methods
-from jaxpeft.fingerprint import fingerprint
+from jaxpeft import masks, methods
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.models.fingerprint import fingerprint
 from jaxpeft.errors import UserError
 from jaxpeft.models import hf_weights, load_classifier
 
@@ -46,7 +48,7 @@ def make_adapter(folder, model_dir, terms=TERMS, scale=1.0, method="bitfit"):
             flat[path] = b + signs * delta(layer, term, scale)
     params = masks.unflatten(flat, loaded.params)
     options = {} if method != "bitfit" or list(terms) == TERMS else {"bitfit_terms": ",".join(terms)}
-    return adapters.save_adapter(folder, params, methods.create(method, options), data.get_task("rte"),
+    return adapters.save_adapter(folder, params, methods.create(method, options), glue_tasks.get_task("rte"),
                                  base_model=str(model_dir),
                                  fingerprint=fingerprint(loaded.params, str(model_dir), str(loaded.model_dir)))
 

@@ -5,28 +5,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jaxpeft import benchmark
+from jaxpeft.bench import step
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_analytic_flops_match_the_published_flop_limits():
     """BERT-base, seq 128, at 790 TFLOP/s: ~11,800 seq/s full fine-tuning, ~17,400 BitFit."""
-    base = benchmark.SIZES["base"]
-    full = 790e12 / (benchmark.analytic_flops(base, "full", 1, 128))
-    bitfit = 790e12 / (benchmark.analytic_flops(base, "bitfit", 1, 128))
+    base = step.SIZES["base"]
+    full = 790e12 / (step.analytic_flops(base, "full", 1, 128))
+    bitfit = 790e12 / (step.analytic_flops(base, "bitfit", 1, 128))
     assert abs(full - 11_800) / 11_800 < 0.01, full
     assert abs(bitfit - 17_400) / 17_400 < 0.01, bitfit
-    assert benchmark.analytic_flops(base, "frozen", 1, 128) * 3 == benchmark.analytic_flops(base, "full", 1, 128)
+    assert step.analytic_flops(base, "frozen", 1, 128) * 3 == step.analytic_flops(base, "full", 1, 128)
     # prompts lengthen the queries, prefixes only the keys
-    assert benchmark.analytic_flops(base, "prompt", 1, 128) > benchmark.analytic_flops(base, "prefix", 1, 128) \
-        > benchmark.analytic_flops(base, "bitfit", 1, 128)
+    assert step.analytic_flops(base, "prompt", 1, 128) > step.analytic_flops(base, "prefix", 1, 128) \
+        > step.analytic_flops(base, "bitfit", 1, 128)
 
 
 def test_capacity_prediction_is_affine_in_batch():
     recs = [{"framework": "jaxpeft", "size": "s", "method": "m", "seq": 8, "batch": b, "step_bytes": 100 + 10 * b}
             for b in (4, 16)]
-    cap = benchmark.predict_capacity(recs, "s", "m", limit_bytes=1100, headroom=1.0)
+    cap = step.predict_capacity(recs, "s", "m", limit_bytes=1100, headroom=1.0)
     assert cap["max_batch"] == 96 and cap["fixed_bytes"] == 100 and cap["bytes_per_example"] == 10
 
 
@@ -41,7 +41,7 @@ def test_bench_script_runs_tiny_on_cpu(tmp_path):
     assert len(speed) == 3 and not any("error" in r for r in recs)
     for r in speed:
         assert r["seq_per_s"] > 0 and r["step_bytes"] > 0 and r["compile_s"] > 0
-        assert r["analytic_flops"] == benchmark.analytic_flops(benchmark.SIZES["tiny"], r["method"], r["batch"], 16)
+        assert r["analytic_flops"] == step.analytic_flops(step.SIZES["tiny"], r["method"], r["batch"], 16)
     by = {(r["method"], r["batch"]): r for r in speed}
     assert by[("bitfit", 4)]["trainable_params"] < by[("full", 4)]["trainable_params"]
     assert by[("frozen", 4)]["xla_flops"] < by[("bitfit", 4)]["xla_flops"] < by[("full", 4)]["xla_flops"]
@@ -54,7 +54,7 @@ def test_memory_table_without_a_full_row_says_so():
     recs = [dict(framework="jaxpeft", size="base", method=m, batch=b, seq=128, step_bytes=g * gib)
             for m, b, g in [("bitfit", 64, 2), ("full", 256, 4), ("bitfit", 256, 3)]]
     rows = {line.split("|")[2].strip() + line.split("|")[3].strip(): line
-            for line in benchmark.memory_table(recs).splitlines()[2:]}
+            for line in step.memory_table(recs).splitlines()[2:]}
     assert "| 0.75x |" in rows["bitfit256"] and "| 1.00x |" in rows["full256"]
     assert "| — |" in rows["bitfit64"] and "nan" not in rows["bitfit64"]
 
@@ -66,13 +66,13 @@ def test_report_of_a_peer_only_run_lists_the_peer_rows():
                  seq_per_s=s, step_ms=256e3 / s, peak_bytes=8 * 2 ** 30) for m, s in (("bitfit", 6625.2), ("full", 4912.1))]
     failed = dict(framework="torch 2.11", mode="eager", size="base", method="prefix", batch=64, seq=128,
                   error="timeout after 240s")
-    md = benchmark.markdown_report(peer + [failed], "# t")
+    md = step.markdown_report(peer + [failed], "# t")
     assert "| base | bitfit | 256 | 128 | compile | 6,625 | 38.64 | 8.00 |" in md
     assert "| base | full | 256 | 128 | compile | 4,912 |" in md and "fails: timeout after 240s" in md
     ours = dict(framework="jaxpeft", size="base", method="bitfit", batch=256, seq=128, seq_per_s=8650.0, mfu=0.5,
                 step_bytes=6 * 2 ** 30, compile_s=19.0)
-    md = benchmark.markdown_report(peer + [ours], "# t")
+    md = step.markdown_report(peer + [ours], "# t")
     assert "| 6,625 | 1.31x |" in md                               # paired in the speed table
     assert "| base | bitfit | 256 | 128 | compile |" not in md      # so not listed again
     assert "| base | full | 256 | 128 | compile | 4,912 |" in md
-    assert "without one of ours" not in benchmark.markdown_report([ours], "# t")
+    assert "without one of ours" not in step.markdown_report([ours], "# t")

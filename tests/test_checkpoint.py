@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpeft import checkpoint, config, masks, trainer as trainer_lib
+from jaxpeft import config, masks
+from jaxpeft.training import checkpoint, trainer as trainer_lib
 from jaxpeft.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +172,8 @@ SHARDED = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxpeft import checkpoint, masks, optim, steps
+    from jaxpeft import masks
+    from jaxpeft.training import checkpoint, optim, steps
     from jaxpeft.config import Optim
 
     assert jax.device_count() == 4
@@ -257,7 +259,7 @@ def test_nest_rejects_ambiguous_paths():
 
 
 def test_cadence_evaluates_and_saves_when_the_run_settings_say():
-    from jaxpeft.checkpoint import Cadence
+    from jaxpeft.training.checkpoint import Cadence
 
     per_epoch = Cadence(total=30, steps_per_epoch=10, eval_every=0, save_every=0, save_minutes=0.0)
     assert [s for s in range(1, 31) if per_epoch.eval_due(s)] == [10, 20]    # the last step: the loop's end

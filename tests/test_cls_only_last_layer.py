@@ -11,10 +11,11 @@ from transformers import BertModel as TorchBertModel
 
 from jaxpeft import masks, methods
 from jaxpeft.compute import EXACT
-from jaxpeft.models import BertModel, load_classifier, pallas_common  # noqa: F401
+from jaxpeft.models import BertModel, load_classifier  # noqa: F401
+from jaxpeft.models.kernels import pallas_common
 from jaxpeft.models.bert import BertForSequenceClassification
 from jaxpeft.models.loading import init_params
-from jaxpeft.steps import apply_model, loss_from_logits
+from jaxpeft.training.steps import apply_model, loss_from_logits
 
 from masked_step import SMALL, random_batch
 from test_bert_parity import _inputs

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import compute, config, data, masks, methods, steps
+from jaxpeft import compute, config, masks, methods
+from jaxpeft.data import encoding
+from jaxpeft.training import steps
 from jaxpeft.compute import EXACT, FAST, Compute
 from jaxpeft.errors import UserError
-from jaxpeft.models import pallas_common
+from jaxpeft.models.kernels import pallas_common
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
 from jaxpeft.models.loading import init_params
 
@@ -105,11 +107,11 @@ def test_bad_compute_options_are_one_line_errors(flag, value):
 def test_a_compute_option_is_one_field():
     """Every field of the spec is a flag of training, prediction and the benchmark, with choices,
     and says whether a resume must match it."""
-    from jaxpeft import bench_cli, predict_cli
+    from jaxpeft.cli import bench, predict
 
     train_flags = {a.dest for a in config.make_parser()._actions}
-    bench_flags = {a.dest for a in bench_cli.parser()._actions}
-    predict_flags = set(vars(predict_cli.parse(["--adapter=x", "--dtype=bfloat16"])))
+    bench_flags = {a.dest for a in bench.parser()._actions}
+    predict_flags = set(vars(predict.parse(["--adapter=x", "--dtype=bfloat16"])))
     for f in dataclasses.fields(Compute):
         assert f.name in train_flags and f.name in bench_flags, f.name
         assert f.metadata["choices"] and "trajectory" in f.metadata, f.name
@@ -121,7 +123,7 @@ def test_a_compute_option_is_one_field():
 def test_pallas_kernels_refuse_to_run_interpreted_outside_tests():
     if jax.default_backend() == "gpu":
         pytest.skip("compiled on a GPU")
-    from jaxpeft.models import pallas_norm
+    from jaxpeft.models.kernels import pallas_norm
 
     x = jnp.ones((1, 4, 8), jnp.float32)
     v = jnp.ones((8,), jnp.float32)
@@ -235,7 +237,7 @@ def test_packed_rows_with_fused_attention_match_exact_on_gpu(attention_impl, min
     """Packed rows (several examples per row, padding slots at the end) through each fused
     attention: finite outputs and gradients that match ``exact`` within bf16 rounding (a padding
     query without any key made cuDNN's softmax NaN)."""
-    from jaxpeft import packing
+    from jaxpeft.data import packing
     from jaxpeft.models.loading import load_classifier
 
     rng = np.random.default_rng(3)
@@ -244,7 +246,7 @@ def test_packed_rows_with_fused_attention_match_exact_on_gpu(attention_impl, min
     valid = np.arange(t)[None] < lengths[:, None]
     ids = rng.integers(1000, 20000, size=(n, t)).astype(np.int32) * valid
     ids[:, 0] = 101
-    enc = data.Encoded(ids, np.zeros((n, t), np.int32), lengths, rng.integers(0, 2, size=n).astype(np.int32))
+    enc = encoding.Encoded(ids, np.zeros((n, t), np.int32), lengths, rng.integers(0, 2, size=n).astype(np.int32))
     packed = next(packing.eval_batches(enc, t, rows_per_batch=8))
     batch = steps.model_inputs(packed)
     used = jnp.asarray(packed["index"] >= 0, jnp.float32)          # [rows, slots]: the real examples

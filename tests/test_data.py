@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxpeft import data
+from jaxpeft.data import batches as batching, encoding
+from jaxpeft.tasks import glue as glue_tasks
 from jaxpeft.errors import UserError
 
 COUNTS = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500),
@@ -12,9 +13,9 @@ COUNTS = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "stsb
 
 @pytest.mark.parametrize("task", sorted(COUNTS))
 def test_local_glue_counts_and_labels(glue, task):
-    t = data.get_task(task)
-    train = data.load_split(t, "train", glue)
-    dev = data.load_split(t, "dev", glue)
+    t = glue_tasks.get_task(task)
+    train = glue_tasks.load_split(t, "train", glue)
+    dev = glue_tasks.load_split(t, "dev", glue)
     assert (len(train), len(dev)) == COUNTS[task]
     assert len(train.texts) == (1 if task in ("sst2", "cola") else 2)
     if t.is_regression:
@@ -25,39 +26,39 @@ def test_local_glue_counts_and_labels(glue, task):
 
 
 def test_quirks_cola_no_header_mrpc_bom(glue):
-    cola = data.load_split(data.get_task("cola"), "dev", glue)
+    cola = glue_tasks.load_split(glue_tasks.get_task("cola"), "dev", glue)
     assert cola.texts[0][0] == "The sailors rode the breeze clear of the rocks."
-    cola_test = data.load_split(data.get_task("cola"), "test", glue)
+    cola_test = glue_tasks.load_split(glue_tasks.get_task("cola"), "test", glue)
     assert cola_test.labels is None and cola_test.texts[0][0] == "Bill whistled past the house."
-    mrpc = data.load_split(data.get_task("mrpc"), "dev", glue)
+    mrpc = glue_tasks.load_split(glue_tasks.get_task("mrpc"), "dev", glue)
     assert mrpc.labels[0] == 1 and mrpc.texts[0][0].startswith("He said the foodservice pie")
-    rte = data.load_split(data.get_task("rte"), "dev", glue)
+    rte = glue_tasks.load_split(glue_tasks.get_task("rte"), "dev", glue)
     assert rte.labels[0] == 1  # not_entailment
 
 
 def test_env_var_glue_dir(glue, monkeypatch):
     monkeypatch.setenv("GLUE_DIR", str(glue))
-    assert len(data.load_split(data.get_task("rte"), "dev")) == 277
+    assert len(glue_tasks.load_split(glue_tasks.get_task("rte"), "dev")) == 277
 
 
 def test_bad_inputs(glue, tmp_path):
     with pytest.raises(UserError, match="unknown task 'sst3'"):
-        data.get_task("sst3")
+        glue_tasks.get_task("sst3")
     with pytest.raises(UserError, match="does not exist"):
-        data.load_split(data.get_task("sst2"), "dev", tmp_path / "nope")
+        glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", tmp_path / "nope")
     with pytest.raises(UserError, match="QNLI/train.tsv not found"):
-        data.load_split(data.get_task("qnli"), "train", glue)
+        glue_tasks.load_split(glue_tasks.get_task("qnli"), "train", glue)
     bad = tmp_path / "SST-2"
     bad.mkdir()
     (bad / "dev.tsv").write_text("sentence\tlabel\ngood movie\t1\nno label here\n")
     with pytest.raises(UserError, match=r"dev.tsv:3: malformed row, expected 2 tab-separated fields"):
-        data.load_split(data.get_task("sst2"), "dev", tmp_path)
+        glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", tmp_path)
     (bad / "dev.tsv").write_text("sentence\tlabel\ngood movie\tpositive\n")
     with pytest.raises(UserError, match=r"dev.tsv:2: label 'positive' is not one of"):
-        data.load_split(data.get_task("sst2"), "dev", tmp_path)
+        glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", tmp_path)
     (bad / "dev.tsv").write_text("text\tlabel\ngood movie\t1\n")
     with pytest.raises(UserError, match="lacks the columns"):
-        data.load_split(data.get_task("sst2"), "dev", tmp_path)
+        glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def tokenizer(minilm_dir):
 
 
 def test_encode_pairs_truncation_and_token_types(glue, tokenizer):
-    ex = data.load_split(data.get_task("rte"), "dev", glue)
-    enc = data.encode(tokenizer, ex, max_length=64)
+    ex = glue_tasks.load_split(glue_tasks.get_task("rte"), "dev", glue)
+    enc = encoding.encode(tokenizer, ex, max_length=64)
     assert enc.input_ids.shape == (277, 64) and enc.lengths.max() == 64
     ref = tokenizer(ex.texts[0][0], ex.texts[1][0], truncation=True, max_length=64)
     n = enc.lengths[0]
@@ -79,18 +80,18 @@ def test_encode_pairs_truncation_and_token_types(glue, tokenizer):
 
 
 def test_buckets():
-    assert data.length_buckets(128) == (16, 32, 64, 128)
-    assert data.length_buckets(100) == (16, 32, 64, 100)
-    assert data.bucket_for(17, (16, 32)) == 32
+    assert batching.length_buckets(128) == (16, 32, 64, 128)
+    assert batching.length_buckets(100) == (16, 32, 64, 100)
+    assert batching.bucket_for(17, (16, 32)) == 32
     with pytest.raises(ValueError):
-        data.bucket_for(33, (16, 32))
+        batching.bucket_for(33, (16, 32))
 
 
 def test_epoch_order_covers_every_example_once_and_is_deterministic():
     lengths = np.random.default_rng(0).integers(3, 128, size=1003)
-    a = data.epoch_order(lengths, 32, seed=1, epoch=0)
-    b = data.epoch_order(lengths, 32, seed=1, epoch=0)
-    c = data.epoch_order(lengths, 32, seed=1, epoch=1)
+    a = batching.epoch_order(lengths, 32, seed=1, epoch=0)
+    b = batching.epoch_order(lengths, 32, seed=1, epoch=0)
+    c = batching.epoch_order(lengths, 32, seed=1, epoch=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
     flat = np.concatenate(a)
@@ -99,13 +100,13 @@ def test_epoch_order_covers_every_example_once_and_is_deterministic():
 
 
 def test_batches_pad_to_buckets_with_little_waste(glue, tokenizer):
-    ex = data.load_split(data.get_task("sst2"), "dev", glue)
-    enc = data.encode(tokenizer, ex, max_length=64)
-    buckets = data.length_buckets(64)
-    order = data.epoch_order(enc.lengths, 32, seed=0, epoch=0)
+    ex = glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", glue)
+    enc = encoding.encode(tokenizer, ex, max_length=64)
+    buckets = batching.length_buckets(64)
+    order = batching.epoch_order(enc.lengths, 32, seed=0, epoch=0)
     shapes, real_tokens, padded_tokens = set(), 0, 0
     for idx in order:
-        b = data.make_batch(enc, idx, buckets)
+        b = batching.make_batch(enc, idx, buckets)
         shapes.add(b["input_ids"].shape)
         real = b["weights"] > 0
         assert (b["attention_mask"][real].sum(1) == enc.lengths[idx[real]]).all()
@@ -114,7 +115,7 @@ def test_batches_pad_to_buckets_with_little_waste(glue, tokenizer):
         padded_tokens += b["input_ids"].size
     assert shapes <= {(32, w) for w in buckets}
     assert real_tokens / padded_tokens > 0.6
-    ev = data.eval_order(enc.lengths, 100)
+    ev = batching.eval_order(enc.lengths, 100)
     seen = np.concatenate(ev)
     assert sorted(seen[seen >= 0].tolist()) == list(range(len(enc)))
 
@@ -126,14 +127,14 @@ def test_fast_encoding_equals_the_transformers_tokenizer(task, glue, minilm_dir)
     from jaxpeft.models.hf_weights import load_tokenizer
 
     tok = load_tokenizer(minilm_dir)
-    ex = data.load_split(data.get_task(task), "dev", glue).take(300)
-    fast = data.encode(tok, ex, 48)
-    slow = data.encode(tok.hf, ex, 48)
+    ex = glue_tasks.load_split(glue_tasks.get_task(task), "dev", glue).take(300)
+    fast = encoding.encode(tok, ex, 48)
+    slow = encoding.encode(tok.hf, ex, 48)
     for k in ("input_ids", "token_type_ids", "lengths"):
         np.testing.assert_array_equal(getattr(fast, k), getattr(slow, k), err_msg=k)
     assert (fast.lengths == 48).any() and tok.pad_token_id == tok.hf.pad_token_id
-    cached = data.encode_cached(tok, ex, 48)
-    again = data.encode_cached(tok, ex, 48)
+    cached = encoding.encode_cached(tok, ex, 48)
+    again = encoding.encode_cached(tok, ex, 48)
     for k in ("input_ids", "token_type_ids", "lengths"):
         np.testing.assert_array_equal(getattr(cached, k), getattr(fast, k))
         np.testing.assert_array_equal(getattr(again, k), getattr(fast, k))
@@ -145,7 +146,7 @@ def test_vocabulary_and_special_tokens_without_transformers_equal_transformers(m
     from transformers import AutoTokenizer
 
     from jaxpeft.methods.prompt import ordinary_token_ids
-    from jaxpeft.tokenizing import Tokenizer
+    from jaxpeft.data.tokenizing import Tokenizer
 
     ours, ref = Tokenizer(minilm_dir), AutoTokenizer.from_pretrained(str(minilm_dir))
     assert ours.get_vocab() == ref.get_vocab()

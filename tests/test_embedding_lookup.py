@@ -9,7 +9,7 @@ import torch
 from transformers import BertModel as TorchBertModel
 
 from jaxpeft.models import BertModel, load_classifier
-from jaxpeft.models.embedding_lookup import SMALL_TABLE_ROWS, take_small
+from jaxpeft.models.kernels.embedding_lookup import SMALL_TABLE_ROWS, take_small
 
 from test_bert_parity import _inputs
 

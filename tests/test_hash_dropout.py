@@ -1,4 +1,4 @@
-"""Hashed dropout masks (jaxpeft.models.hash_dropout): the rate, the scale, independence of the
+"""Hashed dropout masks (jaxpeft.models.kernels.hash_dropout): the rate, the scale, independence of the
 mask across positions and seeds (binomial and chi-square tests from scipy), a backward pass that
 recomputes the forward's mask and keeps nothing the size of the input, the same mask on a sharded
 array, and the model with hashed masks against the same model differentiated by autodiff."""
@@ -14,7 +14,7 @@ import cpu_devices
 
 from jaxpeft.compute import EXACT
 from jaxpeft.errors import UserError
-from jaxpeft.models import hash_dropout as hd
+from jaxpeft.models.kernels import hash_dropout as hd
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 from jaxpeft.models.loading import init_params
 
@@ -106,7 +106,7 @@ def test_same_mask_when_the_array_is_sharded():
     code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from jaxpeft.models import hash_dropout as hd
+        from jaxpeft.models.kernels import hash_dropout as hd
         assert jax.device_count() == 4
         x = jnp.arange(8 * 16 * 24, dtype=jnp.float32).reshape(8, 16, 24) + 1
         seed = jnp.array([7, 11], jnp.uint32)

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, data, fingerprint, masks, methods
+from jaxpeft import masks, methods
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.models import fingerprint
 from jaxpeft.compute import EXACT
 from jaxpeft.errors import UserError
 from jaxpeft.methods import lora as lora_lib
@@ -24,7 +27,7 @@ IDS = ["lora", "lora-all", "houlsby", "pfeiffer"]
 
 
 def sentences(glue, n=12):
-    return data.load_split(data.get_task("sst2"), "dev", glue).take(n)
+    return glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", glue).take(n)
 
 
 def logits_of(loaded, params, method, examples):
@@ -202,7 +205,7 @@ def test_adapter_folder_round_trip(name, options, tiny_bert_dir, glue, tmp_path)
     import safetensors.numpy
 
     method = methods.create(name, options)
-    task = data.get_task("sst2")
+    task = glue_tasks.get_task("sst2")
     loaded = load_classifier(str(tiny_bert_dir), 2, extras=method.extras, added=method.added, compute=EXACT)
     flat = masks.flatten(loaded.params)
     keys = jax.random.split(jax.random.key(3), len(flat))

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import stats
 
-from jaxpeft import metrics
+from jaxpeft.tasks import metrics
 
 
 def test_accuracy_f1_matthews_by_hand():

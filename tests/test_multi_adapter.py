@@ -1,20 +1,21 @@
-"""Several adapters in one batch (jaxpeft.multi_adapter): for every supported family, mixed
+"""Several adapters in one batch (jaxpeft.adapters.mixed): for every supported family, mixed
 predictions equal each adapter's own predictions on its rows (float32 on the CPU, within 1e-5),
 through the library and ``jaxpeft-predict --adapter=NAME=DIR ...``; bad input is one line and exit
 status 2 before anything is written; and the mixed forward runs our Pallas kernels (interpreted)."""
 
 import json
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, cli, data, masks, methods, multi_adapter
-from jaxpeft.compute import EXACT, FAST
-from jaxpeft.models import pallas_common
+from jaxpeft import cli, masks, methods
+from jaxpeft.adapters import folder as adapters, mixed as multi_adapter
+from jaxpeft.data import encoding
+from jaxpeft.compute import FAST
+from jaxpeft.models.kernels import pallas_common
 from jaxpeft.models.bert import BertForSequenceClassification
 from jaxpeft.models.loading import init_params
 
@@ -61,9 +62,9 @@ def mixed_file(glue, path, counts=(7, 6, 5)):
 
 
 def run_predict(args, capsys):
-    from jaxpeft import predict_cli
+    from jaxpeft.cli import predict
 
-    rc = cli.guarded(lambda: predict_cli.main(args))
+    rc = cli.guarded(lambda: predict.main(args))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -86,7 +87,7 @@ def test_mixed_predictions_equal_each_adapter_alone(family, family_adapters, glu
     mixed = multi_adapter.predict_rows(multi, rows, batch_size=8)
     for k in range(3):
         loaded, params, m, task = adapters.load_adapter(dirs[k])
-        alone = adapters.predict(loaded, params, m, data.Examples(tuple(map(list, zip(*texts[k]))), None, "t"),
+        alone = adapters.predict(loaded, params, m, encoding.Examples(tuple(map(list, zip(*texts[k]))), None, "t"),
                                  max_seq_length=LENGTHS[k], batch_size=4)
         got = np.stack([z for z, a in zip(mixed, rows.adapter) if a == k])
         np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-5)

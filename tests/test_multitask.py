@@ -1,4 +1,4 @@
-"""Multi-task training (jaxpeft.multitask, ``jaxpeft-train --tasks=...``): a mixed step's gradient
+"""Multi-task training (jaxpeft.training.multitask, ``jaxpeft-train --tasks=...``): a mixed step's gradient
 for task A's adapter is the single-task step's gradient on A's rows; the batches follow the
 sampling and are deterministic; a short run reports per-task metrics, exports adapters that
 predict as the run evaluated them, and resumes exactly; bad flags are one line."""
@@ -11,14 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, cli, config, data, masks, methods, metrics, multitask, steps
+from jaxpeft import cli, config, masks, methods
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.data import encoding
+from jaxpeft.tasks import glue as glue_tasks, metrics
+from jaxpeft.training import multitask, steps
 from jaxpeft.models.bert import BertForSequenceClassification
 from jaxpeft.models.loading import init_params
 
 from masked_step import SMALL, random_batch
 
 #: three tasks: 2 and 3 classes (padded head) and a regression
-TASKS = [data.get_task(n) for n in ("sst2", "mnli", "stsb")]
+TASKS = [glue_tasks.get_task(n) for n in ("sst2", "mnli", "stsb")]
 
 
 @pytest.mark.parametrize("method,options", [
@@ -76,7 +80,7 @@ def test_task_batches_follow_the_sampling_and_each_tasks_order():
     for k, n in enumerate((300, 60, 40)):   # the tasks' lengths differ: batches must mix them all the same
         lengths = np.random.default_rng(k).integers(3 + 8 * k, 14 + 8 * k, n).astype(np.int32)
         ids = (np.arange(32)[None] < lengths[:, None]).astype(np.int32)
-        parts.append(data.Encoded(ids, np.zeros_like(ids), lengths, np.zeros(n, np.int32)))
+        parts.append(encoding.Encoded(ids, np.zeros_like(ids), lengths, np.zeros(n, np.int32)))
     probs = multitask.sampling_probs([300, 60, 40], "temperature", 2.0)
     tb = multitask.TaskBatches(parts, 16, 32, seed=1, probs=probs)
     assert tb.steps_per_epoch == 25
@@ -126,7 +130,7 @@ def test_short_run_reports_per_task_exports_adapters_and_resumes(glue, tiny_bert
     for name in ("sst2", "cola", "mrpc"):
         loaded, params, m, task = adapters.load_adapter(out / "adapters" / name)
         assert task.name == name and m.name == "bitfit"
-        dev = data.load_split(task, "dev", glue).take(16)
+        dev = glue_tasks.load_split(task, "dev", glue).take(16)
         logits = adapters.predict(loaded, params, m, dev, max_seq_length=32, batch_size=8)
         got = metrics.compute(name, logits.argmax(-1), dev.labels)
         assert got == pytest.approx(res["final_dev_by_task"][name], abs=1e-9)

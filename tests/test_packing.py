@@ -1,11 +1,14 @@
-"""Packed rows (jaxpeft.packing): a packed example's logits equal its logits alone, the packing
+"""Packed rows (jaxpeft.data.packing): a packed example's logits equal its logits alone, the packing
 covers every example once, and a packed run keeps the unpacked schedule."""
 
 import jax
 import numpy as np
 import pytest
 
-from jaxpeft import config, data, masks, methods, packing, steps, trainer
+from jaxpeft import config, masks, methods
+from jaxpeft.data import batches as batching, encoding, packing
+from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.training import steps, trainer
 from jaxpeft.compute import EXACT
 from jaxpeft.models.bert import BertForSequenceClassification
 from jaxpeft.models.loading import init_params, load_classifier
@@ -30,7 +33,7 @@ def _encoded(rng, n=40, t=24, vocab=120):
     types = (np.arange(t)[None] >= (lengths // 2)[:, None]).astype(np.int32)
     ids[:, 0] = 1                                             # a [CLS] of its own
     valid = np.arange(t)[None] < lengths[:, None]
-    return data.Encoded(ids * valid, types * valid, lengths, rng.integers(0, 2, size=n).astype(np.int32))
+    return encoding.Encoded(ids * valid, types * valid, lengths, rng.integers(0, 2, size=n).astype(np.int32))
 
 
 @pytest.mark.parametrize("method", ["full", "bitfit", "prefix"])
@@ -43,7 +46,7 @@ def test_packed_example_logits_equal_its_unpacked_logits(method):
     trainable, frozen = masks.split(params, m.mask(params))
     predict = jax.jit(steps.make_predict_step(module))
     unpacked = steps.predict_logits(predict, trainable, frozen,
-                                    data.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
+                                    batching.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
     batches = list(packing.eval_batches(enc, 48, rows_per_batch=4))
     assert len({tuple(b["input_ids"].shape) for b in batches}) == 1          # one shape
     assert max(int((b["index"] >= 0).sum(1).max()) for b in batches) > 1     # rows really hold several
@@ -65,8 +68,8 @@ def test_cls_only_and_all_rows_agree_on_packed_rows():
 
 def test_packed_batches_keep_the_schedule(glue, minilm_dir):
     loaded = load_classifier(str(minilm_dir), 2)
-    ex = data.load_split(data.get_task("sst2"), "train", glue).take(2000)
-    enc = data.encode(loaded.tokenizer, ex, 64)
+    ex = glue_tasks.load_split(glue_tasks.get_task("sst2"), "train", glue).take(2000)
+    enc = encoding.encode(loaded.tokenizer, ex, 64)
     pb = packing.PackedBatches(enc, batch_size=32, max_length=64, seed=0, epochs=2)
     assert pb.steps_per_epoch == 63
     for epoch in (0, 1):
@@ -106,7 +109,7 @@ def test_mean_pooling_packed_equals_unpacked():
     predict = jax.jit(steps.make_predict_step(module))
     trainable, frozen = masks.split(params, methods.create("bitfit").mask(params))
     unpacked = steps.predict_logits(predict, trainable, frozen,
-                                    data.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
+                                    batching.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
     packed = steps.predict_logits(predict, trainable, frozen, packing.eval_batches(enc, 48, 4), len(enc))
     np.testing.assert_allclose(packed, unpacked, atol=2e-5, rtol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Our short-sequence attention kernel (jaxpeft.models.pallas_attention), run by Pallas's interpreter
+"""Our short-sequence attention kernel (jaxpeft.models.kernels.pallas_attention), run by Pallas's interpreter
 on the CPU, against JAX's own ``jax.nn.dot_product_attention`` (XLA implementation, a second code
 path): outputs and gradients with padding masks, lengths that are not powers of two, shared and
 per-row prefixes with masked prefix keys, bf16; the whole model against the dense-attention model;
@@ -11,9 +11,9 @@ import pytest
 
 import cpu_devices
 
-from jaxpeft.models import pallas_attention as pa
+from jaxpeft.models.kernels import pallas_attention as pa
 from jaxpeft.compute import EXACT
-from jaxpeft.models import pallas_common
+from jaxpeft.models.kernels import pallas_common
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, check_compute
 from jaxpeft.models.loading import load_classifier
 
@@ -205,7 +205,7 @@ def test_batch_sharded_over_four_devices_needs_no_gather_and_gives_the_same_grad
     code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from jaxpeft.models import pallas_attention as pa
+        from jaxpeft.models.kernels import pallas_attention as pa
         mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
         r = np.random.default_rng(0)
         b, t, n, d, p = 8, 16, 2, 16, 5

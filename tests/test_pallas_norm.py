@@ -1,4 +1,4 @@
-"""The fused sublayer output (jaxpeft.models.pallas_norm), run by Pallas's interpreter on the CPU,
+"""The fused sublayer output (jaxpeft.models.kernels.pallas_norm), run by Pallas's interpreter on the CPU,
 against the unfused layers it replaces (nn.Dense's bias add, hash_dropout, lean_ops.layer_norm,
 which are themselves tested against Flax's LayerNorm and autodiff): same dropout mask, outputs and
 every gradient; the whole model with it against the model without; the same result with the
@@ -11,11 +11,11 @@ import pytest
 
 import cpu_devices
 
-from jaxpeft.models import hash_dropout
-from jaxpeft.models import pallas_norm as pn
+from jaxpeft.models.kernels import hash_dropout
+from jaxpeft.models.kernels import pallas_norm as pn
 from jaxpeft.compute import EXACT
-from jaxpeft.models import pallas_common
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, check_compute
+from jaxpeft.models.kernels import pallas_common
+from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 
 # blocks of two rows, as the default: each hash word once for its pair of rows
 SMALL = pn.Tuning(block_rows=2, num_warps=4, block_rows_bwd=2, rows_bwd=8, num_warps_bwd=4)
@@ -145,7 +145,7 @@ def test_batch_sharded_over_four_devices_gives_the_unsharded_mask_and_gradients(
     code = """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from jaxpeft.models import pallas_norm as pn
+        from jaxpeft.models.kernels import pallas_norm as pn
         mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
         r = np.random.default_rng(0)
         b, t, n = 8, 8, 24

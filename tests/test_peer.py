@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.peft_job import build, parser, peer_args
-from jaxpeft import config, trainer
+from jaxpeft import config
+from jaxpeft.training import trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxpeft import adapters, cli, config, data, masks
-from jaxpeft import trainer as trainer_lib
+from jaxpeft import cli, config, masks
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.training import trainer as trainer_lib
 from jaxpeft.compute import EXACT
 from jaxpeft.methods import lora as lora_lib
 
@@ -62,7 +64,7 @@ def trained(glue, tiny_bert_dir, tmp_path_factory):
 
 
 def examples(glue, task="sst2", n=24):
-    return data.load_split(data.get_task(task), "dev", glue).take(n)
+    return glue_tasks.load_split(glue_tasks.get_task(task), "dev", glue).take(n)
 
 
 def torch_logits(model, tokenizer, ex) -> np.ndarray:
@@ -165,7 +167,7 @@ def test_peft_lora_adapter_loads_in_jaxpeft(tiny_bert_dir, glue, tmp_path, capsy
     o = folder_info.method.options()
     assert (o["lora_r"], o["lora_alpha"], o["lora_dropout"]) == (4, 8.0, 0.0)
     assert sorted(o["target_modules"].split(",")) == ["dense", "query", "value"]   # peft keeps a set
-    with pytest.raises(adapters.UserError, match="does not record its task .* give --task"):
+    with pytest.raises(folder.UserError, match="does not record its task .* give --task"):
         adapters.load_adapter(folder)
     ours = jax_logits(folder, ex, task="sst2")      # the base: the folder's base_model_name_or_path
     assert_same(ours, theirs)
@@ -175,10 +177,10 @@ def test_peft_lora_adapter_loads_in_jaxpeft(tiny_bert_dir, glue, tmp_path, capsy
     assert (as_bin / "adapter_model.bin").is_file() and not (as_bin / "adapter_model.safetensors").exists()
     np.testing.assert_array_equal(jax_logits(as_bin, ex, task="sst2"), ours)
     # the same through jaxpeft-predict, with the base model given as a flag
-    from jaxpeft import predict_cli
+    from jaxpeft.cli import predict
 
     texts = [f"--text={t}" for t in ex.texts[0][:5]]
-    rc = cli.guarded(lambda: predict_cli.main([f"--adapter={folder}", "--task=sst2", f"--model={tiny_bert_dir}",
+    rc = cli.guarded(lambda: predict.main([f"--adapter={folder}", "--task=sst2", f"--model={tiny_bert_dir}",
                                                "--compute=exact", f"--max_seq_length={SEQ}", *texts]))
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -271,9 +273,9 @@ def test_target_modules_select_what_peft_selects(targets):
 
 
 def run_predict(args, capsys):
-    from jaxpeft import predict_cli
+    from jaxpeft.cli import predict
 
-    rc = cli.guarded(lambda: predict_cli.main(args))
+    rc = cli.guarded(lambda: predict.main(args))
     _, err = capsys.readouterr()
     return rc, [ln for ln in err.splitlines() if ln.strip()]
 

@@ -9,7 +9,8 @@ import pytest
 from jaxpeft import masks, methods
 from jaxpeft.errors import UserError
 from jaxpeft.compute import EXACT
-from jaxpeft.models import BertModel, load_classifier, pallas_common
+from jaxpeft.models import BertModel, load_classifier
+from jaxpeft.models.kernels import pallas_common
 from jaxpeft.models.bert import BertForSequenceClassification
 
 from masked_step import SMALL, assert_export_round_trip, assert_only_masked_leaves_changed, train_steps

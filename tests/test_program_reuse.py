@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from jaxpeft import adapters, config, program_store, trainer
+from jaxpeft import config
+from jaxpeft.adapters import folder as adapters
+from jaxpeft.training import program_store, trainer
 
 
 def run(tmp_path, name, glue, model, **flags):

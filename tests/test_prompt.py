@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import masks, methods, optim
+from jaxpeft import masks, methods
+from jaxpeft.training import optim
 from jaxpeft.compute import EXACT
 from jaxpeft.config import Optim
 from jaxpeft.errors import UserError
 from jaxpeft.methods.prompt import ordinary_token_ids
 from jaxpeft.models import BertModel, load_classifier
 from jaxpeft.models.bert import BertForSequenceClassification
-from jaxpeft.models import pallas_common
+from jaxpeft.models.kernels import pallas_common
 
 from masked_step import assert_export_round_trip, assert_only_masked_leaves_changed, train_steps
 
@@ -115,7 +116,7 @@ def test_our_attention_kernel_with_the_prompt_equals_dense_attention(minilm):
     """20 prompt tokens in front of 28: 48 keys, which our kernel covers as a main segment of 32 and
     a tail of 16 (not a power of two). Logits and the prompt's and head's gradients as with dense
     attention, padding included."""
-    from jaxpeft.models import pallas_attention
+    from jaxpeft.models.kernels import pallas_attention
 
     method = methods.create("prompt", {"prompt_init": "sample_vocab"})
     module, params = _with_adapter(minilm, method)

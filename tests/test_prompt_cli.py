@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from jaxpeft import config, masks, trainer as trainer_lib
+from jaxpeft import config, masks
+from jaxpeft.training import trainer as trainer_lib
 
 from masked_step import assert_only_masked_leaves_changed
 from test_cli import assert_one_line_error, run_train

@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
-from jaxpeft import checkpoint, masks
+from jaxpeft import masks
+from jaxpeft.training import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TOTAL = 120

@@ -8,7 +8,9 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 from test_cli import assert_one_line_error, run_train
 
-from jaxpeft import config, data, multihost, optim, sharding, steps, trainer
+from jaxpeft import config
+from jaxpeft.data import batches as batching, encoding
+from jaxpeft.training import multihost, optim, sharding, steps, trainer
 from jaxpeft.errors import UserError
 
 
@@ -92,12 +94,12 @@ def test_recompile_guard_counts_traces_and_raises_past_the_limit():
 
 
 def test_make_batch_rows_keep_the_width_of_the_whole_batch():
-    enc = data.Encoded(input_ids=np.arange(40, dtype=np.int32).reshape(4, 10) + 1,
+    enc = encoding.Encoded(input_ids=np.arange(40, dtype=np.int32).reshape(4, 10) + 1,
                        token_type_ids=np.zeros((4, 10), np.int32), lengths=np.array([3, 9, 2, 4], np.int32),
                        labels=np.array([0, 1, 0, 1], np.int32))
     idx = np.array([0, 1, 2, -1])
-    whole = data.make_batch(enc, idx, (4, 8, 10))
-    part = data.make_batch(enc, idx, (4, 8, 10), rows=np.array([2, 3]))
+    whole = batching.make_batch(enc, idx, (4, 8, 10))
+    part = batching.make_batch(enc, idx, (4, 8, 10), rows=np.array([2, 3]))
     assert whole["input_ids"].shape == (4, 10) and part["input_ids"].shape == (2, 10)
     for k in whole:
         np.testing.assert_array_equal(part[k], whole[k][2:])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from experiments.bitfit_study import bias_change, driver, records, study, tables
-from jaxpeft import adapters, compute, config
+from jaxpeft import compute, config
+from jaxpeft.adapters import folder as adapters
 from jaxpeft.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

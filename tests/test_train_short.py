@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 
-from jaxpeft import config, data, metrics, trainer
+from jaxpeft import config
+from jaxpeft.tasks import glue as glue_tasks, metrics
+from jaxpeft.training import trainer
 
 
 def test_bitfit_sst2_few_hundred_steps_beats_majority(glue, tmp_path):
@@ -12,9 +14,9 @@ def test_bitfit_sst2_few_hundred_steps_beats_majority(glue, tmp_path):
                             max_steps=250, batch_size=32, max_seq_length=64, learning_rate=2e-3,
                             eval_every=0, log_every=50, progress=False))
     res = trainer.run(cfg, echo=lambda s: None)
-    task = data.get_task("sst2")
-    train_labels = data.load_split(task, "train", glue).labels
-    dev_labels = data.load_split(task, "dev", glue).labels
+    task = glue_tasks.get_task("sst2")
+    train_labels = glue_tasks.load_split(task, "train", glue).labels
+    dev_labels = glue_tasks.load_split(task, "dev", glue).labels
     majority = metrics.majority_baseline("sst2", train_labels, dev_labels)["accuracy"]
     assert res["final_dev"]["accuracy"] >= majority + 0.15, (res["final_dev"], majority)
     on_disk = json.loads((tmp_path / "results.json").read_text())

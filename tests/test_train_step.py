@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpeft import masks, methods, optim
+from jaxpeft import masks, methods
+from jaxpeft.training import optim
 from jaxpeft.config import Optim
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
 from jaxpeft.models.loading import init_params, param_shapes
-from jaxpeft.steps import init_state, make_train_loop, make_train_step
+from jaxpeft.training.steps import init_state, make_train_loop, make_train_step
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=64)
@@ -159,7 +160,7 @@ def test_grad_norm_and_clip_match_optax():
     """``grad_norm`` (small leaves in one reduction) == ``optax.tree.norm``, and our clip ==
     ``optax.clip_by_global_norm``, on a tree of big and small leaves with holes, above and below
     the threshold."""
-    from jaxpeft.optim import _NORM_GROUP_SIZE, clip_by_global_norm, grad_norm
+    from jaxpeft.training.optim import _NORM_GROUP_SIZE, clip_by_global_norm, grad_norm
 
     rng = np.random.default_rng(0)
     tree = {"big": jnp.asarray(rng.normal(size=(_NORM_GROUP_SIZE + 7,)), jnp.float32),

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxpeft import adapters as adapter_io
+from jaxpeft.adapters import folder as adapter_io
 from jaxpeft.errors import UserError
 from jaxpeft.masks import BERT_BIAS_TERMS
 

@@ -3,10 +3,10 @@ time on one device; resumable.
 
 A task and setting's grid runs (its learning rates) run one after the other in one worker process,
 and so do its other seeds once its learning rate is chosen: they share their compiled programs
-(``jaxpeft.trainer``'s program cache), so a group compiles once instead of once per run. Groups start
+(``jaxpeft.training.trainer``'s program cache), so a group compiles once instead of once per run. Groups start
 longest first. Every run's folder gets its ``spec.json`` (the run and its settings by flag name)
 before it starts; the worker builds the run's ``jaxpeft.config.TrainConfig`` from it and trains with
-``jaxpeft.trainer.Trainer``; its output goes to the run's ``output.log`` (the process's own to
+``jaxpeft.training.trainer.Trainer``; its output goes to the run's ``output.log`` (the process's own to
 ``<task>/<setting>/worker.log``). The driver's own record is ``<out>/driver.jsonl``: when the study
 started and ended, each learning rate chosen, and each run's wall time (the whole process, and the
 trainer's ``wall_seconds`` from ``results.json``), metric and speed.
@@ -53,7 +53,7 @@ def run_one(folder: str | Path) -> int:
     """Trains the run described by ``folder/spec.json`` (its output dir is ``folder``); the trainer
     exports the adapter to ``folder/adapter`` where one is due. No checkpoints are kept: an
     unfinished run is run again from the start."""
-    from jaxpeft import trainer
+    from jaxpeft.training import trainer
 
     folder = Path(folder)
     spec = json.loads((folder / SPEC).read_text())
@@ -73,7 +73,7 @@ def stop(processes) -> None:
 
 def run_many(folders: list[str]) -> int:
     """:func:`run_one` for each folder in turn, in this process, so that runs with the same programs
-    (a group's learning rates and seeds) compile them once (``jaxpeft.trainer``'s program cache).
+    (a group's learning rates and seeds) compile them once (``jaxpeft.training.trainer``'s program cache).
     Each run's output goes to its ``output.log``; a failed run is recorded there and the next one
     still runs. Returns 1 if any run failed."""
     import contextlib

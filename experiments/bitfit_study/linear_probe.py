@@ -67,18 +67,18 @@ def main(argv=None) -> int:
     from sklearn.preprocessing import StandardScaler
     from transformers import AutoModel, AutoTokenizer
 
-    from jaxpeft import data
+    from jaxpeft.tasks import glue
     from jaxpeft.models.hf_weights import resolve_model_dir
 
-    task = data.get_task(a.task)
+    task = glue.get_task(a.task)
     if task.is_regression:
         print(f"error: --task={a.task} is a regression task", file=sys.stderr)
         return 2
     model_dir = resolve_model_dir(a.model or "sentence-transformers/all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModel.from_pretrained(str(model_dir)).eval()
-    train = data.load_split(task, "train", a.data_dir)
-    dev = data.load_split(task, task.eval_splits[0], a.data_dir)
+    train = glue.load_split(task, "train", a.data_dir)
+    dev = glue.load_split(task, task.eval_splits[0], a.data_dir)
     ftr, fdv = (features(model, tokenizer, s.texts, a.max_seq_length) for s in (train, dev))
     ytr, ydv = np.asarray(train.labels), np.asarray(dev.labels)
     majority = max(np.mean(ydv == c) for c in np.unique(ydv))

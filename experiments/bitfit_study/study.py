@@ -132,9 +132,9 @@ class Study:
     def select(self, tasks: Sequence[str] | None = None, settings: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> "Study":
         """The same study restricted to some tasks / settings / seeds (each checked)."""
-        from jaxpeft import data
+        from jaxpeft.tasks import glue
 
-        tasks = [data.get_task(t).name for t in tasks] if tasks else list(self.tasks)
+        tasks = [glue.get_task(t).name for t in tasks] if tasks else list(self.tasks)
         unknown = [s for s in settings or () if s not in self.settings]
         if unknown:
             raise UserError(f"unknown setting {unknown[0]!r}; settings of {self.path.name}: "
@@ -148,7 +148,7 @@ class Study:
 
 def load_study(path: str | Path | None = None) -> Study:
     """Reads a study config file (``get_config(task)`` and ``get_study()``)."""
-    from jaxpeft import data
+    from jaxpeft.tasks import glue
 
     path = Path(path) if path else DEFAULT_STUDY
     if not path.is_file():
@@ -168,7 +168,7 @@ def load_study(path: str | Path | None = None) -> Study:
     except Exception as e:
         raise UserError(f"study config {path}: {type(e).__name__}: {e}") from None
     for t in study.tasks:
-        data.get_task(t)
+        glue.get_task(t)
     for s in settings.values():
         methods.create(s.method, s.method_options())  # unknown method/term: fails here
         for key, _ in s.options:
@@ -247,7 +247,7 @@ class Plan:
 
     def __init__(self, study: Study, out: str | Path, *, model: str | None = None,
                  data_dir: str | None = None, overrides: Mapping[str, Any] | None = None):
-        from jaxpeft import data
+        from jaxpeft.tasks import glue
 
         self.study, self.out = study, Path(out)
         if self.out.exists() and not self.out.is_dir():
@@ -262,9 +262,9 @@ class Plan:
         self.train_sizes: dict[str, int] = {}
         self.dev_sizes: dict[str, int] = {}
         for t in study.tasks:  # read now: a missing data folder fails before anything runs
-            task = data.get_task(t)
-            self.train_sizes[t] = len(data.load_split(task, "train", self.data_dir))
-            self.dev_sizes[t] = sum(len(data.load_split(task, s, self.data_dir)) for s in task.eval_splits)
+            task = glue.get_task(t)
+            self.train_sizes[t] = len(glue.load_split(task, "train", self.data_dir))
+            self.dev_sizes[t] = sum(len(glue.load_split(task, s, self.data_dir)) for s in task.eval_splits)
         for g in self.groups():  # a bad setting in the study config or --set fails now, once
             for run in self.grid_runs(g):
                 self.config(run)
@@ -337,9 +337,9 @@ class Plan:
 
     @staticmethod
     def _eval_splits(task: str) -> tuple[str, ...]:
-        from jaxpeft import data
+        from jaxpeft.tasks import glue
 
-        return data.get_task(task).eval_splits
+        return glue.get_task(task).eval_splits
 
     def cost(self, run: Run) -> float:
         cfg = self.config(run)

@@ -93,9 +93,9 @@ def collect(out: str | Path, study: Study) -> tuple[dict[tuple[str, str], Group]
 
 
 def _task_header(task: str, metric: str) -> str:
-    from jaxpeft import data
+    from jaxpeft.tasks import glue
 
-    return f"{data.get_task(task).folder} ({_METRIC_NAMES.get(metric, metric)})"
+    return f"{glue.get_task(task).folder} ({_METRIC_NAMES.get(metric, metric)})"
 
 
 def _pct(x: float) -> str:
@@ -223,7 +223,7 @@ def draw_curves(groups: dict[tuple[str, str], Group], study: Study, prefix: str 
     """One figure per task, ``PREFIX_<task>.png``: the dev metric and the training loss against the
     step of every setting's run at its chosen learning rate (the selection seed). Empty when
     matplotlib is missing."""
-    from jaxpeft import curves
+    from jaxpeft.training import curves
 
     out = []
     for task in study.tasks:

@@ -21,7 +21,7 @@ Params sit beside the layer they adapt: ``bert/encoder/layer_3/attention/self/qu
 ``.../attention/output/dense_lora/...``, ``.../intermediate/dense_lora/...``,
 ``.../output/dense_lora/...``, ``bert/pooler/dense_lora/...``. In peft's files they are
 ``base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.weight`` (``[r, in]``) and
-``...lora_B.weight`` (``[out, r]``), the transposes (``jaxpeft.peft_format``).
+``...lora_B.weight`` (``[out, r]``), the transposes (``jaxpeft.adapters.peft_format``).
 
 :func:`merge` folds the update into the weights (``W + (alpha / r) A B``) for inference: the merged
 params run on the plain model with no extra matmul, with the same logits.

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.compute import EXACT, Compute
-from jaxpeft.models import lean_ops, pallas_attention, pallas_norm
-from jaxpeft.models.embedding_lookup import SMALL_TABLE_ROWS, EmbedTable, take_small
-from jaxpeft.models.hash_dropout import HashDropout, HashDropoutSeed
+from jaxpeft.models.kernels import lean_ops, pallas_attention, pallas_norm
+from jaxpeft.models.kernels.embedding_lookup import SMALL_TABLE_ROWS, EmbedTable, take_small
+from jaxpeft.models.kernels.hash_dropout import HashDropout, HashDropoutSeed
 
 Array = jax.Array
 

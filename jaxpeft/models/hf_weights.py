@@ -223,9 +223,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[s
 
 
 def load_tokenizer(model_dir: Path):
-    """The tokenizer stored with the model (:class:`jaxpeft.tokenizing.Tokenizer`: encodes with
+    """The tokenizer stored with the model (:class:`jaxpeft.data.tokenizing.Tokenizer`: encodes with
     ``tokenizers``, loads transformers' tokenizer only when something else is asked of it)."""
-    from jaxpeft.tokenizing import Tokenizer
+    from jaxpeft.data.tokenizing import Tokenizer
 
     model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):

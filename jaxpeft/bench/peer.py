@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The PyTorch peer: HF transformers + peft, the same shapes and methods as scripts/bench.py.
+"""The PyTorch peer: HF transformers + peft, the same shapes and methods as ``jaxpeft-bench``.
 
 Random-init ``BertForSequenceClassification`` of the given size, bf16 autocast, AdamW
 (``torch.optim.AdamW`` defaults), gradient clipping at 1.0 (as our step and the HF Trainer do),
@@ -7,7 +7,7 @@ every position real. BitFit sets ``requires_grad`` on bias terms (+ classifier),
 reference code does; prompt methods use peft configs with 20 virtual tokens. Eager or
 ``torch.compile``. Prints one JSON line per configuration.
 
-    python benchmarks/peft_peer.py --size=base --method=bitfit --batch=64 --mode=compile
+    python -m jaxpeft.bench.peer --size=base --method=bitfit --batch=64 --mode=compile
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxpeft import masks
-from jaxpeft.optim import grad_norm, lr_at
+from jaxpeft.training.optim import grad_norm, lr_at
 
 #: batch keys that are model inputs (the rest: labels, weights and host-side bookkeeping)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids",

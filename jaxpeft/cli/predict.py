@@ -33,7 +33,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, action="append",
                    help="adapter folder (adapter_config.json + weights); several as --adapter=NAME=DIR, "
-                   "with --input's 'adapter' column naming each row's (jaxpeft.multi_adapter)")
+                   "with --input's 'adapter' column naming each row's (jaxpeft.adapters.mixed)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="GLUE-style TSV file of the adapter's task")
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
@@ -52,11 +52,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if len(args.adapter) > 1 or any("=" in a and not Path(a).is_dir() for a in args.adapter):
-        from jaxpeft import multi_adapter
+        from jaxpeft.adapters import mixed
 
-        return multi_adapter.predict_main(args)
+        return mixed.predict_main(args)
     args.adapter = args.adapter[0]
-    from jaxpeft import adapters, compute, data, metrics
+    from jaxpeft import compute
+    from jaxpeft.adapters import folder
+    from jaxpeft.tasks import glue, metrics
     from jaxpeft.errors import UserError
 
     if args.batch_size <= 0:
@@ -64,26 +66,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in compute.fields() if hasattr(args, k)}
     spec = compute.resolve(args.compute, overrides)
     # Check every input before the model loads.
-    folder = adapters.read_adapter(args.adapter)
-    task = adapters.adapter_task(folder, args.task)
+    folder = folder.read_adapter(args.adapter)
+    task = folder.adapter_task(folder, args.task)
     if args.input:
-        examples = data.read_tsv(task, Path(args.input))
+        examples = glue.read_tsv(task, Path(args.input))
     elif args.text:
-        examples = adapters.examples_from_lines(args.text, task)
+        examples = folder.examples_from_lines(args.text, task)
     else:
         if sys.stdin.isatty():
             raise UserError("nothing to predict: give --input, --text or lines on stdin")
-        examples = adapters.examples_from_lines(sys.stdin, task)
+        examples = folder.examples_from_lines(sys.stdin, task)
     if args.output and Path(args.output).is_dir():
         raise UserError(f"output {args.output} is a folder")
 
-    loaded, params, method, task = adapters.load_adapter(args.adapter, args.model, task=args.task, compute=spec)
+    loaded, params, method, task = folder.load_adapter(args.adapter, args.model, task=args.task, compute=spec)
     length = args.max_seq_length or int(folder.max_seq_length or 128)
-    logits = adapters.predict(loaded, params, method, examples, max_seq_length=length,
+    logits = folder.predict(loaded, params, method, examples, max_seq_length=length,
                               batch_size=args.batch_size)
-    header, rows = adapters.prediction_rows(logits, task)
+    header, rows = folder.prediction_rows(logits, task)
     if args.output:
-        adapters.write_tsv(args.output, header, rows)
+        folder.write_tsv(args.output, header, rows)
         print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))

@@ -1,9 +1,9 @@
 """Train-step benchmarks: step time, throughput, peak memory, compile time, FLOPs and MFU.
 
 One configuration = (model size, method, batch, sequence length). The step benchmarked is the
-library's own (:func:`jaxpeft.steps.make_train_step`, jitted with donated state) on random-init
+library's own (:func:`jaxpeft.training.steps.make_train_step`, jitted with donated state) on random-init
 weights of the model's shape and random token ids with every position real, so numbers compare
-with the PyTorch peer in ``benchmarks/peft_peer.py`` on the same shapes.
+with the PyTorch peer in ``jaxpeft.bench.peer`` on the same shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import masks, methods, optim, runtime, steps
+from jaxpeft import masks, methods, runtime
+from jaxpeft.training import optim, steps
 from jaxpeft.compute import Compute
 from jaxpeft.config import Optim
 from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
@@ -119,10 +120,10 @@ def _cost(compiled) -> dict[str, float]:
 def build_step(bc: BenchConfig):
     """Module, compiled step, state, frozen params and batch for one configuration.
 
-    With ``bc.mesh`` the step is the Trainer's sharded one (``jaxpeft.sharding``): ``batch`` is the
+    With ``bc.mesh`` the step is the Trainer's sharded one (``jaxpeft.training.sharding``): ``batch`` is the
     global batch, split over the mesh's data-parallel devices.
     """
-    from jaxpeft import sharding
+    from jaxpeft.training import sharding
 
     runtime.set_prng_impl(bc.compute.prng_impl)
     cfg = SIZES[bc.size]

@@ -36,7 +36,8 @@ import jax
 import numpy as np
 
 import jaxpeft
-from jaxpeft import fingerprint, masks
+from jaxpeft import masks
+from jaxpeft.models import fingerprint
 from jaxpeft.errors import UserError
 
 

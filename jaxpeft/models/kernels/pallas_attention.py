@@ -46,7 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpeft.models.pallas_common import CompilerParams, batch_parallel, interpret, pow2
+from jaxpeft.models.kernels.pallas_common import CompilerParams, batch_parallel, interpret, pow2
 
 Array = jax.Array
 

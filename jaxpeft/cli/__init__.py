@@ -50,11 +50,12 @@ overrides them. --compute=auto (the default) takes the fastest path on this plat
 
 
 def train(argv: Sequence[str] | None = None) -> int:
-    from jaxpeft import config, trainer
+    from jaxpeft import config
+    from jaxpeft.training import trainer
 
     cfg = config.parse_args(argv, description=TRAIN_DOC)
     if cfg.tasks:   # several tasks, one adapter each, in mixed batches
-        from jaxpeft import multitask
+        from jaxpeft.training import multitask
 
         multitask.run(cfg, start=_START)
         return 0
@@ -67,12 +68,12 @@ def train_main() -> None:
 
 
 def predict_main() -> None:
-    from jaxpeft import predict_cli
+    from jaxpeft.cli import predict
 
-    sys.exit(guarded(predict_cli.main))
+    sys.exit(guarded(predict.main))
 
 
 def bench_main() -> None:
-    from jaxpeft import bench_cli
+    from jaxpeft.cli import bench
 
-    sys.exit(bench_cli.main())
+    sys.exit(bench.main())

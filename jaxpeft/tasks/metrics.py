@@ -22,7 +22,7 @@ import numpy as np
 HEAVY_IMPORTS: tuple[str, ...] = ()
 
 #: Metrics reported per task; the first is the one used to pick the best checkpoint unless the
-#: task says otherwise (see ``jaxpeft.data.GlueTask.main_metric``).
+#: task says otherwise (see ``jaxpeft.tasks.glue.GlueTask.main_metric``).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "sst2": ("accuracy",),
     "cola": ("matthews_correlation", "accuracy"),

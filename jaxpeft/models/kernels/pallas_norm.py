@@ -15,7 +15,7 @@ blocks of whole rows:
   the LayerNorm scale and bias and of the projection bias per block of rows (summed over the
   blocks outside, a few MB).
 
-The dropout mask is :mod:`jaxpeft.models.hash_dropout`'s, recomputed from the two seed words and
+The dropout mask is :mod:`jaxpeft.models.kernels.hash_dropout`'s, recomputed from the two seed words and
 each element's position in both kernels: the same mask ``hash_dropout`` draws for the same seed,
 and nothing of it is written to memory. Two rows share each hash word (its low and high 16
 bits), and with blocks of two rows (the default) the kernels hash each word once for both: the
@@ -43,8 +43,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpeft.models import hash_dropout, lean_ops
-from jaxpeft.models.pallas_common import CompilerParams, batch_parallel, interpret, pow2
+from jaxpeft.models.kernels import hash_dropout, lean_ops
+from jaxpeft.models.kernels.pallas_common import CompilerParams, batch_parallel, interpret, pow2
 
 Array = jax.Array
 

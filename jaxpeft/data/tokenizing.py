@@ -2,7 +2,7 @@
 
 Encoding a split goes through Hugging Face's ``tokenizers`` library on the model's
 ``tokenizer.json`` (what transformers' fast tokenizer runs underneath; it loads in milliseconds),
-and a split already tokenized comes from the on-disk cache (``jaxpeft.data.encode_cached``)
+and a split already tokenized comes from the on-disk cache (``jaxpeft.data.encoding.encode_cached``)
 without any tokenizer; the vocabulary and the special tokens (what prompt initialisation samples
 from) come from the same file. Everything else (``tokenize``, calling it like a transformers
 tokenizer) goes to transformers' ``AutoTokenizer``, loaded on first use: importing transformers

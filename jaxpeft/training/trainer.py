@@ -5,7 +5,7 @@ learning rate comes from the step counter on the device), stopping a call where 
 a checkpoint falls, and returns to the host only for those and to read the losses of the previous
 call (while the next one runs). Every shape the run needs is compiled before the first step,
 several at once, through the persistent compilation cache (``jaxpeft.runtime``); a run whose
-programs an earlier process stored (``jaxpeft.program_store``) loads them without tracing.
+programs an earlier process stored (``jaxpeft.training.program_store``) loads them without tracing.
 ``results.json`` records the run's time split (``*_seconds``).
 """
 
@@ -24,9 +24,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxpeft import (adapters, data, fingerprint, masks, metrics, multihost, optim, packing, program_store, runtime,
-                     sharding, steps)
-from jaxpeft.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
+from jaxpeft import masks, runtime
+from jaxpeft.adapters import folder
+from jaxpeft.data import batches, encoding, packing
+from jaxpeft.tasks import glue, metrics
+from jaxpeft.models import fingerprint
+from jaxpeft.training import multihost, optim, program_store, sharding, steps
+from jaxpeft.training.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import HEAD_PATTERN, module_pattern
@@ -70,7 +74,7 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def check_pooling(cfg: TrainConfig, task: data.GlueTask) -> None:
+def check_pooling(cfg: TrainConfig, task: glue.GlueTask) -> None:
     """``--pooling=cosine`` compares the two sentences of a pair, one unpacked row per example."""
     if cfg.head.pooling != "cosine":
         return
@@ -118,7 +122,7 @@ class Trainer:
         self.cfg = cfg
         self.echo = echo
         self.out = check_output_dir(cfg.run.output_dir)
-        self.task = data.get_task(cfg.task)
+        self.task = glue.get_task(cfg.task)
         self.method = cfg.method_obj()
         self.modules_to_save = cfg.head.module_list()
         if cfg.data.packing and not self.method.supports_packing:
@@ -135,8 +139,8 @@ class Trainer:
                 self.echo = lambda s: None
         with self.timers.section("data"):
             # Data files first: a missing split fails before the model is loaded.
-            self.raw_train = data.load_split(self.task, "train", cfg.data.data_dir)
-            self.raw_evals = {s: data.load_split(self.task, s, cfg.data.data_dir) for s in self.task.eval_splits}
+            self.raw_train = glue.load_split(self.task, "train", cfg.data.data_dir)
+            self.raw_evals = {s: glue.load_split(self.task, s, cfg.data.data_dir) for s in self.task.eval_splits}
             for s, ex in [("train", self.raw_train), *self.raw_evals.items()]:
                 if ex.labels is None:
                     raise UserError(f"{ex.source}: split {s!r} has no labels")
@@ -163,9 +167,9 @@ class Trainer:
         with self.timers.section("data"):
             d = cfg.data
             train = self.raw_train.take(d.max_train_examples) if d.max_train_examples else self.raw_train
-            self.train_data = data.encode_cached(self.model.tokenizer, train, d.max_seq_length)
+            self.train_data = encoding.encode_cached(self.model.tokenizer, train, d.max_seq_length)
             self.eval_data = {
-                s: data.encode_cached(self.model.tokenizer, ex.take(d.max_eval_examples) if d.max_eval_examples
+                s: encoding.encode_cached(self.model.tokenizer, ex.take(d.max_eval_examples) if d.max_eval_examples
                                       else ex, d.max_seq_length)
                 for s, ex in self.raw_evals.items()}
             self.batches = self.make_batches()
@@ -188,13 +192,13 @@ class Trainer:
             return o.max_steps
         return max(1, math.ceil(o.num_epochs * self.steps_per_epoch()))
 
-    def make_batches(self) -> data.BucketBatches | packing.PackedBatches:
+    def make_batches(self) -> batches.BucketBatches | packing.PackedBatches:
         o, d = self.cfg.optim, self.cfg.data
         if d.packing:
             epochs = math.ceil(self.total_steps() / self.steps_per_epoch())
             return packing.PackedBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed, epochs,
                                          row_multiple=self.plan.data_parallel_size)
-        return data.BucketBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed)
+        return batches.BucketBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed)
 
     def evaluate(self, predict_fn, trainable, frozen) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -264,7 +268,7 @@ class Trainer:
         epoch, batch = divmod(step, spe)
         rest = self.batches.order(epoch)[batch:]
         return {"epoch": epoch, "batch": batch, "steps_per_epoch": spe,
-                "batch_order_sha256": data.order_digest(rest)}
+                "batch_order_sha256": batches.order_digest(rest)}
 
     # -- compiling ---------------------------------------------------------------------------
     def compile_all(self, loop_jit, predict_jit, state, frozen, n: int) -> tuple[dict, dict]:
@@ -363,8 +367,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def steps_per_dispatch(self) -> int:
         n = self.cfg.run.steps_per_dispatch or DEFAULT_STEPS_PER_DISPATCH
-        if isinstance(self.batches, data.BucketBatches):
-            n = min(n, data.BucketBatches.RUN)
+        if isinstance(self.batches, batches.BucketBatches):
+            n = min(n, batches.BucketBatches.RUN)
         return max(1, min(n, self.total_steps()))
 
     def run(self) -> dict[str, Any]:
@@ -517,7 +521,7 @@ class Trainer:
         with timers.section("export"):
             export = self.export(state, frozen)
             if self.is_main and cfg.run.plot:
-                from jaxpeft import curves
+                from jaxpeft.training import curves
 
                 curves.plot_run(self.out, title=f"{cfg.method} on {task.name}", metric=task.main_metric)
         train_seconds = timers.seconds["train"]
@@ -555,7 +559,7 @@ class Trainer:
             return {}
         params = masks.merge(state.trainable, frozen)
         path = Path(self.cfg.run.output_dir) / ADAPTER_DIR
-        written = adapters.save_adapter(
+        written = folder.save_adapter(
             path, params, self.method, self.task, base_model=self.cfg.model, fingerprint=self.fingerprint,
             max_seq_length=self.cfg.data.max_seq_length, compute=self.compute, step=int(state.step),
             head=self.cfg.head, write=self.is_main, model_config=self.model.config)

@@ -1,6 +1,6 @@
 """Adapters: the trained part of a model as a small portable folder, and prediction with it.
 
-An adapter folder holds the two files Hugging Face peft uses (see :mod:`jaxpeft.peft_format`):
+An adapter folder holds the two files Hugging Face peft uses (see :mod:`jaxpeft.adapters.peft_format`):
 
 * ``adapter_model.safetensors``: float32 tensors under peft's names for the methods peft has
   (``prompt_embeddings``, ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``,
@@ -13,7 +13,7 @@ An adapter folder holds the two files Hugging Face peft uses (see :mod:`jaxpeft.
   one ``"jaxpeft"`` object with ours: ``format``, ``format_version``, ``method`` and
   ``method_options`` (of ``Method.for_inference()``, whose params are exactly the saved tensors),
   ``trained_method`` and ``trained_method_options``, ``task``, ``num_labels``, ``label_names``,
-  ``base_model`` (hub id or absolute folder), ``fingerprint`` (see :mod:`jaxpeft.fingerprint`),
+  ``base_model`` (hub id or absolute folder), ``fingerprint`` (see :mod:`jaxpeft.models.fingerprint`),
   ``max_seq_length``, ``dtype``, ``step``, ``pooling``, ``modules_to_save``, ``num_params``,
   ``jaxpeft_version``.
 
@@ -41,12 +41,15 @@ import numpy as np
 import safetensors.numpy
 
 import jaxpeft
-from jaxpeft import data, masks, methods, peft_format
-from jaxpeft.fingerprint import check as check_base
-from jaxpeft.fingerprint import fingerprint as base_fingerprint
-from jaxpeft.fingerprint import same_base, to_host
+from jaxpeft import masks, methods
+from jaxpeft.data import batches, encoding
+from jaxpeft.tasks import glue
+from jaxpeft.adapters import peft_format
+from jaxpeft.models.fingerprint import check as check_base
+from jaxpeft.models.fingerprint import fingerprint as base_fingerprint
+from jaxpeft.models.fingerprint import same_base, to_host
 from jaxpeft.errors import UserError
-from jaxpeft import steps
+from jaxpeft.training import steps
 from jaxpeft.compute import Compute
 from jaxpeft.methods.base import Method
 from jaxpeft.models import hf_weights
@@ -90,7 +93,7 @@ def _model_shape(model_config: BertConfig | None, base_model: str, fingerprint: 
     return fingerprint.get("hidden_size"), fingerprint.get("num_layers"), None
 
 
-def save_adapter(directory: str | Path, params: Any, method: Method, task: data.GlueTask, *,
+def save_adapter(directory: str | Path, params: Any, method: Method, task: glue.GlueTask, *,
                  base_model: str, fingerprint: dict[str, Any], max_seq_length: int = 128,
                  compute: Compute | None = None, step: int | None = None, head: Any = None,
                  write: bool = True, model_config: BertConfig | None = None) -> Path:
@@ -316,16 +319,16 @@ def overlay(params: Any, arrays: dict[str, np.ndarray], source: str) -> Any:
     return masks.unflatten(flat, params)
 
 
-def adapter_task(folder: AdapterFolder, task: str | None = None) -> data.GlueTask:
+def adapter_task(folder: AdapterFolder, task: str | None = None) -> glue.GlueTask:
     """The adapter's task: the recorded one, else ``task`` (``--task``); both must agree."""
     recorded = folder.task
-    if recorded and task and data.get_task(task).name != data.get_task(recorded).name:
+    if recorded and task and glue.get_task(task).name != glue.get_task(recorded).name:
         raise UserError(f"--task={task}, but adapter {folder.directory} was trained on {recorded}")
     name = recorded or task
     if not name:
         raise UserError(f"adapter {folder.directory} does not record its task (a folder written by peft): "
                         "give --task")
-    return data.get_task(name)
+    return glue.get_task(name)
 
 
 def _local_model_dir(name: str | None) -> Path | None:
@@ -367,7 +370,7 @@ def _check_recorded_base(folder: AdapterFolder, model: str | None) -> None:
 
 
 def load_adapter(directory: str | Path, model: str | None = None, *, task: str | None = None,
-                 compute: Compute | None = None) -> tuple[LoadedModel, Any, Method, data.GlueTask]:
+                 compute: Compute | None = None) -> tuple[LoadedModel, Any, Method, glue.GlueTask]:
     """Loads the base model and overlays the adapter in ``directory`` (any kind, see
     :func:`read_adapter`).
 
@@ -430,7 +433,7 @@ def _present(params: Any, modules: Sequence[str]) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- prediction
 
 
-def examples_from_lines(lines: Iterable[str], task: data.GlueTask) -> data.Examples:
+def examples_from_lines(lines: Iterable[str], task: glue.GlueTask) -> encoding.Examples:
     """One example per non-empty line; for sentence-pair tasks the two texts are tab-separated."""
     n = len(task.hub_texts)
     texts: tuple[list[str], ...] = tuple([] for _ in range(n))
@@ -445,37 +448,37 @@ def examples_from_lines(lines: Iterable[str], task: data.GlueTask) -> data.Examp
             out.append(t)
     if not texts[0]:
         raise UserError("no text to predict")
-    return data.Examples(texts, None, "<text>")
+    return encoding.Examples(texts, None, "<text>")
 
 
-def predict(loaded: LoadedModel, params: Any, method: Method, examples: data.Examples, *,
+def predict(loaded: LoadedModel, params: Any, method: Method, examples: encoding.Examples, *,
             max_seq_length: int = 128, batch_size: int = 64) -> np.ndarray:
     """Logits ``[n, num_labels]`` for ``examples``, in their order."""
     if max_seq_length + method.extra_positions() > loaded.config.max_position_embeddings:
         raise UserError(f"max_seq_length={max_seq_length} plus {method.extra_positions()} virtual tokens "
                         f"exceeds the model's {loaded.config.max_position_embeddings} positions")
-    enc = data.encode(loaded.tokenizer, examples, max_seq_length)
+    enc = encoding.encode(loaded.tokenizer, examples, max_seq_length)
     trainable, frozen = masks.split(params, method.mask(params))
     fn = jax.jit(steps.make_predict_step(loaded.module), compiler_options=loaded.module.compute.compiler_options())
-    batches = data.BucketBatches(enc, batch_size, max_seq_length, 0).eval_batches(enc, batch_size)
-    return steps.predict_logits(fn, trainable, frozen, batches, len(enc))
+    eval_batches = batches.BucketBatches(enc, batch_size, max_seq_length, 0).eval_batches(enc, batch_size)
+    return steps.predict_logits(fn, trainable, frozen, eval_batches, len(enc))
 
 
-def scores(logits: np.ndarray, task: data.GlueTask) -> np.ndarray:
+def scores(logits: np.ndarray, task: glue.GlueTask) -> np.ndarray:
     """Class probabilities ``[n, num_labels]``, or the predicted value ``[n]`` for regression."""
     if task.is_regression:
         return logits[:, 0]
     return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
 
 
-def labels(logits: np.ndarray, task: data.GlueTask) -> list[str]:
+def labels(logits: np.ndarray, task: glue.GlueTask) -> list[str]:
     """Predicted label names (or values, for regression)."""
     if task.is_regression:
         return [f"{v:.6g}" for v in logits[:, 0]]
     return [task.label_names[i] for i in logits.argmax(-1)]
 
 
-def prediction_rows(logits: np.ndarray, task: data.GlueTask) -> tuple[list[str], list[list[str]]]:
+def prediction_rows(logits: np.ndarray, task: glue.GlueTask) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a predictions TSV: ``index, prediction`` (GLUE submission layout), then
     one ``prob_<label>`` column per class."""
     header = ["index", "prediction"]

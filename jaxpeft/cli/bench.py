@@ -1,7 +1,7 @@
 """``jaxpeft-bench``: train-step benchmark of every method, with the PyTorch + peft peer in the same run.
 
     jaxpeft-bench --sizes=base --methods=full,bitfit --batches=64,256 --out=bench/
-    jaxpeft-bench --sizes=base --peer=eager,compile --out=bench/          # needs benchmarks/peft_peer.py
+    jaxpeft-bench --sizes=base --peer=eager,compile --out=bench/          # needs torch, transformers, peft
     jaxpeft-bench --compute=exact --methods=bitfit --out=bench-exact/    # another compute spec
 
 Writes OUT/bench.jsonl (one record per configuration and framework, appended as they finish)
@@ -21,15 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-PEER = REPO / "benchmarks" / "peft_peer.py"
 
 
 def peer(size, method, batch, seq, mode, steps, repeats, timeout) -> dict:
     base = {"framework": "torch", "mode": mode, "size": size, "method": method, "batch": batch, "seq": seq}
-    if not PEER.is_file():
-        return {**base, "error": f"{PEER} not found (the peer runs from a source checkout)"}
-    cmd = [sys.executable, str(PEER), f"--size={size}", f"--method={method}", f"--batch={batch}",
+    cmd = [sys.executable, "-m", "jaxpeft.bench.peer", f"--size={size}", f"--method={method}", f"--batch={batch}",
            f"--seq={seq}", f"--mode={mode}", f"--steps={steps}", f"--repeats={repeats}"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
@@ -84,13 +80,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.report:
-        from jaxpeft import benchmark
+        from jaxpeft.bench import step
 
         recs = [json.loads(x) for f in a.report for x in Path(f).read_text().splitlines() if x.strip()]
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         head = next((r for r in recs if r.get("framework") == "jaxpeft" and "device" in r), {})
-        text = benchmark.markdown_report(recs, f"# Benchmark\n\n{head.get('device', '?')}, jax "
+        text = step.markdown_report(recs, f"# Benchmark\n\n{head.get('device', '?')}, jax "
                                          f"{head.get('jax', '?')}, bf16 matmul {head.get('peak_tflops', 0):.0f} "
                                          "TFLOP/s measured")
         (out / "bench.md").write_text(text)
@@ -99,7 +95,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from jaxpeft import benchmark, compute, methods
+    from jaxpeft import compute, methods
+    from jaxpeft.bench import step
     from jaxpeft.errors import UserError
 
     try:
@@ -122,7 +119,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
-    peak = a.peak_tflops or (benchmark.matmul_peak_tflops() if dev.platform == "gpu" else 1.0)
+    peak = a.peak_tflops or (step.matmul_peak_tflops() if dev.platform == "gpu" else 1.0)
     print(f"# {dev.device_kind}: bf16 matmul {peak:.0f} TFLOP/s, compute {spec}", flush=True)
     wanted = [m for m in a.methods.split(",") if m]
     skipped = [m for m in wanted if m not in methods.REGISTRY]
@@ -154,11 +151,11 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         for method in meths:
             for batch, sp in [(b, sp) for b in ([] if a.no_ours else batches) for sp in specs]:
-                bc = benchmark.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, compute=sp,
+                bc = step.BenchConfig(size=size, method=method, batch=batch, seq=a.seq, compute=sp,
                                            steps=a.steps, repeats=a.repeats, peak_tflops=peak,
                                            dropout=a.dropout, mesh=a.mesh)
                 try:
-                    rec = {"framework": "jaxpeft", **benchmark.run(bc)}
+                    rec = {"framework": "jaxpeft", **step.run(bc)}
                 except Exception as e:  # record and go on (e.g. out of memory)
                     rec = {"framework": "jaxpeft", "size": size, "method": method, "batch": batch,
                            "seq": a.seq, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -168,12 +165,12 @@ def main(argv=None) -> int:
                     emit(peer(size, method, batch, a.seq, mode, a.steps, a.repeats, a.timeout))
             if a.capacity:
                 limit = (dev.memory_stats() or {}).get("bytes_limit")
-                cap = benchmark.predict_capacity(records, size, method, limit) if limit else None
+                cap = step.predict_capacity(records, size, method, limit) if limit else None
                 if cap:
                     emit(cap)
-    text = benchmark.markdown_report(
+    text = step.markdown_report(
         records, f"# Benchmark\n\n{dev.device_kind}, bf16 matmul {peak:.0f} TFLOP/s measured, compute "
-        f"`{benchmark.variant(spec.to_dict())}`, seq {a.seq}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+        f"`{step.variant(spec.to_dict())}`, seq {a.seq}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
     (out / "bench.md").write_text(text)
     print(text)
     print(f"# {time.time() - t0:.0f}s", flush=True)

@@ -4,7 +4,7 @@
 
 One frozen base model and K adapters of one method (BitFit, prompt tuning, P-tuning, prefix
 tuning, P-tuning v2), each with its own head. Every batch holds rows of several tasks; each row is
-computed under its own task's adapter (:func:`jaxpeft.multi_adapter.mixed_logits`: the adapters'
+computed under its own task's adapter (:func:`jaxpeft.adapters.mixed.mixed_logits`: the adapters'
 leaves stacked on a leading K axis, gathered per row, the model vmapped over the rows).
 
 * **Sampling.** Each row's task is drawn with probability proportional to the task's training
@@ -27,14 +27,14 @@ leaves stacked on a leading K axis, gathered per row, the model vmapped over the
 * **Evaluation** on each task's dev split(s), reported per task (``sst2/accuracy``,
   ``cola/matthews_correlation``, ...) and as ``average``, the mean of the tasks' main metrics,
   which ranks the checkpoints.
-* **Checkpoints and resume** as in single-task runs (:class:`jaxpeft.checkpoint.Checkpoints`: the
+* **Checkpoints and resume** as in single-task runs (:class:`jaxpeft.training.checkpoint.Checkpoints`: the
   stacked trainable leaves and their optimizer state; the same settings, tasks, sampling and data
   to resume).
 * **Export**: each task's adapter on its own, ``<output_dir>/adapters/<task>/``, a normal adapter
   folder (``jaxpeft-predict --adapter=DIR``; or all of them at once with
   ``--adapter=NAME=DIR ...``).
 
-Simpler than the single-task loop (:mod:`jaxpeft.trainer`): one device, a plain jitted step per
+Simpler than the single-task loop (:mod:`jaxpeft.training.trainer`): one device, a plain jitted step per
 batch (no scanned multi-step device calls), no packing, no learning-curve plot.
 """
 
@@ -53,28 +53,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpeft import adapters, data, fingerprint, masks, metrics, multi_adapter, optim, runtime, steps
-from jaxpeft.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
+from jaxpeft import masks, runtime
+from jaxpeft.adapters import folder, mixed
+from jaxpeft.data import batches, encoding
+from jaxpeft.tasks import glue, metrics
+from jaxpeft.models import fingerprint
+from jaxpeft.training import optim, steps
+from jaxpeft.training.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
 from jaxpeft.compute import EXACT
 from jaxpeft.config import TrainConfig
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import HEAD_PATTERN, module_pattern
 from jaxpeft.models.bert import BertForSequenceClassification, kernels_in_compute_dtype
 from jaxpeft.models.loading import init_params, load_classifier, param_shapes
-from jaxpeft.optim import grad_norm
+from jaxpeft.training.optim import grad_norm
 
 ADAPTERS_DIR = "adapters"
 #: the main metric of a multi-task run: the mean of the tasks' main metrics
 AVERAGE = "average"
-INDEX = multi_adapter.INDEX_KEY
+INDEX = mixed.INDEX_KEY
 
 
-def parse_tasks(text: str) -> list[data.GlueTask]:
+def parse_tasks(text: str) -> list[glue.GlueTask]:
     """``sst2,cola,mrpc`` -> the tasks (known, no repeats)."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty")
-    tasks = [data.get_task(n) for n in names]
+    tasks = [glue.get_task(n) for n in names]
     seen = set()
     for t in tasks:
         if t.name in seen:
@@ -100,12 +105,12 @@ def sampling_probs(sizes: Sequence[int], how: str = "proportional", temperature:
 # ----------------------------------------------------------------------------- batches
 
 
-def concat_encoded(parts: Sequence[data.Encoded]) -> tuple[data.Encoded, np.ndarray]:
-    """One :class:`~jaxpeft.data.Encoded` of all tasks' examples (labels float32 if any task is
+def concat_encoded(parts: Sequence[encoding.Encoded]) -> tuple[encoding.Encoded, np.ndarray]:
+    """One :class:`~jaxpeft.data.encoding.Encoded` of all tasks' examples (labels float32 if any task is
     regression) and each example's task."""
     labels = [p.labels for p in parts]
     dtype = np.float32 if any(lb.dtype.kind == "f" for lb in labels) else np.int32
-    enc = data.Encoded(np.concatenate([p.input_ids for p in parts]),
+    enc = encoding.Encoded(np.concatenate([p.input_ids for p in parts]),
                        np.concatenate([p.token_type_ids for p in parts]),
                        np.concatenate([p.lengths for p in parts]),
                        np.concatenate([lb.astype(dtype) for lb in labels]))
@@ -117,13 +122,13 @@ class TaskBatches:
 
     POOL = 50
 
-    def __init__(self, parts: Sequence[data.Encoded], batch_size: int, max_length: int, seed: int,
+    def __init__(self, parts: Sequence[encoding.Encoded], batch_size: int, max_length: int, seed: int,
                  probs: np.ndarray):
         self.data, self.task_of = concat_encoded(parts)
         self.sizes = [len(p) for p in parts]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.batch_size, self.seed, self.probs = batch_size, seed, np.asarray(probs)
-        self.buckets = data.length_buckets(max_length)
+        self.buckets = batches.length_buckets(max_length)
         self.steps_per_epoch = max(1, -(-len(self.data) // batch_size))
         self._counts: dict[int, np.ndarray] = {}      # rows drawn per task in each epoch
         self._cache: dict[int, list[np.ndarray]] = {}
@@ -174,17 +179,17 @@ class TaskBatches:
         return self._cache[epoch]
 
     def width(self, idx: np.ndarray) -> int:
-        return data.bucket_for(int(self.data.lengths[idx].max(initial=1)), self.buckets)
+        return batches.bucket_for(int(self.data.lengths[idx].max(initial=1)), self.buckets)
 
     def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        b = data.make_batch(self.data, idx, self.buckets)
+        b = batches.make_batch(self.data, idx, self.buckets)
         b[INDEX] = self.task_of[idx].astype(np.int32)
         return b
 
-    def eval_batches(self, k: int, enc: data.Encoded, batch_size: int):
+    def eval_batches(self, k: int, enc: encoding.Encoded, batch_size: int):
         """Every example of task ``k``'s ``enc`` once, routed to adapter ``k``."""
-        for idx in data.eval_order(enc.lengths, batch_size):
-            b = data.make_batch(enc, idx, self.buckets)
+        for idx in batches.eval_order(enc.lengths, batch_size):
+            b = batches.make_batch(enc, idx, self.buckets)
             b[INDEX] = np.full(len(idx), k, np.int32)
             yield b
 
@@ -235,7 +240,7 @@ def clip_per_task(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(o: Any, head_patterns: Sequence[str]) -> optax.GradientTransformation:
-    """:func:`jaxpeft.optim.make_optimizer` with the clipping done per task."""
+    """:func:`jaxpeft.training.optim.make_optimizer` with the clipping done per task."""
     inner = optim.make_optimizer(dataclasses.replace(o, max_grad_norm=0.0), head_patterns)
     return optax.chain(clip_per_task(o.max_grad_norm), inner) if o.max_grad_norm > 0 else inner
 
@@ -258,7 +263,7 @@ class MixedModel:
 
     def loss(self, trainable, frozen, inf_frozen, batch, rng):
         stacked = self.export(trainable, frozen)
-        logits = multi_adapter.mixed_logits(self.module, stacked, inf_frozen, batch, deterministic=rng is None,
+        logits = mixed.mixed_logits(self.module, stacked, inf_frozen, batch, deterministic=rng is None,
                                             rng=rng, leaf_dropout=self.leaf_dropout if rng is not None else None)
         return task_losses(logits, batch["labels"], batch["weights"], batch[INDEX], self.num_labels,
                            self.regression)
@@ -280,7 +285,7 @@ class MixedModel:
         return step
 
 
-def build_mixed(method: Any, config: Any, params: Any, tasks: Sequence[data.GlueTask], *, compute: Any = EXACT,
+def build_mixed(method: Any, config: Any, params: Any, tasks: Sequence[glue.GlueTask], *, compute: Any = EXACT,
                 pooling: str = "cls", modules_to_save: Sequence[str] = ()) -> tuple[MixedModel, Any]:
     """The mixed model of ``method`` for ``tasks`` and the frozen params of its inference classifier
     (``params``' base leaves; holes at the exported paths; matmul kernels in the compute dtype).
@@ -314,16 +319,16 @@ class MultiTaskTrainer:
     checkpoints: Checkpoints | None = None
 
     def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] = print, start: float | None = None):
-        from jaxpeft.trainer import check_output_dir
+        from jaxpeft.training.trainer import check_output_dir
 
         self.timers = runtime.Timers(start)
         self.cfg, self.echo = cfg, echo
         self.tasks = parse_tasks(cfg.tasks)
         self.method = cfg.method_obj()
         inference = self.method.for_inference()
-        if multi_adapter.family_of(inference.name) is None:
+        if mixed.family_of(inference.name) is None:
             raise UserError(f"--tasks: --method={cfg.method} cannot train several tasks in one batch; "
-                            f"these can: {multi_adapter.supported_methods()}")
+                            f"these can: {mixed.supported_methods()}")
         if cfg.data.packing:
             raise UserError("--tasks: --packing is not supported in multi-task runs")
         if cfg.head.pooling == "cosine":
@@ -341,8 +346,8 @@ class MultiTaskTrainer:
         with self.timers.section("data"):
             raw_train, raw_evals = [], []
             for t in self.tasks:
-                tr = data.load_split(t, "train", d.data_dir)
-                ev = {s: data.load_split(t, s, d.data_dir) for s in t.eval_splits}
+                tr = glue.load_split(t, "train", d.data_dir)
+                ev = {s: glue.load_split(t, s, d.data_dir) for s in t.eval_splits}
                 for s, ex in [("train", tr), *ev.items()]:
                     if ex.labels is None:
                         raise UserError(f"{ex.source}: split {s!r} has no labels")
@@ -369,8 +374,8 @@ class MultiTaskTrainer:
                 pooling=cfg.head.pooling, modules_to_save=self.modules_to_save)
         with self.timers.section("data"):
             tok = self.model.tokenizer
-            self.train_data = [data.encode_cached(tok, ex, d.max_seq_length) for ex in raw_train]
-            self.eval_data = [{s: data.encode_cached(tok, ex, d.max_seq_length) for s, ex in evs.items()}
+            self.train_data = [encoding.encode_cached(tok, ex, d.max_seq_length) for ex in raw_train]
+            self.eval_data = [{s: encoding.encode_cached(tok, ex, d.max_seq_length) for s, ex in evs.items()}
                               for evs in raw_evals]
             self.probs = sampling_probs([len(e) for e in self.train_data], cfg.task_sampling,
                                         cfg.sampling_temperature)
@@ -400,7 +405,7 @@ class MultiTaskTrainer:
         return max(1, math.ceil(o.num_epochs * self.batches.steps_per_epoch))
 
     def settings(self) -> dict[str, Any]:
-        from jaxpeft.trainer import trajectory_settings
+        from jaxpeft.training.trainer import trajectory_settings
 
         out = trajectory_settings(self.cfg, self.compute)
         out.update(tasks=",".join(t.name for t in self.tasks), task_sampling=self.cfg.task_sampling,
@@ -426,7 +431,7 @@ class MultiTaskTrainer:
         spe = self.batches.steps_per_epoch
         epoch, batch = divmod(step, spe)
         return {"epoch": epoch, "batch": batch, "steps_per_epoch": spe,
-                "batch_order_sha256": data.order_digest(self.batches.order(epoch)[batch:])}
+                "batch_order_sha256": batches.order_digest(self.batches.order(epoch)[batch:])}
 
     def evaluate(self, export_fn, predict_fn, trainable) -> dict[str, float]:
         stacked = export_fn(trainable, self.frozen)
@@ -443,7 +448,7 @@ class MultiTaskTrainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from jaxpeft.trainer import JsonLog
+        from jaxpeft.training.trainer import JsonLog
 
         cfg, timers, o = self.cfg, self.timers, self.cfg.optim
         names = [t.name for t in self.tasks]
@@ -468,7 +473,7 @@ class MultiTaskTrainer:
         xla = self.compute.compiler_options()
         step_jit = jax.jit(self.mixed.train_step(tx), donate_argnums=(0,), compiler_options=xla)
         export_fn = jax.jit(self.mixed.export, compiler_options=xla)
-        predict_fn = jax.jit(multi_adapter.make_mixed_predict_step(self.mixed.module), compiler_options=xla)
+        predict_fn = jax.jit(mixed.make_mixed_predict_step(self.mixed.module), compiler_options=xla)
         compiled: dict[int, Any] = {}
         jlog.write(event="start", config=self.config_record(), method_options=self.method.options(), tasks=names,
                    train_examples={n: len(e) for n, e in zip(names, self.train_data)},
@@ -588,7 +593,7 @@ class MultiTaskTrainer:
             flat = masks.flatten(masks.merge(own, self.frozen))
             for p in ("classifier/kernel", "classifier/bias"):
                 flat[p] = flat[p][..., :task.num_labels]
-            written = adapters.save_adapter(
+            written = folder.save_adapter(
                 self.out / ADAPTERS_DIR / task.name, masks.unflatten(flat, self.model.params), self.method, task, base_model=self.cfg.model,
                 fingerprint=self.fingerprint, max_seq_length=self.cfg.data.max_seq_length, compute=self.compute,
                 step=int(state.step), head=self.cfg.head)

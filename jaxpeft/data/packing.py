@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxpeft.data import Encoded
+from jaxpeft.data.encoding import Encoded
 
 #: examples packed together (best fit within a pool; larger pools fill rows a little better)
 POOL = 4096
@@ -98,7 +98,7 @@ def packed_batch(data: Encoded, ids: np.ndarray, length: int) -> dict[str, np.nd
 
 
 class PackedBatches:
-    """Training and evaluation batches of packed rows (the interface of ``data.BucketBatches``).
+    """Training and evaluation batches of packed rows (the interface of ``jaxpeft.data.batches.BucketBatches``).
 
     ``epochs``: how many epochs training will visit (their packings decide ``rows_per_step``);
     ``row_multiple``: ``rows_per_step`` is a multiple of it (the data-parallel device count).

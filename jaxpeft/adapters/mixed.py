@@ -1,5 +1,5 @@
 """Many adapters on one frozen base, each row of a batch routed to its own: serving K adapters in one
-batch, and the forward pass behind multi-task training (:mod:`jaxpeft.multitask`).
+batch, and the forward pass behind multi-task training (:mod:`jaxpeft.training.multitask`).
 
 A :class:`MultiAdapter` holds K adapters of one method *family* (:data:`FAMILIES`) loaded on one
 frozen base model. Each adapter's own leaves -- what its method trains and exports: BitFit's
@@ -50,9 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft import data, masks, steps
+from jaxpeft import masks
+from jaxpeft.data import batches, encoding
+from jaxpeft.tasks import glue
+from jaxpeft.training import steps
 from jaxpeft.errors import UserError
-from jaxpeft.fingerprint import same_base
+from jaxpeft.models.fingerprint import same_base
 
 #: the batch key that routes each row to its adapter
 INDEX_KEY = "adapter_index"
@@ -131,7 +134,7 @@ def mixed_logits(module: Any, stacked: dict[str, jax.Array], frozen: Any, batch:
 
 def make_mixed_predict_step(module: Any) -> Callable:
     """``predict(stacked, frozen, batch) -> logits [B, C]`` (no dropout); same calling convention
-    as :func:`jaxpeft.steps.make_predict_step`, so :func:`jaxpeft.steps.predict_logits` runs it."""
+    as :func:`jaxpeft.training.steps.make_predict_step`, so :func:`jaxpeft.training.steps.predict_logits` runs it."""
 
     def predict(stacked, frozen, batch):
         return mixed_logits(module, stacked, frozen, batch)
@@ -173,7 +176,7 @@ class MultiAdapter:
     names: tuple[str, ...]
     dirs: tuple[str, ...]
     family: Family
-    tasks: tuple[data.GlueTask, ...]
+    tasks: tuple[glue.GlueTask, ...]
     max_seq_lengths: tuple[int, ...]
     module: Any                       # the single-adapter classifier with the largest label count
     stacked: dict[str, jax.Array]     # {path: [K, ...]}
@@ -210,9 +213,9 @@ def is_named(value: str) -> bool:
 def check_configs(specs: Sequence[tuple[str, str]]) -> tuple[Family, list[dict]]:
     """Reads every adapter's ``adapter_config.json`` and checks, before any model is loaded, that
     they are one family, on one base model, with one pooling and the same virtual-token count."""
-    from jaxpeft import adapters
+    from jaxpeft.adapters import folder
 
-    configs = [adapters.read_adapter_config(d) for _, d in specs]
+    configs = [folder.read_adapter_config(d) for _, d in specs]
     families = []
     for (name, d), cfg in zip(specs, configs):
         fam = family_of(cfg["method"])
@@ -255,14 +258,14 @@ def load(specs: Sequence[tuple[str, str]], model: str | None = None, *, compute:
     kept); the stacked leaves are the union of what their methods train, so a leaf an adapter did
     not train holds the base's value.
     """
-    from jaxpeft import adapters
+    from jaxpeft.adapters import folder
 
     fam, configs = check_configs(specs)
     modules = tuple(configs[0].get("modules_to_save") or ())
     first, own, tasks = None, [], []
     base: dict[str, Any] = {}
     for _, d in specs:
-        loaded, params, method, task = adapters.load_adapter(d, model, compute=compute)
+        loaded, params, method, task = folder.load_adapter(d, model, compute=compute)
         flat = masks.flatten(params)
         own.append({p: flat[p] for p in masks.trainable_paths(method.mask(params, modules))})
         tasks.append(task)
@@ -296,7 +299,7 @@ class MixedRows:
     source: str
 
 
-def text_columns(task: data.GlueTask, header: Sequence[str]) -> list[int] | None:
+def text_columns(task: glue.GlueTask, header: Sequence[str]) -> list[int] | None:
     """Where ``task``'s texts are in ``header``: its GLUE file's column names, or the hub's
     (``sentence``; ``sentence1``/``sentence2``; ``question1``/``question2``; ...)."""
     names = task.tsv_texts if task.tsv_header else task.headed_texts
@@ -306,7 +309,7 @@ def text_columns(task: data.GlueTask, header: Sequence[str]) -> list[int] | None
     return None
 
 
-def read_mixed_tsv(path: str | Path, names: Sequence[str], tasks: Sequence[data.GlueTask]) -> MixedRows:
+def read_mixed_tsv(path: str | Path, names: Sequence[str], tasks: Sequence[glue.GlueTask]) -> MixedRows:
     """Reads a TSV whose header has an ``adapter`` column (each row's adapter, one of ``names``) and,
     for each adapter that has rows, its task's text columns (see :func:`text_columns`)."""
     path = Path(path)
@@ -348,7 +351,7 @@ def read_mixed_tsv(path: str | Path, names: Sequence[str], tasks: Sequence[data.
     return MixedRows(np.asarray(adapter, np.int32), texts, str(path))
 
 
-def encode_rows(tokenizer: Any, rows: MixedRows, lengths: Sequence[int]) -> data.Encoded:
+def encode_rows(tokenizer: Any, rows: MixedRows, lengths: Sequence[int]) -> encoding.Encoded:
     """Every row encoded as its own adapter would (its task's texts, its own ``max_seq_length``),
     padded to the longest length."""
     width = max(lengths[k] for k in set(rows.adapter.tolist()))
@@ -359,14 +362,14 @@ def encode_rows(tokenizer: Any, rows: MixedRows, lengths: Sequence[int]) -> data
     for k in sorted(set(rows.adapter.tolist())):
         sel = np.flatnonzero(rows.adapter == k)
         cols = tuple(list(c) for c in zip(*(rows.texts[i] for i in sel)))
-        enc = data.encode(tokenizer, data.Examples(cols, None, rows.source), lengths[k])
+        enc = encoding.encode(tokenizer, encoding.Examples(cols, None, rows.source), lengths[k])
         ids[sel, :lengths[k]] = enc.input_ids
         types[sel, :lengths[k]] = enc.token_type_ids
         lens[sel] = enc.lengths
     pad = getattr(tokenizer, "pad_token_id", 0) or 0
     if pad:
         ids[np.arange(width)[None, :] >= lens[:, None]] = pad
-    return data.Encoded(ids, types, lens, None)
+    return encoding.Encoded(ids, types, lens, None)
 
 
 def predict_rows(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | None = None,
@@ -380,16 +383,16 @@ def predict_rows(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | 
                         f"the model's {multi.loaded.config.max_position_embeddings} positions")
     enc = encode_rows(multi.loaded.tokenizer, rows, lengths)
     fn = jax.jit(make_mixed_predict_step(multi.module), compiler_options=multi.module.compute.compiler_options())
-    buckets = data.length_buckets(max(lengths))
+    buckets = batches.length_buckets(max(lengths))
     route = rows.adapter
 
-    def batches():
-        for idx in data.eval_order(enc.lengths, batch_size):
-            b = data.make_batch(enc, idx, buckets)
+    def routed_batches():
+        for idx in batches.eval_order(enc.lengths, batch_size):
+            b = batches.make_batch(enc, idx, buckets)
             b[INDEX_KEY] = np.where(idx >= 0, route[np.maximum(idx, 0)], 0).astype(np.int32)
             yield b
 
-    logits = steps.predict_logits(fn, multi.stacked, multi.frozen, batches(), len(enc))
+    logits = steps.predict_logits(fn, multi.stacked, multi.frozen, routed_batches(), len(enc))
     return [logits[i, :multi.tasks[k].num_labels] for i, k in enumerate(route)]
 
 
@@ -416,7 +419,8 @@ def prediction_rows(multi: MultiAdapter, rows: MixedRows, logits: Sequence[np.nd
 
 def predict_main(args: Any) -> int:
     """``jaxpeft-predict`` with several ``--adapter=NAME=DIR`` flags (``args``: its parsed flags)."""
-    from jaxpeft import adapters, compute
+    from jaxpeft import compute
+    from jaxpeft.adapters import folder
 
     if args.batch_size <= 0:
         raise UserError(f"--batch_size={args.batch_size}: must be > 0")
@@ -425,7 +429,7 @@ def predict_main(args: Any) -> int:
     specs = parse_specs(args.adapter)
     # every input is checked before the model loads
     _, configs = check_configs(specs)
-    tasks = [data.get_task(c["task"]) for c in configs]
+    tasks = [glue.get_task(c["task"]) for c in configs]
     if not args.input:
         raise UserError("several adapters: give --input=FILE.tsv whose 'adapter' column names each row's adapter")
     rows = read_mixed_tsv(args.input, [n for n, _ in specs], tasks)
@@ -435,7 +439,7 @@ def predict_main(args: Any) -> int:
     logits = predict_rows(multi, rows, max_seq_length=args.max_seq_length, batch_size=args.batch_size)
     header, out = prediction_rows(multi, rows, logits)
     if args.output:
-        adapters.write_tsv(args.output, header, out)
+        folder.write_tsv(args.output, header, out)
         print(f"{len(out)} predictions of {len(multi.names)} adapters written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in out))

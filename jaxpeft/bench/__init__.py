@@ -1,0 +1,1 @@
+"""Benchmarks of the train step (``jaxpeft-bench``) and the PyTorch + peft peer."""

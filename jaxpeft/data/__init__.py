@@ -1,0 +1,1 @@
+"""Generic data plumbing: tokenizing, encoded splits, length-bucketed and packed batches."""

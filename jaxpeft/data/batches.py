@@ -1,0 +1,158 @@
+"""Batches: a fixed number of rows and a length taken from a small set of buckets, so only a few
+shapes are ever compiled (:class:`BucketBatches`; packed rows of one shape are
+:class:`jaxpeft.data.packing.PackedBatches`). Rows that only fill up a batch have ``weights == 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from jaxpeft.data.encoding import Encoded
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``max_length``, then ``max_length`` itself."""
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    out.append(max_length)
+    return tuple(out)
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                pool_batches: int = 50) -> list[np.ndarray]:
+    """The training batches of one epoch as index arrays (``-1`` = filler), deterministic in
+    ``(seed, epoch)``.
+
+    Examples are shuffled, then sorted by length inside pools of ``pool_batches`` batches so a batch
+    holds similar lengths (less padding), then the batches are shuffled again. The last batch is
+    filled up with ``-1``.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    pool = batch_size * pool_batches
+    batches = []
+    for s in range(0, len(perm), pool):
+        chunk = perm[s:s + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        for b in range(0, len(chunk), batch_size):
+            batches.append(chunk[b:b + batch_size])
+    rng.shuffle(batches)
+    return [_fill(b, batch_size) for b in batches]
+
+def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches sorted by length (least padding); every example exactly once."""
+    order = np.argsort(lengths, kind="stable")
+    return [_fill(order[s:s + batch_size], batch_size) for s in range(0, len(order), batch_size)]
+
+def _fill(idx: np.ndarray, size: int) -> np.ndarray:
+    if len(idx) == size:
+        return idx
+    return np.concatenate([idx, np.full(size - len(idx), -1, idx.dtype)])
+
+def make_batch(data: Encoded, idx: np.ndarray, buckets: Sequence[int],
+               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Gathers rows ``idx`` (``-1`` = filler row) into a padded batch of one bucket length.
+
+    ``rows`` (positions in ``idx``) gathers only part of the batch, e.g. one process's share in a
+    multi-host run; the bucket length is still that of the whole batch, so all parts agree.
+    """
+    real = idx >= 0
+    safe = np.where(real, idx, 0)
+    width = bucket_for(int(data.lengths[safe][real].max(initial=1)), buckets)
+    if rows is not None:
+        idx, real, safe = idx[rows], real[rows], safe[rows]
+    ids = data.input_ids[safe, :width]
+    batch = {
+        "input_ids": np.where(real[:, None], ids, 0).astype(np.int32),
+        "token_type_ids": np.where(real[:, None], data.token_type_ids[safe, :width], 0).astype(np.int32),
+        "attention_mask": (np.arange(width)[None, :] < np.where(real, data.lengths[safe], 1)[:, None]
+                           ).astype(np.int32),
+        "weights": real.astype(np.float32),
+        "index": idx.astype(np.int32),
+    }
+    if data.labels is not None:
+        batch["labels"] = np.where(real, data.labels[safe], 0).astype(data.labels.dtype)
+    return batch
+
+def iterate(data: Encoded, order: list[np.ndarray], buckets: Sequence[int],
+            start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    for idx in order[start:]:
+        yield make_batch(data, idx, buckets)
+
+def in_runs(batches: list[np.ndarray], widths: Sequence[int], run: int, seed: int, epoch: int
+            ) -> list[np.ndarray]:
+    """``batches`` reordered into runs of up to ``run`` batches of one width, the runs shuffled:
+    consecutive steps then share a shape, so many of them go to the device in one call. Each run
+    keeps its batches' order; the result is deterministic in ``(seed, epoch)``."""
+    by_width: dict[int, list[np.ndarray]] = {}
+    for b, w in zip(batches, widths):
+        by_width.setdefault(int(w), []).append(b)
+    runs = [bs[i:i + run] for _, bs in sorted(by_width.items()) for i in range(0, len(bs), run)]
+    rng = np.random.default_rng([seed, epoch, 1])
+    return [b for i in rng.permutation(len(runs)) for b in runs[i]]
+
+def order_digest(items: Sequence[Any]) -> str | None:
+    """A short hash of a sequence of index arrays (the batches left in an epoch)."""
+    if not len(items):
+        return None
+    h = hashlib.sha256()
+    for a in items:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+class BucketBatches:
+    """Training and evaluation batches of ``batch_size`` examples, padded to a length bucket.
+
+    An epoch's batches (:func:`epoch_order`) come in runs of up to :attr:`RUN` batches of one
+    length (:func:`in_runs`), so that a run can go to the device as one call.
+    """
+
+    RUN = 32
+
+    def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int):
+        self.data, self.batch_size, self.seed = encoded, batch_size, seed
+        self.buckets = length_buckets(max_length)
+        self.steps_per_epoch = max(1, -(-len(encoded) // batch_size))
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def order(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's steps, each an index array of the examples of its batch (``-1``: filler)."""
+        if epoch not in self._cache:
+            batches = epoch_order(self.data.lengths, self.batch_size, self.seed, epoch)
+            self._cache = {epoch: in_runs(batches, [self.width(b) for b in batches], self.RUN,
+                                          self.seed, epoch)}
+        return self._cache[epoch]
+
+    def width(self, idx: np.ndarray) -> int:
+        real = idx[idx >= 0]
+        return bucket_for(int(self.data.lengths[real].max(initial=1)), self.buckets)
+
+    def batch(self, idx: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return make_batch(self.data, idx, self.buckets, rows)
+
+    def chunk(self, specs: Sequence[np.ndarray], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The batches of ``specs`` (all of one width) stacked on a leading step axis, built in
+        one pass: ``[len(specs), batch, ...]``."""
+        idx = np.stack(specs)
+        if rows is not None:
+            idx = idx[:, rows]
+        n, b = idx.shape
+        flat = make_batch(self.data, idx.reshape(-1), self.buckets)
+        return {k: v.reshape((n, b) + v.shape[1:]) for k, v in flat.items()}
+
+    def eval_batches(self, encoded: Encoded, batch_size: int,
+                     rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Every example of ``encoded`` once, sorted by length (least padding)."""
+        for idx in eval_order(encoded.lengths, batch_size):
+            yield make_batch(encoded, idx, self.buckets, rows)

@@ -1,0 +1,116 @@
+"""Raw text examples and their tokenized form, with an on-disk cache of tokenized splits.
+
+:func:`encode_cached` keys the cache by the texts, the tokenizer and the length, so a second run
+skips the tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+@dataclasses.dataclass
+class Examples:
+    """One split as raw text: ``texts`` is a tuple of 1 or 2 lists; labels are float for STS-B,
+    class ids otherwise, and ``None`` for unlabeled test splits."""
+
+    texts: tuple[list[str], ...]
+    labels: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts[0])
+
+    def take(self, n: int) -> "Examples":
+        labels = None if self.labels is None else self.labels[:n]
+        return Examples(tuple(t[:n] for t in self.texts), labels, self.source)
+
+@dataclasses.dataclass
+class Encoded:
+    """A tokenized split, right-padded to ``max_length``; ``lengths`` are the real token counts."""
+
+    input_ids: np.ndarray       # [N, max_length] int32
+    token_type_ids: np.ndarray  # [N, max_length] int32
+    lengths: np.ndarray         # [N] int32
+    labels: np.ndarray | None   # [N]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+def encode(tokenizer, examples: Examples, max_length: int, chunk: int = 4096) -> Encoded:
+    """Tokenizes with the fast tokenizer in chunks; pairs are truncated longest-first.
+    ``tokenizer``: a :class:`jaxpeft.tokenizing.Tokenizer` or a transformers tokenizer."""
+    if hasattr(tokenizer, "encode_arrays"):
+        ids, types, lengths = tokenizer.encode_arrays(examples.texts, max_length)
+        return Encoded(ids, types, lengths, examples.labels)
+    n = len(examples)
+    ids = np.zeros((n, max_length), np.int32)
+    types = np.zeros((n, max_length), np.int32)
+    lengths = np.zeros((n,), np.int32)
+    pad = tokenizer.pad_token_id or 0
+    for start in range(0, n, chunk):
+        parts = [t[start:start + chunk] for t in examples.texts]
+        enc = tokenizer(*parts, truncation=True, max_length=max_length, padding="max_length",
+                        return_tensors="np", return_token_type_ids=True, return_attention_mask=True)
+        sl = slice(start, start + len(parts[0]))
+        ids[sl] = enc["input_ids"]
+        types[sl] = enc["token_type_ids"]
+        lengths[sl] = enc["attention_mask"].sum(axis=1)
+    if pad != 0:
+        ids[np.arange(max_length)[None, :] >= lengths[:, None]] = pad
+    return Encoded(ids, types, lengths, examples.labels)
+
+def _tokenizer_digest(tokenizer) -> str:
+    """What identifies a tokenizer's output: its files, or its vocabulary and settings."""
+    if hasattr(tokenizer, "digest"):
+        return tokenizer.digest()
+    h = hashlib.sha256()
+    try:
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+    except Exception:  # noqa: BLE001 -- a slow tokenizer: its vocabulary and class
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()[:16]
+
+def cache_dir() -> Path | None:
+    """Where tokenized splits are cached: ``$JAXPEFT_DATA_CACHE`` (``off``: nowhere), else
+    ``~/.cache/jaxpeft/data`` (``$XDG_CACHE_HOME`` honoured)."""
+    v = os.environ.get("JAXPEFT_DATA_CACHE")
+    if v is not None:
+        return None if v.strip().lower() in ("", "off", "0", "none") else Path(v).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "jaxpeft" / "data"
+
+def encode_cached(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    """:func:`encode` through an on-disk cache keyed by the texts, labels, tokenizer and length.
+
+    The key hashes the examples themselves (not a file name), so an edited file never reads a stale
+    entry. A cache that cannot be written is skipped silently.
+    """
+    root = cache_dir()
+    if root is None:
+        return encode(tokenizer, examples, max_length)
+    h = hashlib.sha256(f"{max_length}|{_tokenizer_digest(tokenizer)}|{len(examples)}".encode())
+    for col in examples.texts:
+        h.update("\x1f".join(col).encode("utf-8", "surrogatepass"))
+        h.update(b"\x1e")
+    path = root / f"{h.hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return Encoded(z["input_ids"], z["token_type_ids"], z["lengths"], examples.labels)
+        except Exception:  # noqa: BLE001 -- a damaged entry: tokenize again
+            pass
+    enc = encode(tokenizer, examples, max_length)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
+        np.savez(tmp, input_ids=enc.input_ids, token_type_ids=enc.token_type_ids, lengths=enc.lengths)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return enc

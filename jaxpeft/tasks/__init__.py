@@ -1,0 +1,1 @@
+"""Tasks: what is read, the head, the loss, the metrics and the output of each task kind."""

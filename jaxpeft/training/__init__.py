@@ -1,0 +1,1 @@
+"""Training: the pure steps, the one host loop, optimizer, checkpoints, devices."""
