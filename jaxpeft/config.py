@@ -8,8 +8,12 @@ declared once with :func:`jaxpeft.options.option` (help and check) and is one co
 (``--learning_rate=3e-4``, ``--no-progress``, ``--dtype=bfloat16``, ``--num_virtual_tokens=10``).
 
 A config file is Python with ``get_config(task: str) -> dict`` (big_vision style) whose keys are
-flag names. Each registered method has one, shipped in the package (``jaxpeft/configs/``);
-``--config=FILE`` takes another.
+flag names. A method may have one, shipped in the package (``jaxpeft/configs/``); ``--config=FILE``
+takes another.
+
+Which settings a resumed run must share with its checkpoint is declared with each field
+(``resume=False`` in its :func:`~jaxpeft.options.option` for those that do not change what the steps
+compute: where results go, logging, devices); :meth:`TrainConfig.resume_settings` collects them.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ import argparse
 import dataclasses
 import importlib.resources
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from jaxpeft import compute as compute_lib
 from jaxpeft import methods, options
 from jaxpeft.errors import UserError
-from jaxpeft.models.bert import POOLINGS
+from jaxpeft.models.heads import POOLINGS
 from jaxpeft.models.hf_weights import DEFAULT_MODEL
 from jaxpeft.options import at_least, in_range, non_negative, option, positive
 
@@ -56,12 +59,28 @@ class Optim:
 class Data:
     """What is read and how it is batched."""
 
-    data_dir: str | None = option(None, "local GLUE folder (SST-2/train.tsv, ...); default: $GLUE_DIR, "
-                                  "else the hub's nyu-mll/glue")
+    data_dir: str | None = option(None, "local folder of a named task's data (GLUE: SST-2/train.tsv, ...; "
+                                  "pos: UD_English-EWT/; ner: eng.train ...; squad: dev-v1.1.json); default: "
+                                  "$GLUE_DIR for GLUE, else the hub", resume=False)
+    train_file: str | None = option(None, "your own training data: CSV, TSV, JSON or JSON Lines (tagging: "
+                                    "CoNLL columns or JSON tokens/tags; QA: SQuAD JSON)", resume=False)
+    validation_file: str | None = option(None, "your own validation data (default: a seeded "
+                                         "--validation_fraction of --train_file)", resume=False)
+    test_file: str | None = option(None, "your own test data (predicted at the end, labels optional)", resume=False)
+    text_columns: str | None = option(None, "the text column, or two comma-separated for pairs (default: "
+                                      "'text', or 'sentence1,sentence2')")
+    label_column: str = option("label", "the label column of your own data")
+    task_type: str = option("auto", "your own data's task: auto (classification or regression from the "
+                            "labels), classification, regression, tagging, qa",
+                            choices=("auto", "classification", "regression", "tagging", "qa"))
+    dataset: str | None = option(None, "NAME[:CONFIG] of a Hugging Face dataset (or a local dataset folder) "
+                                 "holding your own data", resume=False)
+    validation_fraction: float = option(0.1, "share of --train_file held out for validation when no "
+                                        "--validation_file is given", in_range(0, 1, hi_open=True))
     max_seq_length: int = option(128, "tokens per example, [CLS] and [SEP] included", at_least(8))
     max_train_examples: int = option(0, "use only the first N training examples (0: all)", non_negative)
     max_eval_examples: int = option(0, "use only the first N dev examples (0: all)", non_negative)
-    eval_batch_size: int = option(128, "examples per prediction batch", positive)
+    eval_batch_size: int = option(128, "examples per prediction batch", positive, resume=False)
     packing: bool = option(False, "pack several examples into each row (one compiled shape, no padding "
                                   "computed); full, frozen, bitfit, prefix, ptuning_v2, lora, adapter")
 
@@ -134,19 +153,24 @@ class Devices:
 
 #: group name -> dataclass; each field of each group is one flag
 GROUPS: dict[str, type] = {"optim": Optim, "data": Data, "head": Head, "run": Run, "devices": Devices}
+#: groups whose settings a resumed run may change (where results go, logging, devices)
+NOT_RESUMED = ("run", "devices")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     method: str = option("bitfit", f"PEFT method: {', '.join(methods.REGISTRY)}")
-    task: str = option("sst2", "GLUE task")
-    model: str = option(DEFAULT_MODEL, "hub id or local folder of a BERT checkpoint")
-    config: str | None = option(None, "config file with get_config(task) (default: the method's own)")
+    task: str = option("sst2", "the task: a GLUE task (sst2, cola, mrpc, stsb, qqp, mnli, qnli, rte, wnli), pos, "
+                       "ner, squad, or with your own files (--train_file) a name for them")
+    model: str = option(DEFAULT_MODEL, "hub id or local folder of an encoder checkpoint", resume=False)
+    config: str | None = option(None, "config file with get_config(task) (default: the method's own)",
+                                resume=False)
     random_init: bool = option(False, "the model's shape from config.json with random weights (benchmarks)")
     compute: str = option("auto", "how to compute: auto (the fastest path here), exact (float32, "
-                          "transformers' math), fast (bfloat16 + our GPU kernels)", choices=compute_lib.PRESETS)
-    tasks: str | None = option(None, "comma list of GLUE tasks to train at once, one adapter each, in mixed "
-                               "batches (jaxpeft.training.multitask; the method's defaults are its first task's)")
+                          "transformers' math), fast (bfloat16 + our GPU kernels)", choices=compute_lib.PRESETS,
+                          resume=False)
+    tasks: str | None = option(None, "comma list of tasks to train at once, one adapter each, in mixed batches, "
+                               "each with its own config's rate, epochs and length (jaxpeft.training.multitask)")
     task_sampling: str = option("proportional", "how --tasks share a batch: proportional (to each task's "
                                 "training examples) or temperature (to size^(1/sampling_temperature))",
                                 choices=("proportional", "temperature"))
@@ -191,6 +215,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_flat()
+
+    def resume_settings(self, compute: compute_lib.Compute) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint: every field not declared
+        ``resume=False`` (nor in a group of :data:`NOT_RESUMED`), and the compute fields that change
+        the trajectory."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name in _TOP and f.metadata.get("resume", True)}
+        for g in GROUPS:
+            if g in NOT_RESUMED:
+                continue
+            group = getattr(self, g)
+            out.update({f.name: getattr(group, f.name) for f in dataclasses.fields(group)
+                        if f.metadata.get("resume", True)})
+        out.update(compute.trajectory())
+        return out
 
 
 _TOP = ("method", "task", "model", "config", "random_init", "compute", "tasks", "task_sampling",
@@ -246,14 +285,12 @@ def from_flat(values: Mapping[str, Any]) -> TrainConfig:
 
 
 def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
-    """Calls ``get_config(task)`` of a Python config file. The file's folder is importable while it
-    loads, so a config can import a module beside it."""
+    """Calls ``get_config(task)`` of a Python config file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     spec = importlib.util.spec_from_file_location(f"jaxpeft_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.resolve().parent))
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         values = dict(module.get_config(task))
@@ -261,40 +298,68 @@ def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
         raise
     except Exception as e:
         raise UserError(f"config file {path}: {type(e).__name__}: {e}") from None
-    finally:
-        sys.path.remove(str(path.resolve().parent))
     return values
 
 
-def method_config_file(method: str) -> Path:
-    """The method's config shipped in the package (``jaxpeft/configs/<method>.py``)."""
+def method_config_file(method: str) -> Path | None:
+    """The method's config shipped in the package (``jaxpeft/configs/<method>.py``), if it has one."""
     p = Path(str(importlib.resources.files("jaxpeft.configs").joinpath(f"{method}.py")))
-    if not p.is_file():
-        raise UserError(f"method {method!r} has no config file (jaxpeft/configs/{method}.py): the "
-                        "package is incomplete")
-    return p
+    return p if p.is_file() else None
+
+
+def config_values(method: str, task: str, path: str | Path | None = None) -> dict[str, Any]:
+    """What the config (``path``, else the method's own) says for ``task``: flag name -> value; a
+    method without a config runs on the library defaults and its kind's schedule."""
+    from jaxpeft import configs
+
+    path = path or method_config_file(method)
+    if path is None:
+        return configs.for_task(task, methods.REGISTRY[method].schedule, {})
+    values = dict(load_config_file(path, task))
+    values["config"] = str(path)
+    return values
 
 
 def build(overrides: Mapping[str, Any]) -> TrainConfig:
     """Defaults < the method's config file for the task < ``overrides`` (e.g. parsed CLI flags)."""
-    method = overrides.get("method", "bitfit")
+    method = methods.ALIASES.get(overrides.get("method", "bitfit"), overrides.get("method", "bitfit"))
     task = overrides.get("task") or (overrides.get("tasks") or "sst2").split(",")[0].strip() or "sst2"
     if method not in methods.REGISTRY:
         raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")
-    path = overrides.get("config") or method_config_file(method)
-    values: dict[str, Any] = dict(load_config_file(path, task))
-    values["config"] = str(path)
-    if overrides.get("tasks"):   # a config's packing and cosine read-out are for its single-task runs
-        values.pop("packing", None)
-        if values.get("pooling") == "cosine":
-            values.pop("pooling")
+    values = config_values(method, task, overrides.get("config"))
+    if overrides.get("tasks"):   # each task's own values come from task_configs(); these are the first's
+        for k in MULTITASK_PER_TASK + ("packing", "pooling"):
+            values.pop(k, None)
     # a config file's keys must exist (here or in some method) like flags do
     try:
         from_flat({**values, "method": method})
     except UserError as e:
-        raise UserError(f"config file {path}: {e}") from None
+        raise UserError(f"config file {values.get('config')}: {e}") from None
     values.update(overrides)
-    return from_flat(values)
+    values["method"] = method
+    cfg = from_flat(values)
+    cfg.given = dict(overrides)   # what the caller set (a multi-task run applies these to every task)
+    return cfg
+
+
+#: What each task of a multi-task run takes from its own config (the rest is shared).
+MULTITASK_PER_TASK = ("learning_rate", "head_learning_rate", "num_epochs", "max_seq_length")
+
+
+def task_configs(cfg: TrainConfig, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """For a multi-task run: each task's own values of :data:`MULTITASK_PER_TASK` from its config,
+    where the caller set none (what the caller set applies to every task)."""
+    flags = getattr(cfg, "given", {})
+    out = {}
+    for name in names:
+        values = config_values(cfg.method, name, cfg.config if cfg.config and "jaxpeft/configs" not in cfg.config
+                               else None)
+        own = {}
+        for k in MULTITASK_PER_TASK:
+            group = next(g for g in ("optim", "data") if hasattr(getattr(cfg, g), k))
+            own[k] = flags[k] if k in flags else values.get(k, getattr(GROUPS[group](), k))
+        out[name] = own
+    return out
 
 
 # ----------------------------------------------------------------------------- the command line

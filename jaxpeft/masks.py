@@ -24,7 +24,6 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -172,23 +171,26 @@ def match(params: PyTree, include: Patterns = None, exclude: Patterns = None, *,
     return mask
 
 
-def _canonical_term(term: str) -> str:
+def _canonical_term(term: str, table: Mapping[str, str] | None = None) -> str:
+    table = BERT_BIAS_TERMS if table is None else table
     t = term.strip()
     t = BITFIT_ALIASES.get(t.lower(), t)
-    if t not in BERT_BIAS_TERMS:
-        raise MaskError(f"unknown BitFit term {term!r}; known terms: {', '.join(BERT_BIAS_TERMS)} "
-                        f"(or {', '.join(BITFIT_ALIASES)})")
+    if t not in table:
+        raise MaskError(f"unknown BitFit term {term!r}; known terms: {', '.join(table)} "
+                        f"(or {', '.join(a for a, n in BITFIT_ALIASES.items() if n in table)})")
     return t
 
 
-def bitfit(params: PyTree, terms: str | Sequence[str] | None = None) -> PyTree:
+def bitfit(params: PyTree, terms: str | Sequence[str] | None = None,
+           table: Mapping[str, str] | None = None) -> PyTree:
     """BitFit mask: bias terms train, everything else is frozen.
 
     ``terms=None`` selects every leaf named ``bias`` (works on any model). Otherwise ``terms`` is a
     list (or comma-separated string) of BERT bias terms from :data:`BERT_BIAS_TERMS` -- ``query,
     key, value, attention_output, attention_layernorm, intermediate, output, output_layernorm`` --
-    or the paper's names (``b_q`` ... ``b_ln2``). A term that matches no leaf raises
-    :class:`MaskError`, as does a model with no bias at all.
+    or the paper's names (``b_q`` ... ``b_ln2``); ``table`` gives another architecture's terms
+    (term -> regex). A term that matches no leaf raises :class:`MaskError`, as does a model with no
+    bias at all.
 
     >>> import numpy as np
     >>> layer = {"attention": {"self": {"query": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)},
@@ -209,14 +211,15 @@ def bitfit(params: PyTree, terms: str | Sequence[str] | None = None) -> PyTree:
         terms = [t for t in terms.split(",") if t.strip()]
     if not terms:
         raise MaskError("BitFit: empty list of bias terms")
-    names = [_canonical_term(t) for t in terms]
+    table = BERT_BIAS_TERMS if table is None else table
+    names = [_canonical_term(t, table) for t in terms]
     all_paths = paths(params)
     for name in names:
-        rx = re.compile(BERT_BIAS_TERMS[name])
+        rx = re.compile(table[name])
         if not any(rx.search(p) for p in all_paths):
             raise MaskError(f"BitFit term {name!r} matches no parameter of this model "
-                            f"(pattern {BERT_BIAS_TERMS[name]!r}; paths look like {all_paths[:2]})")
-    return match(params, include=[BERT_BIAS_TERMS[n] for n in names])
+                            f"(pattern {table[name]!r}; paths look like {all_paths[:2]})")
+    return match(params, include=[table[n] for n in names])
 
 
 # ----------------------------------------------------------------------------- algebra

@@ -112,3 +112,16 @@ class Timers:
         out = {f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()}
         out["wall_seconds"] = round(self.elapsed(), 4)
         return out
+
+
+def peak_memory() -> int | None:
+    """The most memory the first local device held at once so far (bytes), where the platform
+    reports it (GPUs, TPUs; not the CPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 -- not every backend has memory statistics
+        return None
+    if not stats:
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else int(peak)

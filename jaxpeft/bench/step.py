@@ -1,9 +1,9 @@
 """Train-step benchmarks: step time, throughput, peak memory, compile time, FLOPs and MFU.
 
 One configuration = (model size, method, batch, sequence length). The step benchmarked is the
-library's own (:func:`jaxpeft.training.steps.make_train_step`, jitted with donated state) on random-init
-weights of the model's shape and random token ids with every position real, so numbers compare
-with the PyTorch peer in ``jaxpeft.bench.peer`` on the same shapes.
+library's own (:func:`jaxpeft.training.steps.make_train_step` on the task model's loss, jitted with
+donated state) on random-init weights of the model's shape and random token ids with every
+position real, so numbers compare with the PyTorch peer in ``jaxpeft.bench.peer`` on the same shapes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import masks, methods, runtime
-from jaxpeft.training import optim, steps
 from jaxpeft.compute import Compute
 from jaxpeft.config import Optim
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
+from jaxpeft.models.bert import FAMILY as BERT
+from jaxpeft.models.bert import BertConfig
+from jaxpeft.models.heads import Head, head_modules
+from jaxpeft.models.loading import build_module, frozen_in_dtype
+from jaxpeft.tasks.base import sequence_loss
+from jaxpeft.training import optim, steps
 
 SIZES: dict[str, BertConfig] = {
     "base": BertConfig(),  # bert-base-uncased
@@ -40,9 +44,6 @@ def method_options(method: str) -> dict:
     """:data:`METHOD_OPTIONS` that ``method`` takes."""
     fields = {f.name for f in dataclasses.fields(methods.REGISTRY[method])}
     return {k: v for k, v in METHOD_OPTIONS.items() if k in fields}
-#: Methods that add ``num_virtual_tokens`` positions to the input / to the keys.
-INPUT_PROMPT_METHODS = ("prompt", "ptuning")
-PREFIX_METHODS = ("prefix", "ptuning_v2")
 
 
 @dataclasses.dataclass
@@ -73,15 +74,12 @@ def analytic_flops(cfg: BertConfig, method: str, batch: int, seq: int, virtual: 
     3x for attention (its backward has no weights); Frozen (head only) is forward only.
     """
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    t = seq + (virtual if method in INPUT_PROMPT_METHODS else 0)   # query length
-    s = t + (virtual if method in PREFIX_METHODS else 0)            # key length
+    m = methods.create(method, method_options(method))
+    t = seq + (0 if m.extra_keys() else m.extra_positions())   # query length (virtual tokens)
+    s = t + m.extra_keys()                                      # key length (prefixes)
     proj = 2.0 * batch * t * (4 * h * h + 2 * h * i) * n
     attn = 4.0 * batch * t * s * h * n
-    if method == "full":
-        return 3 * (proj + attn)
-    if method == "frozen":
-        return proj + attn
-    return 2 * proj + 3 * attn
+    return m.train_flops(proj, attn)
 
 
 def _random_batch(cfg: BertConfig, batch: int, seq: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -130,8 +128,8 @@ def build_step(bc: BenchConfig):
     if bc.dropout is not None:
         cfg = cfg.replace(hidden_dropout_prob=bc.dropout, attention_probs_dropout_prob=bc.dropout)
     method = methods.create(bc.method, method_options(bc.method))
-    module = BertForSequenceClassification(cfg, num_labels=2, adapter=method.adapter(cfg), compute=bc.compute,
-                                           extras=method.extras(cfg))
+    head = Head("sequence", 2)
+    module = build_module(BERT, cfg, head, method, bc.compute)
     dummy = _random_batch(cfg, 1, 8)
     plan = sharding.create_plan(bc.mesh or "data:1", devices=None if bc.mesh else jax.devices()[:1])
     plan.check_batch_size(bc.batch)
@@ -140,16 +138,17 @@ def build_step(bc: BenchConfig):
         return module.init(r, dummy["input_ids"], dummy["attention_mask"], dummy["token_type_ids"])["params"]
 
     params, _ = plan.init(init, jax.random.key(0), shardings=plan.tree_shardings)
-    mask = method.mask(params)
+    mask = method.mask(params, BERT, head_modules(BERT, head))
     counts = masks.count(params, mask)
     tx = optim.make_optimizer(Optim(learning_rate=1e-4))
     trainable, frozen = masks.split(params, mask)
-    frozen = kernels_in_compute_dtype(frozen, bc.compute)   # as the Trainer keeps them
+    frozen = frozen_in_dtype(frozen, bc.compute.dtype, BERT.prefix)   # as a run keeps them
     state, state_sh = plan.init(lambda t: steps.init_state(t, tx, 0), trainable, shardings=plan.state_shardings)
     frozen_sh = plan.tree_shardings(frozen)
     del params, trainable
     batch = plan.global_batch({k: np.asarray(v) for k, v in _random_batch(cfg, bc.batch, bc.seq).items()})
-    step = plan.jit_train_step(steps.make_train_step(module, tx, regression=False), state_sh, frozen_sh,
+    loss = steps.model_loss(module, lambda logits, b: sequence_loss(logits, b["labels"], b["weights"], False))
+    step = plan.jit_train_step(steps.make_train_step(loss, tx), state_sh, frozen_sh,
                                compiler_options=bc.compute.compiler_options())
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch, np.float32(1e-4)).compile()

@@ -37,7 +37,7 @@ def guarded(main: Callable[[], int]) -> int:
         return 130
 
 
-TRAIN_DOC = """Fine-tune a BERT encoder on a GLUE task with a PEFT method.
+TRAIN_DOC = """Fine-tune an encoder on a task with a PEFT method.
 
     jaxpeft-train --method=bitfit --task=sst2
     jaxpeft-train --method=bitfit --bitfit_terms=query,intermediate --task=rte
@@ -51,15 +51,14 @@ overrides them. --compute=auto (the default) takes the fastest path on this plat
 
 def train(argv: Sequence[str] | None = None) -> int:
     from jaxpeft import config
-    from jaxpeft.training import trainer
+    from jaxpeft.training import loop
 
     cfg = config.parse_args(argv, description=TRAIN_DOC)
     if cfg.tasks:   # several tasks, one adapter each, in mixed batches
-        from jaxpeft.training import multitask
-
-        multitask.run(cfg, start=_START)
-        return 0
-    trainer.run(cfg, start=_START)
+        from jaxpeft.training.multitask import MultiTask as Job
+    else:
+        from jaxpeft.training.single import SingleTask as Job
+    loop.run(Job(cfg, start=_START))
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from jaxpeft.data.encoding import Encoded
+from jaxpeft.data.encoding import IGNORE, Encoded
 
 def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from ``smallest`` below ``max_length``, then ``max_length`` itself."""
@@ -80,8 +80,18 @@ def make_batch(data: Encoded, idx: np.ndarray, buckets: Sequence[int],
         "index": idx.astype(np.int32),
     }
     if data.labels is not None:
-        batch["labels"] = np.where(real, data.labels[safe], 0).astype(data.labels.dtype)
+        batch["labels"] = _rows(data.labels, safe, real, width, 0 if data.labels.ndim == 1 else IGNORE)
+    for k, v in data.extra.items():
+        batch[k] = _rows(v, safe, real, width, 0)
     return batch
+
+
+def _rows(a: np.ndarray, safe: np.ndarray, real: np.ndarray, width: int, fill: int | float) -> np.ndarray:
+    """Rows ``safe`` of a per-row (``[N]``) or per-token (``[N, L]``, cut to ``width``) array, with
+    ``fill`` in filler rows."""
+    if a.ndim == 1:
+        return np.where(real, a[safe], fill).astype(a.dtype)
+    return np.where(real[:, None], a[safe, :width], fill).astype(a.dtype)
 
 def iterate(data: Encoded, order: list[np.ndarray], buckets: Sequence[int],
             start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -119,12 +129,18 @@ class BucketBatches:
     """
 
     RUN = 32
+    #: the most consecutive steps of one shape (one device call)
+    run_length = RUN
 
     def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int):
         self.data, self.batch_size, self.seed = encoded, batch_size, seed
         self.buckets = length_buckets(max_length)
         self.steps_per_epoch = max(1, -(-len(encoded) // batch_size))
         self._cache: dict[int, list[np.ndarray]] = {}
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps of ``epoch`` (the same in every epoch)."""
+        return self.steps_per_epoch
 
     def order(self, epoch: int) -> list[np.ndarray]:
         """The epoch's steps, each an index array of the examples of its batch (``-1``: filler)."""

@@ -10,8 +10,13 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+#: the label of a position no loss reads (later sub-words, special tokens, padding), as transformers'
+IGNORE = -100
+
 
 @dataclasses.dataclass
 class Examples:
@@ -31,15 +36,34 @@ class Examples:
 
 @dataclasses.dataclass
 class Encoded:
-    """A tokenized split, right-padded to ``max_length``; ``lengths`` are the real token counts."""
+    """A tokenized split, right-padded to ``max_length``; ``lengths`` are the real token counts.
+
+    ``labels``: one per row (``[N]``: class ids or values) or one per token (``[N, max_length]``,
+    :data:`IGNORE` where no loss reads). ``extra``: more per-row arrays that go into batches with
+    the row (a span's ``start_positions``, ``end_positions``). ``host``: what the task keeps to
+    decode predictions (which example a window is of, token offsets), never sent to a device.
+    """
 
     input_ids: np.ndarray       # [N, max_length] int32
     token_type_ids: np.ndarray  # [N, max_length] int32
     lengths: np.ndarray         # [N] int32
-    labels: np.ndarray | None   # [N]
+    labels: np.ndarray | None   # [N] or [N, max_length]
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    host: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def rows(self, idx: np.ndarray) -> "Encoded":
+        """The rows ``idx`` (host data of row-aligned arrays kept)."""
+        host = {k: (v[idx] if isinstance(v, np.ndarray) and len(v) == len(self) else v) for k, v in self.host.items()}
+        return Encoded(self.input_ids[idx], self.token_type_ids[idx], self.lengths[idx],
+                       None if self.labels is None else self.labels[idx],
+                       {k: v[idx] for k, v in self.extra.items()}, host)
 
 def encode(tokenizer, examples: Examples, max_length: int, chunk: int = 4096) -> Encoded:
     """Tokenizes with the fast tokenizer in chunks; pairs are truncated longest-first.

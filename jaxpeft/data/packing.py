@@ -6,11 +6,12 @@ for the unused tail) make its tokens attend only to each other (``jaxpeft.models
 and the head reads each example's ``[CLS]`` at ``read_positions``. So a packed example's logits
 equal its logits alone (``tests/test_packing.py``).
 
-Training keeps the unpacked schedule: an epoch still has ``ceil(examples / batch_size)`` steps,
-and its examples (shuffled by ``(seed, epoch)``) are packed best-fit-decreasing within pools, the
-rows shuffled and dealt out ``rows_per_step`` at a time. ``rows_per_step`` is the fewest rows that
-hold every epoch's packing in that many steps, so a step holds ``batch_size`` examples on average
-(not exactly: the loss is the mean over the examples it holds).
+An epoch's examples (shuffled by ``(seed, epoch)``) are packed best-fit-decreasing within pools,
+the rows shuffled and dealt out ``rows_per_step`` at a time. ``rows_per_step`` is the fewest rows
+that hold every planned epoch's packing in ``ceil(examples / batch_size)`` steps, so a step holds
+about ``batch_size`` examples (not exactly: the loss is the mean over the examples it holds). An
+epoch has as many steps as its rows fill -- no step without examples -- so epochs may differ by a
+step or two (:meth:`PackedBatches.epoch_steps`), and the schedule follows.
 
 A step is given by an ``[R, K]`` array of example ids (``-1``: an empty slot), its rows' examples
 in order: the array alone says where every token goes (:func:`packed_batch`).
@@ -23,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxpeft.data.encoding import Encoded
+from jaxpeft.data.encoding import IGNORE, Encoded
 
 #: examples packed together (best fit within a pool; larger pools fill rows a little better)
 POOL = 4096
@@ -92,8 +93,12 @@ def packed_batch(data: Encoded, ids: np.ndarray, length: int) -> dict[str, np.nd
     batch = {"input_ids": input_ids, "token_type_ids": types, "position_ids": positions,
              "segment_ids": segments, "read_positions": np.where(real, offsets, 0).astype(np.int32),
              "weights": real.astype(np.float32), "index": np.where(real, ids, -1).astype(np.int32)}
-    if data.labels is not None:
+    if data.labels is not None and data.labels.ndim == 1:
         batch["labels"] = np.where(real, data.labels[safe], 0).astype(data.labels.dtype)
+    elif data.labels is not None:   # per token: each example's labels at its own tokens
+        labels = np.full((r, length), IGNORE, data.labels.dtype)
+        labels[row_of, col] = data.labels[src, pos]
+        batch["labels"] = labels
     return batch
 
 
@@ -103,6 +108,9 @@ class PackedBatches:
     ``epochs``: how many epochs training will visit (their packings decide ``rows_per_step``);
     ``row_multiple``: ``rows_per_step`` is a multiple of it (the data-parallel device count).
     """
+
+    #: every step has one shape: a device call may hold any number of them
+    run_length = 1 << 30
 
     def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int, epochs: int,
                  row_multiple: int = 1):
@@ -115,6 +123,16 @@ class PackedBatches:
         self.slots = max(len(r) for rows in self._rows.values() for r in rows)
         self._cache: dict[int, list[np.ndarray]] = {}
 
+    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+        rows = self._rows.get(epoch)
+        if rows is None:     # beyond the epochs planned for (e.g. a longer resumed run)
+            rows = self._rows[epoch] = self._pack_epoch(epoch)
+        return rows
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps of ``epoch``: as many as its packed rows fill, ``rows_per_step`` at a time."""
+        return max(1, -(-len(self._epoch_rows(epoch)) // self.rows_per_step))
+
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
         rows = pack_rows(self.data.lengths, perm, self.length)
@@ -124,16 +142,15 @@ class PackedBatches:
     def order(self, epoch: int) -> list[np.ndarray]:
         """The epoch's steps, each ``[rows_per_step, slots]`` example ids."""
         if epoch not in self._cache:
-            rows = self._rows.get(epoch)
-            if rows is None:     # beyond the epochs planned for (e.g. a longer resumed run)
-                rows = self._pack_epoch(epoch)
-            r = self.rows_per_step
-            if len(rows) > r * self.steps_per_epoch:
-                raise ValueError(f"epoch {epoch} packs into {len(rows)} rows, more than "
-                                 f"{self.steps_per_epoch} steps of {r}")
-            table = rows_to_slots(rows, self.slots)
-            pad = np.full((r * self.steps_per_epoch - len(rows), self.slots), -1, np.int32)
-            table = np.concatenate([table, pad]).reshape(self.steps_per_epoch, r, self.slots)
+            rows = self._epoch_rows(epoch)
+            r, n = self.rows_per_step, self.epoch_steps(epoch)
+            slots = max(self.slots, max(map(len, rows)))
+            table = rows_to_slots(rows, slots)[:, :self.slots] if slots == self.slots else None
+            if table is None:
+                raise ValueError(f"epoch {epoch} packs {slots} examples into a row, more than the "
+                                 f"{self.slots} slots planned")
+            pad = np.full((r * n - len(rows), self.slots), -1, np.int32)
+            table = np.concatenate([table, pad]).reshape(n, r, self.slots)
             self._cache = {epoch: list(table)}
         return self._cache[epoch]
 

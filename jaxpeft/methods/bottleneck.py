@@ -1,9 +1,9 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021).
 
-A small residual MLP inside every layer: ``y -> y + up(gelu(down(y)))`` with ``down``
-``[H, adapter_size]`` and ``up`` ``[adapter_size, H]`` (each with a bias). It acts on a sublayer's
-projection output after its dropout and before the sublayer's residual connection and LayerNorm
-(:class:`~jaxpeft.models.bert.BertOutput`), as in Houlsby et al.'s Figure 2.
+``--method=bottleneck``. A small residual MLP inside every layer: ``y -> y + up(gelu(down(y)))``
+with ``down`` ``[H, adapter_size]`` and ``up`` ``[adapter_size, H]`` (each with a bias). It acts on
+a sublayer's projection output after its dropout and before the sublayer's residual connection and
+LayerNorm (the encoder's ``Hooks.sublayer`` point), as in Houlsby et al.'s Figure 2.
 
 * ``adapter_type=houlsby``: an adapter after the attention sublayer and one after the
   feed-forward sublayer of every layer. As in the paper, the layer normalisation parameters train
@@ -33,15 +33,15 @@ import jax.numpy as jnp
 
 from jaxpeft import masks
 from jaxpeft.methods.base import Method
-from jaxpeft.models.bert import BertConfig, Extras
+from jaxpeft.models.family import Family
+from jaxpeft.models.layers import Hooks
 from jaxpeft.options import option, positive
 
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
-#: The sublayers that get an adapter, per type (the names of the model's ``Extras.adapter`` hook).
-SITES = {"houlsby": ("attention", "output"), "pfeiffer": ("output",)}
+#: The sublayers that get an adapter, per type (the kinds of the encoder's ``Hooks.sublayer`` point).
+SITES = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
 #: Regex of the adapters' params (``Method.added``).
-PARAM_PATTERN = r"^bert/.*/adapter/(down|up)/"
-LAYER_NORM_PATTERN = r"^bert/.*/LayerNorm/"
+PARAM_PATTERN = r"/bottleneck/(down|up)/"
 
 
 class Bottleneck(nn.Module):
@@ -64,21 +64,26 @@ class Bottleneck(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterFactory:
-    """The model's ``Extras.adapter`` hook: a :class:`Bottleneck` named ``adapter`` at ``sites``."""
+class BottleneckHooks:
+    """The ``Hooks.sublayer`` factory: a :class:`Bottleneck` named ``bottleneck`` at ``sites``."""
 
     sites: tuple[str, ...]
     adapter_size: int
     init_std: float = 0.02
 
-    def __call__(self, site: str, hidden: int) -> nn.Module | None:
-        if site not in self.sites:
+    def __call__(self, module: str, kind: str, hidden: int) -> nn.Module | None:
+        if kind not in self.sites:
             return None
-        return Bottleneck(hidden, self.adapter_size, self.init_std, name="adapter")
+        return Bottleneck(hidden, self.adapter_size, self.init_std, name="bottleneck")
+
+
+def layer_norm_pattern(family: Family) -> str:
+    """Regex of the encoder's normalisation params (``LayerNorm``, ``layer_norm``, ``attn_norm``, ...)."""
+    return rf"(?i)^{family.prefix}/(.*/)?[^/]*norm[^/]*/(scale|bias)$"
 
 
 @dataclasses.dataclass
-class Adapter(Method):
+class BottleneckAdapters(Method):
     """Bottleneck adapters in every layer train, with the head (and the LayerNorms for Houlsby).
 
     Attributes:
@@ -89,9 +94,12 @@ class Adapter(Method):
             for Pfeiffer).
     """
 
-    name = "adapter"
+    name = "bottleneck"
+    summary = "bottleneck adapters after each sublayer (--adapter_size, --adapter_type=houlsby|pfeiffer)"
     supports_packing = True   # per token
     added = PARAM_PATTERN
+    mix = "bottleneck"
+    mix_same = ("adapter_size", "adapter_type")
 
     adapter_size: int = option(64, "bottleneck width of the adapters", positive)
     adapter_type: str = option("houlsby", "houlsby (adapters after the attention and the feed-forward "
@@ -104,10 +112,10 @@ class Adapter(Method):
         if self.train_layer_norms is None:
             self.train_layer_norms = self.adapter_type == "houlsby"
 
-    def extras(self, config: BertConfig) -> Extras:
-        return Extras(adapter=AdapterFactory(SITES[self.adapter_type], int(self.adapter_size),
-                                             config.initializer_range))
+    def hooks(self, family: Family, config: Any) -> Hooks:
+        return Hooks(sublayer=BottleneckHooks(SITES[self.adapter_type], int(self.adapter_size),
+                                              getattr(config, "initializer_range", 0.02)))
 
-    def trainable(self, params: Any) -> Any:
-        include = [PARAM_PATTERN] + ([LAYER_NORM_PATTERN] if self.train_layer_norms else [])
+    def trainable(self, params: Any, family: Family) -> Any:
+        include = [PARAM_PATTERN] + ([layer_norm_pattern(family)] if self.train_layer_norms else [])
         return masks.match(params, include=include)

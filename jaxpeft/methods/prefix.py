@@ -7,11 +7,11 @@ BERT encoder is frozen; the prefixes (and their projection MLP, if any) and the 
 
 Two parameterisations:
 
-* direct (P-tuning v2's default): ``adapter/prefix_keys`` and ``adapter/prefix_values``, each
+* direct (P-tuning v2's default): ``prompt/prefix_keys`` and ``prompt/prefix_values``, each
   ``[layers, P, hidden]`` (hidden = heads x head_dim), initialised ``N(0, 1)`` like the
   ``nn.Embedding`` of the reference implementations;
 * ``prefix_projection`` (Li & Liang's reparameterisation, ``--method=prefix``'s default): a
-  ``[P, hidden]`` embedding ``adapter/prefix_projection/prefix_embeddings`` fed through
+  ``[P, hidden]`` embedding ``prompt/prefix_projection/prefix_embeddings`` fed through
   ``Dense(E) -> tanh -> Dense(layers * 2 * hidden)``. The MLP only helps optimisation:
   :meth:`PrefixTuning.export_params` evaluates it once and returns the direct parameters, and
   :meth:`PrefixTuning.for_inference` is the direct form.
@@ -34,11 +34,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from jaxpeft import masks
 from jaxpeft.errors import UserError
-from jaxpeft.methods.base import Method
-from jaxpeft.methods.prompt import ADAPTER_PATTERN, virtual_tokens
-from jaxpeft.models.bert import BertConfig
+from jaxpeft.methods.base import PROMPT_PATTERN, Method
+from jaxpeft.methods.prompt import virtual_tokens
+from jaxpeft.models.family import Family
+from jaxpeft.models.layers import Prompt
 from jaxpeft.options import in_range, option, positive
 
 #: ``encoder_hidden_size`` of the projection MLP when none is given (Li & Liang's 512).
@@ -70,14 +73,14 @@ class PrefixProjection(nn.Module):
 
     @classmethod
     def from_params(cls, params: Any) -> "PrefixProjection":
-        """The module whose params ``params`` (``adapter/prefix_projection``) are, by their shapes."""
+        """The module whose params ``params`` (``prompt/prefix_projection``) are, by their shapes."""
         p, h = params["prefix_embeddings"].shape
         e, out = params["dense_out"]["kernel"].shape
         return cls(p, h, out // (2 * h), e)
 
 
 class PrefixKV(nn.Module):
-    """The adapter: per-layer ``(key, value)`` prefixes for :class:`~jaxpeft.models.bert.BertModel`.
+    """The prompt module: per-layer ``(key, value)`` prefixes for the encoder.
 
     Attributes:
         num_virtual_tokens: P.
@@ -98,7 +101,7 @@ class PrefixKV(nn.Module):
     shift_positions: bool = False
 
     @nn.compact
-    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
+    def __call__(self, batch_size: int, deterministic: bool = True) -> Prompt:
         p, n, h = self.num_virtual_tokens, self.num_layers, self.hidden_size
         if self.projection:
             keys, values = PrefixProjection(p, h, n, self.encoder_hidden_size, name="prefix_projection")()
@@ -113,9 +116,9 @@ class PrefixKV(nn.Module):
             keys = drop(jnp.broadcast_to(keys, shape), deterministic=False)
             values = drop(jnp.broadcast_to(values, shape), deterministic=False)
         d = h // self.num_heads
-        kv = [(keys[i].reshape(keys.shape[1], p, self.num_heads, d),
-               values[i].reshape(values.shape[1], p, self.num_heads, d)) for i in range(n)]
-        return {"prefix_kv": kv, **({"position_offset": p} if self.shift_positions else {})}
+        kv = tuple((keys[i].reshape(keys.shape[1], p, self.num_heads, d),
+                    values[i].reshape(values.shape[1], p, self.num_heads, d)) for i in range(n))
+        return Prompt(prefix_kv=kv, position_offset=p if self.shift_positions else 0)
 
 
 @dataclasses.dataclass
@@ -135,6 +138,11 @@ class PrefixTuning(Method):
     """
 
     name = "prefix"
+    summary = "key/value prefixes in every attention layer, through an MLP"
+    schedule = "prompt"
+    peft_type = "PREFIX_TUNING"
+    mix = "prefix"
+    mix_same = ("num_virtual_tokens", "shift_positions")
     default_projection: ClassVar[bool] = True
     default_dropout: ClassVar[float] = 0.0
 
@@ -161,30 +169,62 @@ class PrefixTuning(Method):
     def extra_positions(self) -> int:
         return self.num_virtual_tokens if self.shift_positions else 0
 
-    def adapter(self, config: BertConfig) -> nn.Module:
+    def extra_keys(self) -> int:
+        return self.num_virtual_tokens
+
+    def prompt_module(self, family: Family, config: Any) -> nn.Module:
         return PrefixKV(self.num_virtual_tokens, config.num_hidden_layers, config.num_attention_heads,
                         config.hidden_size, bool(self.prefix_projection), self.encoder_hidden_size,
-                        float(self.prefix_dropout), bool(self.shift_positions))
+                        float(self.prefix_dropout), bool(self.shift_positions), name="prompt")
 
-    def trainable(self, params: Any) -> Any:
-        return masks.match(params, include=ADAPTER_PATTERN)
+    def trainable(self, params: Any, family: Family) -> Any:
+        return masks.match(params, include=PROMPT_PATTERN)
 
     def compute_prefixes(self, params: Any) -> tuple[jax.Array, jax.Array]:
         """``(keys, values)``, each ``[layers, P, hidden]``, as the model uses them (no dropout)."""
-        adapter = params["adapter"]
+        prompt = params["prompt"]
         if not self.prefix_projection:
-            return adapter["prefix_keys"], adapter["prefix_values"]
-        proj = adapter["prefix_projection"]
+            return prompt["prefix_keys"], prompt["prefix_values"]
+        proj = prompt["prefix_projection"]
         module = PrefixProjection.from_params(proj)
         return jax.jit(lambda p: module.apply({"params": p}))(proj)
 
-    def export_params(self, params: Any, modules_to_save=()) -> dict[str, Any]:
+    def export_params(self, params: Any, family: Family, heads=("classifier",), modules_to_save=()) -> dict[str, Any]:
         """The prefixes as direct parameters (the projection MLP evaluated once) and the head."""
         if not self.prefix_projection:
-            return super().export_params(params, modules_to_save)
+            return super().export_params(params, family, heads, modules_to_save)
         keys, values = self.compute_prefixes(params)
-        return {"adapter/prefix_keys": keys, "adapter/prefix_values": values,
-                **self.head_params(params, modules_to_save)}
+        return {"prompt/prefix_keys": keys, "prompt/prefix_values": values,
+                **self.head_params(params, heads, modules_to_save)}
+
+    def peft_config(self, family: Family, config: Any) -> dict[str, Any]:
+        return dict(encoder_hidden_size=int(self.encoder_hidden_size), prefix_projection=bool(self.prefix_projection))
+
+    def peft_name(self, path, arrays, family):
+        """peft's one ``[P, 2 * layers * H]`` tensor: for each layer in turn its key then its value
+        (how peft's ``get_prompt`` splits it)."""
+        if path == "prompt/prefix_keys":
+            return {"prompt_embeddings": prefix_rows(np.asarray(arrays[path]), np.asarray(arrays["prompt/prefix_values"]))}
+        if path == "prompt/prefix_values":
+            return {}
+        return None
+
+    @classmethod
+    def from_peft_tensor(cls, name, tensor, config):
+        if name != "prompt_embeddings":
+            return None
+        n = config.num_hidden_layers
+        if tensor.ndim != 2 or tensor.shape[1] % (2 * n):
+            raise UserError(f"prompt_embeddings has shape {tuple(tensor.shape)}, which is not [P, 2 x {n} layers "
+                            "x hidden] (an adapter of another base model?)")
+        keys, values = prefix_kv(np.asarray(tensor), n)
+        return {"prompt/prefix_keys": keys, "prompt/prefix_values": values}
+
+    @classmethod
+    def from_peft(cls, cfg, where):
+        """transformers' BERT numbers the input after peft's prefix (``shift_positions``)."""
+        return PrefixTuning(num_virtual_tokens=int(cfg["num_virtual_tokens"]), prefix_projection=False,
+                            prefix_dropout=0.0, shift_positions=True)
 
     def for_inference(self) -> Method:
         return dataclasses.replace(self, prefix_projection=False, prefix_dropout=0.0)
@@ -196,5 +236,20 @@ class PTuningV2(PrefixTuning):
     dropout 0.1 on the prefixes, the head on the real ``[CLS]``."""
 
     name = "ptuning_v2"
+    summary = "key/value prefixes in every attention layer, held directly"
     default_projection: ClassVar[bool] = False
     default_dropout: ClassVar[float] = 0.1
+
+
+def prefix_rows(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``[layers, P, H]`` keys and values -> peft's ``[P, 2 * layers * H]`` rows."""
+    n, p, h = keys.shape
+    return np.stack([keys, values], axis=1).transpose(2, 0, 1, 3).reshape(p, 2 * n * h)
+
+
+def prefix_kv(rows: np.ndarray, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`prefix_rows`."""
+    p, width = rows.shape
+    h = width // (2 * num_layers)
+    kv = rows.reshape(p, num_layers, 2, h).transpose(1, 2, 0, 3)
+    return np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1])

@@ -16,9 +16,9 @@ task head trains too. Where they sit (see :class:`~jaxpeft.models.bert.BertModel
 and the head then read the first virtual token, and an adapter moves between jaxpeft and peft with
 the same predictions (``tests/test_peft_interop.py``).
 
-Prompt tuning holds the ``[P, H]`` prompt directly (``adapter/prompt_embeddings``). P-tuning
+Prompt tuning holds the ``[P, H]`` prompt directly (``prompt/prompt_embeddings``). P-tuning
 computes it with a prompt encoder (bidirectional LSTM + MLP as in the paper, or an MLP) from a
-trainable ``[P, H]`` input (``adapter/input_embeddings``). The encoder is needed only for
+trainable ``[P, H]`` input (``prompt/input_embeddings``). The encoder is needed only for
 training: :meth:`PTuning.export_params` evaluates it once and returns the prompt under prompt
 tuning's path, and :meth:`PTuning.for_inference` is plain prompt tuning.
 """
@@ -35,15 +35,16 @@ import numpy as np
 
 from jaxpeft import masks
 from jaxpeft.errors import UserError
-from jaxpeft.methods.base import Method
-from jaxpeft.models.bert import BertConfig
+from jaxpeft.methods.base import PROMPT_PATTERN, Method
+from jaxpeft.models.family import Family
+from jaxpeft.models.layers import Prompt
 from jaxpeft.options import at_least, option, positive
 
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ENCODER_TYPES = ("lstm", "mlp")
 PROMPT_POSITIONS = ("after_cls", "front")
-ADAPTER_PATTERN = r"^adapter/"
-WORD_EMBEDDINGS = "bert/embeddings/word_embeddings/embedding"
+#: peft's ``prompt_tuning_init`` values of our ``prompt_init``
+PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
 def virtual_tokens(default: int = 20, what: str = "virtual tokens") -> int:
@@ -56,11 +57,11 @@ def prompt_position() -> str:
                   "virtual token)", choices=PROMPT_POSITIONS)
 
 
-# ----------------------------------------------------------------------------- adapter modules
+# ----------------------------------------------------------------------------- prompt modules
 
 
 class PromptEmbeddings(nn.Module):
-    """Prompt tuning's adapter: a ``[P, H]`` parameter put after ``[CLS]``.
+    """Prompt tuning's prompt module: a ``[P, H]`` parameter put after ``[CLS]``.
 
     Attributes:
         num_virtual_tokens: P.
@@ -81,9 +82,9 @@ class PromptEmbeddings(nn.Module):
         return self.param("prompt_embeddings", nn.initializers.normal(self.init_std),
                           (self.num_virtual_tokens, self.hidden_size), jnp.float32)
 
-    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
+    def __call__(self, batch_size: int, deterministic: bool = True) -> Prompt:
         del batch_size, deterministic  # one prompt for every row, broadcast by the model
-        return {"prompt_embeds": self.prompts()[None], "prompt_front": self.front}
+        return Prompt(embeds=self.prompts()[None], front=self.front)
 
 
 def bidirectional_lstm(x: jax.Array, forward: Any, backward: Any) -> jax.Array:
@@ -159,7 +160,7 @@ _lstm_pair.defvjp(_lstm_pair_fwd, _lstm_pair_bwd)
 
 
 class PromptEncoder(nn.Module):
-    """P-tuning's adapter: virtual tokens computed by an encoder from trainable inputs.
+    """P-tuning's prompt module: virtual tokens computed by an encoder from trainable inputs.
 
     ``lstm`` (the paper's): a bidirectional LSTM of ``encoder_num_layers`` layers with
     ``encoder_hidden_size`` units E per direction, then ``Dense(2E) -> ReLU -> Dense(H)``.
@@ -211,9 +212,9 @@ class PromptEncoder(nn.Module):
             raise UserError(f"unknown encoder_type {self.encoder_type!r}; known: {', '.join(ENCODER_TYPES)}")
         return nn.Dense(self.hidden_size, name="mlp_out")(h)
 
-    def __call__(self, batch_size: int, deterministic: bool = True) -> dict[str, Any]:
+    def __call__(self, batch_size: int, deterministic: bool = True) -> Prompt:
         del batch_size, deterministic
-        return {"prompt_embeds": self.prompts()[None], "prompt_front": self.front}
+        return Prompt(embeds=self.prompts()[None], front=self.front)
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -272,7 +273,12 @@ class PromptTuning(Method):
     """
 
     name = "prompt"
+    summary = "--num_virtual_tokens input embeddings after [CLS]"
     supports_packing = False
+    schedule = "prompt"
+    peft_type = "PROMPT_TUNING"
+    mix = "prompt"
+    mix_same = ("num_virtual_tokens", "prompt_position")
     num_virtual_tokens: int = virtual_tokens()
     prompt_init: str = option("random", "how the prompt starts: random, sample_vocab (rows of sampled "
                               "vocabulary tokens), text (rows of --prompt_init_text's tokens)",
@@ -285,23 +291,41 @@ class PromptTuning(Method):
         if self.prompt_init == "text" and not (self.prompt_init_text or "").strip():
             raise UserError("prompt_init=text needs --prompt_init_text")
 
-    def adapter(self, config: BertConfig) -> nn.Module:
+    def prompt_module(self, family: Family, config: Any) -> nn.Module:
         return PromptEmbeddings(self.num_virtual_tokens, config.hidden_size, config.initializer_range,
-                                self.prompt_position == "front")
+                                self.prompt_position == "front", name="prompt")
 
     def extra_positions(self) -> int:
         return self.num_virtual_tokens
 
-    def trainable(self, params: Any) -> Any:
-        return masks.match(params, include=ADAPTER_PATTERN)
+    def trainable(self, params: Any, family: Family) -> Any:
+        return masks.match(params, include=PROMPT_PATTERN)
 
-    def init_params(self, params: Any, *, tokenizer: Any = None, rng: Any = None) -> Any:
+    def init_params(self, params: Any, family: Family, *, tokenizer: Any = None, rng: Any = None) -> Any:
         flat = masks.flatten(params)
         rng = jax.random.key(0) if rng is None else rng
-        flat["adapter/prompt_embeddings"] = initial_prompt(
-            flat[WORD_EMBEDDINGS], self.num_virtual_tokens, self.prompt_init, tokenizer,
+        flat["prompt/prompt_embeddings"] = initial_prompt(
+            flat[family.word_embeddings], self.num_virtual_tokens, self.prompt_init, tokenizer,
             self.prompt_init_text, rng)
         return masks.unflatten(flat, params)
+
+    def peft_config(self, family: Family, config: Any) -> dict[str, Any]:
+        text = self.prompt_init == "text"
+        return dict(prompt_tuning_init=PEFT_INITS.get(self.prompt_init, "RANDOM"),
+                    prompt_tuning_init_text=self.prompt_init_text if text else None, tokenizer_kwargs=None)
+
+    def peft_name(self, path, arrays, family):
+        return {"prompt_embeddings": np.asarray(arrays[path])} if path == "prompt/prompt_embeddings" else None
+
+    @classmethod
+    def from_peft_tensor(cls, name, tensor, config):
+        return {"prompt/prompt_embeddings": np.asarray(tensor)} if name == "prompt_embeddings" else None
+
+    @classmethod
+    def from_peft(cls, cfg, where):
+        """A peft prompt (prompt tuning's or P-tuning's computed one): in front of ``[CLS]``, where
+        peft puts it."""
+        return cls(num_virtual_tokens=int(cfg["num_virtual_tokens"]), prompt_position="front")
 
 
 @dataclasses.dataclass
@@ -320,7 +344,10 @@ class PTuning(Method):
     """
 
     name = "ptuning"
+    summary = "a prompt encoder (--encoder_type=lstm|mlp) producing those embeddings"
     supports_packing = False
+    schedule = "prompt"
+    peft_type = "P_TUNING"
     num_virtual_tokens: int = virtual_tokens()
     encoder_type: str = option("lstm", "P-tuning's prompt encoder: lstm (bidirectional LSTM + MLP, the "
                                "paper's) or mlp", choices=ENCODER_TYPES)
@@ -330,31 +357,47 @@ class PTuning(Method):
     encoder_num_layers: int = option(2, "LSTM layers of P-tuning's encoder", at_least(1))
     prompt_position: str = prompt_position()
 
-    def encoder(self, hidden_size: int) -> PromptEncoder:
+    def encoder(self, hidden_size: int, name: str | None = None) -> PromptEncoder:
         width = self.encoder_hidden_size or (hidden_size // 2 if self.encoder_type == "lstm" else hidden_size)
         return PromptEncoder(self.num_virtual_tokens, hidden_size, self.encoder_type, width,
-                             self.encoder_num_layers, self.prompt_position == "front")
+                             self.encoder_num_layers, self.prompt_position == "front", name=name)
 
-    def adapter(self, config: BertConfig) -> nn.Module:
-        return self.encoder(config.hidden_size)
+    def prompt_module(self, family: Family, config: Any) -> nn.Module:
+        return self.encoder(config.hidden_size, name="prompt")
 
     def extra_positions(self) -> int:
         return self.num_virtual_tokens
 
-    def trainable(self, params: Any) -> Any:
-        return masks.match(params, include=ADAPTER_PATTERN)
+    def trainable(self, params: Any, family: Family) -> Any:
+        return masks.match(params, include=PROMPT_PATTERN)
 
     def compute_prompt(self, params: Any) -> jax.Array:
-        """The ``[P, H]`` prompt the encoder produces from ``params["adapter"]``."""
-        hidden = params["adapter"]["input_embeddings"].shape[-1]
+        """The ``[P, H]`` prompt the encoder produces from ``params["prompt"]``."""
+        hidden = params["prompt"]["input_embeddings"].shape[-1]
         encoder = self.encoder(hidden)
         # one compiled program, not an op-by-op dispatch of the LSTM's steps
-        return jax.jit(lambda a: encoder.apply({"params": a}, method=PromptEncoder.prompts))(params["adapter"])
+        return jax.jit(lambda a: encoder.apply({"params": a}, method=PromptEncoder.prompts))(params["prompt"])
 
-    def export_params(self, params: Any, modules_to_save=()) -> dict[str, Any]:
+    def export_params(self, params: Any, family: Family, heads=("classifier",), modules_to_save=()) -> dict[str, Any]:
         """The computed prompt (under prompt tuning's path) and the head; no encoder."""
-        return {"adapter/prompt_embeddings": self.compute_prompt(params),
-                **self.head_params(params, modules_to_save)}
+        return {"prompt/prompt_embeddings": self.compute_prompt(params),
+                **self.head_params(params, heads, modules_to_save)}
+
+    def peft_config(self, family: Family, config: Any) -> dict[str, Any]:
+        return dict(encoder_reparameterization_type=str(self.encoder_type).upper(),
+                    encoder_hidden_size=self.encoder(config.hidden_size).encoder_hidden_size,
+                    encoder_num_layers=int(self.encoder_num_layers), encoder_dropout=0.0)
+
+    def peft_name(self, path, arrays, family):
+        return {"prompt_embeddings": np.asarray(arrays[path])} if path == "prompt/prompt_embeddings" else None
+
+    @classmethod
+    def from_peft_tensor(cls, name, tensor, config):
+        return PromptTuning.from_peft_tensor(name, tensor, config)
+
+    @classmethod
+    def from_peft(cls, cfg, where):
+        return PromptTuning.from_peft(cfg, where)
 
     def for_inference(self) -> Method:
         return PromptTuning(num_virtual_tokens=self.num_virtual_tokens, prompt_position=self.prompt_position)

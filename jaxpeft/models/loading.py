@@ -1,4 +1,5 @@
-"""Build a sequence classifier from a pretrained HF BERT checkpoint."""
+"""Build a run's model from a pretrained checkpoint: the family from ``config.json``, the method's
+hooks and prompt, the task's head; pretrained tensors placed directly on their devices."""
 
 from __future__ import annotations
 
@@ -18,27 +19,31 @@ from jaxpeft import masks
 from jaxpeft.compute import EXACT, Compute
 from jaxpeft.errors import UserError
 from jaxpeft.models import hf_weights
-from jaxpeft.models.bert import NO_EXTRAS, BertConfig, BertForSequenceClassification, Extras, check_compute
+from jaxpeft.models.family import Family
+from jaxpeft.models.heads import Head, TaskModel, dummy_inputs
+from jaxpeft.models.layers import NO_HOOKS
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A classifier module, its full params (pretrained encoder, fresh head/adapter) and tokenizer."""
+    """A run's model: its module, full params (pretrained encoder, fresh head and method params)
+    and tokenizer."""
 
     name: str
     model_dir: Path
-    config: BertConfig
-    module: BertForSequenceClassification
+    family: Family
+    config: Any
+    module: TaskModel
     params: Any
     tokenizer: Any
     compute: Compute = EXACT
 
-
-def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
-    ids = jnp.zeros((batch, length), jnp.int32)
-    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids}
+    @property
+    def prefix(self) -> str:
+        """The encoder's parameter root (``bert``)."""
+        return self.family.prefix
 
 
 def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[Any], Any] | None = None,
@@ -101,27 +106,26 @@ def param_shapes(module: nn.Module) -> Any:
     return jax.eval_shape(lambda r: module.init(r, **dummy_inputs())["params"], jax.random.key(0))
 
 
-def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str,
+def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str, prefix: str = "bert",
                        added: str | None = None) -> dict[str, np.ndarray]:
-    """``{param path: host array}`` of the checkpoint tensors for the ``bert/`` leaves of ``shapes``
-    (a params tree or its ``jax.eval_shape``), in the params' dtypes.
+    """``{param path: host array}`` of the checkpoint tensors for the encoder's leaves (under
+    ``prefix/``) of ``shapes`` (a params tree or its ``jax.eval_shape``), in the params' dtypes.
 
     Every encoder tensor must be in the checkpoint, except those whose path matches ``added`` (a
     method's own modules inside the layers, such as LoRA); a missing pooler is tolerated (kept
     random, with a warning) because some checkpoints ship without one.
     """
     flat = masks.flatten(shapes)
-    expected = {p[len("bert/"):]: v for p, v in flat.items() if p.startswith("bert/")
-                and not (added and re.search(added, p))}
-    loaded = hf_weights.convert_state_dict(state_dict, expected, source)
+    expected = {p: v for p, v in flat.items() if p.startswith(prefix + "/") and not (added and re.search(added, p))}
+    loaded = hf_weights.convert_state_dict(state_dict, expected, prefix, source)
     missing = sorted(set(expected) - set(loaded))
-    missing_encoder = [p for p in missing if not p.startswith("pooler/")]
+    missing_encoder = [p for p in missing if "/pooler/" not in p]
     if missing_encoder:
         raise UserError(f"{source}: checkpoint lacks {len(missing_encoder)} encoder tensor(s), e.g. "
-                        f"{missing_encoder[:3]} (not a BERT checkpoint of this shape?)")
+                        f"{missing_encoder[:3]} (a checkpoint of another architecture or shape?)")
     if missing:
         log.warning("%s has no pooler weights; the pooler starts from random init", source)
-    return {"bert/" + p: np.asarray(a, dtype=flat["bert/" + p].dtype) for p, a in loaded.items()}
+    return {p: np.asarray(a, dtype=flat[p].dtype) for p, a in loaded.items()}
 
 
 def place_tensors(params: Any, tensors: dict[str, np.ndarray], like: Any,
@@ -141,46 +145,71 @@ def place_tensors(params: Any, tensors: dict[str, np.ndarray], like: Any,
     return masks.unflatten(flat, like)
 
 
-def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: str) -> Any:
-    """Replaces the ``bert/`` leaves of ``params`` with the checkpoint's tensors, on the same
+def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: str, prefix: str = "bert") -> Any:
+    """Replaces the encoder's leaves of ``params`` with the checkpoint's tensors, on the same
     shardings (see :func:`pretrained_tensors` for what must be in the checkpoint)."""
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
-    return place_tensors(params, pretrained_tensors(params, state_dict, source), params, shardings)
+    return place_tensors(params, pretrained_tensors(params, state_dict, source, prefix), params, shardings)
 
 
-def load_classifier(name_or_path: str, num_labels: int, *,
-                    adapter: Callable[[BertConfig], nn.Module | None] | None = None,
-                    extras: Callable[[BertConfig], Extras] | None = None, added: str | None = None,
-                    compute: Compute = EXACT, seed: int = 0, with_weights: bool = True,
-                    param_shardings: Callable[[Any], Any] | None = None, pooling: str = "cls") -> LoadedModel:
-    """Loads config, tokenizer and weights of ``name_or_path`` into a classifier.
+def build_module(family: Family, config: Any, head: Head, method: Any = None, compute: Compute = EXACT) -> TaskModel:
+    """The task model of ``family``/``config`` with ``method``'s hooks and prompt module
+    (``method.hooks(family, config)``, ``method.prompt_module(family, config)``; ``None``: no method)."""
+    try:
+        if hasattr(family.encoder, "check_compute"):
+            family.encoder.check_compute(config, compute)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    hooks = method.hooks(family, config) if method is not None else NO_HOOKS
+    prompt = method.prompt_module(family, config) if method is not None else None
+    return TaskModel(family, config, head, compute=compute, hooks=hooks, prompt=prompt)
 
-    ``adapter(config)`` builds the method's input-level module (prompts, prefixes), if any;
-    ``extras(config)`` its modules inside the layers (LoRA, bottleneck adapters), whose params
-    match the regex ``added`` and start from their own init. ``compute`` says how to compute;
-    ``pooling`` how the head reads the encoder (``cls`` or ``mean``).
-    ``with_weights=False`` keeps the random init (benchmarks of a model's shape).
-    ``param_shardings(abstract_params)`` places the params on a device mesh as they are created
-    (see :func:`init_params`); pretrained tensors go from the host to each device's slice.
-    Encoder weights the checkpoint provides are never randomly initialised.
+
+def load_model(name_or_path: str, head: Head, method: Any = None, *, compute: Compute = EXACT, seed: int = 0,
+               with_weights: bool = True, param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
+    """Loads config, tokenizer and weights of ``name_or_path`` into the task model.
+
+    ``method`` gives the hooks and prompt module (see :func:`build_module`) and the regex ``added``
+    of its params inside the encoder, which start from their own init. ``with_weights=False`` keeps
+    the random init (benchmarks of a model's shape). ``param_shardings(abstract_params)`` places
+    the params on a device mesh as they are created (see :func:`init_params`); pretrained tensors
+    go from the host to each device's slice. Encoder weights the checkpoint provides are never
+    randomly initialised.
     """
     model_dir = hf_weights.resolve_model_dir(name_or_path)
-    config = hf_weights.load_config(model_dir)
-    try:
-        check_compute(config, compute)
-    except ValueError as e:
-        raise UserError(f"{name_or_path}: {e}") from None
-    module = BertForSequenceClassification(config, num_labels=num_labels,
-                                           adapter=adapter(config) if adapter else None,
-                                           compute=compute, extras=extras(config) if extras else NO_EXTRAS,
-                                           pooling=pooling)
+    family, config = hf_weights.load_config(model_dir)
+    module = build_module(family, config, head, method, compute)
     traced = trace_init(module)
     shapes = traced.shapes
-    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), added)
+    added = getattr(method, "added", None)
+    tensors = (pretrained_tensors(shapes, hf_weights.load_state_dict(model_dir), str(model_dir), family.prefix, added)
                if with_weights else {})
-    # random init only for what the checkpoint lacks (head, adapter, maybe the pooler): XLA drops
-    # the rest of the init, which keeps its compilation short
+    # random init only for what the checkpoint lacks (head, method params, maybe the pooler): XLA
+    # drops the rest of the init, which keeps its compilation short
     params = init_params(module, jax.random.key(seed), param_shardings, skip=tensors, traced=traced)
     params = place_tensors(params, tensors, shapes, param_shardings(shapes) if param_shardings else None)
     tokenizer = hf_weights.load_tokenizer(model_dir)
-    return LoadedModel(name_or_path, model_dir, config, module, params, tokenizer, compute)
+    return LoadedModel(name_or_path, model_dir, family, config, module, params, tokenizer, compute)
+
+
+def frozen_in_dtype(params: Any, dtype: Any, prefix: str) -> Any:
+    """``params`` (a whole tree or a part of it, such as the frozen params) with the encoder's 2-D
+    matmul kernels (``prefix/.../kernel``) in ``dtype``.
+
+    Every one of them is cast to the compute dtype right before its matmul, so the model computes
+    exactly the same with them stored cast. For frozen params that takes a cast per matrix off
+    every train step and, under bfloat16, half of their memory. Embedding tables, biases and norm
+    params are used in float32 and stay as they are.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        names = [str(getattr(k, "key", k)) for k in path]
+        is_kernel = len(names) > 1 and names[0] == prefix and names[-1] == "kernel"
+        if is_kernel and getattr(x, "ndim", 0) == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    if dtype == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(cast, params)

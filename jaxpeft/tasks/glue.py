@@ -17,40 +17,50 @@ import numpy as np
 
 from jaxpeft.data.encoding import Examples
 from jaxpeft.errors import UserError
+from jaxpeft.tasks.base import SequenceTask
+from jaxpeft.tasks.metrics import TASK_METRICS
 
 csv.field_size_limit(sys.maxsize)
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
+    """Where one GLUE task's examples are: its folder and columns, in the TSV files and on the hub."""
+
     name: str
     folder: str                        # folder of the classic TSV layout
     hub_texts: tuple[str, ...]         # text columns in the hub dataset
     tsv_texts: tuple[str, ...]         # text columns in the TSV header (or indices when no header)
     tsv_label: str                     # label column in the TSV header (or index)
-    label_names: tuple[str, ...] | None  # None: regression
+    file_labels: tuple[str, ...] | None  # the label values in the files, in label-id order; None: regression
     main_metric: str
     eval_splits: tuple[str, ...] = ("dev",)
     tsv_header: bool = True            # CoLA's train/dev files have none (their test file has one)
     headed_texts: tuple[str, ...] = ()  # text columns of a headed file when tsv_texts are indices
+    names: tuple[str, ...] | None = None  # the classes' names (the hub's); default: file_labels
+
+    @property
+    def label_names(self) -> tuple[str, ...] | None:
+        return self.names or self.file_labels
 
     @property
     def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
+        return 1 if self.file_labels is None else len(self.file_labels)
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None
+        return self.file_labels is None
 
 TASKS: dict[str, GlueTask] = {t.name: t for t in [
-    GlueTask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1"), "accuracy"),
+    GlueTask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1"), "accuracy",
+             names=("negative", "positive")),
     GlueTask("cola", "CoLA", ("sentence",), ("3",), "1", ("0", "1"), "matthews_correlation",
-             tsv_header=False, headed_texts=("sentence",)),
+             tsv_header=False, headed_texts=("sentence",), names=("unacceptable", "acceptable")),
     GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
-             ("0", "1"), "f1"),
+             ("0", "1"), "f1", names=("not_equivalent", "equivalent")),
     GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", None,
              "pearson"),
     GlueTask("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-             ("0", "1"), "f1"),
+             ("0", "1"), "f1", names=("not_duplicate", "duplicate")),
     GlueTask("mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
              ("entailment", "neutral", "contradiction"), "accuracy",
              eval_splits=("dev_matched", "dev_mismatched")),
@@ -59,7 +69,7 @@ TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
              ("entailment", "not_entailment"), "accuracy"),
     GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-             ("0", "1"), "accuracy"),
+             ("0", "1"), "accuracy", names=("not_entailment", "entailment")),
 ]}
 
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
@@ -99,9 +109,9 @@ def _label_id(task: GlueTask, raw: str, where: str) -> float | int:
             return float(raw)
         except ValueError:
             raise UserError(f"{where}: label {raw!r} is not a number") from None
-    if raw in task.label_names:
-        return task.label_names.index(raw)
-    raise UserError(f"{where}: label {raw!r} is not one of {list(task.label_names)}")
+    if raw in task.file_labels:
+        return task.file_labels.index(raw)
+    raise UserError(f"{where}: label {raw!r} is not one of {list(task.file_labels)}")
 
 def read_tsv(task: GlueTask, path: Path) -> Examples:
     """Reads a GLUE TSV file; the label column is optional (test files have none)."""
@@ -162,3 +172,25 @@ def _load_hub(task: GlueTask, split: str) -> Examples:
     if not task.is_regression and (labels < 0).all():
         labels = None  # unlabeled test split
     return Examples(texts, labels, f"nyu-mll/glue/{task.name}/{hub_split}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Glue(SequenceTask):
+    """A GLUE task as a run reads it: from ``data_dir`` (or ``$GLUE_DIR``), else the hub."""
+
+    spec: GlueTask | None = None
+    data_dir: str | None = None
+
+    def read(self, split: str) -> Examples:
+        return load_split(self.spec, split, self.data_dir)
+
+    def read_input(self, path: str | Path, recorded: object = None) -> Examples:
+        """A file to predict: the task's TSV layout (labels optional)."""
+        return read_tsv(self.spec, Path(path))
+
+
+def task(name: str, data_dir: str | None = None) -> Glue:
+    """The GLUE task ``name`` (one line naming the known ones otherwise)."""
+    spec = get_task(name)
+    return Glue(spec.name, spec.label_names, spec.main_metric, spec.eval_splits, metrics=TASK_METRICS[spec.name],
+                num_texts=len(spec.hub_texts), spec=spec, data_dir=data_dir)

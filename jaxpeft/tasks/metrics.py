@@ -1,5 +1,5 @@
-"""GLUE metrics: accuracy, binary F1 and Matthews correlation from the confusion counts (numpy),
-Pearson and Spearman correlations from scipy.
+"""Sequence-task metrics: accuracy, binary and macro F1 and Matthews correlation from the confusion
+counts (numpy), Pearson and Spearman correlations from scipy; GLUE's per task.
 
 The classification metrics are the textbook formulas, checked against scikit-learn's in
 ``tests/test_metrics.py`` (equal on random predictions, degenerate cases included). A run does not
@@ -37,17 +37,30 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 
 
 def compute(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Task metrics for ``predictions`` (class ids, or scores for STS-B) against ``labels``."""
+    """GLUE task ``task``'s metrics for ``predictions`` (class ids, or scores for STS-B) against ``labels``."""
+    return compute_named(TASK_METRICS[task], predictions, labels)
+
+
+#: every metric :func:`compute_named` knows
+NAMES = ("accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearman")
+
+
+def compute_named(names: tuple[str, ...] | list[str], predictions: np.ndarray, labels: np.ndarray,
+                  num_labels: int | None = None) -> dict[str, float]:
+    """The metrics ``names`` (of :data:`NAMES`) of ``predictions`` against ``labels``."""
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
     if predictions.shape != labels.shape:
         raise ValueError(f"{predictions.shape=} != {labels.shape=}")
     out: dict[str, float] = {}
-    for name in TASK_METRICS[task]:
+    for name in names:
         if name == "accuracy":
             out[name] = float(np.mean(predictions == labels)) if labels.size else 0.0
         elif name == "f1":
             out[name] = f1(predictions, labels)
+        elif name == "macro_f1":
+            k = num_labels or int(max(predictions.max(initial=0), labels.max(initial=0)) + 1)
+            out[name] = float(np.mean([f1(predictions, labels, c) for c in range(k)]))
         elif name == "matthews_correlation":
             out[name] = matthews(predictions, labels)
         elif name in ("pearson", "spearman"):

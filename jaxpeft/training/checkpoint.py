@@ -2,7 +2,7 @@
 
 ``<output_dir>/checkpoints/<step>/`` holds two Orbax items:
 
-* ``state`` (``StandardSave``): the real leaves of the :class:`~jaxpeft.train.TrainState` as a
+* ``state`` (``StandardSave``): the real leaves of the :class:`~jaxpeft.training.steps.TrainState` as a
   nested dict -- ``step``, ``rng``, ``trainable/<param path>`` and ``opt_state/<...>/mu/<param
   path>``. Frozen weights are holes (``optax.MaskedNode``) of the state, so they are never saved;
   the base model is reloaded from its source and checked against a fingerprint.
@@ -422,20 +422,16 @@ class Cadence:
     :meth:`saved`). Neither happens at the last step, which the loop's end evaluates and saves."""
 
     total: int
-    steps_per_epoch: int
+    epoch_end: Callable[[int], bool]
     eval_every: int
     save_every: int
     save_minutes: float
     last_save: float = dataclasses.field(default_factory=time.perf_counter)
 
-    @classmethod
-    def of(cls, run: Any, total: int, steps_per_epoch: int) -> "Cadence":
-        """From a run's settings (``TrainConfig.run``)."""
-        return cls(total, steps_per_epoch, run.eval_every, run.save_every, run.save_minutes)
-
     def eval_due(self, step: int) -> bool:
-        every = self.eval_every if self.eval_every > 0 else self.steps_per_epoch
-        return step < self.total and step % every == 0
+        if step >= self.total:
+            return False
+        return step % self.eval_every == 0 if self.eval_every > 0 else self.epoch_end(step)
 
     def save_due(self, step: int) -> str | None:
         """``"every"`` (a ``save_every`` step), ``"time"`` (``save_minutes`` have passed) or ``None``."""

@@ -1,5 +1,5 @@
 """Learning curves: the training loss and the dev metric against the step, drawn from a run's
-``log.jsonl`` next to its ``results.json`` (when matplotlib is installed)."""
+``log.jsonl`` next to its ``results.json`` (matplotlib is a dependency: every run draws them)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 
 def plot_run(run_dir: str | Path, title: str = "", metric: str = "accuracy") -> Path | None:
-    """Draws ``learning_curves.png`` in ``run_dir``; ``None`` when matplotlib is missing or the log
-    has nothing to draw."""
+    """Draws ``learning_curves.png`` in ``run_dir``; ``None`` when the log has nothing to draw."""
     train, evals = read_log(run_dir)
     if not train and not evals:
         return None
@@ -40,15 +39,12 @@ def plot_run(run_dir: str | Path, title: str = "", metric: str = "accuracy") -> 
 
 
 def plot_runs(runs: dict[str, tuple[Sequence[dict], Sequence[dict]]], out: str | Path, *, title: str = "",
-              metric: str = "accuracy") -> Path | None:
+              metric: str = "accuracy") -> Path:
     """One figure: the dev ``metric`` (left) and the training loss (right) of each labelled run."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
     for label, (train, evals) in runs.items():
         if evals:

@@ -1,51 +1,38 @@
-"""Several GLUE tasks trained at once, one adapter each, in mixed batches (``--tasks=sst2,cola,mrpc``).
+"""Several tasks trained at once, one adapter each, in mixed batches (``--tasks=sst2,cola,mrpc``).
 
-    jaxpeft-train --method=bitfit --tasks=sst2,cola,mrpc --task_sampling=temperature
+    jaxpeft-train --method=bitfit --tasks=sst2,cola,mrpc
 
-One frozen base model and K adapters of one method (BitFit, prompt tuning, P-tuning, prefix
-tuning, P-tuning v2), each with its own head. Every batch holds rows of several tasks; each row is
-computed under its own task's adapter (:func:`jaxpeft.adapters.mixed.mixed_logits`: the adapters'
-leaves stacked on a leading K axis, gathered per row, the model vmapped over the rows).
+One frozen base model and K adapters of one method, each with its own head. Every batch holds rows
+of several tasks; each row is computed under its own task's adapter
+(:func:`jaxpeft.adapters.mixed.mixed_outputs`: the adapters' leaves stacked on a leading K axis,
+gathered per row, the model vmapped over the rows). It runs through the one loop
+(:mod:`jaxpeft.training.loop`): the device mesh, many steps per device call, stored programs,
+checkpoints and exact resume, the learning curves.
 
-* **Sampling.** Each row's task is drawn with probability proportional to the task's training
-  examples (``--task_sampling=proportional``) or to ``size^(1/T)`` (``temperature``,
-  ``--sampling_temperature=T``: T=1 is proportional, larger T is closer to uniform, so small tasks
-  get more rows). Each task's examples are consumed in its own shuffled order, epoch after epoch.
-  Within a pool of 50 batches each batch keeps its drawn mix of tasks, and each task's rows are
-  handed out shortest first, so a batch holds short rows of every task or long rows of every task
-  (less padding, still mixed); the batches are then shuffled. An "epoch" is as many rows as all tasks' training examples together. The order is a
-  function of ``(seed, epoch)``, so a resumed run sees the same batches.
-* **Loss.** The sum over tasks of each task's mean loss on its rows (cross-entropy on its own
-  labels, or MSE for STS-B): task A's adapter gets exactly the gradient a single-task step on A's
-  rows gives it (``tests/test_multitask.py``). Gradient clipping (``--max_grad_norm``) is per task,
-  over that task's adapter and head, as in its own run; AdamW is elementwise, so each task's
-  update is its own. One learning-rate schedule for all tasks.
+* **Each task keeps its own config.** Its learning rate, head rate, epochs and sequence length come
+  from its own config (``jaxpeft/configs/<method>.py`` for that task) unless a flag sets them for
+  all: its adapter's updates are scaled to its rate (AdamW is elementwise, so each task's update is
+  its own), it sees its own number of epochs, and its rows are encoded at its own length.
+* **Sampling.** Each row's task is drawn with probability proportional to the rows its own run
+  would train (examples x epochs; ``--task_sampling=proportional``), or to that to the power
+  ``1/T`` (``temperature``). A mixture epoch holds as many rows as all tasks' examples together;
+  the run lasts as many mixture epochs as all tasks' own runs together hold rows. Each task's
+  examples are consumed in its own shuffled order, epoch after epoch. The order is a function of
+  ``(seed, epoch)``, so a resumed run sees the same batches.
+* **Loss.** The sum over tasks of each task's mean loss on its rows: task A's adapter gets exactly
+  the gradient a single-task step on A's rows gives it (``tests/test_multitask.py``). Gradient
+  clipping is per task, over that task's adapter and head, as in its own run.
 * **Reparameterised methods** (P-tuning's prompt encoder, prefix tuning's MLP) compute each task's
-  prompt or prefixes once per step (``export_params`` vmapped over the K adapters), not once per
-  row; the rows then read the computed prompts as the exported adapters would. P-tuning v2's
-  dropout on its prefixes is applied per row to the gathered prefixes.
-* **Evaluation** on each task's dev split(s), reported per task (``sst2/accuracy``,
-  ``cola/matthews_correlation``, ...) and as ``average``, the mean of the tasks' main metrics,
-  which ranks the checkpoints.
-* **Checkpoints and resume** as in single-task runs (:class:`jaxpeft.training.checkpoint.Checkpoints`: the
-  stacked trainable leaves and their optimizer state; the same settings, tasks, sampling and data
-  to resume).
-* **Export**: each task's adapter on its own, ``<output_dir>/adapters/<task>/``, a normal adapter
-  folder (``jaxpeft-predict --adapter=DIR``; or all of them at once with
-  ``--adapter=NAME=DIR ...``).
-
-Simpler than the single-task loop (:mod:`jaxpeft.training.trainer`): one device, a plain jitted step per
-batch (no scanned multi-step device calls), no packing, no learning-curve plot.
+  prompt or prefixes once per step, not once per row.
+* **Evaluation** on each task's dev split(s), reported per task (``sst2/accuracy``, ...) and as
+  ``average``, the mean of the tasks' main metrics, which ranks the checkpoints.
+* **Export**: each task's adapter on its own, ``<output_dir>/adapters/<task>/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import re
-import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -53,20 +40,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpeft import masks, runtime
+from jaxpeft import config as config_lib
+from jaxpeft import masks, tasks
 from jaxpeft.adapters import folder, mixed
-from jaxpeft.data import batches, encoding
-from jaxpeft.tasks import glue, metrics
-from jaxpeft.models import fingerprint
-from jaxpeft.training import optim, steps
-from jaxpeft.training.checkpoint import Cadence, Checkpoints, RunIdentity, sha256_arrays
-from jaxpeft.compute import EXACT
-from jaxpeft.config import TrainConfig
+from jaxpeft.data import batches as batching
+from jaxpeft.data.encoding import Encoded
 from jaxpeft.errors import UserError
-from jaxpeft.methods.base import HEAD_PATTERN, module_pattern
-from jaxpeft.models.bert import BertForSequenceClassification, kernels_in_compute_dtype
-from jaxpeft.models.loading import init_params, load_classifier, param_shapes
-from jaxpeft.training.optim import grad_norm
+from jaxpeft.methods.base import head_patterns
+from jaxpeft.models import fingerprint
+from jaxpeft.models.heads import head_modules
+from jaxpeft.models.loading import build_module, frozen_in_dtype, init_params, load_model, param_shapes
+from jaxpeft.training import loop, optim, steps
+from jaxpeft.training.checkpoint import RunIdentity, sha256_arrays
+from jaxpeft.training.single import setup_runtime
 
 ADAPTERS_DIR = "adapters"
 #: the main metric of a multi-task run: the mean of the tasks' main metrics
@@ -74,22 +60,22 @@ AVERAGE = "average"
 INDEX = mixed.INDEX_KEY
 
 
-def parse_tasks(text: str) -> list[glue.GlueTask]:
-    """``sst2,cola,mrpc`` -> the tasks (known, no repeats)."""
+def parse_tasks(text: str, data: Any = None) -> list[tasks.Task]:
+    """``sst2,cola,mrpc`` -> the tasks (known, no repeats, one kind)."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty")
-    tasks = [glue.get_task(n) for n in names]
-    seen = set()
-    for t in tasks:
-        if t.name in seen:
-            raise UserError(f"--tasks={text}: {t.name} is listed twice")
-        seen.add(t.name)
-    return tasks
+    found = [tasks.get(n, data) for n in names]
+    if len({t.name for t in found}) < len(found):
+        raise UserError(f"--tasks={text}: a task is listed twice")
+    kinds = {t.kind for t in found}
+    if kinds != {"sequence"}:
+        raise UserError(f"--tasks={text}: multi-task runs train sequence tasks (these are {', '.join(sorted(kinds))})")
+    return found
 
 
-def sampling_probs(sizes: Sequence[int], how: str = "proportional", temperature: float = 2.0) -> np.ndarray:
-    """Each task's share of the rows: proportional to its size, or to ``size^(1/temperature)``.
+def sampling_probs(sizes: Sequence[float], how: str = "proportional", temperature: float = 2.0) -> np.ndarray:
+    """Each task's share of the rows: proportional to ``sizes``, or to ``size^(1/temperature)``.
 
     >>> sampling_probs([300, 100]).round(3).tolist(), sampling_probs([300, 100], "temperature", 2.0).round(3).tolist()
     ([0.75, 0.25], [0.634, 0.366])
@@ -105,33 +91,40 @@ def sampling_probs(sizes: Sequence[int], how: str = "proportional", temperature:
 # ----------------------------------------------------------------------------- batches
 
 
-def concat_encoded(parts: Sequence[encoding.Encoded]) -> tuple[encoding.Encoded, np.ndarray]:
-    """One :class:`~jaxpeft.data.encoding.Encoded` of all tasks' examples (labels float32 if any task is
-    regression) and each example's task."""
+def concat_encoded(parts: Sequence[Encoded], width: int) -> tuple[Encoded, np.ndarray]:
+    """One :class:`Encoded` of all tasks' examples (each at its own length, padded to ``width``;
+    labels float32 if any task is regression) and each example's task."""
     labels = [p.labels for p in parts]
     dtype = np.float32 if any(lb.dtype.kind == "f" for lb in labels) else np.int32
-    enc = encoding.Encoded(np.concatenate([p.input_ids for p in parts]),
-                       np.concatenate([p.token_type_ids for p in parts]),
-                       np.concatenate([p.lengths for p in parts]),
-                       np.concatenate([lb.astype(dtype) for lb in labels]))
+
+    def pad(a):
+        return np.pad(a, [(0, 0), (0, width - a.shape[1])])
+    enc = Encoded(np.concatenate([pad(p.input_ids) for p in parts]),
+                  np.concatenate([pad(p.token_type_ids) for p in parts]),
+                  np.concatenate([p.lengths for p in parts]),
+                  np.concatenate([lb.astype(dtype) for lb in labels]))
     return enc, np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(parts)])
 
 
 class TaskBatches:
-    """Mixed training batches (see the module docstring), deterministic in ``(seed, epoch)``."""
+    """Mixed training batches (see the module docstring), deterministic in ``(seed, epoch)``, in runs
+    of one length bucket (a device call each)."""
 
     POOL = 50
+    run_length = batching.BucketBatches.RUN
 
-    def __init__(self, parts: Sequence[encoding.Encoded], batch_size: int, max_length: int, seed: int,
-                 probs: np.ndarray):
-        self.data, self.task_of = concat_encoded(parts)
+    def __init__(self, parts: Sequence[Encoded], batch_size: int, max_length: int, seed: int, probs: np.ndarray):
+        self.data, self.task_of = concat_encoded(parts, max_length)
         self.sizes = [len(p) for p in parts]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.batch_size, self.seed, self.probs = batch_size, seed, np.asarray(probs)
-        self.buckets = batches.length_buckets(max_length)
+        self.buckets = batching.length_buckets(max_length)
         self.steps_per_epoch = max(1, -(-len(self.data) // batch_size))
         self._counts: dict[int, np.ndarray] = {}      # rows drawn per task in each epoch
         self._cache: dict[int, list[np.ndarray]] = {}
+
+    def epoch_steps(self, epoch: int) -> int:
+        return self.steps_per_epoch
 
     def _draws(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch, 7])
@@ -159,7 +152,7 @@ class TaskBatches:
         return out + self.offsets[k]
 
     def order(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's batches as global example indices."""
+        """The epoch's batches as global example indices, in runs of one width."""
         if epoch not in self._cache:
             draws, cursor = self._draws(epoch), self._cursor(epoch)
             rows = np.empty(len(draws), np.int64)
@@ -169,32 +162,42 @@ class TaskBatches:
             b, pool = self.batch_size, self.batch_size * self.POOL
             batches = []
             for s in range(0, len(rows), pool):
-                chunk, tasks = rows[s:s + pool], draws[s:s + pool]
+                chunk, which = rows[s:s + pool], draws[s:s + pool]
                 for k in range(len(self.sizes)):   # each task's rows of the pool, shortest to the first batches
-                    slots = np.flatnonzero(tasks == k)
+                    slots = np.flatnonzero(which == k)
                     chunk[slots] = chunk[slots][np.argsort(self.data.lengths[chunk[slots]], kind="stable")]
                 batches += [chunk[i:i + b] for i in range(0, len(chunk), b)]
             np.random.default_rng([self.seed, epoch, 8]).shuffle(batches)
-            self._cache = {epoch: batches}
+            self._cache = {epoch: batching.in_runs(batches, [self.width(x) for x in batches], self.run_length,
+                                                   self.seed, epoch)}
         return self._cache[epoch]
 
     def width(self, idx: np.ndarray) -> int:
-        return batches.bucket_for(int(self.data.lengths[idx].max(initial=1)), self.buckets)
+        return batching.bucket_for(int(self.data.lengths[idx].max(initial=1)), self.buckets)
 
-    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        b = batches.make_batch(self.data, idx, self.buckets)
-        b[INDEX] = self.task_of[idx].astype(np.int32)
+    def batch(self, idx: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        b = batching.make_batch(self.data, idx, self.buckets, rows)
+        b[INDEX] = self.task_of[idx if rows is None else idx[rows]].astype(np.int32)
         return b
 
-    def eval_batches(self, k: int, enc: encoding.Encoded, batch_size: int):
+    def chunk(self, specs: Sequence[np.ndarray], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        idx = np.stack(specs)
+        if rows is not None:
+            idx = idx[:, rows]
+        n, b = idx.shape
+        flat = self.batch(idx.reshape(-1))
+        return {k: v.reshape((n, b) + v.shape[1:]) for k, v in flat.items()}
+
+    def eval_batches(self, k: int, enc: Encoded, batch_size: int, max_length: int):
         """Every example of task ``k``'s ``enc`` once, routed to adapter ``k``."""
-        for idx in batches.eval_order(enc.lengths, batch_size):
-            b = batches.make_batch(enc, idx, self.buckets)
+        buckets = batching.length_buckets(max_length)
+        for idx in batching.eval_order(enc.lengths, batch_size):
+            b = batching.make_batch(enc, idx, buckets)
             b[INDEX] = np.full(len(idx), k, np.int32)
             yield b
 
 
-# ----------------------------------------------------------------------------- loss and step
+# ----------------------------------------------------------------------------- loss and optimizer
 
 
 def task_losses(logits: jax.Array, labels: jax.Array, weights: jax.Array, index: jax.Array,
@@ -225,398 +228,271 @@ def task_grad_norms(tree: Any) -> jax.Array:
                         for x in leaves))
 
 
+def _per_task(scale: jax.Array, t: jax.Array) -> jax.Array:
+    return t * scale.reshape((-1,) + (1,) * (t.ndim - 1)).astype(t.dtype)
+
+
 def clip_per_task(max_norm: float) -> optax.GradientTransformation:
     """Clips each task's slice of the stacked gradients to ``max_norm`` by its own global norm (what
-    its single-task run's ``clip_by_global_norm`` does)."""
+    its single-task run's clipping does)."""
 
     def update(updates, state, params=None):
         del params
         norms = task_grad_norms(updates)
         scale = jnp.where(norms < max_norm, 1.0, max_norm / jnp.maximum(norms, 1e-30))
-        return jax.tree_util.tree_map(
-            lambda t: (t * scale.reshape((-1,) + (1,) * (t.ndim - 1)).astype(t.dtype)), updates), state
+        return jax.tree_util.tree_map(lambda t: _per_task(scale, t), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(o: Any, head_patterns: Sequence[str]) -> optax.GradientTransformation:
-    """:func:`jaxpeft.training.optim.make_optimizer` with the clipping done per task."""
-    inner = optim.make_optimizer(dataclasses.replace(o, max_grad_norm=0.0), head_patterns)
-    return optax.chain(clip_per_task(o.max_grad_norm), inner) if o.max_grad_norm > 0 else inner
+def scale_per_task(rates: Sequence[float], head_rates: Sequence[float], head: Sequence[str]
+                   ) -> optax.GradientTransformation:
+    """Scales each task's slice of the updates by its own rate (relative to the schedule's peak),
+    and its head's by its own head rate."""
+    rates, head_rates = jnp.asarray(rates, jnp.float32), jnp.asarray(head_rates, jnp.float32)
+    head_rx = re.compile("|".join(f"(?:{p})" for p in head)) if head else None
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(kp, t):
+            path = masks.path_str(kp)
+            return _per_task(head_rates if head_rx is not None and head_rx.search(path) else rates, t)
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-@dataclasses.dataclass
-class MixedModel:
-    """What a multi-task step computes with: the training method (its trainable leaves stacked per
-    task), the inference model the rows run through, and the settings of the loss."""
-
-    method: Any
-    module: Any                   # the inference method's classifier, the widest head
-    modules_to_save: tuple[str, ...]
-    num_labels: tuple[int, ...]
-    regression: tuple[bool, ...]
-    leaf_dropout: dict[str, float]
-
-    def export(self, trainable: Any, frozen: Any) -> dict[str, jax.Array]:
-        """Each task's exported leaves (what its adapter folder holds), stacked: ``{path: [K, ...]}``."""
-        return jax.vmap(lambda t: self.method.export_params(masks.merge(t, frozen), self.modules_to_save))(trainable)
-
-    def loss(self, trainable, frozen, inf_frozen, batch, rng):
-        stacked = self.export(trainable, frozen)
-        logits = mixed.mixed_logits(self.module, stacked, inf_frozen, batch, deterministic=rng is None,
-                                            rng=rng, leaf_dropout=self.leaf_dropout if rng is not None else None)
-        return task_losses(logits, batch["labels"], batch["weights"], batch[INDEX], self.num_labels,
-                           self.regression)
-
-    def train_step(self, tx: optax.GradientTransformation) -> Callable:
-        """``step(state, frozen, inf_frozen, batch, lr) -> (state, metrics)`` (pure)."""
-
-        def step(state, frozen, inf_frozen, batch, lr):
-            rng = jax.random.fold_in(state.rng, state.step)
-            (loss, per_task), grads = jax.value_and_grad(self.loss, has_aux=True)(
-                state.trainable, frozen, inf_frozen, batch, rng)
-            updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-            updates = jax.tree_util.tree_map(lambda u: (lr * u).astype(u.dtype), updates)
-            new = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
-                                opt_state=opt_state)
-            return new, {"loss": loss, "task_loss": per_task, "task_grad_norm": task_grad_norms(grads),
-                         "grad_norm": grad_norm(grads), "lr": jnp.asarray(lr, jnp.float32)}
-
-        return step
+# ----------------------------------------------------------------------------- the job
 
 
-def build_mixed(method: Any, config: Any, params: Any, tasks: Sequence[glue.GlueTask], *, compute: Any = EXACT,
-                pooling: str = "cls", modules_to_save: Sequence[str] = ()) -> tuple[MixedModel, Any]:
-    """The mixed model of ``method`` for ``tasks`` and the frozen params of its inference classifier
-    (``params``' base leaves; holes at the exported paths; matmul kernels in the compute dtype).
+class MultiTask(loop.Job):
+    """One multi-task run (see the module docstring)."""
 
-    ``params``: a full params tree of ``method``'s training classifier (the base, one task's
-    adapter): it gives the shapes of what a task's adapter exports.
-    """
-    width = max(t.num_labels for t in tasks)
-    inference = method.for_inference()
-    module = BertForSequenceClassification(config, width, adapter=inference.adapter(config), compute=compute,
-                                           extras=inference.extras(config), pooling=pooling)
-    exported = jax.eval_shape(lambda p: method.export_params(p, tuple(modules_to_save)), params)
-    shapes = param_shapes(module)
-    base = masks.flatten(params)
-    inf_frozen = masks.unflatten({p: base[p] for p in masks.flatten(shapes) if p not in exported}, shapes)
-    if compute.dtype != "float32":
-        inf_frozen = jax.jit(lambda f: kernels_in_compute_dtype(f, compute))(inf_frozen)
-    rate = float(getattr(method, "prefix_dropout", 0.0) or 0.0)
-    dropout = {"adapter/prefix_keys": rate, "adapter/prefix_values": rate} if rate > 0 else {}
-    mixed = MixedModel(method, module, tuple(modules_to_save), tuple(t.num_labels for t in tasks),
-                       tuple(t.is_regression for t in tasks), dropout)
-    return mixed, inf_frozen
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-class MultiTaskTrainer:
-    """One multi-task run; ``run()`` trains, evaluates, exports and writes ``results.json``."""
-
-    checkpoints: Checkpoints | None = None
-
-    def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] = print, start: float | None = None):
-        from jaxpeft.training.trainer import check_output_dir
-
-        self.timers = runtime.Timers(start)
-        self.cfg, self.echo = cfg, echo
-        self.tasks = parse_tasks(cfg.tasks)
+    def __init__(self, cfg: Any, echo: Callable[[str], None] = print, start: float | None = None):
+        self.tasks = parse_tasks(cfg.tasks, cfg.data)
+        self.names = [t.name for t in self.tasks]
         self.method = cfg.method_obj()
         inference = self.method.for_inference()
-        if mixed.family_of(inference.name) is None:
+        if inference.mix is None:
             raise UserError(f"--tasks: --method={cfg.method} cannot train several tasks in one batch; "
-                            f"these can: {mixed.supported_methods()}")
+                            f"these can: {mixed.mixable_methods()}")
         if cfg.data.packing:
             raise UserError("--tasks: --packing is not supported in multi-task runs")
         if cfg.head.pooling == "cosine":
             raise UserError("--tasks: --pooling=cosine is not supported in multi-task runs (a batch's rows are "
                             "its examples there)")
-        if cfg.devices.mesh or (cfg.devices.num_processes or 1) > 1:
-            raise UserError("--tasks: multi-task runs use one device (no --mesh, no multi-process runs)")
-        self.out = check_output_dir(cfg.run.output_dir)
+        self.own = config_lib.task_configs(cfg, self.names)
         self.modules_to_save = cfg.head.module_list()
-        with self.timers.section("startup"):
-            self.cache_dir = runtime.enable_compilation_cache(cfg.devices.compilation_cache)
-            self.compute = cfg.resolve_compute(num_devices=1)
-            runtime.set_prng_impl(self.compute.prng_impl)
+        setup_runtime(self, cfg, echo, start)
+        self.title = f"{cfg.method} on {'+'.join(self.names)}"
+        self.main_metric = AVERAGE
+        self.length = max(c["max_seq_length"] for c in self.own.values())
         d = cfg.data
         with self.timers.section("data"):
-            raw_train, raw_evals = [], []
+            self.raw_train, self.raw_evals = [], []
             for t in self.tasks:
-                tr = glue.load_split(t, "train", d.data_dir)
-                ev = {s: glue.load_split(t, s, d.data_dir) for s in t.eval_splits}
+                tr = t.read("train")
+                ev = {s: t.read(s) for s in t.eval_splits}
                 for s, ex in [("train", tr), *ev.items()]:
-                    if ex.labels is None:
+                    if not t.labelled(ex):
                         raise UserError(f"{ex.source}: split {s!r} has no labels")
-                raw_train.append(tr.take(d.max_train_examples) if d.max_train_examples else tr)
-                raw_evals.append({s: ex.take(d.max_eval_examples) if d.max_eval_examples else ex
-                                  for s, ex in ev.items()})
+                self.raw_train.append(t.take(tr, d.max_train_examples) if d.max_train_examples else tr)
+                self.raw_evals.append({s: t.take(ex, d.max_eval_examples) if d.max_eval_examples else ex
+                                       for s, ex in ev.items()})
         self.width = max(t.num_labels for t in self.tasks)
+        head = self.tasks[0].head(cfg.head.pooling)
+        head = dataclasses.replace(head, num_labels=self.width)
         with self.timers.section("startup"):
             m, o = self.method, cfg.optim
-            self.model = load_classifier(cfg.model, self.width, adapter=m.adapter, extras=m.extras, added=m.added,
-                                         compute=self.compute, seed=o.seed, with_weights=not cfg.random_init,
-                                         pooling=cfg.head.pooling)
-            need = d.max_seq_length + m.extra_positions()
-            if need > self.model.config.max_position_embeddings:
-                raise UserError(f"max_seq_length={d.max_seq_length} plus {m.extra_positions()} virtual tokens "
-                                f"exceeds the model's max_position_embeddings={self.model.config.max_position_embeddings}")
-            self.mask = m.mask(self.model.params, self.modules_to_save)
+            self.model = load_model(cfg.model, head, m, compute=self.compute, seed=o.seed,
+                                    with_weights=not cfg.random_init)
+            family = self.model.family
+            m.check_model(self.model.params, family)
+            self.heads = head_modules(family, head)
+            limit = getattr(self.model.config, "max_position_embeddings", None)
+            if limit is not None and self.length + m.extra_positions() > limit:
+                raise UserError(f"max_seq_length={self.length} plus {m.extra_positions()} virtual tokens exceeds "
+                                f"the model's max_position_embeddings={limit}")
+            self.mask = m.mask(self.model.params, family, self.heads, self.modules_to_save)
             per_task = [self.task_params(k) for k in range(len(self.tasks))]
             trainables = [masks.split(p, self.mask)[0] for p in per_task]
             self.trainable = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trainables)
-            self.frozen = masks.split(self.model.params, self.mask)[1]
-            self.mixed, self.inf_frozen = build_mixed(
-                m, self.model.config, self.model.params, self.tasks, compute=self.compute,
-                pooling=cfg.head.pooling, modules_to_save=self.modules_to_save)
+            self.frozen_train = masks.split(self.model.params, self.mask)[1]
+            self.inf_module, self.inf_frozen = self.inference_model(head)
         with self.timers.section("data"):
             tok = self.model.tokenizer
-            self.train_data = [encoding.encode_cached(tok, ex, d.max_seq_length) for ex in raw_train]
-            self.eval_data = [{s: encoding.encode_cached(tok, ex, d.max_seq_length) for s, ex in evs.items()}
-                              for evs in raw_evals]
-            self.probs = sampling_probs([len(e) for e in self.train_data], cfg.task_sampling,
-                                        cfg.sampling_temperature)
-            self.batches = TaskBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed, self.probs)
+            self.train_data = [t.encode(tok, ex, self.own[t.name]["max_seq_length"])
+                               for t, ex in zip(self.tasks, self.raw_train)]
+            self.eval_data = [{s: t.encode(tok, ex, self.own[t.name]["max_seq_length"]) for s, ex in evs.items()}
+                              for t, evs in zip(self.tasks, self.raw_evals)]
+            rows = [len(e) * self.own[t.name]["num_epochs"] for t, e in zip(self.tasks, self.train_data)]
+            self.probs = sampling_probs(rows, cfg.task_sampling, cfg.sampling_temperature)
+            self.batches = TaskBatches(self.train_data, o.batch_size, self.length, o.seed, self.probs)
+            self.mixture_epochs = sum(rows) / max(1, sum(len(e) for e in self.train_data))
+        self.total_steps = o.max_steps if o.max_steps > 0 else max(
+            1, int(np.ceil(self.mixture_epochs * self.batches.steps_per_epoch)))
 
-    # -- building -----------------------------------------------------------------------------
+    # -- building -----------------------------------------------------------------------------------
     def task_params(self, k: int) -> Any:
         """Task ``k``'s starting params: the base, with what the checkpoint does not provide (head,
-        prompt or prefix params, a method's added leaves) initialised from its own seed."""
-        base = self.model.params
+        prompt params, a method's added leaves) initialised from its own seed."""
+        base, family = self.model.params, self.model.family
         if k == 0:
             params = base
         else:
-            pretrained = [p for p in masks.flatten(base) if p.startswith("bert/")
+            prefix = family.prefix + "/"
+            pretrained = [p for p in masks.flatten(base) if p.startswith(prefix)
                           and not (self.method.added and re.search(self.method.added, p))]
             fresh = masks.flatten(init_params(self.model.module, jax.random.key(self.cfg.optim.seed + 1000 * k),
                                               skip=pretrained))
             params = masks.unflatten({**masks.flatten(base), **fresh}, base)
-        return self.method.init_params(params, tokenizer=self.model.tokenizer,
+        return self.method.init_params(params, family, tokenizer=self.model.tokenizer,
                                        rng=jax.random.key(self.cfg.optim.seed + 1 + 1000 * k))
 
-    # -- bookkeeping -----------------------------------------------------------------------------
-    def total_steps(self) -> int:
+    def inference_model(self, head: Any) -> tuple[Any, Any]:
+        """The exported method's model (the rows run through it) and its frozen params (the base's
+        leaves, holes at the exported paths; matmul kernels in the compute dtype)."""
+        family, config = self.model.family, self.model.config
+        inference = self.method.for_inference()
+        module = build_module(family, config, head, inference, self.compute)
+        exported = jax.eval_shape(lambda p: self.method.export_params(p, family, self.heads, self.modules_to_save),
+                                  self.model.params)
+        shapes = param_shapes(module)
+        base = masks.flatten(self.model.params)
+        inf_frozen = masks.unflatten({p: base[p] for p in masks.flatten(shapes) if p not in exported}, shapes)
+        if self.compute.dtype != "float32":
+            inf_frozen = jax.jit(lambda f: frozen_in_dtype(f, self.compute.dtype, family.prefix))(inf_frozen)
+        return module, inf_frozen
+
+    def export_stacked(self, trainable: Any, frozen: Any) -> dict[str, jax.Array]:
+        """Each task's exported leaves (what its adapter folder holds), stacked: ``{path: [K, ...]}``."""
+        family = self.model.family
+        return jax.vmap(lambda t: self.method.export_params(masks.merge(t, frozen), family, self.heads,
+                                                            self.modules_to_save))(trainable)
+
+    # -- the loop's parts ---------------------------------------------------------------------------
+    def initial(self) -> tuple[Any, Any]:
+        # the frozen part holds both the training base (for export_params) and the inference base
+        return self.trainable, {"train": self.frozen_train, "inference": self.inf_frozen}
+
+    def loss_fn(self) -> steps.LossFn:
+        rate = float(getattr(self.method, "prefix_dropout", 0.0) or 0.0)
+        dropout = {"prompt/prefix_keys": rate, "prompt/prefix_values": rate} if rate > 0 else {}
+        num_labels = tuple(t.num_labels for t in self.tasks)
+        regression = tuple(t.is_regression for t in self.tasks)
+
+        def loss(trainable, frozen, batch, rng):
+            stacked = self.export_stacked(trainable, frozen["train"])
+            logits = mixed.mixed_outputs(self.inf_module, stacked, frozen["inference"], batch, deterministic=False,
+                                         rng=rng, leaf_dropout=dropout)
+            total, per_task = task_losses(logits, batch["labels"], batch["weights"], batch[INDEX], num_labels,
+                                          regression)
+            return total, {"task_loss": per_task}
+
+        return loss
+
+    def predict_fn(self) -> Callable:
+        def predict(trainable, frozen, batch):
+            stacked = self.export_stacked(trainable, frozen["train"])
+            return mixed.mixed_outputs(self.inf_module, stacked, frozen["inference"], batch)
+        return predict
+
+    def optimizer(self) -> Any:
         o = self.cfg.optim
-        if o.max_steps > 0:
-            return o.max_steps
-        return max(1, math.ceil(o.num_epochs * self.batches.steps_per_epoch))
+        head = head_patterns(self.heads, self.modules_to_save)
+        rates = [self.own[n]["learning_rate"] / o.learning_rate for n in self.names]
+        head_rates = [(self.own[n]["head_learning_rate"] or self.own[n]["learning_rate"]) / o.learning_rate
+                      for n in self.names]
+        inner = optim.make_optimizer(dataclasses.replace(o, max_grad_norm=0.0, head_learning_rate=None))
+        chain = [clip_per_task(o.max_grad_norm)] if o.max_grad_norm > 0 else []
+        return optax.chain(*chain, inner, scale_per_task(rates, head_rates, head))
 
-    def settings(self) -> dict[str, Any]:
-        from jaxpeft.training.trainer import trajectory_settings
+    def eval_batches(self, k: int, enc: Encoded):
+        return self.batches.eval_batches(k, enc, self.cfg.data.eval_batch_size, self.length)
 
-        out = trajectory_settings(self.cfg, self.compute)
-        out.update(tasks=",".join(t.name for t in self.tasks), task_sampling=self.cfg.task_sampling,
-                   sampling_temperature=self.cfg.sampling_temperature)
-        return out
+    def eval_examples(self) -> list[dict]:
+        return [b for k, evs in enumerate(self.eval_data) for enc in evs.values() for b in self.eval_batches(k, enc)]
 
-    def config_record(self) -> dict[str, Any]:
-        return {**self.cfg.to_flat(), "resolved_compute": self.compute.to_dict()}
-
-    def identity(self) -> RunIdentity:
-        td = self.batches.data
-        self.fingerprint = fingerprint.fingerprint(self.model.params, self.cfg.model, str(self.model.model_dir),
-                                                   exclude=self.method.added)
-        return RunIdentity(
-            settings=self.settings(), config=self.config_record(), method=self.method.name,
-            method_options=self.method.options(), task=",".join(t.name for t in self.tasks),
-            num_labels=self.width, fingerprint=self.fingerprint, train_examples=len(td),
-            train_data_sha256=sha256_arrays(td.input_ids, td.token_type_ids, td.lengths, td.labels,
-                                            self.batches.task_of),
-            total_steps=self.total_steps(), steps_per_epoch=self.batches.steps_per_epoch)
-
-    def data_position(self, step: int) -> dict[str, Any]:
-        spe = self.batches.steps_per_epoch
-        epoch, batch = divmod(step, spe)
-        return {"epoch": epoch, "batch": batch, "steps_per_epoch": spe,
-                "batch_order_sha256": batches.order_digest(self.batches.order(epoch)[batch:])}
-
-    def evaluate(self, export_fn, predict_fn, trainable) -> dict[str, float]:
-        stacked = export_fn(trainable, self.frozen)
+    def evaluate(self, predict: Callable, trainable: Any, frozen: Any) -> dict[str, float]:
         out: dict[str, float] = {}
         for k, task in enumerate(self.tasks):
             for i, (split, enc) in enumerate(self.eval_data[k].items()):
-                batches = self.batches.eval_batches(k, enc, self.cfg.data.eval_batch_size)
-                logits = steps.predict_logits(predict_fn, stacked, self.inf_frozen, batches, len(enc))
-                preds = steps.logits_to_predictions(logits[:, :task.num_labels], task.is_regression)
-                m = metrics.compute(task.name, preds, enc.labels)
+                logits = steps.predict_outputs(predict, trainable, frozen, self.eval_batches(k, enc), len(enc),
+                                               self.device_batch_of_whole)
+                m = task.evaluate(logits[:, :task.num_labels], enc, self.raw_evals[k][split])
                 out.update({f"{task.name}/{name if i == 0 else f'{split}_{name}'}": v for name, v in m.items()})
         out[AVERAGE] = float(np.mean([out[f"{t.name}/{t.main_metric}"] for t in self.tasks]))
         return out
 
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        from jaxpeft.training.trainer import JsonLog
+    def named(self, key: str, value: Any) -> Any:
+        """Per-task metrics of the log by task name."""
+        if key == "task_loss":
+            return dict(zip(self.names, np.asarray(value).tolist()))
+        return value
 
-        cfg, timers, o = self.cfg, self.timers, self.cfg.optim
-        names = [t.name for t in self.tasks]
-        self.out.mkdir(parents=True, exist_ok=True)
-        jlog = JsonLog(self.out / "log.jsonl")
-        per_task_params = masks.count(self.model.params, self.mask)[0]
-        self.echo(f"{cfg.method} on {', '.join(names)} with {cfg.model}: one adapter per task, "
-                  f"{per_task_params:,} trainable parameters each; rows sampled "
-                  + ", ".join(f"{n} {p:.1%}" for n, p in zip(names, self.probs)))
-        total, spe = self.total_steps(), self.batches.steps_per_epoch
-        head = [HEAD_PATTERN] + [module_pattern(m) for m in self.modules_to_save]
-        tx = make_optimizer(o, head)
-        schedule = optim.Schedule.create(o.learning_rate, total, o.warmup_ratio)
-        with timers.section("startup"):
-            state = steps.init_state(self.trainable, tx, o.seed)
-        with timers.section("checkpoint"):
-            self.checkpoints = Checkpoints(
-                cfg.run.output_dir, self.identity(), keep=cfg.run.keep, save_every=cfg.run.save_every,
-                resume=cfg.run.resume, main_metric=AVERAGE, data_position=self.data_position, echo=self.echo,
-                log=jlog.write)
-            state = self.checkpoints.resume(state)
-        xla = self.compute.compiler_options()
-        step_jit = jax.jit(self.mixed.train_step(tx), donate_argnums=(0,), compiler_options=xla)
-        export_fn = jax.jit(self.mixed.export, compiler_options=xla)
-        predict_fn = jax.jit(mixed.make_mixed_predict_step(self.mixed.module), compiler_options=xla)
-        compiled: dict[int, Any] = {}
-        jlog.write(event="start", config=self.config_record(), method_options=self.method.options(), tasks=names,
-                   train_examples={n: len(e) for n, e in zip(names, self.train_data)},
-                   sampling=dict(zip(names, self.probs.tolist())), total_steps=total,
-                   trainable_params_per_task=per_task_params, devices=[str(dv) for dv in jax.devices()])
-        self.echo(f"{sum(map(len, self.train_data)):,} training examples, {total:,} steps of {o.batch_size} mixed "
-                  f"rows; compute {self.compute.dtype}/{self.compute.attention_impl}/{self.compute.norm_impl}")
+    def describe(self) -> str:
+        per = masks.count(self.model.params, self.mask)[0]
+        shares = ", ".join(f"{n} {p:.1%} ({self.own[n]['num_epochs']:g} epochs at {self.own[n]['learning_rate']:g})"
+                           for n, p in zip(self.names, self.probs))
+        return (f"{self.cfg.method} on {', '.join(self.names)} with {self.cfg.model}: one adapter per task, "
+                f"{per:,} trainable parameters each; rows sampled {shares}\n"
+                f"{sum(map(len, self.train_data)):,} training examples, {self.total_steps:,} steps of "
+                f"{self.cfg.optim.batch_size} mixed rows; compute {self.compute.dtype}/{self.compute.attention_impl}; "
+                f"devices {jax.device_count()}x {jax.devices()[0].platform} (mesh {self.plan.describe()})")
 
-        best, best_step = self.checkpoints.best, self.checkpoints.best_step
-        last_eval = None
-        step = int(state.step)
-        rows_seen = np.zeros(len(names), np.int64)
-        examples = 0
-        bar = _progress_bar(total, cfg.run.progress, initial=step)
-        pending: list[tuple[int, dict]] = []
-        window = [time.perf_counter(), 0]
+    def start_record(self) -> dict[str, Any]:
+        return {"method_options": self.method.options(), "tasks": self.names, "task_configs": self.own,
+                "train_examples": {n: len(e) for n, e in zip(self.names, self.train_data)},
+                "sampling": dict(zip(self.names, self.probs.tolist()))}
 
-        def drain(keep: int) -> None:
-            while len(pending) > keep:
-                s, m = pending.pop(0)
-                if s % cfg.run.log_every == 0 or s == total:
-                    host = {k: np.asarray(v) for k, v in m.items()}
-                    rate = window[1] / max(time.perf_counter() - window[0], 1e-9)
-                    jlog.write(event="train", step=s, loss=float(host["loss"]), lr=float(host["lr"]),
-                               grad_norm=float(host["grad_norm"]),
-                               task_loss=dict(zip(names, host["task_loss"].tolist())),
-                               task_grad_norm=dict(zip(names, host["task_grad_norm"].tolist())),
-                               examples_per_second=rate, wall_seconds=timers.elapsed())
-                    bar.set_postfix(loss=f"{float(host['loss']):.4f}", ex_s=f"{rate:.0f}")
+    def identity(self) -> RunIdentity:
+        td = self.batches.data
+        self.fingerprint = fingerprint.fingerprint(self.model.params, self.cfg.model, str(self.model.model_dir),
+                                                   exclude=self.method.added, prefix=self.model.prefix)
+        settings = {**self.cfg.resume_settings(self.compute), "task_configs": self.own}
+        return RunIdentity(
+            settings=settings, config=self.config_record(), method=self.method.name,
+            method_options=self.method.options(), task=",".join(self.names), num_labels=self.width,
+            fingerprint=self.fingerprint, train_examples=len(td),
+            train_data_sha256=sha256_arrays(td.input_ids, td.token_type_ids, td.lengths, td.labels,
+                                            self.batches.task_of),
+            total_steps=self.total_steps, steps_per_epoch=self.batches.steps_per_epoch)
 
-        def do_eval():
-            nonlocal best, best_step, last_eval
-            with timers.section("eval"):
-                last_eval = self.evaluate(export_fn, predict_fn, state.trainable)
-            is_best = best is None or last_eval[AVERAGE] > best[AVERAGE]
-            if is_best:
-                best, best_step = dict(last_eval), step
-            jlog.write(event="eval", step=step, epoch=step / spe, wall_seconds=timers.elapsed(), **last_eval)
-            self.echo(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-            with timers.section("checkpoint"):
-                self.checkpoints.after_eval(step, state, last_eval, is_best)
-            cadence.saved()
+    def program_parts(self) -> list:
+        return [repr(self.inf_module), repr(self.model.module), self.names,
+                [self.own[n] for n in self.names], self.modules_to_save, "multitask"]
 
-        t_loop = time.perf_counter()
-        cadence = Cadence.of(cfg.run, total, spe)
-        before = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"]
-        while step < total:
-            epoch, b = divmod(step, spe)
-            spec = self.batches.order(epoch)[b]
-            batch = steps.model_inputs(self.batches.batch(spec))
-            lr = np.float32(schedule(step))
-            key = self.batches.width(spec)
-            if key not in compiled:
-                with timers.section("compile"):
-                    compiled[key] = step_jit.lower(state, self.frozen, self.inf_frozen, batch, lr).compile()
-            state, m = compiled[key](state, self.frozen, self.inf_frozen, batch, lr)
-            rows_seen += np.bincount(batch[INDEX][batch["weights"] > 0], minlength=len(names))
-            real = int((batch["weights"] > 0).sum())
-            examples += real
-            window[1] += real
-            step += 1
-            pending.append((step, m))
-            drain(keep=1)
-            bar.update(1)
-            if cadence.eval_due(step):
-                drain(keep=0)
-                do_eval()
-                window[:] = [time.perf_counter(), 0]
-            due = cadence.save_due(step)
-            if due:
-                drain(keep=0)
-                with timers.section("checkpoint"):
-                    cadence.save(due, step, state, self.checkpoints)
-        drain(keep=0)
-        jax.block_until_ready(state.trainable)
-        elsewhere = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"] - before
-        timers.add("train", time.perf_counter() - t_loop - elsewhere)
-        bar.close()
-        do_eval()
-        self.final_state = state
-        with timers.section("checkpoint"):
-            ckpt = self.checkpoints.close()
-        with timers.section("export"):
-            exported = self.export(state)
-        train_seconds = timers.seconds["train"]
-        by_task = {n: {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith(n + "/")} for n in names}
-        results = {
-            "method": cfg.method, "tasks": names, "model": cfg.model, "method_options": self.method.options(),
-            "compute": self.compute.to_dict(), "trainable_params_per_task": per_task_params,
-            "total_params": masks.count(self.model.params, self.mask)[1],
-            "main_metric": AVERAGE, "best_dev": best, "best_step": best_step, "final_dev": last_eval,
-            "final_dev_by_task": by_task, "steps": step, "epochs": step / spe,
-            "train_examples": {n: len(e) for n, e in zip(names, self.train_data)},
-            "task_sampling": cfg.task_sampling, "sampling_temperature": cfg.sampling_temperature,
-            "sampling": dict(zip(names, self.probs.tolist())),
-            "rows_trained": dict(zip(names, rows_seen.tolist())),
-            "examples_per_second": examples / max(train_seconds, 1e-9), "seed": o.seed,
-            "config": self.config_record(), "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-            **ckpt, **exported, **timers.report(),
-        }
-        (self.out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-        jlog.write(event="end", steps=step, **timers.report(), examples_per_second=results["examples_per_second"])
-        self.echo(f"done: {AVERAGE}={last_eval[AVERAGE]:.4f} (best {best[AVERAGE]:.4f} at step {best_step}); "
-                  + ", ".join(f"{t.name} {t.main_metric}={last_eval[f'{t.name}/{t.main_metric}']:.4f}"
-                              for t in self.tasks)
-                  + f"; {step} steps in {train_seconds:.1f}s, {results['wall_seconds']:.1f}s in all; results in "
-                  f"{self.out / 'results.json'}")
-        return results
-
-    def export(self, state: steps.TrainState) -> dict[str, Any]:
+    def export(self, state: steps.TrainState, frozen: Any) -> dict[str, Any]:
         """Each task's adapter as its own folder (``--export_adapter``): ``adapters/<task>/``."""
         if not self.cfg.run.export_adapter:
             return {}
         dirs = {}
         for k, task in enumerate(self.tasks):
             own = jax.tree_util.tree_map(lambda a: a[k], state.trainable)
-            flat = masks.flatten(masks.merge(own, self.frozen))
-            for p in ("classifier/kernel", "classifier/bias"):
-                flat[p] = flat[p][..., :task.num_labels]
+            flat = masks.flatten(masks.merge(own, frozen["train"]))
+            for p in list(flat):
+                if p.split("/", 1)[0] in self.heads and p.endswith(("/kernel", "/bias")) \
+                        and flat[p].shape[-1] == self.width:
+                    flat[p] = flat[p][..., :task.num_labels]
+            module = self.model.module.clone(head=dataclasses.replace(self.model.module.head, num_labels=task.num_labels))
+            params = masks.unflatten(flat, param_shapes(module))
             written = folder.save_adapter(
-                self.out / ADAPTERS_DIR / task.name, masks.unflatten(flat, self.model.params), self.method, task, base_model=self.cfg.model,
-                fingerprint=self.fingerprint, max_seq_length=self.cfg.data.max_seq_length, compute=self.compute,
-                step=int(state.step), head=self.cfg.head)
+                self.out / ADAPTERS_DIR / task.name, params, self.method, task, family=self.model.family,
+                model_config=self.model.config, base_model=self.cfg.model, fingerprint=self.fingerprint,
+                max_seq_length=self.own[task.name]["max_seq_length"], compute=self.compute, step=int(state.step),
+                head=self.cfg.head, heads=self.heads, write=self.is_main)
             dirs[task.name] = str(written)
         return {"adapter_dirs": dirs}
 
-
-def _progress_bar(total: int, enabled: bool, initial: int = 0):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, file=sys.stderr, unit="step")
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.generic, jax.Array)):
-        return np.asarray(x).item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x)}")
+    def results(self) -> dict[str, Any]:
+        return {"method": self.cfg.method, "tasks": self.names, "model": self.cfg.model,
+                "method_options": self.method.options(), "task_configs": self.own,
+                "trainable_params_per_task": masks.count(self.model.params, self.mask)[0],
+                "train_examples": {n: len(e) for n, e in zip(self.names, self.train_data)},
+                "task_sampling": self.cfg.task_sampling, "sampling": dict(zip(self.names, self.probs.tolist()))}
 
 
-def run(cfg: TrainConfig, echo: Callable[[str], None] = print, start: float | None = None) -> dict[str, Any]:
+def run(cfg: Any, echo: Callable[[str], None] = print, start: float | None = None) -> dict[str, Any]:
     """Trains ``cfg.method`` on every task of ``cfg.tasks`` at once (also in ``results.json``)."""
-    return MultiTaskTrainer(cfg, echo, start).run()
+    return loop.run(MultiTask(cfg, echo, start))

@@ -18,7 +18,7 @@ import optax
 
 from jaxpeft import masks
 
-_NO_DECAY = re.compile(r"(bias|scale|embeddings?|prefix_keys|prefix_values)$|LayerNorm")
+_NO_DECAY = re.compile(r"(bias|scale|embeddings?|prefix_keys|prefix_values)$|(?i:norm)")
 
 
 class Schedule(NamedTuple):

@@ -47,7 +47,7 @@ FSDP = "fsdp"
 #: ``(regex searched in the leaf path, placement)``; the first match wins. Regexes are searched, not
 #: anchored, so they also match optimizer-state paths (``opt_state/1/0/mu/bert/...``).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    (r"LayerNorm/(scale|bias)$", REPLICATED),   # read whole by every token; tiny
+    (r"(?i)norm[^/]*/(scale|bias)$", REPLICATED),   # read whole by every token; tiny
     (r".*", FSDP),                              # everything else: by size
 )
 #: Leaves smaller than this stay replicated under the FSDP rule (a BERT-base bias has 768-3072

@@ -96,11 +96,13 @@ class LayerNorm(nn.Module):
     epsilon: float = 1e-6
     dtype: Any = None          # output dtype; None: the input's
     param_dtype: Any = jnp.float32
+    use_bias: bool = True      # False: no ``bias`` param (ModernBERT's norms)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (features,), self.param_dtype) if self.use_bias
+                else jnp.zeros((features,), self.param_dtype))
         out_dtype = jnp.dtype(self.dtype) if self.dtype is not None else x.dtype
         return layer_norm(x, scale, bias, self.epsilon, out_dtype)
