@@ -213,3 +213,9 @@ def frozen_in_dtype(params: Any, dtype: Any, prefix: str) -> Any:
     if dtype == jnp.float32:
         return params
     return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def load_classifier(name_or_path: str, num_labels: int, method: Any = None, *, pooling: str = "cls",
+                    **kw: Any) -> LoadedModel:
+    """:func:`load_model` with a sequence-classification head of ``num_labels`` outputs (1: regression)."""
+    return load_model(name_or_path, Head("sequence", num_labels, pooling), method, **kw)
