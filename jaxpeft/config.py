@@ -77,6 +77,7 @@ class Data:
                                  "holding your own data", resume=False)
     validation_fraction: float = option(0.1, "share of --train_file held out for validation when no "
                                         "--validation_file is given", in_range(0, 1, hi_open=True))
+    doc_stride: int = option(128, "QA: context tokens shared by consecutive windows of a long context", positive)
     max_seq_length: int = option(128, "tokens per example, [CLS] and [SEP] included", at_least(8))
     max_train_examples: int = option(0, "use only the first N training examples (0: all)", non_negative)
     max_eval_examples: int = option(0, "use only the first N dev examples (0: all)", non_negative)
@@ -323,6 +324,10 @@ def config_values(method: str, task: str, path: str | Path | None = None) -> dic
 def build(overrides: Mapping[str, Any]) -> TrainConfig:
     """Defaults < the method's config file for the task < ``overrides`` (e.g. parsed CLI flags)."""
     method = methods.ALIASES.get(overrides.get("method", "bitfit"), overrides.get("method", "bitfit"))
+    overrides = dict(overrides)
+    own = overrides.get("train_file") or overrides.get("dataset")
+    if own and not overrides.get("task"):   # your own data is named after its file (or dataset)
+        overrides["task"] = Path(str(own).split(":")[0]).name.split(".")[0] or "custom"
     task = overrides.get("task") or (overrides.get("tasks") or "sst2").split(",")[0].strip() or "sst2"
     if method not in methods.REGISTRY:
         raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")

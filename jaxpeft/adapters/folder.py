@@ -309,7 +309,9 @@ def adapter_task(folder: AdapterFolder, task: str | None = None) -> tasks.Task:
     if not name:
         raise UserError(f"adapter {folder.directory} does not record its task (a folder written by peft): "
                         "give --task")
-    if name in tasks.known():
+    from jaxpeft.tasks import glue
+
+    if name in glue.TASKS:
         return tasks.get(name)
     rebuilt = tasks.from_record(folder.record) if recorded else None
     if rebuilt is None:

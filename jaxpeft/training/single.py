@@ -63,7 +63,11 @@ def setup_runtime(job: loop.Job, cfg: Any, echo: Callable[[str], None], start: f
 
 
 def check_pooling(pooling: str, task: tasks.Task, packing_on: bool) -> None:
-    """``--pooling=cosine`` compares the two sentences of a pair, one unpacked row per example."""
+    """``--pooling`` reads sequences; ``cosine`` compares the two sentences of a pair, one unpacked
+    row per example."""
+    if task.kind != "sequence" and pooling != "cls":
+        raise UserError(f"--pooling={pooling}: the {task.kind} head of {task.name} reads every token; --pooling "
+                        "applies to sequence tasks")
     if pooling == "cosine":
         if task.kind != "sequence" or getattr(task, "num_texts", 1) != 2:
             raise UserError(f"--pooling=cosine compares the two sentences of a pair; {task.name} has "
@@ -77,14 +81,18 @@ class SingleTask(loop.Job):
     """One run of one method on one task (see the module docstring)."""
 
     def __init__(self, cfg: Any, echo: Callable[[str], None] = print, start: float | None = None):
-        self.task = tasks.get(cfg.task, cfg.data)
+        self.task = tasks.get(cfg.task, cfg.data, cfg.optim.seed)
         self.method = cfg.method_obj()
         self.modules_to_save = cfg.head.module_list()
         if cfg.data.packing and not self.method.supports_packing:
             raise UserError(f"--packing: --method={cfg.method} puts its prompt into every row's input; "
                             "packed rows need the prompt per example, which it does not support")
         check_pooling(cfg.head.pooling, self.task, cfg.data.packing)
+        if cfg.data.packing and self.task.kind == "span":
+            raise UserError("--packing: QA windows fill their rows already; use --no-packing")
         setup_runtime(self, cfg, echo, start)
+        if getattr(self.task, "note", ""):
+            self.echo(self.task.note)
         self.title = f"{cfg.method} on {self.task.name}"
         self.main_metric = self.task.main_metric
         d = cfg.data
