@@ -401,4 +401,4 @@ FAMILY = Family(
     name="bert", model_types=("bert",), prefix="bert", config=BertConfig, encoder=BertModel,
     sequence_head=sequence_head, pooler_in_encoder=True, head_modules=("classifier",),
     word_embeddings="bert/embeddings/word_embeddings/embedding", bitfit_terms=BITFIT_TERMS, lora_targets=("query", "value"), ia3_targets=("key", "value", "output.dense"),
-    ia3_feedforward=("output.dense",), position_scheme="absolute")
+    ia3_feedforward=("output.dense",), position_scheme="absolute", check_compute=check_compute)

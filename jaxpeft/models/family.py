@@ -51,6 +51,7 @@ class Family:
         position_scheme: how the input is numbered (``absolute``, ``absolute_offset`` (RoBERTa:
             past the padding id), ``relative``, ``rotary``); prompts respect it.
         packing: whether packed rows (several examples per row) are supported.
+        check_compute: raises ``ValueError`` where a compute spec cannot run the architecture.
     """
 
     name: str
@@ -68,6 +69,8 @@ class Family:
     ia3_feedforward: tuple[str, ...] = ("output.dense",)
     position_scheme: str = "absolute"
     packing: bool = True
+    #: ``check_compute(config, compute)`` raises ``ValueError`` where a compute spec cannot run it
+    check_compute: Callable[[Any, Any], None] | None = None
 
     def __hash__(self) -> int:   # the Mapping field is not hashable; a family is one per name
         return hash(self.name)

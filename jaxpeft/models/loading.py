@@ -156,8 +156,8 @@ def build_module(family: Family, config: Any, head: Head, method: Any = None, co
     """The task model of ``family``/``config`` with ``method``'s hooks and prompt module
     (``method.hooks(family, config)``, ``method.prompt_module(family, config)``; ``None``: no method)."""
     try:
-        if hasattr(family.encoder, "check_compute"):
-            family.encoder.check_compute(config, compute)
+        if family.check_compute is not None:
+            family.check_compute(config, compute)
     except ValueError as e:
         raise UserError(str(e)) from None
     hooks = method.hooks(family, config) if method is not None else NO_HOOKS
