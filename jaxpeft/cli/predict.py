@@ -101,3 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{task.name} on {len(preds)} labelled examples: "
               + ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)), file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    from jaxpeft.cli import guarded
+
+    sys.exit(guarded(main))

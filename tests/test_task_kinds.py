@@ -1,0 +1,86 @@
+"""Every task kind trains from the command line with every method, on a tiny random BERT: tagging
+(CoNLL-2003 NER), extractive QA (the SQuAD split) and your own CSV data; the heads read the real
+tokens only, virtual tokens and shifted positions included."""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpeft import cli, methods
+from jaxpeft.compute import EXACT
+from jaxpeft.models.bert import FAMILY as BERT
+from jaxpeft.models.heads import Head
+from jaxpeft.models.layers import remove_virtual
+from jaxpeft.models.loading import build_module, init_params
+from jaxpeft.training import steps
+
+from conftest import REPO, TINY
+
+DATA = REPO.parent / "shared" / "data"
+SHORT = ["--max_steps=1", "--batch_size=4", "--max_train_examples=8", "--max_eval_examples=6", "--no-progress",
+         "--compilation_cache=off", "--eval_every=0", "--no-plot", "--keep=0", "--compute=exact"]
+
+
+def _run(tmp_path, method, task_flags, name):
+    out = tmp_path / f"{method}-{name}"
+    code = cli.train([f"--method={method}", *task_flags, f"--output_dir={out}", *SHORT])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 1
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    return res
+
+
+@pytest.mark.parametrize("method", list(methods.REGISTRY))
+def test_every_method_trains_tagging_and_qa(tiny_bert_dir, tmp_path, method):
+    model = f"--model={tiny_bert_dir}"
+    ner = _run(tmp_path, method, ["--task=ner", f"--data_dir={DATA / 'conll2003'}", model, "--max_seq_length=32"],
+               "ner")
+    assert ner["task_kind"] == "token" and set(ner["final_dev"]) >= {"f1", "precision", "recall"}
+    qa = _run(tmp_path, method, ["--task=squad", f"--data_dir={DATA / 'squad'}", model, "--max_seq_length=64",
+                                 "--doc_stride=16"], "squad")
+    assert qa["task_kind"] == "span" and set(qa["final_dev"]) == {"f1", "exact_match"}
+
+
+def test_your_own_csv_trains_and_records_its_labels(tiny_bert_dir, tmp_path):
+    path = tmp_path / "tickets.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:
+        w = csv.writer(f, lineterminator="\r\n")
+        w.writerow(["body", "team"])
+        for i in range(24):
+            w.writerow([f'ticket {i}, "urgent"\nsecond line', ["billing", "shipping", "returns"][i % 3]])
+    res = _run(tmp_path, "bitfit", [f"--train_file={path}", "--text_columns=body", "--label_column=team",
+                                    f"--model={tiny_bert_dir}", "--max_seq_length=32"], "own")
+    assert res["task"] == "tickets" and set(res["final_dev"]) == {"accuracy", "macro_f1"}
+    rec = json.loads((tmp_path / "bitfit-own" / "adapter" / "adapter_config.json").read_text())["jaxpeft"]
+    assert rec["label_names"] == ["billing", "returns", "shipping"] and rec["text_columns"] == ["body"]
+
+
+@pytest.mark.parametrize("method,options", [("prompt", {}), ("prompt", {"prompt_position": "front"}),
+                                            ("ptuning_v2", {"shift_positions": True}), ("lora", {})])
+def test_token_head_reads_each_real_token_in_place(method, options):
+    """The token head's row i is input token i: with virtual tokens in the sequence, the head still
+    reads the real tokens, each at its own position."""
+    from jaxpeft.models.bert import BertConfig
+
+    cfg = BertConfig(**TINY)
+    m = methods.create(method, options)
+    module = build_module(BERT, cfg, Head("token", 5), m, EXACT)
+    params = init_params(module, jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 100, (2, 9)), jnp.int32)
+    mask = jnp.asarray([[1] * 9, [1] * 6 + [0] * 3], jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": jnp.zeros_like(ids)}
+    logits = steps.apply_model(module, params, batch, True)
+    assert logits.shape == (2, 9, 5)
+    prompt = module.prompt.apply({"params": params["prompt"]}, 2) if module.prompt is not None else None
+    encoder = BERT.encoder(cfg, EXACT, module.hooks)
+    from jaxpeft.models.layers import NO_PROMPT
+    out = encoder.apply({"params": params["bert"]}, ids, mask, jnp.zeros_like(ids), prompt=prompt or NO_PROMPT)
+    p = 0 if prompt is None else prompt.num_virtual
+    hidden = remove_virtual(out.hidden, p, prompt.front if prompt is not None else False)
+    k, b = params["classifier"]["kernel"], params["classifier"]["bias"]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden @ k + b), atol=1e-5)
