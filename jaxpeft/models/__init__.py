@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 from jaxpeft.errors import UserError
-from jaxpeft.models import bert
+from jaxpeft.models import bert, distilbert, electra, mpnet, roberta
+from jaxpeft.models import deberta, modernbert
 from jaxpeft.models.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (bert.FAMILY,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (bert.FAMILY, roberta.FAMILY, electra.FAMILY, distilbert.FAMILY,
+                                                     mpnet.FAMILY, deberta.FAMILY, modernbert.FAMILY)}
 
 
 def family_for(model_type: str | None, where: str = "the model") -> Family:

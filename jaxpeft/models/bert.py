@@ -298,7 +298,7 @@ class BertEncoder(nn.Module):
         cfg = self.config
         if prefix_kv is not None and len(prefix_kv) != cfg.num_hidden_layers:
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {cfg.num_hidden_layers}")
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.compute.remat == "layer" else BertLayer
+        layer_cls = self.compute.remat_layer(BertLayer, (3,))
         for i in range(cfg.num_hidden_layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
             rows = last_rows if i == cfg.num_hidden_layers - 1 else None
@@ -343,21 +343,10 @@ class BertModel(nn.Module):
                  deterministic: bool = True, prompt: Prompt = NO_PROMPT, segment_ids: Array | None = None,
                  pool_rows: Array | None = None, last_rows: Array | None = None) -> EncoderOutput:
         cfg = self.config
-        b, length = input_ids.shape
-        if segment_ids is not None:
-            if prompt.num_virtual:
-                raise ValueError("packed rows (segment_ids) cannot take input prompts")
-            attention_mask = segment_ids > 0
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, length), jnp.int32)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros((b, length), jnp.int32)
-        valid = layers.prompt_valid(attention_mask.astype(bool), prompt)
-        p = prompt.num_virtual
-        if p:
-            token_type_ids = layers.insert_virtual(token_type_ids, jnp.zeros((b, p), token_type_ids.dtype),
-                                                   prompt.front)
-            length += p
+        length = input_ids.shape[1]
+        valid = layers.input_valid(input_ids, attention_mask, segment_ids, prompt)
+        token_type_ids = layers.token_types(token_type_ids, input_ids, prompt)
+        length += prompt.num_virtual
         if length + prompt.position_offset > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {length} tokens (virtual tokens included) from position "
                              f"{prompt.position_offset} exceeds max_position_embeddings={cfg.max_position_embeddings}")

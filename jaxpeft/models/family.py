@@ -52,6 +52,15 @@ class Family:
             past the padding id), ``relative``, ``rotary``); prompts respect it.
         packing: whether packed rows (several examples per row) are supported.
         check_compute: raises ``ValueError`` where a compute spec cannot run the architecture.
+        pair_types: whether the family's tokenizers mark a pair's second sentence with token type
+            1 (``[CLS] a [SEP] b [SEP]``), which cosine pooling splits pairs by; RoBERTa's
+            ``<s> a </s></s> b </s>`` has type 0 throughout, so cosine pooling is refused there.
+        token_head: transformers' per-token heads of the family where they are not BERT's
+            (``classifier`` / ``qa_outputs`` straight on the hidden states): a function
+            ``token_head(config, kind, num_outputs, compute, hidden, deterministic)`` (``kind``:
+            ``token`` or ``span``) that builds its modules in the caller's scope and returns
+            ``[B, L, num_outputs]``; ``None``: BERT's.
+        token_head_modules: the top-level modules of those heads by kind (with ``token_head``).
     """
 
     name: str
@@ -71,9 +80,15 @@ class Family:
     packing: bool = True
     #: ``check_compute(config, compute)`` raises ``ValueError`` where a compute spec cannot run it
     check_compute: Callable[[Any, Any], None] | None = None
+    pair_types: bool = True
+    token_head: Callable[..., Any] | None = None
+    token_head_modules: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __hash__(self) -> int:   # the Mapping field is not hashable; a family is one per name
         return hash(self.name)
+
+    def __repr__(self) -> str:   # stable across processes (program keys hash a module's repr)
+        return f"Family({self.name!r})"
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, Family) and other.name == self.name

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.compute import EXACT, Compute
+from jaxpeft.errors import UserError
 from jaxpeft.models import layers
 from jaxpeft.models.family import Family
 from jaxpeft.models.layers import NO_HOOKS, NO_PROMPT, Hooks
@@ -56,7 +57,9 @@ class Head:
 
 def head_modules(family: Family, head: Head) -> tuple[str, ...]:
     """The head's top-level modules (they train under every method)."""
-    return family.head_modules if head.kind == "sequence" else HEAD_MODULES[head.kind]
+    if head.kind == "sequence":
+        return family.head_modules
+    return tuple(family.token_head_modules.get(head.kind, HEAD_MODULES[head.kind]))
 
 
 class TaskModel(nn.Module):
@@ -81,6 +84,9 @@ class TaskModel(nn.Module):
         head, b = self.head, input_ids.shape[0]
         pooling = head.pooling if head.kind == "sequence" else "mean"
         if pooling == "cosine":
+            if not self.family.pair_types:
+                raise UserError(f"cosine pooling splits a pair by its token types, which {self.family.name}'s pairs "
+                                "do not have: use --pooling=cls or --pooling=mean")
             if segment_ids is not None or position_ids is not None:
                 raise ValueError("cosine pooling reads unpacked pair rows (no segment_ids or position_ids)")
             if token_type_ids is None:
@@ -93,6 +99,10 @@ class TaskModel(nn.Module):
         if head.kind != "sequence":
             out = encoder(input_ids, attention_mask, token_type_ids, position_ids, **kw)
             hidden = layers.remove_virtual(out.hidden, prompt.num_virtual, prompt.front)
+            if self.family.token_head is not None:   # the family's own (ModernBERT's: head + classifier)
+                n = head.num_labels if head.kind == "token" else 2
+                return self.family.token_head(self.config, head.kind, n, self.compute, hidden,
+                                              deterministic).astype(jnp.float32)
             init = nn.initializers.normal(getattr(self.config, "initializer_range", 0.02))
             dt = jnp.dtype(self.compute.dtype)
             if head.kind == "token":

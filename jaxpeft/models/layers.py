@@ -27,8 +27,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpeft.compute import Compute
+from jaxpeft.models import quant
 from jaxpeft.models.kernels import lean_ops
 from jaxpeft.models.kernels.hash_dropout import HashDropout
 
@@ -84,9 +86,19 @@ def module_name(owner: nn.Module, local: str | None = None) -> str:
     return re.sub(r"(^|\.)(layers?)_(\d+)(?=\.|$)", r"\1\2.\3", ".".join(parts))
 
 
-def matmul(x: Array, kernel: Array, dt: Any) -> Array:
-    """``x @ kernel`` over the last axis of ``x``, in the compute dtype ``dt``."""
+def matmul(x: Array, kernel: Any, dt: Any) -> Array:
+    """``x @ kernel`` over the last axis of ``x``, in the compute dtype ``dt``; a quantized frozen
+    kernel (:class:`~jaxpeft.models.quant.QuantizedKernel`) is dequantized inside the matmul."""
+    if isinstance(kernel, quant.QuantizedKernel):
+        return quant.matmul(x, kernel, dt)
     return jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def weight(kernel: Any, dtype: Any = jnp.float32) -> Array:
+    """A kernel as a plain array (dequantized where it is stored quantized)."""
+    if isinstance(kernel, quant.QuantizedKernel):
+        return quant.dequantize(kernel, dtype)
+    return kernel.astype(dtype)
 
 
 def change_of(hook: nn.Module | None, x: Array, kernel: Array, deterministic: bool) -> LinearChange | None:
@@ -124,14 +136,15 @@ def fused_linear(x: Array, parts: Sequence[tuple[Array, Array | None, nn.Module 
     the bias into a later kernel (the attention) add the returned biases themselves.
     """
     changes = [change_of(h, x, k, deterministic) for k, _, h in parts]
-    if any(c is not None and c.in_scale is not None for c in changes):
+    quantized = any(isinstance(k, quant.QuantizedKernel) for k, _, _ in parts)
+    if quantized or any(c is not None and c.in_scale is not None for c in changes):
         ys = [matmul(x if c is None or c.in_scale is None else x * c.in_scale.astype(x.dtype), k, dt)
               for (k, _, _), c in zip(parts, changes)]
     else:
         y = matmul(x, jnp.concatenate([k for k, _, _ in parts], axis=1), dt)
         if all(c is None for c in changes):
             return y, [b for _, b, _ in parts]
-        bounds = list(jnp.cumsum(jnp.asarray([k.shape[1] for k, _, _ in parts]))[:-1].tolist())
+        bounds = [int(s) for s in np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]]
         ys = jnp.split(y, bounds, axis=-1)
     out, biases = [], []
     for yi, (_, b, _), c in zip(ys, parts, changes):
@@ -145,7 +158,10 @@ def fused_linear(x: Array, parts: Sequence[tuple[Array, Array | None, nn.Module 
 
 
 class DenseParams(nn.Module):
-    """The params of an ``nn.Dense`` (same names, shapes and initialisers), returned unapplied."""
+    """The params of an ``nn.Dense`` (same names, shapes and initialisers), returned unapplied.
+
+    A kernel stored quantized (:class:`~jaxpeft.models.quant.QuantizedKernel`, a pytree of codes
+    and scales) is returned as it is stored, for :func:`matmul` to dequantize."""
 
     features: int
     initializer_range: float
@@ -153,8 +169,12 @@ class DenseParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[Array, Array | None]:
-        kernel = self.param("kernel", nn.initializers.normal(self.initializer_range),
-                            (in_features, self.features), jnp.float32)
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, quant.QuantizedKernel):   # flax would compare the codes' shape with the kernel's
+            kernel = stored
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(self.initializer_range),
+                                (in_features, self.features), jnp.float32)
         if not self.use_bias:
             return kernel, None
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
@@ -264,6 +284,30 @@ def prompt_valid(valid: Array, prompt: Prompt) -> Array:
     b = valid.shape[0]
     pm = jnp.ones((b, p), bool) if prompt.mask is None else jnp.broadcast_to(prompt.mask.astype(bool), (b, p))
     return insert_virtual(valid, pm, prompt.front)
+
+
+def input_valid(input_ids: Array, attention_mask: Array | None, segment_ids: Array | None,
+                prompt: Prompt) -> Array:
+    """Every family's key mask ``[B, L + P]`` of its inputs: packed rows' ``segment_ids`` (which take
+    no input prompt), else ``attention_mask`` (all ones when absent), with the virtual tokens'."""
+    if segment_ids is not None:
+        if prompt.num_virtual:
+            raise ValueError("packed rows (segment_ids) cannot take input prompts")
+        attention_mask = segment_ids > 0
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, bool)
+    return prompt_valid(attention_mask.astype(bool), prompt)
+
+
+def token_types(token_type_ids: Array | None, input_ids: Array, prompt: Prompt) -> Array:
+    """Segment ids ``[B, L + P]``: zeros when absent, the virtual tokens in segment 0."""
+    b, length = input_ids.shape
+    p = prompt.num_virtual
+    if token_type_ids is None:
+        return jnp.zeros((b, length + p), jnp.int32)
+    if not p:
+        return token_type_ids
+    return insert_virtual(token_type_ids, jnp.zeros((b, p), token_type_ids.dtype), prompt.front)
 
 
 def prefix_valid(valid: Array, prompt: Prompt) -> Array:
