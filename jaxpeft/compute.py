@@ -65,8 +65,11 @@ class Compute:
     prng_impl: str = _field(
         "threefry2x32", "JAX's PRNG behind dropout: threefry2x32 (JAX's default) or rbg (cheaper "
         "on accelerators)", ("threefry2x32", "rbg"))
-    remat: str = _field("none", "none, or layer: recompute each encoder layer in the backward "
-                        "pass (least memory, one more forward)", ("none", "layer"), trajectory=False)
+    remat: str = _field(
+        "none", "what the backward pass recomputes: none (keep every activation); layer (keep each encoder "
+        "layer's input only, recompute the layer: least memory, one more forward); dots (keep the matmul "
+        "outputs, recompute the rest: attention, activations, norms); auto (none where the compiled step "
+        "fits the device's memory, else layer)", ("none", "layer", "dots", "auto"), trajectory=False)
     triton_gemm: bool = _field(
         True, "let XLA also try Triton GEMM fusions for the matmuls (NVIDIA GPU; XLA's default): "
         "each is autotuned when the program compiles. Off: cuBLAS for every matmul, which compiles "
@@ -80,6 +83,11 @@ class Compute:
     cls_only_last_layer: bool = _field(
         True, "compute the last layer for the rows the head reads ([CLS]) only: the same logits "
         "and gradients with less work", (True, False))
+    base_dtype: str = _field(
+        "auto", "how the frozen base's matmul kernels are stored: auto (in the compute dtype), float32, "
+        "bfloat16, int8 (per output channel) or nf4 (QLoRA's 4-bit NormalFloat, blocks of 64); dequantized "
+        "inside each matmul. The trainable part and its optimizer state stay float32",
+        ("auto", "float32", "bfloat16", "int8", "nf4"))
 
     def __post_init__(self):
         options.check(self)
@@ -92,6 +100,28 @@ class Compute:
 
     def replace(self, **kw: Any) -> "Compute":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def frozen_dtype(self) -> str:
+        """What the frozen kernels are stored as: ``base_dtype``, or the compute dtype for auto."""
+        return self.dtype if self.base_dtype == "auto" else self.base_dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.frozen_dtype in ("int8", "nf4")
+
+    def remat_layer(self, layer_cls: Any, static_argnums: tuple[int, ...]) -> Any:
+        """The encoder layer class as ``remat`` says: ``nn.remat`` of it (``layer``), ``nn.remat``
+        keeping the matmul outputs (``dots``: ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``,
+        so the projections are kept and attention, activations and norms recomputed), or itself
+        (``none``; ``auto`` until a run resolves it, see :func:`choose_remat`)."""
+        if self.remat not in ("layer", "dots"):
+            return layer_cls
+        import flax.linen as nn
+        import jax
+
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
+        return nn.remat(layer_cls, static_argnums=static_argnums, policy=policy)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,3 +224,122 @@ def resolve(preset: str = "auto", overrides: Mapping[str, Any] | None = None, *,
     spec = base.replace(**overrides)
     spec.check_platform(platform, num_devices or 1, nvidia)
     return spec
+
+
+# ----------------------------------------------------------------------------- device memory
+
+#: Environment variable that sets the device memory a run plans for, in GiB (overrides what the
+#: device reports; the CPU reports none). Leave headroom for the runtime's own buffers.
+MEMORY_ENV = "JAXPEFT_DEVICE_MEMORY_GIB"
+#: The share of the device's memory a compiled step may plan to use (the rest: fragmentation, the
+#: runtime's own buffers, programs).
+MEMORY_HEADROOM = 0.95
+GIB = 2 ** 30
+
+
+def device_memory() -> int | None:
+    """Bytes one device may hold: ``$JAXPEFT_DEVICE_MEMORY_GIB`` if set, else the allocator's
+    limit (``memory_stats()['bytes_limit']``) where the platform reports it; ``None`` on a CPU."""
+    import os
+
+    env = os.environ.get(MEMORY_ENV, "").strip()
+    if env:
+        try:
+            return int(float(env) * GIB)
+        except ValueError:
+            raise UserError(f"{MEMORY_ENV}={env!r}: expected a number of GiB") from None
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 -- not every backend has memory statistics
+        return None
+    limit = stats.get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled program, per device: ``arguments``, ``outputs``,
+    ``aliased`` (outputs written into donated arguments), ``temp`` and ``total`` = arguments +
+    outputs - aliased + temp (what the program holds at once); ``None`` where it is not available."""
+    try:
+        m = compiled.memory_analysis()
+        m = m[0] if isinstance(m, (list, tuple)) else m
+        out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+               "aliased": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
+    except Exception:  # noqa: BLE001 -- not every backend or executable reports it
+        return None
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+    return out
+
+
+def programs_memory(programs: Mapping[Any, Any]) -> dict[str, Any] | None:
+    """The largest :func:`compiled_memory` of ``programs`` (compiled programs by shape key), with
+    its ``key``; ``None`` where none reports one."""
+    best = None
+    for key, compiled in programs.items():
+        m = compiled_memory(compiled)
+        if m is not None and (best is None or m["total"] > best["total"]):
+            best = {**m, "key": str(key)}
+    return best
+
+
+def check_programs_memory(train: dict | None, predict: dict | None, limit: int | None, batch_size: int,
+                          eval_batch_size: int, data_parallel: int = 1, remat: str = "none") -> dict[str, Any]:
+    """What a run's compiled programs hold per device (``programs_memory`` of its train steps and of
+    its evaluation) against the device's memory ``limit``, before the first step.
+
+    Returns:
+        ``device_memory_bytes``, ``train_step_bytes``, ``predict_bytes``.
+
+    Raises:
+        UserError: a program that does not fit, naming the batch that would: weights, optimizer
+        state and inputs stay, activations and temporaries scale with the batch.
+    """
+    info = {"device_memory_bytes": limit, "train_step_bytes": train and train["total"],
+            "predict_bytes": predict and predict["total"]}
+    for m, flag, batch in ((train, "batch_size", batch_size), (predict, "eval_batch_size", eval_batch_size)):
+        if m is None or fits(m["total"], limit):
+            continue
+        fixed = m["total"] - m["temp"]
+        rows = int((MEMORY_HEADROOM * limit - fixed) / max(m["temp"] / batch, 1)) // data_parallel * data_parallel
+        what = "a train step" if flag == "batch_size" else "an evaluation batch"
+        fit = f"--{flag}={rows} would fit" if rows >= data_parallel else "not even the smallest batch fits"
+        more = ", or --remat=layer" if flag == "batch_size" and remat != "layer" else ""
+        raise UserError(
+            f"{what} of --{flag}={batch} (length {m['key']}) needs {m['total'] / GIB:.2f} GiB per device "
+            f"(weights, optimizer state and inputs {fixed / GIB:.2f} GiB, activations and temporaries "
+            f"{m['temp'] / GIB:.2f} GiB) and the device has {limit / GIB:.2f} GiB: about {fit}{more}, or "
+            "--base_dtype=int8/nf4 with a PEFT method, or --mesh=fsdp:N over several devices")
+    return info
+
+
+def fits(need: int | None, limit: int | None) -> bool:
+    """Whether ``need`` bytes fit ``limit`` with :data:`MEMORY_HEADROOM` (unknowns fit)."""
+    return need is None or limit is None or need <= MEMORY_HEADROOM * limit
+
+
+def choose_remat(need_without: int | None, limit: int | None) -> str:
+    """What ``--remat=auto`` becomes: ``none`` where the step compiled without rematerialisation
+    needs at most :data:`MEMORY_HEADROOM` of the device's memory (or either is unknown), else
+    ``layer``.
+
+    >>> choose_remat(70 * GIB, 80 * GIB), choose_remat(79 * GIB, 80 * GIB), choose_remat(None, 80 * GIB)
+    ('none', 'layer', 'none')
+    """
+    return "none" if fits(need_without, limit) else "layer"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is XLA running out of device memory (``RESOURCE_EXHAUSTED``)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+
+
+def out_of_memory_message(where: str, peak: int | None, limit: int | None) -> str:
+    """The one line a run ends with when the device runs out of memory ``where``."""
+    held = (f"peak {peak / GIB:.2f} GiB" if peak is not None else "peak unknown") + (
+        f" of {limit / GIB:.2f} GiB" if limit else "")
+    return (f"out of device memory {where} ({held} on this device): use --remat=layer (or --remat=auto), "
+            "a smaller --batch_size, --base_dtype=int8 or nf4 with a PEFT method, or --mesh=fsdp:N over "
+            "several devices")

@@ -53,7 +53,7 @@ def test_memory_table_without_a_full_row_says_so():
     gib = 2 ** 30
     recs = [dict(framework="jaxpeft", size="base", method=m, batch=b, seq=128, step_bytes=g * gib)
             for m, b, g in [("bitfit", 64, 2), ("full", 256, 4), ("bitfit", 256, 3)]]
-    rows = {line.split("|")[2].strip() + line.split("|")[3].strip(): line
+    rows = {line.split("|")[3].strip() + line.split("|")[4].strip(): line     # | family | size | method | batch |
             for line in step.memory_table(recs).splitlines()[2:]}
     assert "| 0.75x |" in rows["bitfit256"] and "| 1.00x |" in rows["full256"]
     assert "| — |" in rows["bitfit64"] and "nan" not in rows["bitfit64"]
@@ -76,3 +76,81 @@ def test_report_of_a_peer_only_run_lists_the_peer_rows():
     assert "| base | bitfit | 256 | 128 | compile |" not in md      # so not listed again
     assert "| base | full | 256 | 128 | compile | 4,912 |" in md
     assert "without one of ours" not in step.markdown_report([ours], "# t")
+
+
+def test_bench_families_run_tiny_on_cpu_with_the_peer_on_the_same_shapes(tmp_path):
+    """--families on tiny shapes: every family gives a speed record; a method the family refuses
+    (BitFit on ModernBERT, which has no biases) is recorded as skipped with the family's reason,
+    the peer's rows with it; the peer's column (eager, RoBERTa BitFit) is of the same model as ours:
+    its trainable and total params are ours and those of transformers' model of that config."""
+    import transformers
+
+    from jaxpeft.bench import peer
+    from jaxpeft.cli import bench
+
+    out = tmp_path / "bench"
+    common = ["--family_size=tiny", "--batches=4", "--seq=16", "--steps=1", "--repeats=1", f"--out={out}"]
+    assert bench.main(["--families=roberta,modernbert", "--methods=frozen,bitfit", *common]) == 0
+    assert bench.main(["--families=roberta", "--methods=bitfit", "--peer=eager", "--no_ours", *common]) == 0
+    recs = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    ours = {(r["family"], r["method"]): r for r in recs if r["framework"] == "jaxpeft"}
+    theirs = {(r["family"], r["method"]): r for r in recs if r["framework"].startswith("torch")}
+    # (a) each family: a step measured, on its own shapes
+    for family in ("roberta", "modernbert"):
+        r = ours[(family, "frozen")]
+        assert r["seq_per_s"] > 0 and r["size"] == "tiny" and "error" not in r, r
+    assert ours[("roberta", "frozen")]["total_params"] != ours[("modernbert", "frozen")]["total_params"]
+    # (b) refused, with the family's reason
+    refused = ours[("modernbert", "bitfit")]
+    assert refused["skipped"] == "--method=bitfit: the modernbert encoder has no bias terms to train"
+    assert "seq_per_s" not in refused and "error" not in refused
+    # (c) the peer's column: the same model as ours, by an independent count of transformers' model
+    mine, other = ours[("roberta", "bitfit")], theirs[("roberta", "bitfit")]
+    assert other["mode"] == "eager" and other["seq_per_s"] > 0, other
+    model = transformers.AutoModelForSequenceClassification.from_config(peer.hf_config("roberta", "tiny"))
+    assert isinstance(model, transformers.RobertaForSequenceClassification)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for n, p in model.named_parameters()
+                    if n.endswith(".bias") or n.startswith("classifier."))
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 50265 and total > 3_000_000
+    assert (mine["trainable_params"], mine["total_params"]) == (trainable, total)
+    assert (other["trainable_params"], other["total_params"]) == (trainable, total)
+    # the report: one table row per family and method, the peer's column filled where it ran
+    assert bench.main(["--report", str(out / "bench.jsonl"), f"--out={out}"]) == 0
+    md = (out / "bench.md").read_text()
+    assert "| family | size | method | batch |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| roberta | tiny | bitfit | 4 |"))
+    assert row.split("|")[10].strip() not in ("—", "fails", "skipped")     # peft eager seq/s
+    assert "| modernbert | tiny | frozen | 4 |" in md
+    assert "| modernbert | tiny | bitfit | jaxpeft | 4 | --method=bitfit: the modernbert encoder has no bias" in md
+
+
+def test_bench_family_shapes_are_the_peers():
+    """Every family the benchmark takes: our model of its tiny config has transformers' parameter
+    count, and the peer's peft targets and head are our family's."""
+    import jax
+    import transformers
+
+    from jaxpeft import methods
+    from jaxpeft.bench import peer
+    from jaxpeft.models.heads import Head
+    from jaxpeft.models.loading import build_module, param_shapes
+
+    assert step.FAMILY_NAMES[0] == "bert" and set(step.FAMILY_NAMES[1:]) == set(peer.FAMILY_CONFIGS)
+    for name in peer.FAMILY_CONFIGS:
+        family, cfg = step.family_config(name, "tiny")
+        assert cfg.hidden_size == 64 and cfg.num_hidden_layers == 2, name
+        shapes = param_shapes(build_module(family, cfg, Head("sequence", 2), methods.create("full")))
+        torch_model = transformers.AutoModelForSequenceClassification.from_config(peer.hf_config(name, "tiny"))
+        assert sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes)) == \
+            sum(p.numel() for p in torch_model.parameters()), name
+        assert peer.PEFT_TARGETS[name] == (family.lora_targets, family.ia3_targets, family.ia3_feedforward), name
+        assert tuple(peer.head_names(torch_model)) == family.head_modules, name
+    # base: the shapes of each base checkpoint
+    base = {n: step.family_config(n, "base")[1] for n in peer.FAMILY_CONFIGS}
+    assert all(c.hidden_size == 768 and c.num_attention_heads == 12 for c in base.values())
+    assert {n: c.num_hidden_layers for n, c in base.items() if c.num_hidden_layers != 12} == \
+        {"distilbert": 6, "modernbert": 22}
+    assert {n: c.vocab_size for n, c in base.items()} == {
+        "roberta": 50265, "xlm-roberta": 250002, "electra": 30522, "distilbert": 30522, "mpnet": 30527,
+        "deberta-v2": 128100, "modernbert": 50368}

@@ -3,107 +3,22 @@ hooks and prompt, the task's head; pretrained tensors placed directly on their d
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jax_core
 
 from jaxpeft import masks
 from jaxpeft.compute import EXACT, Compute
 from jaxpeft.errors import UserError
-from jaxpeft.models import hf_weights
-from jaxpeft.models.family import Family
-from jaxpeft.models.heads import Head, TaskModel, dummy_inputs
-from jaxpeft.models.layers import NO_HOOKS
+from jaxpeft.models import hf_weights, sizes
+from jaxpeft.models.build import LoadedModel, TracedInit, build_module, init_params, param_shapes, trace_init  # noqa: F401
+from jaxpeft.models.heads import Head
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A run's model: its module, full params (pretrained encoder, fresh head and method params)
-    and tokenizer."""
-
-    name: str
-    model_dir: Path
-    family: Family
-    config: Any
-    module: TaskModel
-    params: Any
-    tokenizer: Any
-    compute: Compute = EXACT
-
-    @property
-    def prefix(self) -> str:
-        """The encoder's parameter root (``bert``)."""
-        return self.family.prefix
-
-
-def init_params(module: nn.Module, rng: jax.Array, param_shardings: Callable[[Any], Any] | None = None,
-                skip: Iterable[str] = (), traced: "TracedInit | None" = None,
-                on_host: bool | None = None) -> Any:
-    """Random params of ``module`` (jitted init, so no op-by-op dispatch).
-
-    ``param_shardings(abstract_params)`` gives each leaf's sharding; the params are then created
-    directly on their shardings, never whole on one device. Paths in ``skip`` (those a checkpoint
-    provides) come back as ``optax.MaskedNode`` holes and are never computed. ``traced``:
-    :func:`trace_init` of ``module``, whose trace is reused instead of tracing the model again.
-
-    ``on_host``: compute the params with the CPU backend, then place them. The default does so on
-    an accelerator in a single process when ``skip`` is given: the fresh params of a pretrained
-    model (a head, an adapter, a prompt encoder) are small, and their init -- random bits, the
-    orthogonal QR of an LSTM's recurrent kernels -- compiles far faster for the CPU than for a GPU.
-    """
-    skip = frozenset(skip)
-    full = traced.fn if traced is not None else (lambda r: module.init(r, **dummy_inputs())["params"])
-
-    def fn(r):
-        params = full(r)
-        if not skip:
-            return params
-        return masks.unflatten({p: v for p, v in masks.flatten(params).items() if p not in skip}, params)
-
-    if on_host is None:
-        on_host = bool(skip) and jax.default_backend() != "cpu" and jax.process_count() == 1
-    if on_host:
-        cpu = jax.devices("cpu")[0]
-        with jax.default_device(cpu):
-            params = jax.jit(fn)(jax.device_put(rng, cpu))
-        target = param_shardings(jax.eval_shape(fn, rng)) if param_shardings is not None else jax.devices()[0]
-        return jax.device_put(params, target)
-    if param_shardings is None:
-        return jax.jit(fn)(rng)
-    return jax.jit(fn, out_shardings=param_shardings(jax.eval_shape(fn, rng)))(rng)
-
-
-@dataclasses.dataclass(frozen=True)
-class TracedInit:
-    """``module.init`` traced once: ``fn(rng)`` replays the trace (no Flax module code runs),
-    ``shapes`` are the params' shapes and dtypes."""
-
-    fn: Callable[[jax.Array], Any]
-    shapes: Any
-
-
-def trace_init(module: nn.Module) -> TracedInit:
-    """Traces ``module``'s init once (tracing a model is the slow part of initialising it)."""
-    closed, shapes = jax.make_jaxpr(lambda r: module.init(r, **dummy_inputs())["params"],
-                                    return_shape=True)(jax.random.key(0))
-    tree = jax.tree_util.tree_structure(shapes)
-    replay = jax_core.jaxpr_as_fun(closed)
-    return TracedInit(lambda r: jax.tree_util.tree_unflatten(tree, replay(r)), shapes)
-
-
-def param_shapes(module: nn.Module) -> Any:
-    """Shapes/dtypes of ``module``'s params without allocating them."""
-    return jax.eval_shape(lambda r: module.init(r, **dummy_inputs())["params"], jax.random.key(0))
 
 
 def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str, prefix: str = "bert",
@@ -152,22 +67,14 @@ def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: s
     return place_tensors(params, pretrained_tensors(params, state_dict, source, prefix), params, shardings)
 
 
-def build_module(family: Family, config: Any, head: Head, method: Any = None, compute: Compute = EXACT) -> TaskModel:
-    """The task model of ``family``/``config`` with ``method``'s hooks and prompt module
-    (``method.hooks(family, config)``, ``method.prompt_module(family, config)``; ``None``: no method)."""
-    try:
-        if family.check_compute is not None:
-            family.check_compute(config, compute)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    hooks = method.hooks(family, config) if method is not None else NO_HOOKS
-    prompt = method.prompt_module(family, config) if method is not None else None
-    return TaskModel(family, config, head, compute=compute, hooks=hooks, prompt=prompt)
-
-
 def load_model(name_or_path: str, head: Head, method: Any = None, *, compute: Compute = EXACT, seed: int = 0,
-               with_weights: bool = True, param_shardings: Callable[[Any], Any] | None = None) -> LoadedModel:
+               with_weights: bool = True, param_shardings: Callable[[Any], Any] | None = None,
+               modules_to_save: Iterable[str] = ()) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into the task model.
+
+    ``random:SIZE`` (``random:base``, ``random:10.7b``) is a random BERT of that size built leaf by
+    leaf in its storage dtype (:func:`jaxpeft.models.sizes.load_random`; ``modules_to_save`` joins
+    the method's mask there, which decides what is stored as ``compute.base_dtype``).
 
     ``method`` gives the hooks and prompt module (see :func:`build_module`) and the regex ``added``
     of its params inside the encoder, which start from their own init. ``with_weights=False`` keeps
@@ -176,6 +83,10 @@ def load_model(name_or_path: str, head: Head, method: Any = None, *, compute: Co
     go from the host to each device's slice. Encoder weights the checkpoint provides are never
     randomly initialised.
     """
+    if sizes.is_random(name_or_path):
+        return sizes.load_random(name_or_path, head, method, compute=compute, seed=seed,
+                                 param_shardings=param_shardings, modules_to_save=tuple(modules_to_save),
+                                 devices=jax.device_count())
     model_dir = hf_weights.resolve_model_dir(name_or_path)
     family, config = hf_weights.load_config(model_dir)
     module = build_module(family, config, head, method, compute)
@@ -194,25 +105,29 @@ def load_model(name_or_path: str, head: Head, method: Any = None, *, compute: Co
 
 def frozen_in_dtype(params: Any, dtype: Any, prefix: str) -> Any:
     """``params`` (a whole tree or a part of it, such as the frozen params) with the encoder's 2-D
-    matmul kernels (``prefix/.../kernel``) in ``dtype``.
+    matmul kernels (``prefix/.../kernel``) stored as ``dtype``: a float dtype, or ``int8`` / ``nf4``
+    (weight-only quantization, :mod:`jaxpeft.models.quant`).
 
-    Every one of them is cast to the compute dtype right before its matmul, so the model computes
-    exactly the same with them stored cast. For frozen params that takes a cast per matrix off
-    every train step and, under bfloat16, half of their memory. Embedding tables, biases and norm
-    params are used in float32 and stay as they are.
+    Every kernel is cast (or dequantized) to the compute dtype right before its matmul, so with a
+    float ``dtype`` equal to the compute dtype the model computes exactly the same. For frozen params
+    that takes a cast per matrix off every train step and, under bfloat16, half of their memory;
+    int8 keeps a quarter, nf4 an eighth (plus their scales). Embedding tables, biases and norm
+    params are used in float32 and stay as they are. nf4 needs every kernel's input width to be a
+    multiple of its 64-value blocks (a :class:`UserError` names one that is not).
     """
-    dtype = jnp.dtype(dtype)
+    from jaxpeft.models import quant
 
-    def cast(path, x):
-        names = [str(getattr(k, "key", k)) for k in path]
-        is_kernel = len(names) > 1 and names[0] == prefix and names[-1] == "kernel"
-        if is_kernel and getattr(x, "ndim", 0) == 2 and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(dtype)
-        return x
-
-    if dtype == jnp.float32:
+    dtype = str(jnp.dtype(dtype)) if dtype not in quant.FORMATS else dtype
+    if dtype == "float32":
         return params
-    return jax.tree_util.tree_map_with_path(cast, params)
+
+    def selected(path: str, x: Any) -> bool:
+        return path.startswith(prefix + "/") and path.endswith("/kernel")
+
+    try:
+        return quant.quantize_tree(params, dtype, selected)
+    except ValueError as e:
+        raise UserError(f"--base_dtype={dtype}: {e} (nf4 quantizes blocks of 64 input values; use int8)") from None
 
 
 def load_classifier(name_or_path: str, num_labels: int, method: Any = None, *, pooling: str = "cls",
