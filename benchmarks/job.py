@@ -8,11 +8,17 @@ compilation, train steps, evaluation, checkpoints, adapter export, wall). Then, 
 the peer (``benchmarks/peft_job.py``: transformers + peft, eager and ``torch.compile``) does the
 same work: the same data, batch, learning rate and schedule, epochs and an evaluation every
 epoch. Prints and writes (``OUT/job.md``, ``OUT/job.json``) the split, examples/s, real tokens/s,
-the dev metric, the time to reach ``--target`` and the ratios.
+the dev metric, the time to reach ``--target`` and the ratios. Run from the repository root:
 
-    python benchmarks/job.py --method=bitfit --task=sst2 --data_dir=GLUE --out=job/
-    python benchmarks/job.py --method=bitfit --task=sst2 --data_dir=GLUE --peer=eager,compile --out=job/ \\
+    python -m benchmarks.job --method=bitfit --task=sst2 --data_dir=GLUE --out=job/
+    python -m benchmarks.job --method=bitfit --task=sst2 --data_dir=GLUE --peer=eager,compile --out=job/ \\
         -- --packing          # flags after -- go to our training command only
+    python -m benchmarks.job --method=lora --task=ner --data_dir=../shared/data/conll2003 --peer=eager
+    python -m benchmarks.job --method=lora --task=squad --data_dir=../shared/data/squad --peer=eager
+
+Token and span tasks (``pos``, ``ner``, ``squad``, your own tagging/QA files) time the same way; the
+metric is the task's main one (entity F1, token accuracy, SQuAD F1). A method the peer cannot run on
+a task (``benchmarks/peft_job.py`` lists them) shows as a failed peer row with its ``error:`` line.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SPLIT = ("startup", "data", "compile", "train", "eval", "checkpoint", "export")
 
@@ -78,7 +83,8 @@ def run_peer(a, mode: str, cfg, out: Path) -> dict:
     return {"who": f"peft {mode}", "error": (p.stderr or p.stdout)[-1500:]}
 
 
-def table(rows: list[dict], metric: str, target: float | None) -> str:
+def table(rows: list[dict], metric: str, target: float | None, scale: float = 100.0) -> str:
+    """The rows as markdown; the dev metric times ``scale`` (1 for SQuAD's EM/F1, already percent)."""
     head = ("| run | wall s | " + " | ".join(f"{s} s" for s in SPLIT)
             + f" | examples/s | real tokens/s | dev {metric} | to {target} s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -91,7 +97,7 @@ def table(rows: list[dict], metric: str, target: float | None) -> str:
         cells = [f"{r[f'{s}_seconds']:.1f}" if f"{s}_seconds" in r else "—" for s in SPLIT]
         tok = f"{r['tokens_per_second']:,.0f}" if r.get("tokens_per_second") else "—"
         lines.append(f"| {r['who']} | {r['wall_seconds']:.1f} | " + " | ".join(cells)
-                     + f" | {r['examples_per_second']:,.0f} | {tok} | {100 * dev:.2f} | "
+                     + f" | {r['examples_per_second']:,.0f} | {tok} | {scale * dev:.2f} | "
                      + (f"{t:.1f}" if t is not None else "—") + " |")
     return "\n".join(lines)
 
@@ -111,12 +117,12 @@ def main() -> int:
     ap.add_argument("--out", default="job")
     ap.add_argument("extra", nargs="*", help="flags for our training command (after --)")
     a = ap.parse_args()
-    from jaxpeft import config
-    from jaxpeft.tasks import glue
+    from jaxpeft import config, tasks
 
     # our settings, defaults and flags as the training command reads them: the peer gets the same
     cfg = config.parse_args([f"--method={a.method}", f"--task={a.task}", f"--data_dir={a.data_dir}", *a.extra])
-    metric = glue.get_task(a.task).main_metric
+    task = tasks.get(cfg.task, cfg.data, cfg.optim.seed)     # GLUE's, pos/ner/squad, your own files
+    metric, scale = task.main_metric, 1.0 if task.kind == "span" else 100.0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -127,14 +133,14 @@ def main() -> int:
                 shutil.rmtree(xla, ignore_errors=True)
                 shutil.rmtree(dat, ignore_errors=True)
             rows.append(run_ours(a, list(a.extra), out, xla, dat, label))
-            print(table(rows[-1:], metric, a.target).splitlines()[-1], flush=True)
+            print(table(rows[-1:], metric, a.target, scale).splitlines()[-1], flush=True)
     for mode in [m for m in a.peer.split(",") if m]:
         rows.append(run_peer(a, mode, cfg, out))
-        print(table(rows[-1:], metric, a.target).splitlines()[-1], flush=True)
+        print(table(rows[-1:], metric, a.target, scale).splitlines()[-1], flush=True)
     text = [f"# Job: {a.method} on {a.task}", "",
             f"{time.strftime('%Y-%m-%d')}, our flags: {' '.join(a.extra) or '(defaults)'}; the peer: lr "
             f"{cfg.optim.learning_rate}, batch {cfg.optim.batch_size}, {a.peer_epochs or cfg.optim.num_epochs:g} epochs, "
-            f"length {cfg.data.max_seq_length}", "", table(rows, metric, a.target), ""]
+            f"length {cfg.data.max_seq_length}", "", table(rows, metric, a.target, scale), ""]
     ok = [r for r in rows if "error" not in r]
     ours = [r for r in ok if r["who"].startswith("jaxpeft")]
     peers = [r for r in ok if r["who"].startswith("peft")]

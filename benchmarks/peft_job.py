@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The PyTorch peer of the whole job: transformers + peft fine-tuning a GLUE task end to end.
+"""The PyTorch peer of the whole job: transformers + peft fine-tuning a task end to end.
 
 The same work as ``jaxpeft-train`` for a method and task: the same pretrained model, the same
 tokenized examples and batches (``jaxpeft.data``: the same length-bucketed batches of the same
@@ -18,8 +18,35 @@ of our runs' config. ``--time_limit`` with ``--state`` splits a long run into pa
 a step boundary, saving its trainable weights, optimizer, schedule, random state and evaluations, and
 the same command resumes it where it stopped, to the same result.
 
+Tasks: GLUE's (``BertForSequenceClassification``, peft ``SEQ_CLS``), and the token and span tasks
+of ``jaxpeft.tasks``: ``--task=pos|ner`` or your own tagging files (``--task_type=tagging
+--train_file=... --validation_file=...``) with ``AutoModelForTokenClassification`` (peft
+``TOKEN_CLS``), ``--task=squad`` or your own SQuAD files (``--task_type=qa``) with
+``AutoModelForQuestionAnswering`` (peft ``QUESTION_ANS``). The task object is ours
+(``jaxpeft.tasks.get``): the same windows, labels (a word's tag on its first sub-word, ``-100``
+elsewhere; a QA window's start/end positions), the same loss (mean cross-entropy over the
+batch's labelled tokens; the mean of the start and end cross-entropies over each window's real
+tokens) and the same metric code on the dev outputs (``Task.evaluate``: seqeval entity F1 for
+ner, token accuracy for pos, the official v1.1 EM/F1 after n-best decoding for squad). peft's
+prompt methods put their virtual tokens in front, and their outputs are dropped before the loss
+and the metric (as our heads drop them). peft's ``PeftModelForQuestionAnswering`` drops
+``token_type_ids`` (it passes them on to BERT under no method), so the peer hands the batch's
+token types to BERT itself (a forward pre-hook on ``model.bert``; 0 on virtual tokens, as peft's
+other task types do): both sides read a question and its context as two segments.
+
+What the peer cannot run (one ``error:`` line, exit status 2):
+
+* ``prefix`` and ``ptuning_v2`` on any task, where transformers' ``BertModel`` takes no
+  ``past_key_values`` (transformers 5: peft's prefix tuning then raises "Model does not support
+  past key values") -- the check reads the installed ``BertModel.forward``;
+* ``--pooling=mean|cosine`` on token and span tasks (their heads read every token; ours refuses
+  them too);
+* your own classification files or ``--dataset`` (the peer reads GLUE's, and own tagging/QA files).
+
     python benchmarks/peft_job.py --method=bitfit --task=sst2 --data_dir=GLUE --model=DIR \\
         --learning_rate=3e-3 --num_epochs=2 --max_seq_length=64 --mode=eager
+    python benchmarks/peft_job.py --method=lora --task=ner --data_dir=CONLL2003 --learning_rate=1e-3 \\
+        --num_epochs=3 --max_seq_length=128
 """
 
 from __future__ import annotations
@@ -34,8 +61,6 @@ import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 #: Our BitFit terms (``jaxpeft.masks.BERT_BIAS_TERMS``) match transformers' names once ``.`` is ``/``.
@@ -82,7 +107,6 @@ def read_mean(model) -> None:
     keys not), summed in float32, instead of the pooler on [CLS]. The pooler is replaced by the
     mean; the attention mask comes from BERT's own call (peft's prompt methods pass it with the
     virtual tokens' ones in front, so its last ``T`` columns are the ``T`` outputs' own)."""
-    import torch
     from torch import nn
 
     class MeanPool(nn.Module):
@@ -142,53 +166,120 @@ def split_pairs(b: dict) -> dict:
     return {"input_ids": out_ids, "attention_mask": out_mask, "token_type_ids": np.zeros_like(out_ids)}
 
 
-def build(model_dir: str, a, num_labels: int):
-    """The model of ``a.method`` with our config's trainable set."""
+#: ``--method`` of bottleneck adapters (``adapter``: their earlier name)
+BOTTLENECK = ("bottleneck", "adapter")
+#: peft's task type and the head's module of each task kind (``jaxpeft.tasks.base.Task.kind``)
+PEFT_TASK_TYPE = {"sequence": "SEQ_CLS", "token": "TOKEN_CLS", "span": "QUESTION_ANS"}
+HEAD = {"sequence": "classifier", "token": "classifier", "span": "qa_outputs"}
+#: Exit status of a run the peer cannot make (one ``error:`` line says why).
+CANNOT = 2
+
+
+def cannot_run(a, kind: str) -> str | None:
+    """Why the peer cannot run ``a.method`` on a task of ``kind`` (see the module docstring), or ``None``."""
+    if kind != "sequence" and a.pooling != "cls":
+        return (f"--pooling={a.pooling} reads one vector per example; the {kind} head of --task={a.task} "
+                "reads every token (ours refuses it too)")
+    if a.method in ("prefix", "ptuning_v2"):
+        import inspect
+
+        from transformers import BertModel
+
+        if "past_key_values" not in inspect.signature(BertModel.forward).parameters:
+            import transformers
+
+            return (f"--method={a.method}: peft's prefix tuning ({PEFT_TASK_TYPE[kind]}) hands the prefixes to "
+                    f"BERT as past_key_values, which transformers {transformers.__version__}'s BertModel does not "
+                    "take (peft: 'Model does not support past key values')")
+    return None
+
+
+class TokenTypes:
+    """Hands the batch's token types to BERT under peft's ``QUESTION_ANS`` models, which drop them:
+    a forward pre-hook on ``model.bert`` that fills in :attr:`types` (0 on the virtual tokens in
+    front, as peft's other task types do) where the call brings none."""
+
+    def __init__(self, model):
+        self.types = None
+        model.bert.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        import torch
+
+        if self.types is None or kwargs.get("token_type_ids") is not None or len(args) > 2:
+            return None
+        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if ref is None and args:
+            ref = args[0]
+        t = self.types
+        extra = ref.shape[1] - t.shape[1]
+        if extra > 0:
+            t = torch.cat([t.new_zeros(t.shape[0], extra), t], 1)
+        return args, {**kwargs, "token_type_ids": t}
+
+
+def build(model_dir: str, a, num_labels: int, kind: str = "sequence"):
+    """The model of ``a.method`` with our config's trainable set, for a task of ``kind``
+    (``sequence``, ``token`` or ``span``)."""
     import re
 
     import torch
-    from transformers import BertForSequenceClassification
+    import transformers
 
-    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
+    if kind == "span":
+        model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
+        model.token_types = TokenTypes(model)
+    elif kind == "token":
+        model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                                             dtype=torch.float32)
+    else:
+        model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                                           dtype=torch.float32)
+    head = HEAD[kind] + "."
     if a.pooling == "mean":
         read_mean(model)
     elif a.pooling == "cosine":
         read_cosine(model)
-    if a.method in ("full", "frozen", "bitfit", "adapter"):
+    if a.method in ("full", "frozen", "bitfit") + BOTTLENECK:
         from jaxpeft.masks import BERT_BIAS_TERMS, BITFIT_ALIASES
 
         terms = [BITFIT_ALIASES.get(t.strip().lower(), t.strip()) for t in (a.bitfit_terms or "").split(",")
                  if t.strip()]
         bias = re.compile("|".join(f"(?:{BERT_BIAS_TERMS[t]})" for t in terms)) if terms else None
-        if a.method == "adapter":
+        if a.method in BOTTLENECK:
             sites = ("attention", "output") if a.adapter_type == "houlsby" else ("output",)
             add_adapters(model, a.adapter_size, sites)
         for name, p in model.named_parameters():
-            if a.method == "full" or name.startswith("classifier."):
+            if a.method == "full" or name.startswith(head):
                 p.requires_grad = True
             elif a.method == "bitfit":
                 p.requires_grad = name.endswith("bias") and (bias is None or bool(bias.search(_ours(name))))
-            elif a.method == "adapter":
+            elif a.method in BOTTLENECK:
                 p.requires_grad = ".adapter." in name or (a.adapter_type == "houlsby" and "LayerNorm" in name)
             else:
                 p.requires_grad = False
         return model
     import peft
 
-    v, H = a.num_virtual_tokens, model.config.hidden_size
+    v, H, task_type = a.num_virtual_tokens, model.config.hidden_size, PEFT_TASK_TYPE[kind]
     kinds = {
         "prompt": lambda: peft.PromptTuningConfig(
-            task_type="SEQ_CLS", num_virtual_tokens=v,
+            task_type=task_type, num_virtual_tokens=v,
             prompt_tuning_init={"sample_vocab": "SAMPLE_VOCAB"}.get(a.prompt_init, "RANDOM")),
         "ptuning": lambda: peft.PromptEncoderConfig(
-            task_type="SEQ_CLS", num_virtual_tokens=v, encoder_reparameterization_type=a.encoder_type.upper(),
+            task_type=task_type, num_virtual_tokens=v, encoder_reparameterization_type=a.encoder_type.upper(),
             encoder_num_layers=a.encoder_num_layers,   # ours: H/2 per LSTM direction, H for the MLP
             encoder_hidden_size=a.encoder_hidden_size or H // (2 if a.encoder_type == "lstm" else 1)),
-        "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=v, prefix_projection=True,
+        "prefix": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=v, prefix_projection=True,
                                                   encoder_hidden_size=a.encoder_hidden_size or 512),
-        "ptuning_v2": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=v),
-        "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=a.lora_r, lora_alpha=a.lora_alpha,
-                                        lora_dropout=a.lora_dropout, target_modules=a.target_modules.split(",")),
+        "ptuning_v2": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=v),
+        "lora": lambda: peft.LoraConfig(task_type=task_type, r=a.lora_r, lora_alpha=a.lora_alpha,
+                                        lora_dropout=a.lora_dropout,
+                                        target_modules=(a.target_modules or "query,value").split(","),
+                                        use_dora=a.use_dora, use_rslora=a.use_rslora),
+        "ia3": lambda: peft.IA3Config(   # None: peft's defaults for BERT, as ours
+            task_type=task_type, target_modules=a.target_modules.split(",") if a.target_modules else None,
+            feedforward_modules=a.feedforward_modules.split(",") if a.feedforward_modules else None),
     }
     if a.method not in kinds:
         raise SystemExit(f"the peer has no method {a.method!r}")
@@ -218,13 +309,22 @@ def peer_args(cfg) -> list[str]:
             f"--pooling={cfg.head.pooling}"]
     if o.head_learning_rate is not None:
         args.append(f"--head_learning_rate={o.head_learning_rate}")
+    if d.dataset:
+        raise SystemExit("the peer reads no --dataset (a named task or your own tagging/QA files)")
+    if d.train_file:
+        args += [f"--train_file={d.train_file}", f"--task_type={d.task_type}"] + \
+            ([f"--validation_file={d.validation_file}"] if d.validation_file else [])
+    args.append(f"--doc_stride={d.doc_stride}")
     method = cfg.method_obj()
     for k in ("num_virtual_tokens", "bitfit_terms", "prompt_init", "encoder_type", "encoder_hidden_size",
-              "encoder_num_layers", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "adapter_size",
-              "adapter_type"):
+              "encoder_num_layers", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "feedforward_modules",
+              "adapter_size", "adapter_type"):
         v = m.get(k, getattr(method, k, None))
         if v is not None:
             args.append(f"--{k}={v}")
+    for k in ("use_dora", "use_rslora"):
+        if m.get(k, getattr(method, k, False)):
+            args.append(f"--{k}")
     return args
 
 
@@ -232,7 +332,12 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="bitfit")
     ap.add_argument("--task", default="sst2")
-    ap.add_argument("--data_dir", required=True)
+    ap.add_argument("--data_dir", default=None, help="the named task's data folder (as ours)")
+    ap.add_argument("--train_file", default=None, help="your own tagging or QA training file (as ours)")
+    ap.add_argument("--validation_file", default=None, help="your own tagging or QA validation file")
+    ap.add_argument("--task_type", default="auto", choices=("auto", "tagging", "qa"),
+                    help="your own files' task (auto: what they look like)")
+    ap.add_argument("--doc_stride", type=int, default=128, help="QA: tokens shared by consecutive windows")
     ap.add_argument("--model", default=None, help="model folder (default: the bundled MiniLM)")
     ap.add_argument("--learning_rate", type=float, default=3e-3)
     ap.add_argument("--batch_size", type=int, default=32)
@@ -257,7 +362,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora_r", type=int, default=8)
     ap.add_argument("--lora_alpha", type=float, default=16.0)
     ap.add_argument("--lora_dropout", type=float, default=0.0)
-    ap.add_argument("--target_modules", default="query,value")
+    ap.add_argument("--target_modules", default=None, help="LoRA/IA3 targets (default: peft's for BERT)")
+    ap.add_argument("--feedforward_modules", default=None, help="IA3's feed-forward targets (default: peft's)")
+    ap.add_argument("--use_dora", action="store_true")
+    ap.add_argument("--use_rslora", action="store_true")
     ap.add_argument("--adapter_size", type=int, default=64)
     ap.add_argument("--adapter_type", default="houlsby")
     ap.add_argument("--seed", type=int, default=0)
@@ -274,42 +382,133 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main() -> int:
-    a = parser().parse_args()
+def error(message: str) -> SystemExit:
+    """One ``error:`` line on stderr; raise the result to exit with status :data:`CANNOT`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return SystemExit(CANNOT)
+
+
+def load_task(a):
+    """Our task object for the run (``jaxpeft.tasks.get``, the task code our runs use)."""
+    from types import SimpleNamespace
+
+    from jaxpeft import tasks
+    from jaxpeft.errors import UserError
+
+    data = SimpleNamespace(data_dir=a.data_dir, train_file=a.train_file, validation_file=a.validation_file,
+                           test_file=None, dataset=None, task_type=a.task_type, doc_stride=a.doc_stride,
+                           text_columns=None, label_column="label", validation_fraction=0.1)
+    try:
+        task = tasks.get(a.task, data, a.seed)
+    except UserError as e:
+        raise error(str(e)) from None
+    if task.kind == "sequence" and a.train_file:
+        raise error("your own classification files: the peer reads GLUE's, and your own tagging or QA files "
+                    "(--task_type=tagging|qa)")
+    why = cannot_run(a, task.kind)
+    if why:
+        raise error(why)
+    return task
+
+
+def prepare(a, task, tok) -> tuple:
+    """``(train, dev_raw, dev)``: the encoded training rows, the dev split's raw examples and their
+    encoded rows -- ours (``Task.encode``: a tagging task's windows and first-sub-word labels, a QA
+    task's windows and start/end positions; GLUE's rows as ``jaxpeft.data.encoding.encode``)."""
+    from jaxpeft.data import encoding
+
+    train_raw = task.read("train")
+    if a.max_train_examples:
+        train_raw = task.take(train_raw, a.max_train_examples)
+    dev_raw = task.read(task.eval_splits[0])
+    if a.max_eval_examples:
+        dev_raw = task.take(dev_raw, a.max_eval_examples)
+    if task.kind == "sequence":     # uncached, as before: the peer's data time is its own tokenizing
+        return (encoding.encode(tok, train_raw, a.max_seq_length), dev_raw,
+                encoding.encode(tok, dev_raw, a.max_seq_length))
+    return task.encode(tok, train_raw, a.max_seq_length), dev_raw, task.encode(tok, dev_raw, a.max_seq_length)
+
+
+def task_outputs(out, kind: str, width: int):
+    """The model's outputs as ours: ``[B, C]`` logits of a sequence task, ``[B, T, C]`` of a token
+    task, ``[B, T, 2]`` start/end logits of a span task -- the last ``width`` positions (peft's prompt
+    methods put their virtual tokens in front; ours drop their outputs too)."""
+    import torch
+
+    if kind == "sequence":
+        return out.logits.float()
+    if kind == "token":
+        return out.logits.float()[:, -width:]
+    return torch.stack([out.start_logits, out.end_logits], -1).float()[:, -width:]
+
+
+def task_loss(logits, b: dict, kind: str, regression: bool = False):
+    """Our task's loss (``Task.loss``) in PyTorch, on the batch ``b`` (torch tensors)."""
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    if kind == "token":     # mean over the batch's labelled tokens (-100 elsewhere)
+        labels = b["labels"].long()
+        scored = labels != -100
+        per = cross_entropy(logits.flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
+        return (per * scored.flatten()).sum() / scored.sum().clamp(min=1)
+    weights = b["weights"]
+    if kind == "span":      # start and end over each window's real tokens, averaged, weighted per window
+        real = torch.arange(logits.shape[1], device=logits.device)[None, :] < b["attention_mask"].sum(-1, keepdim=True)
+        masked = logits.masked_fill(~real[..., None], -1e9)
+        per = (cross_entropy(masked[..., 0], b["start_positions"].long(), reduction="none")
+               + cross_entropy(masked[..., 1], b["end_positions"].long(), reduction="none")) / 2
+    elif regression:
+        per = (logits[:, 0] - b["labels"].float()) ** 2
+    else:
+        per = cross_entropy(logits, b["labels"].long(), reduction="none")
+    return (per * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
+    """Runs the job of ``argv`` (default: the command line) and prints its JSON line. ``keep``
+    (a dict) receives the trained ``model``, the ``task`` and the ``dev_raw`` / ``dev`` data."""
+    a = parser().parse_args(argv)
 
     import numpy as np
     import torch
 
-    from jaxpeft.data import batches, encoding
-    from jaxpeft.tasks import glue, metrics
+    from jaxpeft.data import batches
     from jaxpeft.models import hf_weights
 
     torch.manual_seed(a.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task = glue.get_task(a.task)
-    model_dir = str(hf_weights.resolve_model_dir(a.model or hf_weights.DEFAULT_MODEL))
-    model = build(model_dir, a, task.num_labels).to(dev)
-    t_startup = time.perf_counter() - _START
+    t_import = time.perf_counter() - _START
 
     t0 = time.perf_counter()
+    task = load_task(a)
+    kind = task.kind
+    model_dir = str(hf_weights.resolve_model_dir(a.model or hf_weights.DEFAULT_MODEL))
     tok = hf_weights.load_tokenizer(Path(model_dir))
-    train_ex = glue.load_split(task, "train", a.data_dir)
-    if a.max_train_examples:
-        train_ex = train_ex.take(a.max_train_examples)
-    dev_ex = glue.load_split(task, task.eval_splits[0], a.data_dir)
-    if a.max_eval_examples:
-        dev_ex = dev_ex.take(a.max_eval_examples)
-    train = encoding.encode(tok, train_ex, a.max_seq_length)
-    dev_enc = encoding.encode(tok, dev_ex, a.max_seq_length)
-    buckets = batches.length_buckets(a.max_seq_length)
+    train, dev_raw, dev_enc = prepare(a, task, tok)
+    train_batches = batches.BucketBatches(train, a.batch_size, a.max_seq_length, a.seed)  # ours: the same order
+    buckets = train_batches.buckets
     t_data = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = build(model_dir, a, task.num_labels, kind).to(dev)
+    types_hook = getattr(model, "token_types", None)
+    t_startup = t_import + time.perf_counter() - t0
+    if keep is not None:
+        keep.update(model=model, task=task, dev_raw=dev_raw, dev=dev_enc, train=train)
 
     def to_torch(b):
         if a.pooling == "cosine":
             b = split_pairs(b)
         out = {k: torch.from_numpy(b[k]).to(dev, non_blocking=True).long()
                for k in ("input_ids", "attention_mask", "token_type_ids")}
+        if types_hook is not None:
+            types_hook.types = out["token_type_ids"]
         return out
+
+    def forward(b):
+        inputs = to_torch(b)
+        return task_outputs(fwd(**inputs), kind, inputs["input_ids"].shape[1])
 
     params = [p for p in model.parameters() if p.requires_grad]
     # weight decay on matrices but not on embeddings or LayerNorms (ours: jaxpeft.training.optim.decay_mask);
@@ -319,11 +518,11 @@ def main() -> int:
     for n, p in model.named_parameters():
         if p.requires_grad:
             decays = p.ndim > 1 and "LayerNorm" not in n and "embeddings" not in n
-            groups.setdefault(("classifier" in n, decays), []).append(p)
+            groups.setdefault((HEAD[kind] in n, decays), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": a.weight_decay if decays else 0.0,
                               "lr": head_lr if head else a.learning_rate}
                              for (head, decays), ps in groups.items()], lr=a.learning_rate)
-    spe = math.ceil(len(train) / a.batch_size)
+    spe = train_batches.steps_per_epoch
     total = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_epochs * spe))
     warmup = int(round(a.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -333,17 +532,23 @@ def main() -> int:
         "cpu", enabled=False)
 
     def evaluate() -> dict:
+        """Our task's metrics (``Task.evaluate``) of the dev outputs, per-token outputs zero-padded
+        to the rows' length as ours (``jaxpeft.training.steps.predict_outputs``)."""
         model.eval()
-        logits = np.zeros((len(dev_enc), task.num_labels), np.float32)
+        shape = {"sequence": (task.num_labels,), "token": (dev_enc.max_length, task.num_labels),
+                 "span": (dev_enc.max_length, 2)}[kind]
+        outputs = np.zeros((len(dev_enc), *shape), np.float32)
         with torch.no_grad(), autocast:
             for idx in batches.eval_order(dev_enc.lengths, a.eval_batch_size):
                 b = batches.make_batch(dev_enc, idx, buckets)
-                out = fwd(**to_torch(b)).logits.float().cpu().numpy()
+                out = forward(b).cpu().numpy()
                 real = idx >= 0
-                logits[idx[real]] = out[real]
+                if kind == "sequence":
+                    outputs[idx[real]] = out[real]
+                else:
+                    outputs[idx[real], :out.shape[1]] = out[real]
         model.train()
-        preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
-        return metrics.compute(task.name, preds, dev_enc.labels)
+        return task.evaluate(outputs, dev_enc, dev_raw)
 
     model.train()
     step, train_s, eval_s, examples, evals, parts, wall0 = 0, 0.0, 0.0, 0, [], 1, 0.0
@@ -384,20 +589,15 @@ def main() -> int:
     t_loop, eval_s0 = time.perf_counter(), eval_s
     while step < total:
         epoch = step // spe
-        for i, idx in enumerate(batches.epoch_order(train.lengths, a.batch_size, a.seed, epoch)):
+        for i, idx in enumerate(train_batches.order(epoch)):
             if i < step - epoch * spe:      # done before the pause
                 continue
             b = batches.make_batch(train, idx, buckets)
-            inputs = to_torch(b)
-            labels = torch.from_numpy(b["labels"]).to(dev)
-            weights = torch.from_numpy(b["weights"]).to(dev)
+            targets = {k: torch.from_numpy(b[k]).to(dev)
+                       for k in ("labels", "weights", "attention_mask", "start_positions", "end_positions") if k in b}
             with autocast:
-                logits = fwd(**inputs).logits.float()
-            if task.is_regression:
-                per = (logits[:, 0] - labels.float()) ** 2
-            else:
-                per = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none")
-            loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
+                logits = forward(b)
+            loss = task_loss(logits, targets, kind, task.is_regression)
             loss.backward()
             if a.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
@@ -421,7 +621,7 @@ def main() -> int:
         torch.cuda.synchronize()
     train_s += time.perf_counter() - t_loop - (eval_s - eval_s0)
     print(json.dumps({
-        "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name,
+        "framework": f"torch {torch.__version__}", "mode": a.mode, "method": a.method, "task": task.name, "task_kind": task.kind,
         "seed": a.seed, "args": vars(a),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "steps": step,
         "startup_seconds": t_startup, "data_seconds": t_data, "train_seconds": train_s, "eval_seconds": eval_s,

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.peft_job import build, parser, peer_args
 from jaxpeft import config
-from jaxpeft.training import trainer
+from jaxpeft.training import single
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,11 +20,11 @@ def peer_namespace(flags: list[str]):
 @pytest.mark.parametrize("method,options", [
     ("full", {}), ("frozen", {}), ("bitfit", {}), ("bitfit", {"bitfit_terms": "b_q,b_m2"}),
     ("bitfit", {"bitfit_terms": "key,value,attention_output,attention_layernorm,output,output_layernorm"}),
-    ("lora", {}), ("adapter", {}), ("adapter", {"adapter_type": "pfeiffer"})])
+    ("lora", {}), ("bottleneck", {}), ("bottleneck", {"adapter_type": "pfeiffer"})])
 def test_peer_trains_what_our_config_trains(method, options, tiny_bert_dir, glue, tmp_path):
     cfg = config.build({"method": method, "task": "rte", "model": str(tiny_bert_dir), "data_dir": str(glue),
                         "output_dir": str(tmp_path / "run"), **options})
-    ours = trainer.Trainer(cfg).param_report()["trainable_params"]
+    ours = single.SingleTask(cfg, echo=lambda s: None).param_report()["trainable_params"]
     a = peer_namespace(peer_args(cfg))
     model = build(str(tiny_bert_dir), a, num_labels=2)
     theirs = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -35,7 +35,7 @@ def test_peer_adapter_starts_as_the_identity(tiny_bert_dir):
     import torch
     from transformers import BertForSequenceClassification
 
-    cfg = config.build({"method": "adapter", "task": "sst2"})
+    cfg = config.build({"method": "bottleneck", "task": "sst2"})
     a = peer_namespace(peer_args(cfg))
     torch.manual_seed(0)
     with_adapters = build(str(tiny_bert_dir), a, num_labels=2).eval()
@@ -136,7 +136,7 @@ def test_peer_cosine_pooling_gives_our_logits(method, tiny_bert_dir):
     import torch
 
     from benchmarks.peft_job import split_pairs
-    from jaxpeft.models import load_classifier
+    from jaxpeft.models.loading import load_classifier
 
     cfg = config.build({"method": method, "task": "rte", "pooling": "cosine"})
     a = peer_namespace(peer_args(cfg))
@@ -159,3 +159,196 @@ def test_peer_cosine_pooling_gives_our_logits(method, tiny_bert_dir):
         theirs = model(**{k: torch.from_numpy(v).long() for k, v in split.items()}).logits.numpy()
     assert theirs.shape == (3, 2) and np.ptp(theirs[:, 0]) > 0
     np.testing.assert_allclose(ours_logits, theirs, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- token and span tasks
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    d = SHARED / name
+    if not d.is_dir():
+        pytest.fail(f"no local copy of {name} at {d}")
+    return d
+
+
+def peer_run(cfg, model_dir, data_dir, capsys) -> tuple[dict, dict]:
+    """The peer of ``cfg`` run in this process: its JSON line and what it keeps (model, task, data)."""
+    import json
+
+    from benchmarks.peft_job import main
+
+    keep: dict = {}
+    capsys.readouterr()
+    assert main([*peer_args(cfg), f"--data_dir={data_dir}", f"--model={model_dir}"], keep=keep) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1]
+    return json.loads(line), keep
+
+
+def row_outputs(model, enc, kind: str, virtual: int = 0):
+    """The model's outputs on every encoded row, one row at a time at its own length (no padding, no
+    batching), zero-padded to the rows' width as ours: ``[N, L, C]``. A span task's model is called
+    through peft's wrapped transformers model with the token types (peft's QA model drops them)."""
+    import numpy as np
+    import torch
+
+    model = model.eval()
+    out = None
+    with torch.no_grad():
+        for i, n in enumerate(enc.lengths):
+            ids = torch.tensor(enc.input_ids[i:i + 1, :n], dtype=torch.long)
+            types = torch.tensor(enc.token_type_ids[i:i + 1, :n], dtype=torch.long)
+            ones = torch.ones_like(ids)
+            if kind == "span":
+                o = model.base_model(input_ids=ids, attention_mask=ones, token_type_ids=types)
+                got = torch.stack([o.start_logits, o.end_logits], -1)
+            else:
+                got = model(input_ids=ids, attention_mask=ones, token_type_ids=types).logits[:, virtual:]
+            got = got[0].numpy()
+            assert got.shape[0] == n
+            if out is None:
+                out = np.zeros((len(enc), enc.max_length, got.shape[-1]), np.float32)
+            out[i, :n] = got
+    return out
+
+
+@pytest.mark.parametrize("task,method", [("ner", "ptuning"), ("squad", "lora")])
+def test_peer_on_token_and_span_tasks_is_scored_by_our_task_code(task, method, tiny_bert_dir, tmp_path, capsys):
+    """The peer trains a tagging task (P-tuning: virtual tokens in front, dropped) and SQuAD (LoRA) a
+    few steps from our config, and its reported dev metrics are our task's code (``Task.evaluate``:
+    seqeval / n-best decoding and the official EM/F1) applied to its own model's outputs computed here
+    row by row; training moved the trainable weights from their (seeded) start."""
+    import numpy as np
+    import torch
+
+    data = shared_data({"ner": "conll2003", "squad": "squad"}[task])
+    options = {"lora_r": 4} if method == "lora" else {"num_virtual_tokens": 4}
+    cfg = config.build({"method": method, "task": task, "model": str(tiny_bert_dir), "data_dir": str(data),
+                        "output_dir": str(tmp_path / "run"), "learning_rate": 1e-2, "max_steps": 3,
+                        "batch_size": 8, "max_train_examples": 24, "max_eval_examples": 24,
+                        "max_seq_length": 96, "doc_stride": 48, **options})
+    out, keep = peer_run(cfg, tiny_bert_dir, data, capsys)
+    assert out["steps"] == 3 and out["task"] == task and out["main_metric"] == keep["task"].main_metric
+    kind = keep["task"].kind
+    assert kind == {"ner": "token", "squad": "span"}[task]
+    outputs = row_outputs(keep["model"], keep["dev"], kind, virtual=4 if method == "ptuning" else 0)
+    ours = keep["task"].evaluate(outputs, keep["dev"], keep["dev_raw"])
+    reported = {k: v for k, v in out["final_dev"].items() if k not in ("step", "wall_seconds")}
+    assert reported.keys() == ours.keys()
+    assert reported == pytest.approx(ours, rel=1e-9, abs=1e-12)
+    if kind == "token":      # the predictions are not one tag everywhere: the metric reads each of them
+        scored = keep["dev"].labels != -100
+        assert len(np.unique(outputs.argmax(-1)[scored])) > 1 and 0 < ours["accuracy"] < 1
+    else:
+        assert ours["f1"] > 0
+    # the trainable weights moved: the same seed builds the same start
+    from benchmarks.peft_job import build
+
+    torch.manual_seed(cfg.optim.seed)
+    start = dict(build(str(tiny_bert_dir), peer_namespace(peer_args(cfg)), keep["task"].num_labels, kind)
+                 .named_parameters())
+    trained = {n: p for n, p in keep["model"].named_parameters() if p.requires_grad}
+    moved = [n for n in trained if "lora_B" in n or "prompt_encoder" in n]
+    assert moved and all(n in start for n in trained)
+    assert all(not torch.equal(trained[n], start[n]) for n in moved)
+
+
+def test_peer_gives_bert_the_token_types_peft_drops_for_qa(tiny_bert_dir):
+    """peft's QA model drops ``token_type_ids``; with the peer's hook BERT reads them (both segments),
+    as the LoRA-wrapped transformers model called with them does."""
+    import torch
+
+    a = peer_namespace(peer_args(config.build({"method": "lora", "task": "squad", "lora_r": 4})))
+    torch.manual_seed(0)
+    model = build_span(tiny_bert_dir, a).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if "lora_B" in _:
+                p.normal_(0, 0.2)
+    ids = torch.tensor([[101, 2040, 2003, 102, 1996, 4937, 2003, 2182, 102]])
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model.base_model(input_ids=ids, attention_mask=mask, token_type_ids=types).start_logits
+        model.token_types.types = None
+        dropped = model(input_ids=ids, attention_mask=mask, token_type_ids=types).start_logits
+        model.token_types.types = types
+        got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).start_logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(dropped, want, atol=1e-5)
+
+
+def build_span(model_dir, a):
+    from benchmarks.peft_job import build
+
+    return build(str(model_dir), a, num_labels=2, kind="span")
+
+
+def test_peer_ner_labels_sit_on_first_sub_words(tiny_bert_dir):
+    """The peer's tagging rows and loss: each word's tag on its first sub-word, -100 on the others
+    and on special tokens (transformers' ``word_ids``, computed here independently); the loss is
+    PyTorch's cross-entropy over exactly those positions."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from benchmarks.peft_job import load_task, prepare, task_loss
+    from jaxpeft.data import batches
+    from jaxpeft.models import hf_weights
+
+    data = shared_data("conll2003")
+    a = peer_namespace(peer_args(config.build({"method": "lora", "task": "ner", "max_train_examples": 40,
+                                               "max_eval_examples": 8, "max_seq_length": 64})))
+    a.data_dir = str(data)
+    task = load_task(a)
+    train, _, _ = prepare(a, task, hf_weights.load_tokenizer(tiny_bert_dir))
+    raw = task.take(task.read("train"), 40)
+    hf = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    feats = train.host["features"]
+    checked = split_words = 0
+    for row in range(len(train)):
+        s = int(feats.example_index[row])
+        words = raw.tokens[s]
+        if tuple(feats.word_spans[row]) != (0, len(words)):
+            continue                     # a window of a long sentence
+        enc = hf(words, is_split_into_words=True)
+        want, seen = [], set()
+        for w in enc.word_ids():
+            first = w is not None and w not in seen
+            seen.add(w)
+            want.append(task.label_names.index(raw.tags[s][w]) if first else -100)
+        n = int(train.lengths[row])
+        assert list(train.input_ids[row, :n]) == enc["input_ids"]
+        assert list(train.labels[row, :n]) == want and (train.labels[row, n:] == -100).all()
+        checked += 1
+        split_words += len(enc["input_ids"]) - 2 > len(words)
+    assert checked >= 30 and split_words > 0
+    # the loss of a batch: cross-entropy over the labelled positions only
+    b = batches.make_batch(train, batches.BucketBatches(train, 8, 64, 0).order(0)[0], batches.length_buckets(64))
+    logits = torch.randn(*b["input_ids"].shape, task.num_labels)
+    labels = torch.from_numpy(b["labels"]).long()
+    got = task_loss(logits, {"labels": labels, "weights": torch.from_numpy(b["weights"])}, "token")
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(got, want)
+
+
+def test_peer_refuses_what_it_cannot_run(tiny_bert_dir, capsys):
+    """One ``error:`` line and exit status 2: a pooling a token head does not have; prefix tuning where
+    transformers' BERT takes no ``past_key_values`` (peft's prefix tuning needs them)."""
+    import inspect
+
+    from transformers import BertModel
+
+    from benchmarks.peft_job import CANNOT, main
+
+    data = shared_data("conll2003")
+    cases = [(["--method=lora", "--pooling=mean"], "--pooling=mean")]
+    if "past_key_values" not in inspect.signature(BertModel.forward).parameters:
+        cases.append((["--method=prefix"], "past_key_values"))
+    for flags, needle in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["--task=ner", f"--data_dir={data}", f"--model={tiny_bert_dir}", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == CANNOT and err[-1].startswith("error: ") and needle in err[-1]
+        assert sum(x.startswith("error:") for x in err) == 1

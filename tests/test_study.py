@@ -32,9 +32,8 @@ def get_study():
 
 def run_study(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    p = subprocess.run([sys.executable, str(REPO / "experiments" / "bitfit_study" / "run.py"), *args],
-                       capture_output=True,
-                       text=True, env=env, timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", "experiments.bitfit_study.run", *args], capture_output=True,
+                       text=True, env=env, timeout=timeout, cwd=REPO)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -66,7 +65,7 @@ def test_tiny_study_runs_resumes_and_tabulates(tiny_study, tiny_bert_dir, tmp_pa
 
     # the adapter: exactly the trainable leaves (every bias + the head), moved by training
     adapter = out / f"rte/bitfit/lr{chosen:g}-seed1/adapter"
-    cfg, arrays = adapters.read_adapter_config(adapter), adapters.read_adapter_weights(adapter)
+    cfg, arrays = adapters.read_adapter_config(adapter), bias_change.adapter_arrays(adapter)
     assert {k: cfg[k] for k in ("method", "method_options", "task", "num_labels")} == {
         "method": "bitfit", "method_options": {"bitfit_terms": None}, "task": "rte", "num_labels": 2}
     assert cfg["base_model"] == str(tiny_bert_dir.resolve())
@@ -370,6 +369,8 @@ def test_the_pair_tasks_read_the_cosine_where_the_measurements_chose_it():
 
 def test_multi_task_runs_take_neither_packing_nor_the_cosine_from_the_first_tasks_config():
     cfg = config.build({"method": "prompt", "tasks": "rte,mrpc"})
-    assert cfg.head.pooling == "cls" and cfg.optim.head_learning_rate == 1e-2   # the rest of RTE's config stays
+    assert cfg.head.pooling == "cls" and cfg.method_options == {"prompt_init": "sample_vocab"}   # the rest stays
+    own = config.task_configs(cfg, ["rte", "mrpc"])      # each task's head rate is its own config's
+    assert own["rte"]["head_learning_rate"] == 1e-2 and own["mrpc"]["head_learning_rate"] is None
     assert config.build({"method": "bitfit", "tasks": "sst2,rte"}).data.packing is False
     assert config.build({"method": "prompt", "task": "rte"}).head.pooling == "cosine"

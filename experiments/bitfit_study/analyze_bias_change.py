@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Which biases move: mean |Δb| per layer and BERT bias term between a base model and BitFit adapters.
 
-    python experiments/bitfit_study/analyze_bias_change.py runs/study/rte/bitfit/lr0.001-seed0/adapter \\
+    python -m experiments.bitfit_study.analyze_bias_change runs/study/rte/bitfit/lr0.001-seed0/adapter \\
         --out=docs/img/bias_change_rte
-    python experiments/bitfit_study/analyze_bias_change.py \\
-        $(python experiments/bitfit_study/run.py adapters --setting=bitfit) \\
+    python -m experiments.bitfit_study.analyze_bias_change \\
+        $(python -m experiments.bitfit_study.run adapters --setting=bitfit) \\
         --out=docs/img/bias_change_all --title="BitFit, all tasks and seeds"
 
 One adapter folder gives its table; several give the mean table (cell by cell). Writes OUT.md,
@@ -15,15 +15,8 @@ experiments/bitfit_study/bias_change.py.
 
 import argparse
 import sys
-from pathlib import Path
 
-# The study's modules are imported from the repository root as experiments.bitfit_study.*; this
-# folder itself leaves sys.path, so its modules (config, tables, ...) shadow no top-level module.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent.parent))
-
-from jaxpeft import cli  # noqa: E402
+from jaxpeft import cli
 
 
 def main(argv=None) -> int:

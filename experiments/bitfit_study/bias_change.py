@@ -5,7 +5,7 @@ For every layer l and bias term t (b_q, b_k, b_v, b_m1, b_LN1, b_m2, b_m3, b_LN2
 vector, i.e. its L1 norm divided by its dimension (the measure of the BitFit paper's figure). Terms an
 adapter did not train are missing (NaN). Several adapters give the mean over adapters, cell by cell.
 The embedding-LayerNorm and pooler biases are outside these terms and are not reported.
-``analyze_bias_change.py`` beside this file is its command line.
+``python -m experiments.bitfit_study.analyze_bias_change`` is its command line.
 """
 
 from __future__ import annotations
@@ -97,20 +97,38 @@ def mean_change(tables: Sequence[BiasChange]) -> BiasChange:
 
 def load_base_biases(model: str, paths: Sequence[str], source: str) -> dict[str, np.ndarray]:
     """The base model's arrays at the ``bert/...`` ``paths`` of an adapter."""
+    from jaxpeft import masks
     from jaxpeft.models import hf_weights
+    from jaxpeft.models.heads import Head
+    from jaxpeft.models.build import build_module, param_shapes
 
     model_dir = hf_weights.resolve_model_dir(model)
-    state = hf_weights.load_state_dict(model_dir)
-    by_path = {}
-    for name, arr in state.items():
-        mapped = hf_weights.hf_name_to_path(name)
-        if mapped is not None and "bert/" + mapped[0] in paths:
-            by_path["bert/" + mapped[0]] = np.asarray(arr.T if mapped[1] else arr, dtype=np.float32)
+    family, config = hf_weights.load_config(model_dir)
+    shapes = masks.flatten(param_shapes(build_module(family, config, Head())))
+    expected = {p: shapes[p] for p in paths if p in shapes}
+    by_path = hf_weights.convert_state_dict(hf_weights.load_state_dict(model_dir), expected, family.prefix, source)
     missing = [p for p in paths if p not in by_path]
     if missing:
         raise UserError(f"{source}: base model {model} lacks {len(missing)} of the adapter's tensors, "
                         f"e.g. {missing[0]} (adapter of another base model?)")
-    return by_path
+    return {p: np.asarray(a, dtype=np.float32) for p, a in by_path.items()}
+
+
+def adapter_arrays(folder: str | Path, model: str | None = None) -> dict[str, np.ndarray]:
+    """An adapter folder's arrays by our param paths (``bert/.../bias``, ``classifier/kernel``), in
+    float32, whichever kind of folder it is; ``model``: its base model (default: the recorded one),
+    whose shapes name the folder's tensors."""
+    from jaxpeft.models import hf_weights
+    from jaxpeft.models.build import build_module, param_shapes
+
+    f = adapter_io.read_adapter(folder)
+    source = model or f.base_model
+    if not source:
+        raise UserError(f"adapter {folder} does not name its base model: give --model")
+    family, config = hf_weights.load_config(hf_weights.resolve_model_dir(source))
+    head = adapter_io.adapter_task(f).head(f.record.get("pooling") or "cls")
+    shapes = param_shapes(build_module(family, config, head, f.method))
+    return {k: np.asarray(v, np.float32) for k, v in adapter_io.adapter_arrays(f, shapes, config).items()}
 
 
 def analyze(adapters: Sequence[str | Path], model: str | None = None) -> BiasChange:
@@ -120,8 +138,8 @@ def analyze(adapters: Sequence[str | Path], model: str | None = None) -> BiasCha
     tables, bases = [], {}
     for folder in adapters:
         cfg = adapter_io.read_adapter_config(folder)
-        arrays = {k: np.asarray(v, np.float32) for k, v in adapter_io.read_adapter_weights(folder).items()}
         base_id = model or cfg["base_model"]
+        arrays = adapter_arrays(folder, base_id)
         paths = sorted(p for p in arrays if classify(p) is not None)
         key = (base_id, tuple(paths))
         if key not in bases:

@@ -6,7 +6,7 @@ the study can be repeated by hand with ``jaxpeft-train --config=experiments/bitf
 --task=rte --method=bitfit --learning_rate=1e-3 --seed=1``. ``get_study()`` holds the grid: tasks,
 settings (method + BitFit terms + learning-rate grid) and seeds.
 
-Budget (``python experiments/bitfit_study/run.py plan`` prints it from the data): one epoch of SST-2
+Budget (``python -m experiments.bitfit_study.run plan`` prints it from the data): one epoch of SST-2
 and a few of the small tasks, for every setting, learning rate and seed (``plan`` prints the runs,
 training examples and dev forwards; docs/results.md says how the time estimate is made).
 """

@@ -14,15 +14,15 @@ Each task runs only the settings named for it in :data:`CELLS`, with the seeds i
 
     G=--config=experiments/bitfit_study/config_cosine.py
     for t in rte stsb mrpc; do
-      python experiments/bitfit_study/run.py run $G --tasks=$t --out=runs/cosine --data_dir=$GLUE --jobs=6 \\
+      python -m experiments.bitfit_study.run run $G --tasks=$t --out=runs/cosine --data_dir=$GLUE --jobs=6 \\
           --settings=$(python -c "from experiments.bitfit_study.config_cosine import CELLS; print(','.join(CELLS['$t']))") \\
           --seeds=$(python -c "from experiments.bitfit_study.config_cosine import SEEDS; print(SEEDS['$t'])")
     done
-    python experiments/bitfit_study/run.py peer $G --tasks=rte --out=runs/cosine --data_dir=$GLUE --jobs=6 \\
+    python -m experiments.bitfit_study.run peer $G --tasks=rte --out=runs/cosine --data_dir=$GLUE --jobs=6 \\
         --settings=frozen,bitfit,bitfit_qi,prompt_head,ptuning_head,prefix,ptuning_v2 --seeds=0,1,2,3,4
-    python experiments/bitfit_study/run.py peer $G --tasks=stsb,mrpc --out=runs/cosine --data_dir=$GLUE --jobs=9 \\
+    python -m experiments.bitfit_study.run peer $G --tasks=stsb,mrpc --out=runs/cosine --data_dir=$GLUE --jobs=9 \\
         --settings=frozen,prompt,ptuning --seeds=0,1,2
-    python experiments/bitfit_study/run.py table $G --out=runs/cosine --doc=docs/results.md --marker=cosine-table
+    python -m experiments.bitfit_study.run table $G --out=runs/cosine --doc=docs/results.md --marker=cosine-table
 """
 
 TASKS = ("stsb", "mrpc", "rte")

@@ -6,7 +6,7 @@ first 6,000 SST-2 training sentences (the full 872-sentence dev set; about 45 mi
 runs at ``--jobs=2``), then CoLA; two learning rates per setting around the best of the full-data
 SST-2 sweep on a GPU (docs/results.md). CoLA trains 3 epochs: after one epoch every seed-0 run we
 made (full fine-tuning and BitFit, both rates) still predicted the majority class (Matthews 0.0).
-``python experiments/bitfit_study/run.py plan --config=experiments/bitfit_study/config_cpu.py
+``python -m experiments.bitfit_study.run plan --config=experiments/bitfit_study/config_cpu.py
 --data_dir=$GLUE`` prints the budget.
 """
 

@@ -6,9 +6,9 @@ BitFit study (``config.py``) is where the learning rates are searched. ``run.py 
 each method and task with the PyTorch peer (``benchmarks/peft_job.py``: transformers + peft, the
 same config) and ``run.py table`` sets the two side by side::
 
-    python experiments/bitfit_study/run.py run   --config=experiments/bitfit_study/config_defaults.py --data_dir=$GLUE --jobs=8
-    python experiments/bitfit_study/run.py peer  --config=experiments/bitfit_study/config_defaults.py --data_dir=$GLUE --jobs=12
-    python experiments/bitfit_study/run.py table --config=experiments/bitfit_study/config_defaults.py
+    python -m experiments.bitfit_study.run run   --config=experiments/bitfit_study/config_defaults.py --data_dir=$GLUE --jobs=8
+    python -m experiments.bitfit_study.run peer  --config=experiments/bitfit_study/config_defaults.py --data_dir=$GLUE --jobs=12
+    python -m experiments.bitfit_study.run table --config=experiments/bitfit_study/config_defaults.py
 """
 
 TASKS = ("sst2", "cola", "mrpc", "stsb", "rte")

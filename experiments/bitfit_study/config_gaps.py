@@ -12,17 +12,17 @@ Each task runs only the settings named for it in :data:`CELLS`, with the seeds i
 
     G=--config=experiments/bitfit_study/config_gaps.py
     for t in cola mrpc rte; do
-      python experiments/bitfit_study/run.py run $G --tasks=$t --out=runs/gaps --data_dir=$GLUE --jobs=6 \\
+      python -m experiments.bitfit_study.run run $G --tasks=$t --out=runs/gaps --data_dir=$GLUE --jobs=6 \\
           --settings=$(python -c "from experiments.bitfit_study.config_gaps import CELLS; print(','.join(CELLS['$t']))") \\
           --seeds=$(python -c "from experiments.bitfit_study.config_gaps import SEEDS; print(SEEDS['$t'])")
     done
-    python experiments/bitfit_study/run.py peer $G --tasks=cola --settings=adapter,adapter_slow,adapter_mean,ptuning_v2 \\
+    python -m experiments.bitfit_study.run peer $G --tasks=cola --settings=adapter,adapter_slow,adapter_mean,ptuning_v2 \\
         --seeds=0,1,2,3,4 --out=runs/gaps --data_dir=$GLUE --jobs=5
-    python experiments/bitfit_study/run.py peer $G --tasks=mrpc --settings=lora,lora_mean,lora_slow,lora_fast \\
+    python -m experiments.bitfit_study.run peer $G --tasks=mrpc --settings=lora,lora_mean,lora_slow,lora_fast \\
         --seeds=0,1,2,3,4 --out=runs/gaps --data_dir=$GLUE --jobs=5
-    python experiments/bitfit_study/run.py peer $G --tasks=rte --settings=prompt_mean_head,ptuning_mean_head \\
+    python -m experiments.bitfit_study.run peer $G --tasks=rte --settings=prompt_mean_head,ptuning_mean_head \\
         --seeds=0,1,2,3,4 --out=runs/gaps --data_dir=$GLUE --jobs=5
-    python experiments/bitfit_study/run.py table $G --out=runs/gaps --doc=docs/results.md --marker=gaps-table
+    python -m experiments.bitfit_study.run table $G --out=runs/gaps --doc=docs/results.md --marker=gaps-table
 """
 
 TASKS = ("cola", "mrpc", "rte")

@@ -7,11 +7,11 @@ that could explain them. Every run starts from its method's config for the task,
 Each task runs only the settings named for it in :data:`CELLS`::
 
     for t in cola mrpc stsb rte; do
-      python experiments/bitfit_study/run.py run --config=experiments/bitfit_study/config_search.py \\
+      python -m experiments.bitfit_study.run run --config=experiments/bitfit_study/config_search.py \\
           --tasks=$t --settings=$(python -c "from experiments.bitfit_study.config_search import CELLS; print(','.join(CELLS['$t']))") \\
           --seeds=0 --out=runs/search --data_dir=$GLUE --jobs=8
     done
-    python experiments/bitfit_study/run.py table --config=experiments/bitfit_study/config_search.py --out=runs/search
+    python -m experiments.bitfit_study.run table --config=experiments/bitfit_study/config_search.py --out=runs/search
 """
 
 TASKS = ("cola", "mrpc", "stsb", "rte")

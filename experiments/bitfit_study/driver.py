@@ -3,13 +3,15 @@ time on one device; resumable.
 
 A task and setting's grid runs (its learning rates) run one after the other in one worker process,
 and so do its other seeds once its learning rate is chosen: they share their compiled programs
-(``jaxpeft.training.trainer``'s program cache), so a group compiles once instead of once per run. Groups start
+(``jaxpeft.training.loop``'s program cache), so a group compiles once instead of once per run. Groups start
 longest first. Every run's folder gets its ``spec.json`` (the run and its settings by flag name)
-before it starts; the worker builds the run's ``jaxpeft.config.TrainConfig`` from it and trains with
-``jaxpeft.training.trainer.Trainer``; its output goes to the run's ``output.log`` (the process's own to
+before it starts; the worker builds the run's ``jaxpeft.config.TrainConfig`` from it and trains it
+(``jaxpeft.training.single.run``); its output goes to the run's ``output.log`` (the process's own to
 ``<task>/<setting>/worker.log``). The driver's own record is ``<out>/driver.jsonl``: when the study
 started and ended, each learning rate chosen, and each run's wall time (the whole process, and the
-trainer's ``wall_seconds`` from ``results.json``), metric and speed.
+run's ``wall_seconds`` from ``results.json``), metric and speed. The workers import
+``experiments.bitfit_study`` as the driver does: run it from the repository root
+(``python -m experiments.bitfit_study.run``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Callable
 from experiments.bitfit_study.study import RESULTS, SPEC, Plan, Run, choose_lr, main_metric, read_results
 from jaxpeft import config as config_lib
 
-#: The repository root: the worker imports ``experiments.bitfit_study`` from there.
+#: The repository root.
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,22 +46,21 @@ def worker_env(jobs: int, compile_cache: str | None) -> dict[str, str]:
     return env
 
 
-_WORKER = ("import sys; sys.path.insert(0, {root!r}); from jaxpeft import cli; "
-           "from experiments.bitfit_study import driver; "
+_WORKER = ("import sys; from jaxpeft import cli; from experiments.bitfit_study import driver; "
            "sys.exit(cli.guarded(lambda: driver.run_many(sys.argv[1:])))")
 
 
 def run_one(folder: str | Path) -> int:
-    """Trains the run described by ``folder/spec.json`` (its output dir is ``folder``); the trainer
+    """Trains the run described by ``folder/spec.json`` (its output dir is ``folder``); the run
     exports the adapter to ``folder/adapter`` where one is due. No checkpoints are kept: an
     unfinished run is run again from the start."""
-    from jaxpeft.training import trainer
+    from jaxpeft.training import single
 
     folder = Path(folder)
     spec = json.loads((folder / SPEC).read_text())
     cfg = config_lib.from_flat({**spec["config"], "export_adapter": bool(spec.get("save_adapter")),
                                 "keep": 0})
-    trainer.Trainer(cfg).run()
+    single.run(cfg)
     return 0
 
 
@@ -73,7 +74,7 @@ def stop(processes) -> None:
 
 def run_many(folders: list[str]) -> int:
     """:func:`run_one` for each folder in turn, in this process, so that runs with the same programs
-    (a group's learning rates and seeds) compile them once (``jaxpeft.training.trainer``'s program cache).
+    (a group's learning rates and seeds) compile them once (``jaxpeft.training.loop``'s program cache).
     Each run's output goes to its ``output.log``; a failed run is recorded there and the next one
     still runs. Returns 1 if any run failed."""
     import contextlib
@@ -155,7 +156,7 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
                     d.mkdir(parents=True)
                     (d / SPEC).write_text(json.dumps(plan.spec(run), indent=2) + "\n")
                 with open(plan.folder(batch[0]).parent / "worker.log", "a") as wlog:
-                    p = subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT)),
+                    p = subprocess.Popen([sys.executable, "-c", _WORKER,
                                           *[str(plan.folder(r)) for r in batch]],
                                          stdout=wlog, stderr=subprocess.STDOUT, env=env)
                 running[p] = (batch, time.perf_counter())
@@ -176,10 +177,10 @@ def execute(plan: Plan, jobs: int = 1, compile_cache: str | None = None,
                         finished(run)
                     else:
                         failed.append(run)
-                        log = plan.folder(run) / "output.log"
-                        tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
+                        output = plan.folder(run) / "output.log"
+                        tail = output.read_text().strip().splitlines()[-1:] if output.is_file() else []
                         echo(f"[{len(done) + len(failed)}/{todo}] {run.rel}: FAILED (exit {p.returncode}): "
-                             f"{tail[0] if tail else ''} -- see {log}")
+                             f"{tail[0] if tail else ''} -- see {output}")
                         note(event="failed", run=run.rel, seconds=secs, returncode=p.returncode)
                         if run.group in waiting:
                             blocked.append(run.group)
@@ -229,7 +230,6 @@ def execute_peers(plan: Plan, jobs: int = 1, seeds: tuple[int, ...] | None = Non
     mirror the run's config (``peer_args``). Writes the peer's JSON line to :func:`peer_file`.
     ``time_limit`` (seconds, 0: none) pauses each peer run that is still training then, its state
     kept beside its peer file (``peer-...state.pt``); the next call resumes it."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.peft_job import PAUSED, peer_args
 
     env = worker_env(jobs, None)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How far a head alone can go: the best linear classifier on the frozen encoder's features.
 
-    python experiments/bitfit_study/linear_probe.py --task=rte --data_dir=../shared/data/glue
+    python -m experiments.bitfit_study.linear_probe --task=rte --data_dir=../shared/data/glue
 
 The frozen setting trains the classification head (and nothing else) by SGD. This computes the
 pretrained model's features once, in float32 with transformers' own BERT (an independent code
@@ -17,11 +17,6 @@ Classification tasks only.
 
 import argparse
 import sys
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent.parent))
 
 CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 PAIR_CS = (0.001, 0.01, 0.1, 1.0)

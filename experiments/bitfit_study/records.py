@@ -9,7 +9,8 @@ on. A finished run matches the study when
   behaved as the default does);
 * the compute fields that change the training trajectory (``jaxpeft.compute.Compute`` fields marked
   ``trajectory``) are what the study's ``--compute`` preset and overrides resolve to on the devices
-  that run used. Fields that change speed only (``norm_impl``, ``remat``) are not compared.
+  that run used (a field the record lacks takes its default, as settings do). Fields that change
+  speed only (``norm_impl``, ``remat``) are not compared.
 
 Records written before the settings were grouped (no ``compute`` key in ``spec.json``) hold every
 compute option as an explicit value; they are read in today's terms by :func:`legacy`.
@@ -108,6 +109,9 @@ def recorded(spec_config: Mapping[str, Any], results: Mapping[str, Any]) -> tupl
     """``(settings, compute)`` of a finished run from its ``spec.json`` config and its results
     (compute None: not known)."""
     platform = platform_of(results.get("devices"))
+    method = spec_config.get("method")
+    if method in methods.ALIASES:   # a method's earlier name (``adapter``): the same runs
+        spec_config = {**spec_config, "method": methods.ALIASES[method]}
     if "compute" not in spec_config:
         return legacy(spec_config, platform)
     comp = results.get("compute")
@@ -139,4 +143,5 @@ def differences(spec_config: Mapping[str, Any] | None, results: Mapping[str, Any
     new_comp = requested(cfg, platform_of(results.get("devices")))
     if old_comp is None or new_comp is None:
         return diff + ["compute"]
-    return diff + [f for f in trajectory_fields() if old_comp.get(f) != new_comp[f]]
+    fields = compute_lib.fields()
+    return diff + [f for f in trajectory_fields() if old_comp.get(f, fields[f].default) != new_comp[f]]

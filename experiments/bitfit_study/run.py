@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""The BitFit study: full fine-tuning, BitFit and its ablations, Frozen, on GLUE; resumable.
+"""The BitFit study: full fine-tuning, BitFit and its ablations, Frozen, on GLUE; resumable. Run from
+the repository root:
 
-    python experiments/bitfit_study/run.py plan  --data_dir=$GLUE            # runs and budget
-    python experiments/bitfit_study/run.py run   --data_dir=$GLUE --jobs=8   # every run not done yet
-    python experiments/bitfit_study/run.py peer  --data_dir=$GLUE --jobs=8   # the PyTorch peer, chosen lr
-    python experiments/bitfit_study/run.py table --doc=docs/results.md       # tables from results files
-    python experiments/bitfit_study/run.py adapters --setting=bitfit --tasks=rte  # adapter folders, chosen lr
+    python -m experiments.bitfit_study.run plan  --data_dir=$GLUE            # runs and budget
+    python -m experiments.bitfit_study.run run   --data_dir=$GLUE --jobs=8   # every run not done yet
+    python -m experiments.bitfit_study.run peer  --data_dir=$GLUE --jobs=8   # the PyTorch peer, chosen lr
+    python -m experiments.bitfit_study.run table --doc=docs/results.md       # tables from results files
+    python -m experiments.bitfit_study.run adapters --setting=bitfit --tasks=rte  # adapter folders, chosen lr
 
 The grid and per-task budget are in experiments/bitfit_study/config.py (--config for another, e.g.
 experiments/bitfit_study/config_cpu.py). Results go to --out (default runs/study), one folder per
@@ -17,13 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# The study's modules are imported from the repository root as experiments.bitfit_study.*; this
-# folder itself leaves sys.path, so its modules (config, tables, ...) shadow no top-level module.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent.parent))
-
-from jaxpeft import cli  # noqa: E402
+from jaxpeft import cli
 
 
 def _csv(kind=str):

@@ -85,8 +85,9 @@ class Setting:
 
     def matches(self, method: str, bitfit_terms: str | None) -> bool:
         """Whether a run of ``method`` with ``bitfit_terms`` is a run of this setting (settings that
-        differ only in :attr:`options` are told apart by their folder)."""
-        if method != self.method:
+        differ only in :attr:`options` are told apart by their folder; a method's earlier name is
+        that method)."""
+        if methods.ALIASES.get(method, method) != self.method:
             return False
         return method != "bitfit" or canonical_terms(bitfit_terms) == canonical_terms(self.bitfit_terms)
 
@@ -132,9 +133,7 @@ class Study:
     def select(self, tasks: Sequence[str] | None = None, settings: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> "Study":
         """The same study restricted to some tasks / settings / seeds (each checked)."""
-        from jaxpeft.tasks import glue
-
-        tasks = [glue.get_task(t).name for t in tasks] if tasks else list(self.tasks)
+        tasks = [task_name(t) for t in tasks] if tasks else list(self.tasks)
         unknown = [s for s in settings or () if s not in self.settings]
         if unknown:
             raise UserError(f"unknown setting {unknown[0]!r}; settings of {self.path.name}: "
@@ -146,10 +145,17 @@ class Study:
         return dataclasses.replace(self, tasks=tuple(tasks), seeds=seeds, settings=chosen)
 
 
-def load_study(path: str | Path | None = None) -> Study:
-    """Reads a study config file (``get_config(task)`` and ``get_study()``)."""
+def task_name(task: str) -> str:
+    """A study task's name: GLUE's (aliases resolved) or a named task of ``jaxpeft.tasks`` (pos, ner,
+    squad: one data folder each, so a study of them runs one task per ``--tasks=T --data_dir=D``)."""
+    from jaxpeft import tasks
     from jaxpeft.tasks import glue
 
+    return task.lower() if task.lower() in tasks.NAMED else glue.get_task(task).name
+
+
+def load_study(path: str | Path | None = None) -> Study:
+    """Reads a study config file (``get_config(task)`` and ``get_study()``)."""
     path = Path(path) if path else DEFAULT_STUDY
     if not path.is_file():
         raise UserError(f"study config {path} not found")
@@ -158,7 +164,8 @@ def load_study(path: str | Path | None = None) -> Study:
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         raw = dict(module.get_study())
-        settings = {name: Setting(name=name, label=s.get("label", name), method=s["method"],
+        settings = {name: Setting(name=name, label=s.get("label", name),
+                                  method=methods.ALIASES.get(s["method"], s["method"]),
                                   learning_rates=tuple(float(x) for x in s.get("learning_rates") or ()),
                                   bitfit_terms=s.get("bitfit_terms"),
                                   options=tuple(sorted(dict(s.get("options") or {}).items())))
@@ -168,7 +175,7 @@ def load_study(path: str | Path | None = None) -> Study:
     except Exception as e:
         raise UserError(f"study config {path}: {type(e).__name__}: {e}") from None
     for t in study.tasks:
-        glue.get_task(t)
+        task_name(t)
     for s in settings.values():
         methods.create(s.method, s.method_options())  # unknown method/term: fails here
         for key, _ in s.options:
@@ -247,6 +254,9 @@ class Plan:
 
     def __init__(self, study: Study, out: str | Path, *, model: str | None = None,
                  data_dir: str | None = None, overrides: Mapping[str, Any] | None = None):
+        from types import SimpleNamespace
+
+        from jaxpeft import tasks as jtasks
         from jaxpeft.tasks import glue
 
         self.study, self.out = study, Path(out)
@@ -262,9 +272,16 @@ class Plan:
         self.train_sizes: dict[str, int] = {}
         self.dev_sizes: dict[str, int] = {}
         for t in study.tasks:  # read now: a missing data folder fails before anything runs
-            task = glue.get_task(t)
-            self.train_sizes[t] = len(glue.load_split(task, "train", self.data_dir))
-            self.dev_sizes[t] = sum(len(glue.load_split(task, s, self.data_dir)) for s in task.eval_splits)
+            if t.lower() not in jtasks.NAMED:
+                task = glue.get_task(t)
+                self.train_sizes[t] = len(glue.load_split(task, "train", self.data_dir))
+                self.dev_sizes[t] = sum(len(glue.load_split(task, s, self.data_dir)) for s in task.eval_splits)
+                continue
+            # pos, ner, squad: sentences / questions; their windows (the rows a run steps over) are at
+            # least as many, so plan's steps and examples of these tasks are lower bounds
+            named = jtasks.get(t, SimpleNamespace(data_dir=self.data_dir), 0)
+            self.train_sizes[t] = named.size(named.read("train"))
+            self.dev_sizes[t] = sum(named.size(named.read(s)) for s in named.eval_splits)
         for g in self.groups():  # a bad setting in the study config or --set fails now, once
             for run in self.grid_runs(g):
                 self.config(run)
@@ -315,7 +332,8 @@ class Plan:
 
     # -- sizes ----------------------------------------------------------------------------
     def steps(self, run: Run) -> tuple[int, int]:
-        """``(train steps, evaluations)`` of ``run``, as the trainer will count them."""
+        """``(train steps, evaluations)`` of ``run``, as a run counts them (a packed run's epochs fill
+        as many steps as their packed rows do: at most these)."""
         cfg = self.config(run)
         o = cfg.optim
         n = self.train_sizes[run.task]
@@ -337,9 +355,10 @@ class Plan:
 
     @staticmethod
     def _eval_splits(task: str) -> tuple[str, ...]:
+        from jaxpeft import tasks
         from jaxpeft.tasks import glue
 
-        return glue.get_task(task).eval_splits
+        return ("dev",) if task in tasks.NAMED else glue.get_task(task).eval_splits
 
     def cost(self, run: Run) -> float:
         cfg = self.config(run)
@@ -375,7 +394,6 @@ class Plan:
         (:func:`records.differences <experiments.bitfit_study.records.differences>`)."""
         stale = []
         for g in self.groups():
-            s = self.study.settings[g[1]]
             for lr in self.study.learning_rates(*g):
                 for seed in self.study.seeds:
                     run = Run(*g, lr, seed)
@@ -416,9 +434,12 @@ def read_results(path: Path) -> dict[str, Any] | None:
 
 
 def main_metric(results: Mapping[str, Any]) -> float:
-    """The task's main dev metric at the end of training (``final_dev``)."""
+    """The task's main dev metric at the end of training (``final_dev``), as a fraction: span tasks
+    report SQuAD's EM and F1 in percent, as the official script does."""
     v = results["final_dev"][results["main_metric"]]
-    return float("nan") if v is None else float(v)
+    if v is None:
+        return float("nan")
+    return float(v) / (100.0 if results.get("task_kind") == "span" else 1.0)
 
 
 def choose_lr(metrics: Mapping[float, float]) -> float | None:

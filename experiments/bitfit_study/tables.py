@@ -52,8 +52,7 @@ class Group:
     def peer_values(self) -> list[float]:
         """The peer's final dev metrics at the chosen learning rate (one per seed it ran)."""
         lr = self.chosen_lr()
-        return [float(res["final_dev"][res["main_metric"]]) for (r, _), res in sorted(self.peers.items())
-                if r == lr]
+        return [main_metric(res) for (r, _), res in sorted(self.peers.items()) if r == lr]
 
     def trainable_pct(self) -> float:
         return next(iter(self.runs.values()))[0]["trainable_pct"]
@@ -95,7 +94,8 @@ def collect(out: str | Path, study: Study) -> tuple[dict[tuple[str, str], Group]
 def _task_header(task: str, metric: str) -> str:
     from jaxpeft.tasks import glue
 
-    return f"{glue.get_task(task).folder} ({_METRIC_NAMES.get(metric, metric)})"
+    name = glue.get_task(task).folder if task in glue.TASKS else task.upper()   # pos, ner, squad
+    return f"{name} ({_METRIC_NAMES.get(metric, metric)})"
 
 
 def _pct(x: float) -> str:

@@ -267,11 +267,14 @@ def postprocess_predictions(data: SquadData, features: QAFeatures, start_logits:
                             ) -> tuple[dict[str, str], dict[str, list[dict[str, Any]]]]:
     """Answer texts from per-token start and end logits, as ``postprocess_qa_predictions``.
 
-    For each question, over all its windows: the ``n_best_size`` best start and end positions;
-    spans outside the context, ending before they start or longer than ``max_answer_length``
-    tokens are skipped; a span scores ``start_logit + end_logit`` and reads
-    ``context[offsets[start][0]:offsets[end][1]]``. The n best spans get softmax probabilities.
-    Like the original, a question with no valid span gets the text ``"empty"``.
+    For each question, over all its windows: the ``n_best_size`` best start and end positions
+    among the window's context tokens (``postprocess_qa_predictions`` ranks every position, so
+    padding and question tokens can crowd out the context, and the answer then depends on how
+    far a window is padded -- here, on the other rows of its batch); spans ending before they
+    start or longer than ``max_answer_length`` tokens are skipped; a span scores
+    ``start_logit + end_logit`` and reads ``context[offsets[start][0]:offsets[end][1]]``. The n
+    best spans get softmax probabilities. Like the original, a question with no valid span gets
+    the text ``"empty"``.
 
     Args:
         data: the questions the features were made from.
@@ -297,6 +300,8 @@ def postprocess_predictions(data: SquadData, features: QAFeatures, start_logits:
         prelim = []
         for r in per_example.get(i, []):
             sl, el, off = start_logits[r], end_logits[r], features.offsets[r, :width]
+            context = off[:, 0] >= 0
+            sl, el = np.where(context, sl, -np.inf), np.where(context, el, -np.inf)
             for s in np.argsort(sl)[-1:-n_best_size - 1:-1].tolist():
                 for e in np.argsort(el)[-1:-n_best_size - 1:-1].tolist():
                     if off[s, 0] < 0 or off[e, 0] < 0 or e < s or e - s + 1 > max_answer_length:

@@ -1,0 +1,50 @@
+"""Every method's defaults on the token and span tasks -- POS (UD English EWT), NER (CoNLL-2003),
+SQuAD v1.1 -- three seeds each, and the PyTorch peer beside them: the accuracy table of
+``config_defaults.py`` for tagging and extractive QA.
+
+Each run starts from its method's own config for the task (``jaxpeft/configs/<method>.py``, with the
+per-task epochs and lengths of ``jaxpeft/configs/__init__.py``: pos 3/10 epochs, ner 5/20, squad
+3/10 at 384 tokens, for weight-training / prompt methods) at that config's learning rate. The peer
+(``benchmarks/peft_job.py``) runs the same config with ``AutoModelForTokenClassification`` /
+``AutoModelForQuestionAnswering`` and peft's ``TOKEN_CLS`` / ``QUESTION_ANS``, on our task code's
+windows and labels, scored by our metric code (seqeval entity F1, token accuracy, the official
+EM/F1).
+
+Each task reads its own data folder, and the study takes one ``--data_dir`` a command, so ``run`` and
+``peer`` go one task at a time (``--tasks``); ``table`` reads the results files only::
+
+    G=--config=experiments/bitfit_study/config_tasks.py; D=../shared/data
+    python -m experiments.bitfit_study.run run  $G --out=runs/tasks --tasks=pos   --data_dir=$D/ud_ewt    --jobs=4
+    python -m experiments.bitfit_study.run run  $G --out=runs/tasks --tasks=ner   --data_dir=$D/conll2003 --jobs=4
+    python -m experiments.bitfit_study.run run  $G --out=runs/tasks --tasks=squad --data_dir=$D/squad     --jobs=2
+    python -m experiments.bitfit_study.run peer $G --out=runs/tasks --tasks=pos   --data_dir=$D/ud_ewt    --jobs=4
+    python -m experiments.bitfit_study.run peer $G --out=runs/tasks --tasks=ner   --data_dir=$D/conll2003 --jobs=4
+    python -m experiments.bitfit_study.run peer $G --out=runs/tasks --tasks=squad --data_dir=$D/squad     --jobs=2
+    python -m experiments.bitfit_study.run table $G --out=runs/tasks
+
+Known gaps, to read the table right:
+
+* ``prefix`` and ``ptuning_v2``: the peer exits with an ``error:`` line (status 2) where transformers'
+  ``BertModel`` takes no ``past_key_values`` (transformers 5); ``run.py peer`` reports them failed and
+  the table has no peer cell for them.
+* ``prompt`` and ``ptuning``: ours put the virtual tokens after ``[CLS]`` by default, peft in front
+  (``prompt_position=front`` is peft's placement); the defaults are compared as they are.
+* SQuAD's EM/F1 are percentages (the official script's scale); the study reads them as fractions
+  like the other tasks' metrics (``study.main_metric``), so every cell is x100 alike.
+* ``plan`` counts sentences / questions; a run steps over windows (long sentences, long contexts), so
+  its steps and examples for these tasks are lower bounds.
+* The offline copy's ``ud_ewt`` folder must hold ``UD_English-EWT/en_ewt-ud-{train,dev,test}.conllu``.
+"""
+
+TASKS = ("pos", "ner", "squad")
+
+
+def get_config(task: str) -> dict:
+    del task
+    return dict(progress=False, log_every=100)
+
+
+def get_study() -> dict:
+    methods = ("full", "frozen", "bitfit", "lora", "ia3", "bottleneck", "prompt", "ptuning", "prefix", "ptuning_v2")
+    settings = {m: dict(label=m, method=m) for m in methods}
+    return dict(tasks=TASKS, seeds=(0, 1, 2), method_configs=True, settings=settings)
