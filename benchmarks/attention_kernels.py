@@ -16,16 +16,13 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxpeft.models.kernels import pallas_attention as pa  # noqa: E402
+from jaxpeft.models.kernels import pallas_attention as pa
 
 
 def _cudnn(qkv, valid, prefix, prefix_valid, bias):

@@ -46,7 +46,7 @@ for stage in "$@"; do
         > "$out/$name.log" 2>&1 ;;
     job)
       # shellcheck disable=SC2086  # the flags are a list
-      $py benchmarks/job.py --method="$a" --task=sst2 --data_dir="$glue" --model="$model" \
+      $py -m benchmarks.job --method="$a" --task=sst2 --data_dir="$glue" --model="$model" \
         --peer="${PEER-eager}" --target="${TARGET:-0.85}" --out="$out/$name" ${JOBARGS:-} -- ${b//+/ } \
         > "$out/$name.log" 2>&1 ;;
     bench)
@@ -81,7 +81,7 @@ for stage in "$@"; do
     study|peers)
       cmd=$([ "$kind" = study ] && echo run || echo peer)
       # shellcheck disable=SC2086
-      $py experiments/bitfit_study/run.py "$cmd" --data_dir="$glue" --model="$model" \
+      $py -m experiments.bitfit_study.run "$cmd" --data_dir="$glue" --model="$model" \
         --out="${STUDY_OUT:-$out/$name}" ${a//+/ } > "$out/$name.log" 2>&1 ;;
     train)
       # shellcheck disable=SC2086

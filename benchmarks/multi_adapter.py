@@ -35,20 +35,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxpeft import compute as compute_lib  # noqa: E402
-from jaxpeft import masks, methods, runtime  # noqa: E402
+from jaxpeft import compute as compute_lib
+from jaxpeft import masks, methods, runtime
 from jaxpeft.adapters import mixed
+from jaxpeft.bench.step import SIZES
+from jaxpeft.compute import EXACT, Compute
+from jaxpeft.models.bert import FAMILY as BERT
+from jaxpeft.models.heads import Head
+from jaxpeft.models.loading import build_module, frozen_in_dtype, init_params
 from jaxpeft.training import steps
-from jaxpeft.bench.step import SIZES  # noqa: E402
-from jaxpeft.compute import EXACT, Compute  # noqa: E402
-from jaxpeft.models.bert import BertForSequenceClassification, kernels_in_compute_dtype  # noqa: E402
-from jaxpeft.models.loading import init_params  # noqa: E402
 
 #: family -> the (exported) method whose adapters it serves, with the benchmark's options
 FAMILY_METHODS = {"bitfit": ("bitfit", {}), "prefix": ("prefix", {"num_virtual_tokens": 20}),
@@ -64,17 +63,17 @@ class Family:
         cfg = SIZES[size]
         name, options = FAMILY_METHODS[family]
         method = methods.create(name, options).for_inference()
-        self.module = BertForSequenceClassification(cfg, LABELS, adapter=method.adapter(cfg),
-                                                    extras=method.extras(cfg), compute=compute)
+        self.module = build_module(BERT, cfg, Head("sequence", LABELS), method, compute)
         params = init_params(self.module.clone(compute=EXACT), jax.random.key(seed))
-        owned = masks.trainable_paths(method.mask(params))
+        mask = method.mask(params, BERT)
+        owned = masks.trainable_paths(mask)
         flat = masks.flatten(params)
         keys = jax.random.split(jax.random.key(seed + 1), len(owned))
         self.stacked = {p: flat[p][None] + 0.02 * jax.random.normal(kk, (max_k,) + flat[p].shape, flat[p].dtype)
                         for p, kk in zip(owned, keys)}
         frozen = masks.unflatten({p: v for p, v in flat.items() if p not in self.stacked}, params)
-        self.frozen = jax.jit(lambda f: kernels_in_compute_dtype(f, compute))(frozen)
-        self.like = masks.split(params, method.mask(params))[0]
+        self.frozen = jax.jit(lambda f: frozen_in_dtype(f, compute.dtype, BERT.prefix))(frozen)
+        self.like = masks.split(params, mask)[0]
         self.plain = jax.jit(steps.make_predict_step(self.module))
         self.mixed = jax.jit(mixed.make_mixed_predict_step(self.module))
 

@@ -5,7 +5,7 @@
 
 Runs the training command's flags (after ``--``) for a few steps with an empty compilation cache
 (``--cache`` keeps one: a second call then shows the warm path), traces the compilation of the
-run's programs (``Trainer.compile_all``) with ``jax.profiler.trace``, and reads the host events
+run's programs (``jaxpeft.training.loop.compile_all``) with ``jax.profiler.trace``, and reads the host events
 back: the time per XLA phase (HLO passes, autotuning, LLVM, PTX assembly, Triton...) summed over
 the threads that compiled, the longest single events, and the split between tracing/lowering in
 Python and XLA's compilation. Writes ``OUT/compile_profile.md`` and ``OUT/compile_profile.json``.
@@ -20,8 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def host_events(trace_dir: Path) -> list[tuple[str, str, float, float]]:
@@ -68,14 +66,18 @@ def main() -> int:
     import jax
 
     from jaxpeft import config
-    from jaxpeft.training import trainer
+    from jaxpeft.training import loop
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = a.cache or str(Path(tmp) / "xla")
         cfg = config.parse_args([*a.flags, f"--max_steps={a.max_steps}", f"--output_dir={Path(tmp) / 'run'}",
                                  f"--compilation_cache={cache}", "--no-progress", "--no-plot"])
-        t = trainer.Trainer(cfg, echo=lambda s: None)
-        compile_all = t.compile_all
+        if cfg.tasks:
+            from jaxpeft.training.multitask import MultiTask as Job
+        else:
+            from jaxpeft.training.single import SingleTask as Job
+        job = Job(cfg, echo=lambda s: None)
+        compile_all = loop.compile_all
         window = {}
 
         def traced(*args, **kwargs):
@@ -88,8 +90,11 @@ def main() -> int:
                 window["t1"] = time.perf_counter()
             return result
 
-        t.compile_all = traced
-        results = t.run()
+        loop.compile_all = traced
+        try:
+            results = loop.run(job)
+        finally:
+            loop.compile_all = compile_all
     summary = summarise(host_events(out / "trace"))
     summary.update(compile_seconds=results["compile_seconds"], compile_split=results["compile_split"],
                    traced_seconds=round(window["t1"] - window["t0"], 3), flags=a.flags,

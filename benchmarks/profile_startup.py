@@ -7,7 +7,7 @@ process (run it twice: the first process after a machine starts also reads every
 
 Prints the time since the start and the step's own time for: numpy, jax, the backend (``jax.devices``),
 the first transfer to the device (where JAX reserves its GPU memory unless preallocation is off),
-flax, optax, jaxpeft's trainer, Orbax, and loading the classifier with its pretrained weights.
+flax, optax, jaxpeft's training loop, Orbax, and loading the classifier with its pretrained weights.
 """
 
 import sys
@@ -37,8 +37,8 @@ def main() -> int:
     mark("import flax.linen")
     import optax  # noqa: F401
     mark("import optax")
-    import jaxpeft.training.trainer  # noqa: F401
-    mark("import jaxpeft.training.trainer")
+    import jaxpeft.training.single  # noqa: F401
+    mark("import jaxpeft.training.single")
     import orbax.checkpoint  # noqa: F401
     mark("import orbax.checkpoint")
     from jaxpeft import compute

@@ -20,13 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxpeft import compute, options  # noqa: E402
-from jaxpeft.bench.step import BenchConfig, build_step, variant  # noqa: E402
+from jaxpeft import compute, options
+from jaxpeft.bench.step import BenchConfig, build_step, variant
 
 KINDS = [  # first match wins; kernel names of cuBLAS/cuDNN/XLA on recent GPUs
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),

@@ -253,7 +253,8 @@ def from_flat(values: Mapping[str, Any]) -> TrainConfig:
     any method are errors; an option of another method is an error naming the chosen method and the
     options it takes."""
     owner = _owner()
-    method = values.get("method", "bitfit")
+    method = methods.ALIASES.get(values.get("method", "bitfit"), values.get("method", "bitfit"))
+    values = {**values, "method": method}
     if method not in methods.REGISTRY:
         raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")
     method_cls = methods.REGISTRY[method]

@@ -343,7 +343,7 @@ def multi_transform(inner: optax.GradientTransformation, mask: PyTree) -> optax.
     Frozen leaves get ``optax.set_to_zero()`` and carry no optimizer state: ``inner`` only ever sees
     the trainable leaves.
 
-    >>> import optax
+    >>> import jax.numpy as jnp, optax
     >>> p = {"w": jnp.ones(3), "b": jnp.zeros(3)}
     >>> tx = multi_transform(optax.sgd(0.1), {"w": False, "b": True})
     >>> g = {"w": jnp.ones(3), "b": jnp.ones(3)}

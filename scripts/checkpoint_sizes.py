@@ -17,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def du(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -34,15 +32,15 @@ def human(n: int) -> str:
 def build(model: str, method, tokenizer):
     import jax
 
-    from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
-    from jaxpeft.models.loading import init_params, load_classifier
+    from jaxpeft.models.bert import FAMILY, BertConfig
+    from jaxpeft.models.heads import Head
+    from jaxpeft.models.loading import build_module, init_params, load_classifier
 
     if model == "bundled":
-        loaded = load_classifier("sentence-transformers/all-MiniLM-L6-v2", 2, adapter=method.adapter,
-                                 extras=method.extras, added=method.added)
+        loaded = load_classifier("sentence-transformers/all-MiniLM-L6-v2", 2, method)
         return loaded.params, loaded.tokenizer, "sentence-transformers/all-MiniLM-L6-v2", loaded.config
     cfg = BertConfig()
-    module = BertForSequenceClassification(cfg, num_labels=2, adapter=method.adapter(cfg), extras=method.extras(cfg))
+    module = build_module(FAMILY, cfg, Head("sequence", 2), method)
     return (init_params(module, jax.random.key(0)), tokenizer, "bert-base-uncased (random weights, shapes only)",
             cfg)
 
@@ -73,29 +71,29 @@ def measure(model: str, method_name: str, tmp: Path, tokenizer=None) -> dict:
     import numpy as np
     import safetensors.numpy
 
-    from jaxpeft import masks, methods
+    from jaxpeft import masks, methods, tasks
     from jaxpeft.adapters import folder
-    from jaxpeft.training import checkpoint, optim, steps
-    from jaxpeft.tasks import glue
-    from jaxpeft.models import fingerprint
     from jaxpeft.config import Optim
+    from jaxpeft.models import fingerprint
+    from jaxpeft.models.bert import FAMILY
+    from jaxpeft.training import checkpoint, optim, steps
 
     method = methods.create(method_name)
     params, tokenizer, name, model_config = build(model, method, tokenizer)
-    params = method.init_params(params, tokenizer=tokenizer, rng=jax.random.key(1))
-    mask = method.mask(params)
+    params = method.init_params(params, FAMILY, tokenizer=tokenizer, rng=jax.random.key(1))
+    mask = method.mask(params, FAMILY)
     n_train, n_all = masks.count(params, mask)
     trainable, _ = masks.split(params, mask)
     tx = optim.make_optimizer(Optim())
     state = trained_like(steps.init_state(trainable, tx, 0))
     params = masks.merge(state.trainable, masks.split(params, mask)[1])   # the trained-like values
-    fp = fingerprint.fingerprint(params, name, exclude=method.added)
+    fp = fingerprint.fingerprint(params, name, exclude=method.added, prefix=FAMILY.prefix)
     work = tmp / f"{model}-{method_name}"
     ckpt = checkpoint.RunCheckpoints(work / "checkpoints", keep=1, async_save=False)
     ckpt.save(1, state, {"step": 1, "method": method_name, "fingerprint": fp})
     ckpt.close()
-    adapter = folder.save_adapter(work / "adapter", params, method, glue.get_task("sst2"), base_model=name,
-                                    fingerprint=fp, model_config=model_config)
+    adapter = folder.save_adapter(work / "adapter", params, method, tasks.get("sst2"), family=FAMILY,
+                                  model_config=model_config, base_model=name, fingerprint=fp)
     full = work / "full.safetensors"
     safetensors.numpy.save_file({k: np.asarray(v, np.float32) for k, v in masks.flatten(params).items()},
                                 str(full))

@@ -6,12 +6,7 @@
 Kept short on purpose: the logic is in the jaxpeft library, where it is tested.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from jaxpeft import cli  # noqa: E402
+from jaxpeft import cli
 
 if __name__ == "__main__":
     cli.train_main()

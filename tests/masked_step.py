@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import numpy as np
 
@@ -12,9 +10,11 @@ from jaxpeft import masks
 from jaxpeft.training import optim
 from jaxpeft.compute import EXACT
 from jaxpeft.config import Optim
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig
 from jaxpeft.models.loading import init_params
 from jaxpeft.training.steps import init_state, make_train_step
+
+from model_helpers import BERT, classifier, mask as full_mask, seq_loss
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=96)
@@ -33,28 +33,23 @@ def random_batch(rng: np.random.Generator, b: int = 8, t: int = 16, vocab: int =
 
 
 def build(method, config: BertConfig = SMALL, seed: int = 0, compute=EXACT):
-    """``(module, params)`` of a random classifier with ``method``'s adapter."""
-    module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config),
-                                           extras=method.extras(config), compute=compute)
+    """``(module, params)`` of a random classifier with ``method``'s hooks and prompt."""
+    module = classifier(config, 2, method, compute)
     return module, init_params(module, jax.random.key(seed))
 
 
 def train_steps(method, config: BertConfig = SMALL, steps: int = 3, seed: int = 0, compute=EXACT):
     """Runs ``steps`` jitted train steps; returns ``(module, params before, params after, mask, state)``."""
     module, params = build(method, config, seed, compute)
-    mask = method.mask(params)
+    mask = full_mask(method, params)
     tx = optim.make_optimizer(Optim(learning_rate=1e-2, warmup_ratio=0.0))
     schedule = optim.Schedule.create(1e-2, total_steps=10, warmup_ratio=0.0)
     trainable, frozen = masks.split(params, mask)
     state = init_state(trainable, tx, seed=seed)
-    step_fn = make_train_step(module, tx, regression=False)
-    # steps that take the update's learning rate as an argument: step(state, frozen, batch, lr)
-    takes_lr = len(inspect.signature(step_fn).parameters) == 4
-    step = jax.jit(step_fn, donate_argnums=(0,))
+    step = jax.jit(make_train_step(seq_loss(module), tx), donate_argnums=(0,))
     rng = np.random.default_rng(seed)
     for i in range(steps):
-        lr = (np.float32(schedule(i)),) if takes_lr else ()
-        state, metrics = step(state, frozen, random_batch(rng), *lr)
+        state, metrics = step(state, frozen, random_batch(rng), np.float32(schedule(i)))
         assert np.isfinite(float(metrics["loss"]))
     return module, params, masks.merge(state.trainable, frozen), mask, state
 
@@ -73,19 +68,17 @@ def assert_only_masked_leaves_changed(before, after, mask) -> None:
 def assert_export_round_trip(method, params, config: BertConfig = SMALL) -> dict:
     """Exports ``params``, loads them into ``method.for_inference()``'s model (same frozen encoder)
     and checks that the logits agree; returns the exported arrays."""
-    exported = method.export_params(params)
+    exported = method.export_params(params, BERT)
     inference = method.for_inference()
-    inf_module = BertForSequenceClassification(config, num_labels=2, adapter=inference.adapter(config),
-                                               extras=inference.extras(config))
+    inf_module = classifier(config, 2, inference)
     like = init_params(inf_module, jax.random.key(123))
     like = {**like, "bert": params["bert"]}                    # the reloaded base model
-    inf_mask = inference.mask(like)
+    inf_mask = full_mask(inference, like)
     assert sorted(exported) == masks.trainable_paths(inf_mask)
     inf_params = masks.merge(masks.unflatten(exported, like), masks.split(like, inf_mask)[1])
     batch = random_batch(np.random.default_rng(7))
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    trained_module = BertForSequenceClassification(config, num_labels=2, adapter=method.adapter(config),
-                                                   extras=method.extras(config))
+    trained_module = classifier(config, 2, method)
     want = trained_module.apply({"params": params}, *args)
     got = inf_module.apply({"params": inf_params}, *args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

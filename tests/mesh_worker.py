@@ -22,19 +22,21 @@ def _specs(tree) -> dict[str, str]:
     return {p: str(tuple(getattr(x.sharding, "spec", ()))) for p, x in masks.flatten(tree).items()}
 
 
-def _check_batches(trainer) -> dict:
+def _check_batches(job) -> dict:
     """The rows this process feeds for some batches, and whether every slice of the assembled
     global arrays on this process's devices equals that slice of the batch built whole on the host."""
     import numpy as np
 
-    order = trainer.batches.order(0)
+    from jaxpeft.training import steps
+
+    order = job.batches.order(0)
     picks = [order[0], order[1], min(order, key=lambda i: int((i >= 0).sum()))]  # + filler rows
     fed, equal = [], []
     for idx in picks:
-        local = trainer.batches.batch(idx, trainer.host_rows(idx))
+        local = job.batches.batch(idx, job.plan.process_rows(len(idx)))
         fed.append({"batch": idx.tolist(), "rows": local["index"].tolist()})
-        arrays = trainer.device_batch(local)
-        whole = trainer.batches.batch(idx)
+        arrays = job.plan.global_batch(steps.model_inputs(local))   # what a train step is fed
+        whole = job.batches.batch(idx)
         equal.append(all(a.shape == whole[k].shape and all(
             np.array_equal(np.asarray(s.data), whole[k][s.index]) for s in a.addressable_shards)
             for k, a in arrays.items()))
@@ -45,15 +47,15 @@ def run_one(cfg_values: dict) -> dict:
     import jax
 
     from jaxpeft import config, masks
-    from jaxpeft.training import trainer as trainer_lib
+    from jaxpeft.training import loop, single
 
     cfg = config.build(cfg_values)
-    trainer = trainer_lib.Trainer(cfg, echo=lambda s: None)
-    batches = _check_batches(trainer)
-    results = trainer.run()
-    state, frozen = trainer.final_state, trainer.frozen
+    job = single.SingleTask(cfg, echo=lambda s: None)
+    batches = _check_batches(job)
+    results = loop.run(job)
+    state, frozen = job.final_state, job.frozen
     # every trainable leaf on every device (one compilation), so each process can read it whole
-    trainable = jax.jit(lambda t: t, out_shardings=trainer.plan.replicated)(state.trainable)
+    trainable = jax.jit(lambda t: t, out_shardings=job.plan.replicated)(state.trainable)
     log = Path(cfg.run.output_dir) / "log.jsonl"
     records = [json.loads(x) for x in log.read_text().splitlines()] if jax.process_index() == 0 else []
     opt_specs = {}
@@ -62,25 +64,24 @@ def run_one(cfg_values: dict) -> dict:
     return {
         "process": jax.process_index(), "processes": jax.process_count(),
         "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-        "mesh": trainer.plan.describe(),
+        "mesh": job.plan.describe(),
         "losses": [r["loss"] for r in records if r["event"] == "train"],
         "log_events": [r["event"] for r in records],
         "final_dev": results["final_dev"],
         "trainable": {p: jax.numpy.asarray(v).tolist() for p, v in masks.flatten(trainable).items()},
         "trainable_specs": _specs(state.trainable), "frozen_specs": _specs(frozen),
         "opt_specs": opt_specs,
-        "traces": dict(trainer.plan.traces),
-        "widths": sorted({int(w) for w in _train_widths(trainer)}),
+        "traces": dict(job.plan.traces),
+        "widths": sorted({int(w) for w in _train_widths(job)}),
         **batches,
     }
 
 
-def _train_widths(trainer):
+def _train_widths(job):
     """The bucket lengths of the batches the run trained on."""
-    spe = trainer.steps_per_epoch()
-    for step in range(trainer.total_steps()):
-        epoch, i = divmod(step, spe)
-        yield trainer.batches.width(trainer.batches.order(epoch)[i])
+    for step in range(job.total_steps):
+        epoch, i = job.position(step)
+        yield job.batches.width(job.batches.order(epoch)[i])
 
 
 def main(argv: list[str]) -> int:

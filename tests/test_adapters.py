@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxpeft import cli, config, masks, methods
+from jaxpeft import cli, config, masks, methods, tasks
 from jaxpeft.adapters import folder as adapters
-from jaxpeft.data import batches as batching, encoding
+from jaxpeft.adapters import predict as prediction
+from jaxpeft.data import batches as batching
 from jaxpeft.tasks import glue as glue_tasks
 from jaxpeft.models import fingerprint
-from jaxpeft.training import steps, trainer as trainer_lib
+from jaxpeft.models.bert import FAMILY as BERT
+from jaxpeft.training import loop, single, steps
 from jaxpeft.errors import UserError
 from jaxpeft.models.loading import load_classifier
 
@@ -28,7 +30,8 @@ SEQ, BATCH = 32, 16
 
 @pytest.fixture(scope="module")
 def trained(glue, tiny_bert_dir, tmp_path_factory):
-    """Short runs on the tiny BERT, one per method, trained lazily: ``trained(method) -> Trainer``."""
+    """Short runs on the tiny BERT, one per method, trained lazily: ``trained(method) -> SingleTask``
+    (after its run)."""
     runs = {}
 
     def get(method):
@@ -38,9 +41,9 @@ def trained(glue, tiny_bert_dir, tmp_path_factory):
                                     output_dir=str(out), max_steps=10, batch_size=8, max_train_examples=80,
                                     max_eval_examples=32, max_seq_length=SEQ, eval_every=0, keep=1,
                                     learning_rate=5e-3, progress=False, seed=2))
-            trainer = trainer_lib.Trainer(cfg, echo=lambda s: None)
-            trainer.run()
-            runs[method] = trainer
+            job = single.SingleTask(cfg, echo=lambda s: None)
+            loop.run(job)
+            runs[method] = job
         return runs[method]
 
     return get
@@ -50,23 +53,40 @@ def dev_examples(glue, n=48, task="sst2"):
     return glue_tasks.load_split(glue_tasks.get_task(task), "dev", glue).take(n)
 
 
+def in_memory_logits(t, examples, batch_size=BATCH):
+    """The trained run's own logits (its final state, its model) on ``examples``."""
+    enc = t.task.encode(t.model.tokenizer, examples, SEQ)
+    fn = jax.jit(steps.make_predict_step(t.model.module))
+    batches = batching.BucketBatches(enc, batch_size, SEQ, 0).eval_batches(enc, batch_size)
+    return steps.predict_outputs(fn, t.final_state.trainable, t.frozen, batches, len(enc))
+
+
+def adapter_logits(directory, examples, **kw):
+    """The logits of the adapter in ``directory``, loaded again, on ``examples``."""
+    loaded, params, m, task = adapters.load_adapter(directory)
+    return prediction.outputs(loaded, params, m, task, examples, max_seq_length=SEQ, **kw)[0]
+
+
+def adapter_arrays(directory):
+    """The adapter's arrays by our param paths."""
+    loaded, _, _, _ = adapters.load_adapter(directory)
+    return adapters.adapter_arrays(adapters.read_adapter(directory), loaded.params, loaded.config)
+
+
 @pytest.mark.parametrize("method", ["bitfit", "full"])
 def test_exported_adapter_predicts_exactly_like_the_trained_model(method, trained, glue):
     t = trained(method)
     examples = dev_examples(glue)
-    enc = encoding.encode(t.model.tokenizer, examples, SEQ)
-    fn = jax.jit(steps.make_predict_step(t.model.module))
-    batches = batching.BucketBatches(enc, BATCH, SEQ, 0).eval_batches(enc, BATCH)
-    in_memory = steps.predict_logits(fn, t.final_state.trainable, t.frozen, batches, len(enc))
+    in_memory = in_memory_logits(t, examples)
 
     adapter = Path(t.cfg.run.output_dir) / "adapter"
-    loaded, params, m, task = adapters.load_adapter(adapter)
-    assert (m.name, task.name) == (method, "sst2")
-    exported = adapters.predict(loaded, params, m, examples, max_seq_length=SEQ, batch_size=BATCH)
+    _, _, m, task = adapters.load_adapter(adapter)
+    assert (m.name, task.name, task.label_names) == (method, "sst2", ("negative", "positive"))
+    exported = adapter_logits(adapter, examples, batch_size=BATCH)
     np.testing.assert_array_equal(exported, in_memory)
     assert len(set(in_memory.argmax(-1))) >= 1 and np.isfinite(in_memory).all()
 
-    arrays = adapters.read_adapter_weights(adapter)
+    arrays = adapter_arrays(adapter)
     assert sorted(arrays) == masks.trainable_paths(t.mask)
     tensors = safetensors.numpy.load_file(str(adapter / "adapter_model.safetensors"))
     assert all(a.dtype == np.float32 for a in tensors.values())
@@ -77,8 +97,10 @@ def test_exported_adapter_predicts_exactly_like_the_trained_model(method, traine
     assert raw["task_type"] == "SEQ_CLS" and "peft_type" not in raw   # peft has no such method
     assert raw["base_model_name_or_path"] == str(Path(t.cfg.model).resolve())
     cfg = raw["jaxpeft"]
-    assert cfg["format"] == "jaxpeft-adapter" and cfg["format_version"] == 2
+    assert cfg["format"] == "jaxpeft-adapter" and cfg["format_version"] == 3
     assert cfg["method"] == method and cfg["task"] == "sst2" and cfg["num_labels"] == 2
+    assert cfg["task_kind"] == "sequence" and cfg["label_names"] == ["negative", "positive"]
+    assert cfg["main_metric"] == "accuracy" and cfg["model_family"] == "bert"
     assert cfg["base_model"] == str(Path(t.cfg.model).resolve()) and cfg["step"] == 10
     assert cfg["fingerprint"] == t.fingerprint and cfg["jaxpeft_version"]
     assert cfg["max_seq_length"] == SEQ and cfg["num_params"] == sum(a.size for a in arrays.values())
@@ -86,17 +108,18 @@ def test_exported_adapter_predicts_exactly_like_the_trained_model(method, traine
 
 def test_bitfit_adapter_of_bundled_model_is_under_1mb(minilm_dir, tmp_path):
     method = methods.create("bitfit")
-    task = glue_tasks.get_task("sst2")
+    task = tasks.get("sst2")
     model = load_classifier(str(minilm_dir), task.num_labels)
     params = model.params
     fp = fingerprint.fingerprint(params, str(minilm_dir))
-    d = adapters.save_adapter(tmp_path / "a", params, method, task, base_model=str(minilm_dir), fingerprint=fp)
+    d = adapters.save_adapter(tmp_path / "a", params, method, task, family=BERT, model_config=model.config,
+                              base_model=str(minilm_dir), fingerprint=fp)
     size = sum(f.stat().st_size for f in d.iterdir())
-    n_trainable, n_all = masks.count(params, method.mask(params))
+    n_trainable, n_all = masks.count(params, method.mask(params, BERT))
     assert size < 1_000_000 and 4 * n_trainable < size < 4 * n_trainable + 20_000, size
     assert n_all * 4 > 80e6   # the copy it replaces: ~90 MB of float32
     _, loaded_params, _, _ = adapters.load_adapter(d)
-    for path, v in method.export_params(params).items():
+    for path, v in method.export_params(params, BERT).items():
         assert np.asarray(masks.flatten(loaded_params)[path]).tobytes() == np.asarray(v).tobytes()
 
 
@@ -107,14 +130,13 @@ def test_adapters_of_the_previous_format_still_load(trained, glue, tmp_path):
     new = Path(t.cfg.run.output_dir) / "adapter"
     old = tmp_path / "v1"
     old.mkdir()
-    safetensors.numpy.save_file(adapters.read_adapter_weights(new), str(old / "adapter.safetensors"),
+    safetensors.numpy.save_file(adapter_arrays(new), str(old / "adapter.safetensors"),
                                 metadata={"format": "jaxpeft-adapter"})
     cfg = {**json.loads((new / "adapter_config.json").read_text())["jaxpeft"], "format_version": 1}
     (old / "adapter_config.json").write_text(json.dumps(cfg))
     assert adapters.read_adapter(old).kind == "jaxpeft-v1" and adapters.read_adapter(new).kind == "jaxpeft"
     examples = dev_examples(glue, 16)
-    got = [adapters.predict(*[x for x in adapters.load_adapter(d)[:3]], examples, max_seq_length=SEQ)
-           for d in (old, new)]
+    got = [adapter_logits(d, examples) for d in (old, new)]
     np.testing.assert_array_equal(got[0], got[1])
 
 
@@ -130,8 +152,8 @@ def test_adapter_is_replaced_only_by_a_complete_one(trained, tmp_path, monkeypat
 
     monkeypatch.setattr(adapters.safetensors.numpy, "save_file", full_disk)
     with pytest.raises(OSError):
-        adapters.save_adapter(d, params, t.method, t.task, base_model=t.cfg.model,
-                              fingerprint=t.fingerprint)
+        adapters.save_adapter(d, params, t.method, t.task, family=t.model.family, model_config=t.model.config,
+                              base_model=t.cfg.model, fingerprint=t.fingerprint)
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
@@ -161,16 +183,22 @@ def test_predict_script_on_tsv_text_and_stdin(trained, glue, tmp_path, capsys, m
     rc, _, err = run_script([f"--adapter={adapter}", f"--input={test_tsv}", f"--output={out}"], capsys)
     assert rc == 0, err
     rows = [r.split("\t") for r in out.read_text().splitlines()]
-    assert rows[0] == ["index", "prediction", "prob_0", "prob_1"] and len(rows) == 21
-    probs = np.array([[float(x) for x in r[2:]] for r in rows[1:]])
+    # one format for one adapter or many: index, adapter, prediction, probabilities (label names)
+    assert rows[0] == ["index", "adapter", "prediction", "probabilities"] and len(rows) == 21
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(20)] and {r[1] for r in rows[1:]} == {"adapter"}
+    pairs = [[x.split(":") for x in r[3].split(",")] for r in rows[1:]]
+    assert all([k for k, _ in p] == ["negative", "positive"] for p in pairs)
+    probs = np.array([[float(v) for _, v in p] for p in pairs])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    assert [r[1] for r in rows[1:]] == [str(i) for i in probs.argmax(1)]
+    assert [r[2] for r in rows[1:]] == [("negative", "positive")[i] for i in probs.argmax(1)]
     # Same numbers as the library on the same texts.
     loaded, params, m, task = adapters.load_adapter(adapter)
-    logits = adapters.predict(loaded, params, m, glue_tasks.read_tsv(task, test_tsv), max_seq_length=SEQ)
-    np.testing.assert_allclose(probs, adapters.scores(logits, task), atol=1e-6)
+    preds = prediction.predict(loaded, params, m, task, task.read_input(test_tsv), max_seq_length=SEQ)
+    np.testing.assert_allclose(probs, [[p["scores"][k] for k in ("negative", "positive")] for p in preds],
+                               atol=1e-6)
+    assert [p["prediction"] for p in preds] == [r[2] for r in rows[1:]]
 
-    texts = glue_tasks.read_tsv(task, test_tsv).texts[0][:2]
+    texts = task.read_input(test_tsv).texts[0][:2]
     rc, stdout, err = run_script([f"--adapter={adapter}", f"--text={texts[0]}", f"--text={texts[1]}"], capsys)
     assert rc == 0, err
     assert stdout.splitlines()[1:] == ["\t".join(r) for r in rows[1:3]]
@@ -255,8 +283,8 @@ def test_head_options_are_recorded_and_restored(pooling, modules, task, glue, ti
                             output_dir=str(out), max_steps=4, batch_size=8, max_train_examples=32,
                             max_eval_examples=16, max_seq_length=SEQ, keep=0, progress=False,
                             pooling=pooling, modules_to_save=modules, packing=False))
-    t = trainer_lib.Trainer(cfg, echo=lambda s: None)
-    t.run()
+    t = single.SingleTask(cfg, echo=lambda s: None)
+    loop.run(t)
     flat = masks.flatten(t.params)
     n_bias = sum(v.size for p, v in flat.items() if p.endswith("bias") and p.startswith("bert/"))
     hidden = t.model.config.hidden_size
@@ -270,11 +298,8 @@ def test_head_options_are_recorded_and_restored(pooling, modules, task, glue, ti
     record = record.get("jaxpeft", record)
     assert record["pooling"] == pooling and record["modules_to_save"] == ([modules] if modules else [])
     loaded, params, m, loaded_task = adapters.load_adapter(out / "adapter")
-    assert loaded.module.pooling == pooling and loaded_task.name == task
+    assert loaded.module.head.pooling == pooling and loaded_task.name == task
     examples = dev_examples(glue, 16, task)
-    enc = encoding.encode(t.model.tokenizer, examples, SEQ)
-    fn = jax.jit(steps.make_predict_step(t.model.module))
-    batches = batching.BucketBatches(enc, 8, SEQ, 0).eval_batches(enc, 8)
-    want = steps.predict_logits(fn, t.final_state.trainable, t.frozen, batches, len(enc))
-    got = adapters.predict(loaded, params, m, examples, max_seq_length=SEQ, batch_size=8)
+    want = in_memory_logits(t, examples, batch_size=8)
+    got = prediction.outputs(loaded, params, m, loaded_task, examples, max_seq_length=SEQ, batch_size=8)[0]
     np.testing.assert_allclose(got, want, atol=1e-6)

@@ -11,25 +11,23 @@ import numpy as np
 import pytest
 
 from experiments.bitfit_study import bias_change
-from jaxpeft import masks, methods
+from jaxpeft import masks, methods, tasks
 from jaxpeft.adapters import folder as adapters
-from jaxpeft.tasks import glue as glue_tasks
-from jaxpeft.models.fingerprint import fingerprint
 from jaxpeft.errors import UserError
-from jaxpeft.models import hf_weights, load_classifier
+from jaxpeft.models import hf_weights
+from jaxpeft.models.bert import FAMILY as BERT
+from jaxpeft.models.fingerprint import fingerprint
+from jaxpeft.models.loading import load_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 TERMS = list(bias_change.SYMBOLS)
 
 
-def base_biases(model_dir):
-    """``{bert/... path: array}`` of every per-layer bias of the model."""
-    out = {}
-    for name, arr in hf_weights.load_state_dict(model_dir).items():
-        mapped = hf_weights.hf_name_to_path(name)
-        if mapped and bias_change.classify("bert/" + mapped[0]):
-            out["bert/" + mapped[0]] = arr
-    return out
+def base_biases(model_dir, params):
+    """``{bert/... path: array}`` of every per-layer bias of the model, read from its checkpoint
+    (``params``: the model's, for the paths)."""
+    expected = {p: a for p, a in masks.flatten(params).items() if bias_change.classify(p)}
+    return hf_weights.convert_state_dict(hf_weights.load_state_dict(model_dir), expected, "bert")
 
 
 def delta(layer, term, scale=1.0):
@@ -41,15 +39,15 @@ def make_adapter(folder, model_dir, terms=TERMS, scale=1.0, method="bitfit"):
     """An adapter written by the library's own exporter, with known bias changes."""
     loaded = load_classifier(str(model_dir), 2)
     flat = masks.flatten(loaded.params)
-    for path, b in base_biases(model_dir).items():
+    for path, b in base_biases(model_dir, loaded.params).items():
         layer, term = bias_change.classify(path)
         if term in terms:
             signs = np.where(np.arange(b.size) % 2 == 0, 1.0, -1.0)  # |Δb| is what counts
             flat[path] = b + signs * delta(layer, term, scale)
     params = masks.unflatten(flat, loaded.params)
     options = {} if method != "bitfit" or list(terms) == TERMS else {"bitfit_terms": ",".join(terms)}
-    return adapters.save_adapter(folder, params, methods.create(method, options), glue_tasks.get_task("rte"),
-                                 base_model=str(model_dir),
+    return adapters.save_adapter(folder, params, methods.create(method, options), tasks.get("rte"), family=BERT,
+                                 model_config=loaded.config, base_model=str(model_dir),
                                  fingerprint=fingerprint(loaded.params, str(model_dir), str(loaded.model_dir)))
 
 
@@ -118,13 +116,13 @@ def test_bad_adapters(tiny_bert_dir, minilm_dir, tmp_path):
 def test_script_writes_outputs_and_rejects_bad_input(tiny_bert_dir, tmp_path):
     a = make_adapter(tmp_path / "a", tiny_bert_dir)
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    script = str(REPO / "experiments" / "bitfit_study" / "analyze_bias_change.py")
-    p = subprocess.run([sys.executable, script, str(a), f"--out={tmp_path}/img/bc"], capture_output=True,
-                       text=True, env=env, timeout=300)
+    script = ["-m", "experiments.bitfit_study.analyze_bias_change"]
+    p = subprocess.run([sys.executable, *script, str(a), f"--out={tmp_path}/img/bc"], capture_output=True,
+                       text=True, env=env, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert "largest mean change first: b_LN2 0.3594, b_m3 0.3438" in p.stdout
     assert sorted(f.name for f in (tmp_path / "img").iterdir()) == ["bc.csv", "bc.md", "bc.png"]
-    p = subprocess.run([sys.executable, script, str(tmp_path / "missing")], capture_output=True, text=True,
-                       env=env, timeout=300)
+    p = subprocess.run([sys.executable, *script, str(tmp_path / "missing")], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=REPO)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"error: adapter folder {tmp_path / 'missing'} not found"]

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from jaxpeft import config, masks
-from jaxpeft.training import checkpoint, trainer as trainer_lib
+from jaxpeft.training import checkpoint, loop, single
 from jaxpeft.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +30,8 @@ def tiny_cfg(glue, model, out, **kw):
 
 def run(cfg):
     lines = []
-    trainer = trainer_lib.Trainer(cfg, echo=lines.append)
-    return trainer, trainer.run(), lines
+    job = single.SingleTask(cfg, echo=lines.append)
+    return job, loop.run(job), lines
 
 
 def dir_bytes(d: Path) -> int:
@@ -48,17 +48,17 @@ def adapter_arrays(out: Path) -> dict:
 def finished(glue, tiny_bert_dir, tmp_path_factory):
     """A 12-step BitFit run: saves at 4, 8 (periodic), 6, 12 (evaluations); keeps 2 latest + best."""
     out = tmp_path_factory.mktemp("run") / "out"
-    trainer, res, _ = run(tiny_cfg(glue, tiny_bert_dir, out))
-    return out, trainer, res
+    job, res, _ = run(tiny_cfg(glue, tiny_bert_dir, out))
+    return out, job, res
 
 
 def test_checkpoints_hold_the_trainable_subtree_only(finished):
-    out, trainer, res = finished
+    out, job, res = finished
     ckpt = checkpoint.RunCheckpoints(out / "checkpoints", keep=2, main_metric="accuracy")
     steps = ckpt.steps()
     assert steps[-2:] == [8, 12] and set(steps) <= {4, 6, 8, 12}
     assert res["best_step"] in steps   # the best checkpoint outlives the "latest 2" rule
-    trained = masks.trainable_paths(trainer.mask)
+    trained = masks.trainable_paths(job.mask)
     assert all(p.endswith("/bias") or p.startswith("classifier/") for p in trained)
     for step in steps:
         keys = ckpt.saved_paths(step)
@@ -71,11 +71,11 @@ def test_checkpoints_hold_the_trainable_subtree_only(finished):
         assert frozen_like == [], frozen_like
         assert {"step", "rng"} <= set(keys)
         meta = ckpt.read_meta(step)
-        assert meta["step"] == step and meta["fingerprint"] == trainer.fingerprint
+        assert meta["step"] == step and meta["fingerprint"] == job.fingerprint
     ckpt.close()
     # Size: the frozen encoder is 6 MB of float32 here; a checkpoint holds the trainable part and two
     # Adam moments (18 KB) plus Orbax's per-array metadata -- under 5% of the frozen bytes.
-    n_train, n_all = masks.count(trainer.params, trainer.mask)
+    n_train, n_all = masks.count(job.params, job.mask)
     size = dir_bytes(out / "checkpoints" / "12")
     assert 3 * 4 * n_train < size < 0.05 * 4 * (n_all - n_train), size
     assert res["checkpoint_steps"] == steps and Path(res["adapter_dir"]) == out / "adapter"
@@ -104,7 +104,7 @@ def test_bad_latest_checkpoint_falls_back_to_previous_complete_one(finished, how
     shutil.copytree(src, out)
     (out / "results.json").unlink()
     _break_latest(out, how)
-    trainer, res2, lines = run(tiny_cfg(glue, tiny_bert_dir, out))
+    job, res2, lines = run(tiny_cfg(glue, tiny_bert_dir, out))
     assert any(ln.startswith("resuming from step 8 ") for ln in lines), lines
     assert not list((out / "checkpoints").glob("*orbax-checkpoint-tmp*"))
     if how == "damaged":
@@ -261,13 +261,16 @@ def test_nest_rejects_ambiguous_paths():
 def test_cadence_evaluates_and_saves_when_the_run_settings_say():
     from jaxpeft.training.checkpoint import Cadence
 
-    per_epoch = Cadence(total=30, steps_per_epoch=10, eval_every=0, save_every=0, save_minutes=0.0)
+    def epoch_end(step):
+        return step % 10 == 0
+
+    per_epoch = Cadence(total=30, epoch_end=epoch_end, eval_every=0, save_every=0, save_minutes=0.0)
     assert [s for s in range(1, 31) if per_epoch.eval_due(s)] == [10, 20]    # the last step: the loop's end
     assert not any(per_epoch.save_due(s) for s in range(1, 31))              # no --save_every, no minutes
-    every = Cadence(total=30, steps_per_epoch=10, eval_every=4, save_every=6, save_minutes=10.0)
+    every = Cadence(total=30, epoch_end=epoch_end, eval_every=4, save_every=6, save_minutes=10.0)
     assert [s for s in range(1, 31) if every.eval_due(s)] == [4, 8, 12, 16, 20, 24, 28]
     assert [s for s in range(1, 31) if every.save_due(s)] == [6, 12, 18, 24, 30]   # --save_every wins
-    timed = Cadence(total=30, steps_per_epoch=10, eval_every=0, save_every=0, save_minutes=1.0)
+    timed = Cadence(total=30, epoch_end=epoch_end, eval_every=0, save_every=0, save_minutes=1.0)
     assert timed.save_due(5) is None
     timed.last_save -= 61.0                                                  # a minute has passed
     assert timed.save_due(5) == "time" and timed.save_due(30) is None

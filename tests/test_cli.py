@@ -57,6 +57,12 @@ CASES = {
                                                                          "--no-packing"]),
     "cosine multi-task": (["--tasks=rte,mrpc", "--method=lora", "--pooling=cosine"],
                           ["--pooling=cosine is not supported in multi-task runs"]),
+    "lora target naming no layer": (["--method=lora", "--target_modules=query,quer"],
+                                    ["--target_modules=query,quer: 'quer' names none of the model's dense layers"]),
+    "ia3 feed-forward not a target": (["--method=ia3", "--target_modules=key,value",
+                                       "--feedforward_modules=output.dense"],
+                                      ["--feedforward_modules=output.dense: must be some of",
+                                       "--target_modules=key,value"]),
 }
 
 

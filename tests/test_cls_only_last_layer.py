@@ -11,13 +11,14 @@ from transformers import BertModel as TorchBertModel
 
 from jaxpeft import masks, methods
 from jaxpeft.compute import EXACT
-from jaxpeft.models import BertModel, load_classifier  # noqa: F401
+from jaxpeft.models.bert import BertModel
 from jaxpeft.models.kernels import pallas_common
-from jaxpeft.models.bert import BertForSequenceClassification
-from jaxpeft.models.loading import init_params
-from jaxpeft.training.steps import apply_model, loss_from_logits
+from jaxpeft.models.loading import init_params, load_classifier
+from jaxpeft.tasks.base import sequence_loss
+from jaxpeft.training.steps import apply_model
 
 from masked_step import SMALL, random_batch
+from model_helpers import classifier, mask as method_mask
 from test_bert_parity import _inputs
 
 # head_dim 16, the smallest our attention kernel takes
@@ -26,15 +27,15 @@ SMALL16 = SMALL.replace(num_attention_heads=2)
 
 def _loss_and_grads(cfg, method_name, seed=0, deterministic=True, comp=EXACT):
     method = methods.create(method_name)
-    module = BertForSequenceClassification(cfg, num_labels=2, adapter=method.adapter(cfg), compute=comp)
+    module = classifier(cfg, 2, method, comp)
     params = init_params(module, jax.random.key(seed))
-    trainable, frozen = masks.split(params, method.mask(params))
+    trainable, frozen = masks.split(params, method_mask(method, params))
     batch = random_batch(np.random.default_rng(seed))
 
     def loss(t):
         logits = apply_model(module, masks.merge(t, frozen), batch, deterministic,
                              None if deterministic else jax.random.key(3))
-        return loss_from_logits(logits, batch["labels"], batch["weights"], False)
+        return sequence_loss(logits, batch["labels"], batch["weights"], False)
 
     return jax.jit(jax.value_and_grad(loss))(trainable)
 
@@ -87,10 +88,13 @@ def test_dropout_trains_the_same_way():
 def test_cls_row_and_pooler_match_pytorch(minilm_dir):
     """The one-row last layer's [CLS] output and the pooler equal transformers' full model; the
     sequence output is that one row."""
-    loaded = load_classifier(str(minilm_dir), num_labels=2)
+    loaded = load_classifier(str(minilm_dir), 2)
     enc = _inputs(loaded.tokenizer)
-    seq, pooled = BertModel(loaded.config).apply({"params": loaded.params["bert"]}, enc["input_ids"],
-                                                 enc["attention_mask"], enc["token_type_ids"], cls_only=True)
+    rows = jnp.zeros((enc["input_ids"].shape[0], 1), jnp.int32)
+    out = BertModel(loaded.config).apply({"params": loaded.params["bert"]}, enc["input_ids"],
+                                         enc["attention_mask"], enc["token_type_ids"], pool_rows=rows,
+                                         last_rows=rows)
+    seq, pooled = out.hidden, out.pooled[:, 0]
     assert seq.shape == (enc["input_ids"].shape[0], 1, loaded.config.hidden_size)
     ref = TorchBertModel.from_pretrained(str(minilm_dir), attn_implementation="eager").eval()
     with torch.no_grad():
@@ -101,12 +105,14 @@ def test_cls_row_and_pooler_match_pytorch(minilm_dir):
 
 def test_prefix_extraction_still_sees_every_key(minilm_dir):
     """The last layer still projects every token's key and value (what prefix extraction reads)."""
-    loaded = load_classifier(str(minilm_dir), num_labels=2)
+    loaded = load_classifier(str(minilm_dir), 2)
     enc = _inputs(loaded.tokenizer)
     model = BertModel(loaded.config)
     args = ({"params": loaded.params["bert"]}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-    _, full = model.apply(*args, mutable=["intermediates"])
-    _, cls = model.apply(*args, cls_only=True, mutable=["intermediates"])
+    rows = jnp.zeros((enc["input_ids"].shape[0], 1), jnp.int32)
+    full_out, full = model.apply(*args, mutable=["intermediates"])
+    cls_out, cls = model.apply(*args, last_rows=rows, mutable=["intermediates"])
+    assert full_out.hidden.shape[1] == enc["input_ids"].shape[1] and cls_out.hidden.shape[1] == 1
     last = f"layer_{loaded.config.num_hidden_layers - 1}"
     for a, b in zip(full["intermediates"]["encoder"][last]["attention"]["self"]["key_value"],
                     cls["intermediates"]["encoder"][last]["attention"]["self"]["key_value"]):

@@ -15,8 +15,11 @@ from jaxpeft.training import steps
 from jaxpeft.compute import EXACT, FAST, Compute
 from jaxpeft.errors import UserError
 from jaxpeft.models.kernels import pallas_common
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, kernels_in_compute_dtype
-from jaxpeft.models.loading import init_params
+from jaxpeft.models.bert import BertConfig
+from jaxpeft.models.loading import frozen_in_dtype, init_params
+from jaxpeft.tasks.base import sequence_loss
+
+from model_helpers import classifier, mask as method_mask
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=64)
@@ -32,14 +35,14 @@ def _batch(b=6, t=16):
 
 
 def _grads(comp, method, params, deterministic):
-    module = BertForSequenceClassification(SMALL, num_labels=2, compute=comp)
-    trainable, frozen = masks.split(params, methods.create(method).mask(params))
+    module = classifier(SMALL, 2, compute=comp)
+    trainable, frozen = masks.split(params, method_mask(methods.create(method), params))
     batch = _batch()
 
     def loss(t):
         logits = steps.apply_model(module, masks.merge(t, frozen), batch, deterministic,
                                    None if deterministic else jax.random.key(3))
-        return steps.loss_from_logits(logits, batch["labels"], batch["weights"], False)
+        return sequence_loss(logits, batch["labels"], batch["weights"], False)
 
     return jax.jit(jax.value_and_grad(loss))(trainable)
 
@@ -117,7 +120,7 @@ def test_a_compute_option_is_one_field():
         assert f.metadata["choices"] and "trajectory" in f.metadata, f.name
     assert "dtype" in predict_flags
     assert set(EXACT.trajectory()) == {"dtype", "attention_impl", "dropout_impl", "prng_impl",
-                                       "cls_only_last_layer"}
+                                       "cls_only_last_layer", "base_dtype"}
 
 
 def test_pallas_kernels_refuse_to_run_interpreted_outside_tests():
@@ -143,7 +146,7 @@ def test_pallas_kernels_refuse_to_run_interpreted_outside_tests():
 def test_same_loss_and_gradients(method, change):
     """Same params, same dropout key: the loss and every gradient agree with the default path
     (deterministic for the [CLS]-only layer, whose dropout masks sit at other positions)."""
-    params = init_params(BertForSequenceClassification(SMALL, num_labels=2), jax.random.key(0))
+    params = init_params(classifier(SMALL, 2), jax.random.key(0))
     det = "cls_only_last_layer" in change
     (l0, g0) = _grads(EXACT, method, params, deterministic=det)
     with pallas_common.interpreter():
@@ -156,7 +159,7 @@ def test_same_loss_and_gradients(method, change):
 
 def test_kernels_keep_param_paths():
     shapes = lambda comp: jax.eval_shape(  # noqa: E731
-        lambda: init_params(BertForSequenceClassification(SMALL, 2, compute=comp), jax.random.key(0)))
+        lambda: init_params(classifier(SMALL, 2, compute=comp), jax.random.key(0)))
     want = shapes(EXACT)
     with pallas_common.interpreter():
         got = shapes(FAST.replace(attention_impl="dense"))   # attention creates no params of its own
@@ -167,14 +170,14 @@ def test_kernels_keep_param_paths():
 
 @pytest.mark.parametrize("method", ["prefix"])
 def test_frozen_kernels_in_compute_dtype_change_nothing(method):
-    """bf16 compute: the frozen tree with its matmul kernels stored in bf16 (as the Trainer and the
+    """bf16 compute: the frozen tree with its matmul kernels stored in bf16 (as training and the
     benchmark keep it) gives bit-identical loss and gradients; only ``bert/.../kernel`` is cast."""
     comp = EXACT.replace(dtype="bfloat16")
     m = methods.create(method)
-    module = BertForSequenceClassification(SMALL, num_labels=2, adapter=m.adapter(SMALL), compute=comp)
+    module = classifier(SMALL, 2, m, comp)
     params = init_params(module, jax.random.key(0))
-    trainable, frozen = masks.split(params, m.mask(params))
-    cast = kernels_in_compute_dtype(frozen, comp)
+    trainable, frozen = masks.split(params, method_mask(m, params))
+    cast = frozen_in_dtype(frozen, comp.dtype, "bert")
     changed = {p for p, x in masks.flatten(cast).items() if x.dtype != jnp.float32}
     assert changed and all(p.startswith("bert/") and p.endswith("/kernel") for p in changed)
     assert "bert/encoder/layer_0/intermediate/dense/kernel" in changed
@@ -183,14 +186,14 @@ def test_frozen_kernels_in_compute_dtype_change_nothing(method):
 
     def loss(t, f):
         logits = steps.apply_model(module, masks.merge(t, f), batch, False, jax.random.key(3))
-        return steps.loss_from_logits(logits, batch["labels"], batch["weights"], False)
+        return sequence_loss(logits, batch["labels"], batch["weights"], False)
 
     (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss))(trainable, f) for f in (frozen, cast))
     assert np.asarray(l1) == np.asarray(l0)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     # float32 compute: nothing to cast, the same tree back
-    assert kernels_in_compute_dtype(frozen, EXACT) is frozen
+    assert frozen_in_dtype(frozen, EXACT.dtype, "bert") is frozen
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the fast path runs on an NVIDIA GPU")
@@ -206,10 +209,10 @@ def test_auto_matches_exact_within_bf16_tolerance_on_gpu(method, minilm_dir):
     m = methods.create(method)
     results = []
     for comp in (EXACT, auto):
-        loaded = load_classifier(str(minilm_dir), 2, adapter=m.adapter, compute=comp)
-        params = m.init_params(loaded.params, tokenizer=loaded.tokenizer, rng=jax.random.key(1))
-        trainable, frozen = masks.split(params, m.mask(params))
-        frozen = kernels_in_compute_dtype(frozen, comp)
+        loaded = load_classifier(str(minilm_dir), 2, m, compute=comp)
+        params = m.init_params(loaded.params, loaded.family, tokenizer=loaded.tokenizer, rng=jax.random.key(1))
+        trainable, frozen = masks.split(params, method_mask(m, params))
+        frozen = frozen_in_dtype(frozen, comp.dtype, "bert")
         rng = np.random.default_rng(0)
         b, t = 32, 64
         lengths = rng.integers(8, t + 1, size=b)
@@ -220,7 +223,7 @@ def test_auto_matches_exact_within_bf16_tolerance_on_gpu(method, minilm_dir):
 
         def loss(tr, module=loaded.module, frozen=frozen):
             logits = steps.apply_model(module, masks.merge(tr, frozen), batch, True)
-            return steps.loss_from_logits(logits, batch["labels"], batch["weights"], False)
+            return sequence_loss(logits, batch["labels"], batch["weights"], False)
 
         results.append(jax.jit(jax.value_and_grad(loss))(trainable))
     (l0, g0), (l1, g1) = results
@@ -254,8 +257,8 @@ def test_packed_rows_with_fused_attention_match_exact_on_gpu(attention_impl, min
     results = []
     for comp in (EXACT, FAST.replace(attention_impl=attention_impl, norm_impl="xla")):
         loaded = load_classifier(str(minilm_dir), 2, compute=comp)
-        trainable, frozen = masks.split(loaded.params, m.mask(loaded.params))
-        frozen = kernels_in_compute_dtype(frozen, comp)
+        trainable, frozen = masks.split(loaded.params, method_mask(m, loaded.params))
+        frozen = frozen_in_dtype(frozen, comp.dtype, "bert")
 
         def loss(tr, module=loaded.module, frozen=frozen):
             logits = steps.apply_model(module, masks.merge(tr, frozen), batch, True).astype(jnp.float32)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import BertModel as TorchBertModel
 
-from jaxpeft.models import BertModel, load_classifier
+from jaxpeft.models.bert import BertModel
 from jaxpeft.models.kernels.embedding_lookup import SMALL_TABLE_ROWS, take_small
+from jaxpeft.models.loading import load_classifier
 
 from test_bert_parity import _inputs
 
@@ -41,15 +42,15 @@ def test_take_small_refuses_large_tables():
 def test_default_positions_equal_explicit_ones(tiny_bert_dir):
     """``position_ids=None`` (a slice of the table) and explicit ``0..L-1`` (a gather): same output
     and same gradient of every param."""
-    loaded = load_classifier(str(tiny_bert_dir), num_labels=2)
+    loaded = load_classifier(str(tiny_bert_dir), 2)
     enc = _inputs(loaded.tokenizer)
     b, t = enc["input_ids"].shape
     model = BertModel(loaded.config)
     w = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, loaded.config.hidden_size)), jnp.float32)
 
     def loss(params, position_ids):
-        seq, _ = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"],
-                             enc["token_type_ids"], position_ids)
+        seq = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"],
+                          enc["token_type_ids"], position_ids).hidden
         return jnp.sum(seq * w)
 
     explicit = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -64,7 +65,7 @@ def test_embedding_gradients_match_pytorch(tiny_bert_dir):
     """Sentence pairs (token types 0 and 1) with padding: the gradients of the word, position and
     token-type tables of ``sum(sequence_output * w)`` over the real tokens equal transformers' in
     float32."""
-    loaded = load_classifier(str(tiny_bert_dir), num_labels=2)
+    loaded = load_classifier(str(tiny_bert_dir), 2)
     enc = _inputs(loaded.tokenizer)
     assert set(np.unique(enc["token_type_ids"])) == {0, 1}
     b, t = enc["input_ids"].shape
@@ -75,7 +76,7 @@ def test_embedding_gradients_match_pytorch(tiny_bert_dir):
     model = BertModel(loaded.config)
 
     def loss(params):
-        seq, _ = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        seq = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).hidden
         return jnp.sum(seq * w)
 
     grads = jax.jit(jax.grad(loss))(loaded.params["bert"])["embeddings"]

@@ -15,8 +15,10 @@ import cpu_devices
 from jaxpeft.compute import EXACT
 from jaxpeft.errors import UserError
 from jaxpeft.models.kernels import hash_dropout as hd
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig
 from jaxpeft.models.loading import init_params
+
+from model_helpers import classifier
 
 SHAPE = (32, 128, 96)   # 393,216 elements
 SEED = jnp.array([0x1234567, 0x89ABCDE], jnp.uint32)
@@ -131,8 +133,8 @@ def test_model_with_hashed_masks(monkeypatch):
     autodiff of the same forward pass with the custom backward swapped for plain ``jnp.where``."""
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 120, size=(4, 16)), jnp.int32)
     ones = jnp.ones_like(ids)
-    model0 = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT.replace(dropout_impl="random"))
-    model = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT.replace(dropout_impl="hash"))
+    model0 = classifier(SMALL, 2, compute=EXACT.replace(dropout_impl="random"))
+    model = classifier(SMALL, 2, compute=EXACT.replace(dropout_impl="hash"))
     params = init_params(model0, jax.random.key(0))
 
     def loss(p, m, det):

@@ -10,7 +10,12 @@ import torch
 
 from jaxpeft import masks
 from jaxpeft.errors import UserError
-from jaxpeft.models import hf_weights, load_classifier
+from jaxpeft.models import hf_weights
+from jaxpeft.models.bert import BertConfig
+from jaxpeft.models.family import hf_name, name_table
+from jaxpeft.models.loading import load_classifier, param_shapes
+
+from model_helpers import classifier
 
 
 def _flat(params):
@@ -23,13 +28,33 @@ def reference(tiny_bert_dir):
 
 
 def test_names_map_both_ways():
-    for name in ["encoder.layer.3.attention.self.query.weight", "encoder.layer.0.output.LayerNorm.bias",
-                 "embeddings.word_embeddings.weight", "pooler.dense.bias"]:
-        path, _ = hf_weights.hf_name_to_path("bert." + name)
-        assert hf_weights.path_to_hf_name(path) == name
-    assert hf_weights.hf_name_to_path("bert.embeddings.LayerNorm.gamma")[0] == "embeddings/LayerNorm/scale"
-    assert hf_weights.hf_name_to_path("cls.predictions.bias") is None
-    assert hf_weights.hf_name_to_path("embeddings.position_ids") is None
+    cfg = BertConfig(hidden_size=8, num_hidden_layers=4, num_attention_heads=2, intermediate_size=16,
+                     vocab_size=30, max_position_embeddings=16)
+    shapes = masks.flatten(param_shapes(classifier(cfg, 2)))
+    table = name_table(list(shapes))
+    assert len(table) == len(shapes)                        # one name per param
+    for name, transposed in [("encoder.layer.3.attention.self.query.weight", True),
+                             ("encoder.layer.0.output.LayerNorm.bias", False),
+                             ("embeddings.LayerNorm.weight", False),
+                             ("embeddings.word_embeddings.weight", False), ("pooler.dense.bias", False)]:
+        path, transpose = table["bert." + name]
+        assert transpose == transposed, name
+        assert hf_name(path) == ("bert." + name, transposed)
+    assert table["bert.encoder.layer.3.attention.self.query.weight"][0] == \
+        "bert/encoder/layer_3/attention/self/query/kernel"
+    # a checkpoint's tensors, with or without the encoder's prefix, in old and new spellings; names
+    # of no param (an MLM head, buffers) are skipped
+    rng = np.random.default_rng(0)
+    sd = {"bert.embeddings.LayerNorm.gamma": rng.normal(size=8), "embeddings.LayerNorm.beta": rng.normal(size=8),
+          "encoder.layer.3.attention.self.query.weight": rng.normal(size=(8, 8)),
+          "cls.predictions.bias": np.zeros(30), "embeddings.position_ids": np.arange(16)[None]}
+    got = hf_weights.convert_state_dict(sd, shapes, "bert")
+    assert set(got) == {"bert/embeddings/LayerNorm/scale", "bert/embeddings/LayerNorm/bias",
+                        "bert/encoder/layer_3/attention/self/query/kernel"}
+    np.testing.assert_array_equal(got["bert/embeddings/LayerNorm/scale"], sd["bert.embeddings.LayerNorm.gamma"])
+    np.testing.assert_array_equal(got["bert/embeddings/LayerNorm/bias"], sd["embeddings.LayerNorm.beta"])
+    np.testing.assert_array_equal(got["bert/encoder/layer_3/attention/self/query/kernel"],
+                                  sd["encoder.layer.3.attention.self.query.weight"].T)
 
 
 def test_pytorch_bin_and_old_gamma_beta_names(tiny_bert_dir, tmp_path, reference):
@@ -118,7 +143,7 @@ def test_not_a_bert_and_not_a_folder(tiny_bert_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="supports BERT encoders"):
+    with pytest.raises(UserError, match="is a 'gpt2' model; jaxpeft supports these model types: .*bert"):
         load_classifier(str(d), 2)
     f = tmp_path / "file.txt"
     f.write_text("x")

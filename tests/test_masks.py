@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 from jaxpeft import masks
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig
 from jaxpeft.models.loading import param_shapes
+
+from model_helpers import classifier
 
 CFG = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  vocab_size=100, max_position_embeddings=64)
@@ -18,7 +20,7 @@ CFG = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, int
 
 @pytest.fixture(scope="module")
 def bert_params():
-    return param_shapes(BertForSequenceClassification(CFG, num_labels=2))
+    return param_shapes(classifier(CFG, 2))
 
 
 def test_bert_paths_read_like_hf(bert_params):

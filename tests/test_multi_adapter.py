@@ -13,14 +13,16 @@ import pytest
 
 from jaxpeft import cli, masks, methods
 from jaxpeft.adapters import folder as adapters, mixed as multi_adapter
+from jaxpeft.adapters import predict as prediction
 from jaxpeft.data import encoding
 from jaxpeft.compute import FAST
 from jaxpeft.models.kernels import pallas_common
-from jaxpeft.models.bert import BertForSequenceClassification
 from jaxpeft.models.loading import init_params
+from jaxpeft.tasks.base import softmax
 
 import multi_helpers as mh
 from masked_step import SMALL, random_batch
+from model_helpers import classifier, mask as full_mask
 
 #: per family: (method, options) of three adapters (two trained methods where the family has two)
 FAMILY_ADAPTERS = {
@@ -32,6 +34,8 @@ FAMILY_ADAPTERS = {
                ("ptuning_v2", {"num_virtual_tokens": 3}),
                ("prefix", {"num_virtual_tokens": 3, "prefix_projection": False})],
     "lora": [("lora", {"lora_r": 4}), ("lora", {"lora_r": 4, "lora_dropout": 0.1}), ("lora", {"lora_r": 4})],
+    "bottleneck": [("bottleneck", {"adapter_size": 8}), ("bottleneck", {"adapter_size": 8, "train_layer_norms": False}),
+                   ("bottleneck", {"adapter_size": 8})],
 }
 #: the three adapters' tasks (2, 3 and 1 labels: padded heads, a regression head) and lengths
 TASKS, LENGTHS, NAMES = ("sst2", "mnli", "stsb"), (32, 48, 24), ("pos", "nli", "sim")
@@ -82,24 +86,30 @@ def test_mixed_predictions_equal_each_adapter_alone(family, family_adapters, glu
     cli_rows = {k: [r for r in lines[1:] if r[1] == NAMES[k]] for k in range(3)}
 
     multi = multi_adapter.load(list(zip(NAMES, map(str, dirs))))
-    assert multi.family.name == family and multi.num_labels == (2, 3, 1)
-    rows = multi_adapter.read_mixed_tsv(path, NAMES, multi.tasks)
-    mixed = multi_adapter.predict_rows(multi, rows, batch_size=8)
+    assert multi.mix == family and tuple(t.num_labels for t in multi.tasks) == (2, 3, 1)
+    rows = multi_adapter.read_mixed_tsv(path, multi)
+    mixed, _ = multi_adapter.row_outputs(multi, rows, batch_size=8)
+    preds = multi_adapter.predict_rows(multi, rows, batch_size=8)
     for k in range(3):
         loaded, params, m, task = adapters.load_adapter(dirs[k])
-        alone = adapters.predict(loaded, params, m, encoding.Examples(tuple(map(list, zip(*texts[k]))), None, "t"),
-                                 max_seq_length=LENGTHS[k], batch_size=4)
-        got = np.stack([z for z, a in zip(mixed, rows.adapter) if a == k])
-        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-5)
-        assert len(cli_rows[k]) == len(alone)
+        examples = encoding.Examples(tuple(map(list, zip(*texts[k]))), None, "t")
+        alone, enc = prediction.outputs(loaded, params, m, task, examples, max_seq_length=LENGTHS[k], batch_size=4)
+        mine = rows.adapter == k
+        np.testing.assert_allclose(mixed[mine][:, :task.num_labels], alone, atol=1e-5, rtol=1e-5)
+        assert not mixed[mine][:, task.num_labels:].any()             # a narrower head's padding
+        own = task.predictions(alone, enc, examples)
+        assert len(cli_rows[k]) == len(alone) == len(own)
         if task.is_regression:
             np.testing.assert_allclose([float(r[2]) for r in cli_rows[k]], alone[:, 0], atol=1e-5, rtol=1e-5)
             assert all(r[3] == "" for r in cli_rows[k])
+            np.testing.assert_allclose([p["prediction"] for p, a in zip(preds, rows.adapter) if a == k],
+                                       alone[:, 0], atol=1e-5, rtol=1e-5)
         else:
-            assert [r[2] for r in cli_rows[k]] == adapters.labels(alone, task)
+            assert [r[2] for r in cli_rows[k]] == [p["prediction"] for p in own]
+            assert [p["prediction"] for p, a in zip(preds, rows.adapter) if a == k] == [p["prediction"] for p in own]
             probs = [[float(p.split(":")[1]) for p in r[3].split(",")] for r in cli_rows[k]]
             assert [[p.split(":")[0] for p in r[3].split(",")] for r in cli_rows[k]][0] == list(task.label_names)
-            np.testing.assert_allclose(probs, adapters.scores(alone, task), atol=1e-5)
+            np.testing.assert_allclose(probs, softmax(alone.astype(np.float64)), atol=1e-5)
 
 
 def test_bad_input_is_one_line_before_anything_is_written(family_adapters, glue, tiny_bert_dir,
@@ -152,10 +162,10 @@ def test_mixed_forward_runs_the_pallas_kernels(method, options):
     is only a longer input)."""
     m = methods.create(method, options).for_inference()
     cfg = SMALL.replace(num_attention_heads=2)          # head_dim 16: the kernel's smallest
-    exact = BertForSequenceClassification(cfg, 2, adapter=m.adapter(cfg), extras=m.extras(cfg))
+    exact = classifier(cfg, 2, m)
     inits = [masks.flatten(init_params(exact, jax.random.key(k))) for k in range(2)]
     base = init_params(exact, jax.random.key(0))
-    owned = masks.trainable_paths(m.mask(base))
+    owned = masks.trainable_paths(full_mask(m, base))
     # two adapters on one base: their own leaves from two inits, the rest the base's
     per = [masks.unflatten({p: (init[p] if p in owned else v) for p, v in masks.flatten(base).items()}, base)
            for init in inits]
@@ -174,5 +184,5 @@ def test_mixed_forward_runs_the_pallas_kernels(method, options):
             rows = index == k
             plain = plain_fn(per[k], {n: v[rows] for n, v in batch.items()})
             np.testing.assert_allclose(np.asarray(mixed)[rows], np.asarray(plain), atol=2e-3, rtol=2e-2)
-    with_exact = multi_adapter.mixed_logits(exact, stacked, frozen, {**batch, "adapter_index": jnp.asarray(index)})
+    with_exact = multi_adapter.mixed_outputs(exact, stacked, frozen, {**batch, "adapter_index": jnp.asarray(index)})
     np.testing.assert_allclose(np.asarray(mixed), np.asarray(with_exact), atol=0.1)   # bf16 against float32

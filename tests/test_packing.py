@@ -1,5 +1,6 @@
 """Packed rows (jaxpeft.data.packing): a packed example's logits equal its logits alone, the packing
-covers every example once, and a packed run keeps the unpacked schedule."""
+covers every example once, and a packed epoch takes no more steps than the unpacked one, none of
+them empty."""
 
 import jax
 import numpy as np
@@ -7,13 +8,14 @@ import pytest
 
 from jaxpeft import config, masks, methods
 from jaxpeft.data import batches as batching, encoding, packing
+from jaxpeft.errors import UserError
 from jaxpeft.tasks import glue as glue_tasks
-from jaxpeft.training import steps, trainer
+from jaxpeft.training import single, steps
 from jaxpeft.compute import EXACT
-from jaxpeft.models.bert import BertForSequenceClassification
 from jaxpeft.models.loading import init_params, load_classifier
 
 from masked_step import SMALL
+from model_helpers import classifier, mask as method_mask
 
 
 def test_pack_rows_covers_every_example_once_and_fits():
@@ -41,16 +43,17 @@ def test_packed_example_logits_equal_its_unpacked_logits(method):
     rng = np.random.default_rng(1)
     enc = _encoded(rng)
     m = methods.create(method, {"num_virtual_tokens": 3} if method == "prefix" else {})
-    module = BertForSequenceClassification(SMALL, num_labels=2, adapter=m.adapter(SMALL), compute=EXACT)
+    module = classifier(SMALL, 2, m, EXACT)
     params = init_params(module, jax.random.key(0))
-    trainable, frozen = masks.split(params, m.mask(params))
+    trainable, frozen = masks.split(params, method_mask(m, params))
     predict = jax.jit(steps.make_predict_step(module))
-    unpacked = steps.predict_logits(predict, trainable, frozen,
-                                    batching.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
+    unpacked = steps.predict_outputs(predict, trainable, frozen,
+                                     batching.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
     batches = list(packing.eval_batches(enc, 48, rows_per_batch=4))
     assert len({tuple(b["input_ids"].shape) for b in batches}) == 1          # one shape
     assert max(int((b["index"] >= 0).sum(1).max()) for b in batches) > 1     # rows really hold several
-    packed = steps.predict_logits(predict, trainable, frozen, batches, len(enc))
+    packed = steps.predict_outputs(predict, trainable, frozen, batches, len(enc))
+    assert packed.shape == (len(enc), 2)
     np.testing.assert_allclose(packed, unpacked, atol=2e-5, rtol=1e-5)
 
 
@@ -60,7 +63,7 @@ def test_cls_only_and_all_rows_agree_on_packed_rows():
     batch = next(packing.eval_batches(enc, 48, rows_per_batch=6))
     outs = []
     for cls_only in (True, False):
-        module = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT.replace(cls_only_last_layer=cls_only))
+        module = classifier(SMALL, 2, compute=EXACT.replace(cls_only_last_layer=cls_only))
         params = init_params(module, jax.random.key(0))
         outs.append(np.asarray(steps.apply_model(module, params, steps.model_inputs(batch), True)))
     np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
@@ -71,16 +74,25 @@ def test_packed_batches_keep_the_schedule(glue, minilm_dir):
     ex = glue_tasks.load_split(glue_tasks.get_task("sst2"), "train", glue).take(2000)
     enc = encoding.encode(loaded.tokenizer, ex, 64)
     pb = packing.PackedBatches(enc, batch_size=32, max_length=64, seed=0, epochs=2)
-    assert pb.steps_per_epoch == 63
+    assert pb.steps_per_epoch == 63                                     # the unpacked epoch's steps
+    rows = []
     for epoch in (0, 1):
         order = pb.order(epoch)
-        assert len(order) == 63
+        n = pb.epoch_steps(epoch)
+        assert len(order) == n <= pb.steps_per_epoch
         seen = np.concatenate([s[s >= 0] for s in order])
         assert sorted(seen.tolist()) == list(range(2000))               # every example once an epoch
-    # a step holds batch_size examples on average, in far fewer tokens than padded batches
+        # as many steps as the packed rows fill, rows_per_step at a time: no empty step
+        filled = [int((s >= 0).any(1).sum()) for s in order]
+        assert all(f == pb.rows_per_step for f in filled[:-1]) and 1 <= filled[-1] <= pb.rows_per_step
+        assert all((s >= 0).any() for s in order)
+        rows.append(sum(filled))
+    # the fewest rows per step that fit every planned epoch into the unpacked number of steps
+    assert (pb.rows_per_step - 1) * pb.steps_per_epoch < max(rows) <= pb.rows_per_step * pb.steps_per_epoch
+    # a step holds at least batch_size examples on average, in far fewer tokens than padded batches
     order = pb.order(0)
     per_step = np.array([(s >= 0).sum() for s in order])
-    assert abs(per_step.mean() - 2000 / 63) < 1e-9
+    assert abs(per_step.mean() - 2000 / len(order)) < 1e-9 and per_step.mean() >= 2000 / pb.steps_per_epoch
     b = pb.batch(order[0])
     assert b["input_ids"].shape == (pb.rows_per_step, 64) and b["read_positions"].shape == (pb.rows_per_step, pb.slots)
     real = (b["segment_ids"] > 0).sum()
@@ -92,32 +104,32 @@ def test_packed_run_trains_and_refuses_input_prompts(glue, tmp_path):
     cfg = config.build(dict(method="bitfit", task="sst2", data_dir=str(glue), output_dir=str(tmp_path / "a"),
                             max_steps=60, max_train_examples=1920, max_eval_examples=200, packing=True,
                             progress=False, learning_rate=3e-3))
-    res = trainer.run(cfg, echo=lambda s: None)
+    res = single.run(cfg, echo=lambda s: None)
     assert res["steps"] == 60 and len(res["compiled_shapes"]["train"]) == 1
     assert len(res["compiled_shapes"]["predict"]) == 1
     assert res["final_dev"]["accuracy"] > 0.6
-    with pytest.raises(Exception, match="--packing"):
-        trainer.Trainer(config.build(dict(method="prompt", task="sst2", data_dir=str(glue), packing=True,
+    with pytest.raises(UserError, match="--packing"):
+        single.SingleTask(config.build(dict(method="prompt", task="sst2", data_dir=str(glue), packing=True,
                                           output_dir=str(tmp_path / "b"))))
 
 
 def test_mean_pooling_packed_equals_unpacked():
     rng = np.random.default_rng(3)
     enc = _encoded(rng)
-    module = BertForSequenceClassification(SMALL, num_labels=2, compute=EXACT, pooling="mean")
+    module = classifier(SMALL, 2, compute=EXACT, pooling="mean")
     params = init_params(module, jax.random.key(0))
     predict = jax.jit(steps.make_predict_step(module))
-    trainable, frozen = masks.split(params, methods.create("bitfit").mask(params))
-    unpacked = steps.predict_logits(predict, trainable, frozen,
-                                    batching.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
-    packed = steps.predict_logits(predict, trainable, frozen, packing.eval_batches(enc, 48, 4), len(enc))
+    trainable, frozen = masks.split(params, method_mask(methods.create("bitfit"), params))
+    unpacked = steps.predict_outputs(predict, trainable, frozen,
+                                     batching.BucketBatches(enc, 8, 24, 0).eval_batches(enc, 8), len(enc))
+    packed = steps.predict_outputs(predict, trainable, frozen, packing.eval_batches(enc, 48, 4), len(enc))
     np.testing.assert_allclose(packed, unpacked, atol=2e-5, rtol=1e-5)
 
 
 def test_packed_mask_gives_every_query_a_key_and_real_queries_only_their_segment():
     """Fused attention kernels (cuDNN's) turn a query with no key into NaN: padding queries see the
     padding keys; a real query sees exactly the keys of its own example (and the prefix)."""
-    from jaxpeft.models.bert import KeyMask
+    from jaxpeft.models.layers import KeyMask
 
     seg = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 2, 2, 2, 3, 3, 3]], np.int32)
     for p in (0, 2):

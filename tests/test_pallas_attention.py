@@ -14,8 +14,10 @@ import cpu_devices
 from jaxpeft.models.kernels import pallas_attention as pa
 from jaxpeft.compute import EXACT
 from jaxpeft.models.kernels import pallas_common
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification, check_compute
+from jaxpeft.models.bert import BertConfig, check_compute
 from jaxpeft.models.loading import load_classifier
+
+from model_helpers import classifier
 
 SMALL = pa.Tuning(block_q=8, num_warps=4, block_q_bwd=8, num_warps_bwd=4)
 
@@ -187,7 +189,7 @@ def test_model_with_pallas_attention_equals_dense_attention(minilm_dir):
                              "bias": jnp.zeros(2)}}
     results = {}
     for impl in ("dense", "pallas"):
-        model = BertForSequenceClassification(cfg, 2, compute=EXACT.replace(attention_impl=impl))
+        model = classifier(cfg, 2, compute=EXACT.replace(attention_impl=impl))
         loss = lambda p, model=model: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, **batch))[:, 0])
         results[impl] = (model.apply({"params": params}, **batch), jax.grad(loss)(params))
     np.testing.assert_allclose(np.asarray(results["pallas"][0]), np.asarray(results["dense"][0]), atol=2e-5)

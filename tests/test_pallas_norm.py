@@ -15,7 +15,9 @@ from jaxpeft.models.kernels import hash_dropout
 from jaxpeft.models.kernels import pallas_norm as pn
 from jaxpeft.compute import EXACT
 from jaxpeft.models.kernels import pallas_common
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig
+
+from model_helpers import classifier
 
 # blocks of two rows, as the default: each hash word once for its pair of rows
 SMALL = pn.Tuning(block_rows=2, num_warps=4, block_rows_bwd=2, rows_bwd=8, num_warps_bwd=4)
@@ -122,10 +124,10 @@ def test_model_with_the_fused_output_equals_the_model_without():
                      intermediate_size=64, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, size=(3, 12)))
     mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [7], [9]]))
-    params = BertForSequenceClassification(cfg, 2).init(jax.random.key(0), ids)["params"]
+    params = classifier(cfg, 2).init(jax.random.key(0), ids)["params"]
     results = {}
     for impl in ("xla", "pallas"):
-        model = BertForSequenceClassification(cfg, 2, compute=EXACT.replace(norm_impl=impl))
+        model = classifier(cfg, 2, compute=EXACT.replace(norm_impl=impl))
 
         def loss(p, model=model):
             logits = model.apply({"params": p}, ids, mask, deterministic=False,

@@ -9,6 +9,8 @@ float32, real GLUE sentences, logits within 1e-4):
 * prefix tuning: peft refuses to run it on BERT with current transformers, so the check is the
   layout -- the per-layer keys and values peft's ``get_prompt`` builds from the file equal ours;
 * bad input: one ``error:`` line, exit status 2, nothing written.
+
+IA3, DoRA and rsLoRA: ``tests/test_ia3_dora.py``.
 """
 
 import json
@@ -20,16 +22,23 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxpeft import cli, config, masks
+from jaxpeft import cli, config, masks, methods
 from jaxpeft.adapters import folder as adapters
+from jaxpeft.adapters import predict as prediction
+from jaxpeft.errors import UserError
+from jaxpeft.models.bert import BertConfig as OurBertConfig
+from jaxpeft.models.family import hf_name
+from jaxpeft.models.loading import param_shapes
 from jaxpeft.tasks import glue as glue_tasks
-from jaxpeft.training import trainer as trainer_lib
+from jaxpeft.training import loop, single
 from jaxpeft.compute import EXACT
 from jaxpeft.methods import lora as lora_lib
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
+
+from model_helpers import classifier  # noqa: E402
 
 SEQ = 32
 ATOL = 1e-4
@@ -56,7 +65,7 @@ def trained(glue, tiny_bert_dir, tmp_path_factory):
                                     max_eval_examples=16, max_seq_length=SEQ, eval_every=0, keep=0,
                                     learning_rate=1e-2, head_learning_rate=1e-2, progress=False, plot=False,
                                     seed=3, compute="exact", **options))
-            trainer_lib.Trainer(cfg, echo=lambda s: None).run()
+            loop.run(single.SingleTask(cfg, echo=lambda s: None))
             runs[key] = out / "adapter"
         return runs[key]
 
@@ -74,8 +83,19 @@ def torch_logits(model, tokenizer, ex) -> np.ndarray:
 
 
 def jax_logits(folder, glue_examples, **kw) -> np.ndarray:
-    loaded, params, method, _ = adapters.load_adapter(folder, compute=EXACT, **kw)
-    return adapters.predict(loaded, params, method, glue_examples, max_seq_length=SEQ, batch_size=8)
+    loaded, params, method, task = adapters.load_adapter(folder, compute=EXACT, **kw)
+    return prediction.outputs(loaded, params, method, task, glue_examples, max_seq_length=SEQ, batch_size=8)[0]
+
+
+def adapter_arrays(folder, **kw):
+    """The adapter's arrays by our param paths."""
+    loaded, _, _, _ = adapters.load_adapter(folder, compute=EXACT, **kw)
+    return adapters.adapter_arrays(adapters.read_adapter(folder), loaded.params, loaded.config)
+
+
+def probabilities(column):
+    """The ``label:p,...`` column of a prediction row -> ``{label: p}``."""
+    return {k: float(v) for k, v in (x.split(":") for x in column.split(","))}
 
 
 def probs(logits):
@@ -113,10 +133,10 @@ def test_jaxpeft_lora_adapter_loads_in_peft(trained, tiny_bert_dir, glue):
     ours, theirs = jax_logits(folder, ex), torch_logits(pm, AutoTokenizer.from_pretrained(tiny_bert_dir), ex)
     assert_same(ours, theirs)
     # the LoRA update is a large part of those logits, far above the tolerance
-    loaded, params, method, _ = adapters.load_adapter(folder, compute=EXACT)
+    loaded, params, method, task = adapters.load_adapter(folder, compute=EXACT)
     zero_b = masks.unflatten({p: (0 * v if p.endswith("lora_B/kernel") else v)
                               for p, v in masks.flatten(params).items()}, params)
-    without = adapters.predict(loaded, zero_b, method, ex, max_seq_length=SEQ)
+    without = prediction.outputs(loaded, zero_b, method, task, ex, max_seq_length=SEQ)[0]
     assert np.abs(without - ours).max() > 100 * ATOL
 
 
@@ -167,7 +187,7 @@ def test_peft_lora_adapter_loads_in_jaxpeft(tiny_bert_dir, glue, tmp_path, capsy
     o = folder_info.method.options()
     assert (o["lora_r"], o["lora_alpha"], o["lora_dropout"]) == (4, 8.0, 0.0)
     assert sorted(o["target_modules"].split(",")) == ["dense", "query", "value"]   # peft keeps a set
-    with pytest.raises(folder.UserError, match="does not record its task .* give --task"):
+    with pytest.raises(UserError, match="does not record its task .* give --task"):
         adapters.load_adapter(folder)
     ours = jax_logits(folder, ex, task="sst2")      # the base: the folder's base_model_name_or_path
     assert_same(ours, theirs)
@@ -185,7 +205,10 @@ def test_peft_lora_adapter_loads_in_jaxpeft(tiny_bert_dir, glue, tmp_path, capsy
     out, err = capsys.readouterr()
     assert rc == 0, err
     rows = [r.split("\t") for r in out.splitlines()[1:]]
-    np.testing.assert_allclose(np.array([[float(x) for x in r[2:]] for r in rows]), probs(theirs)[:5], atol=ATOL)
+    scores = [probabilities(r[3]) for r in rows]
+    assert [r[2] for r in rows] == [max(s, key=s.get) for s in scores]
+    np.testing.assert_allclose(np.array([[s["negative"], s["positive"]] for s in scores]), probs(theirs)[:5],
+                               atol=ATOL)
 
 
 @pytest.mark.parametrize("kind", ["prompt", "ptuning"])
@@ -215,7 +238,7 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
         return [(lay.keys[0].detach().numpy(), lay.values[0].detach().numpy()) for lay in cache.layers]
 
     def ours_kv(arrays, heads=4):
-        k, v = arrays["adapter/prefix_keys"], arrays["adapter/prefix_values"]
+        k, v = arrays["prompt/prefix_keys"], arrays["prompt/prefix_values"]
         n, p, h = k.shape
         return [(k[i].reshape(p, heads, h // heads).transpose(1, 0, 2),
                  v[i].reshape(p, heads, h // heads).transpose(1, 0, 2)) for i in range(n)]
@@ -229,12 +252,12 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
     info = adapters.read_adapter(folder)
     assert (info.method.name, info.method.num_virtual_tokens, info.method.prefix_projection,
             info.method.shift_positions) == ("prefix", 4, False, True)
-    arrays = adapters.read_adapter_weights(folder)
+    arrays = adapter_arrays(folder, task="sst2")
     for (pk, pv), (ok, ov) in zip(peft_kv(pm), ours_kv(arrays), strict=True):
         np.testing.assert_array_equal(pk, ok)
         np.testing.assert_array_equal(pv, ov)
     loaded, params, method, _ = adapters.load_adapter(folder, task="sst2")
-    assert masks.flatten(params)["adapter/prefix_keys"].shape == (3, 4, 48)
+    assert masks.flatten(params)["prompt/prefix_keys"].shape == (3, 4, 48)
 
     # jaxpeft -> peft
     ours = trained("ptuning_v2", num_virtual_tokens=4)
@@ -244,7 +267,7 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
     assert safetensors.numpy.load_file(str(ours / "adapter_model.safetensors"))["prompt_embeddings"].shape == \
         (4, 2 * 3 * 48)
     for (pk, pv), (ok, ov) in zip(peft_kv(peft_model(tiny_bert_dir, ours)),
-                                  ours_kv(adapters.read_adapter_weights(ours)), strict=True):
+                                  ours_kv(adapter_arrays(ours)), strict=True):
         np.testing.assert_array_equal(pk, ok)
         np.testing.assert_array_equal(pv, ov)
 
@@ -253,20 +276,25 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
 
 
 @pytest.mark.parametrize("targets", ["query,value", "dense", "output.dense", "key,intermediate.dense",
-                                     r".*\.attention\.self\.(query|key)", r".*layer\.\d+\.output\.dense"])
+                                     r".*\.attention\.self\.(query|key)", r".*layer\.\d+\.output\.dense",
+                                     r".*layer\.0\..*query", "layer.1.attention.self.key,pooler.dense"])
 def test_target_modules_select_what_peft_selects(targets):
+    """The layers our model adapts (its ``*_lora`` params) are those peft adapts, a subset of the
+    layers included."""
     from transformers import BertConfig
 
-    model = BertForSequenceClassification(BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=32))
+    shape = dict(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    model = BertForSequenceClassification(BertConfig(**shape))
     spec = lora_lib.parse_targets(targets)
     pm = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2,
                                                     target_modules=spec if isinstance(spec, str) else list(spec)))
     adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in pm.named_modules()
                if n.endswith(".lora_A")}
-    sites = lora_lib.resolve_targets(targets, 2)
-    ours = {lora_lib.HF_MODULES[s].format(i=i) for s in sites for i in range(2)}
-    assert adapted == ours
+    method = methods.create("lora", {"target_modules": targets, "lora_r": 2})
+    shapes = param_shapes(classifier(OurBertConfig(**shape), 2, method))
+    ours = {hf_name(p)[0].removesuffix("_lora.lora_A.weight") for p in masks.paths(shapes)
+            if p.endswith("_lora/lora_A/kernel")}
+    assert adapted and adapted == ours
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -295,10 +323,8 @@ def test_bad_peft_folders_are_one_line(trained, tiny_bert_dir, other_tiny_bert_d
     def copy(name, src=good):
         return Path(shutil.copytree(src, tmp_path / name))
 
-    ia3 = tmp_path / "ia3"
-    make_peft_adapter(tiny_bert_dir, peft.IA3Config(task_type="SEQ_CLS", target_modules=["key", "value",
-                                                                                      "output.dense"],
-                                                    feedforward_modules=["output.dense"]), ia3)
+    loha = tmp_path / "loha"
+    make_peft_adapter(tiny_bert_dir, peft.LoHaConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]), loha)
     wrong_shape = copy("wrong_shape")
     t = safetensors.numpy.load_file(str(good / "adapter_model.safetensors"))
     t["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"] = np.zeros((3, 48), np.float32)
@@ -310,10 +336,13 @@ def test_bad_peft_folders_are_one_line(trained, tiny_bert_dir, other_tiny_bert_d
     three = tmp_path / "three_labels"
     make_peft_adapter(tiny_bert_dir, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3), three, 3)
     cases = {
-        "unsupported type": (ia3, ["--task=sst2"], "peft_type 'IA3' is not supported; jaxpeft reads LORA"),
+        "unsupported type": (loha, ["--task=sst2"], "peft_type 'LOHA' is not supported; jaxpeft reads IA3, LORA"),
         "other task type": (edit_config(copy("causal"), task_type="CAUSAL_LM"), ["--task=sst2"],
-                            "task_type 'CAUSAL_LM'; jaxpeft reads sequence-classification adapters"),
-        "dora": (edit_config(copy("dora"), use_dora=True), ["--task=sst2"], "use_dora=True is not supported"),
+                            "task_type 'CAUSAL_LM'; jaxpeft reads SEQ_CLS, TOKEN_CLS, QUESTION_ANS adapters"),
+        "rank pattern": (edit_config(copy("rank_pattern"), rank_pattern={"query": 4}), ["--task=sst2"],
+                         "rank_pattern={'query': 4} is not supported by jaxpeft's LoRA"),
+        "base-rewriting init": (edit_config(copy("pissa"), init_lora_weights="pissa"), ["--task=sst2"],
+                                "init_lora_weights='pissa' rewrites the base model's weights"),
         "no task": (good, [], "does not record its task (a folder written by peft): give --task"),
         "task disagrees": (ours, ["--task=rte"], "--task=rte, but adapter"),
         "recorded base differs": (good, ["--task=sst2", f"--model={other_tiny_bert_dir}"],
@@ -349,9 +378,9 @@ def test_cosine_adapter_is_refused_by_peft_and_predicts_in_jaxpeft(trained, tiny
     with pytest.raises(RuntimeError, match="size mismatch"):
         peft_model(tiny_bert_dir, folder)
     ex = examples(glue, "rte", 16)
-    loaded, params, method, _ = adapters.load_adapter(folder, compute=EXACT)
-    assert loaded.module.pooling == "cosine"
-    logits = adapters.predict(loaded, params, method, ex, max_seq_length=SEQ, batch_size=8)
+    loaded, params, method, task = adapters.load_adapter(folder, compute=EXACT)
+    assert loaded.module.head.pooling == "cosine"
+    logits = prediction.outputs(loaded, params, method, task, ex, max_seq_length=SEQ, batch_size=8)[0]
     # the head reads cos(u, v) only: the two logits are w_c * cos + b_c, so one straight line holds them
     w, b = np.asarray(params["classifier"]["kernel"])[0], np.asarray(params["classifier"]["bias"])
     cos = (logits[:, 0] - b[0]) / w[0]

@@ -9,11 +9,13 @@ import pytest
 from jaxpeft import masks, methods
 from jaxpeft.errors import UserError
 from jaxpeft.compute import EXACT
-from jaxpeft.models import BertModel, load_classifier
+from jaxpeft.models.bert import BertModel
 from jaxpeft.models.kernels import pallas_common
-from jaxpeft.models.bert import BertForSequenceClassification
+from jaxpeft.models.layers import Prompt
+from jaxpeft.models.loading import load_classifier
 
 from masked_step import SMALL, assert_export_round_trip, assert_only_masked_leaves_changed, train_steps
+from model_helpers import BERT, classifier
 
 SENTENCES = [
     ("it 's a charming and often affecting journey .", None),
@@ -38,6 +40,12 @@ def _inputs(tokenizer, length=None):
     return {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def _hidden(cfg, comp, bert, enc, **kw):
+    """The encoder's hidden states ``[B, T, H]`` (and its state with ``mutable``)."""
+    got = BertModel(cfg, comp).apply(bert, **enc, **kw)
+    return (got[0].hidden, got[1]) if "mutable" in kw else got.hidden
+
+
 def _layer_kv(intermediates, n_layers):
     enc = intermediates["bert"]["encoder"] if "bert" in intermediates else intermediates["encoder"]
     return [enc[f"layer_{i}"]["attention"]["self"]["key_value"][0] for i in range(n_layers)]
@@ -59,13 +67,13 @@ def test_prefix_equals_real_tokens_in_front(minilm, impl, dtype, atol):
     joined = {"input_ids": np.concatenate([np.tile(p_ids, (b, 1)), enc["input_ids"]], 1),
               "attention_mask": np.concatenate([np.ones((b, p), np.int32), enc["attention_mask"]], 1),
               "token_type_ids": np.concatenate([np.zeros((b, p), np.int32), enc["token_type_ids"]], 1)}
-    (seq_joined, _), state = BertModel(cfg, comp).apply(bert, **joined, mutable=["intermediates"])
-    prefix_kv = [(k[:, :p], v[:, :p]) for k, v in _layer_kv(state["intermediates"], cfg.num_hidden_layers)]
+    seq_joined, state = _hidden(cfg, comp, bert, joined, mutable=["intermediates"])
+    prefix_kv = tuple((k[:, :p], v[:, :p]) for k, v in _layer_kv(state["intermediates"], cfg.num_hidden_layers))
     assert prefix_kv[0][0].shape == (b, p, cfg.num_attention_heads, cfg.head_dim)
     positions = jnp.broadcast_to(p + jnp.arange(length), (b, length))
-    seq, _ = BertModel(cfg, comp).apply(bert, **enc, position_ids=positions, prefix_kv=prefix_kv)
+    seq = _hidden(cfg, comp, bert, enc, position_ids=positions, prompt=Prompt(prefix_kv=prefix_kv))
     # shift_positions' path: the same positions from an offset instead of explicit ids
-    shifted, _ = BertModel(cfg, comp).apply(bert, **enc, prefix_kv=prefix_kv, position_offset=p)
+    shifted = _hidden(cfg, comp, bert, enc, prompt=Prompt(prefix_kv=prefix_kv, position_offset=p))
     np.testing.assert_array_equal(np.asarray(shifted), np.asarray(seq))
     assert seq.shape == (b, length, cfg.hidden_size)
     valid = enc["attention_mask"].astype(bool)
@@ -76,24 +84,24 @@ def test_prefix_equals_real_tokens_in_front(minilm, impl, dtype, atol):
         np.testing.assert_allclose(got, want, atol=atol)
     else:
         # bf16: the two runs round differently, but far less than bf16 differs from fp32
-        ref, _ = BertModel(cfg, comp.replace(dtype="float32")).apply(bert, **joined)
+        ref = _hidden(cfg, comp.replace(dtype="float32"), bert, joined)
         bf16_vs_fp32 = np.abs(want - np.asarray(ref)[:, p:][valid])
         # (on CPU both runs round identically: err is 0; bf16 vs fp32 is ~2e-3 mean, 3e-2 max)
         assert err.max() < 0.1 and err.mean() <= 0.5 * bf16_vs_fp32.mean(), (err.mean(), err.max())
     # without the prefixes x's outputs are different: the test is not vacuous
-    alone, _ = BertModel(cfg, comp).apply(bert, **enc, position_ids=positions)
+    alone = _hidden(cfg, comp, bert, enc, position_ids=positions)
     interpreted.__exit__(None, None, None)
     assert np.abs(np.asarray(alone, np.float32)[valid] - want).mean() > 10 * max(err.mean(), 1e-4)
 
 
 def _with_prefix(minilm, method, seed=3):
-    adapter = method.adapter(minilm.config)
-    module = BertForSequenceClassification(minilm.config, 2, adapter=adapter)
-    k_head, k_adapter = jax.random.split(jax.random.key(seed))
+    prompt = method.prompt_module(BERT, minilm.config)
+    module = classifier(minilm.config, 2, method)
+    k_head, k_prompt = jax.random.split(jax.random.key(seed))
     h = minilm.config.hidden_size
     params = {"bert": minilm.params["bert"],
               "classifier": {"kernel": 0.5 * jax.random.normal(k_head, (h, 2)), "bias": jnp.zeros(2)},
-              "adapter": adapter.init(k_adapter, 1)["params"]}
+              "prompt": prompt.init(k_prompt, 1)["params"]}
     return module, params
 
 
@@ -104,32 +112,34 @@ def test_masked_out_prefix_leaves_the_base_model_unchanged(minilm, name):
     cfg = minilm.config
     enc = _inputs(minilm.tokenizer)
     b = enc["input_ids"].shape[0]
-    extra = module.adapter.apply({"params": params["adapter"]}, b)
-    assert set(extra) == {"prefix_kv"} and len(extra["prefix_kv"]) == cfg.num_hidden_layers
-    base = BertForSequenceClassification(cfg, 2).apply(
+    prompt = method.prompt_module(BERT, cfg).apply({"params": params["prompt"]}, b)
+    assert prompt.embeds is None and len(prompt.prefix_kv) == cfg.num_hidden_layers
+    base = classifier(cfg, 2).apply(
         {"params": {"bert": params["bert"], "classifier": params["classifier"]}}, **enc)
-    seq, pooled = BertModel(cfg).apply({"params": params["bert"]}, **enc, **extra, prefix_mask=jnp.zeros((b, 7)))
+    masked = prompt.replace(prefix_mask=jnp.zeros((b, 7)))
+    out = BertModel(cfg).apply({"params": params["bert"]}, **enc, prompt=masked, pool_rows=jnp.zeros((b, 1), jnp.int32))
     c = params["classifier"]
-    np.testing.assert_allclose(np.asarray(pooled) @ np.asarray(c["kernel"]) + np.asarray(c["bias"]),
+    np.testing.assert_allclose(np.asarray(out.pooled[:, 0]) @ np.asarray(c["kernel"]) + np.asarray(c["bias"]),
                                np.asarray(base), atol=2e-5)
-    active = BertForSequenceClassification(cfg, 2, adapter=module.adapter).apply({"params": params}, **enc)
+    active = module.apply({"params": params}, **enc)
     assert np.abs(np.asarray(active) - np.asarray(base)).max() > 1e-3
 
 
-def test_adapter_shapes_defaults_and_dropout():
+def test_prompt_module_shapes_defaults_and_dropout():
     v2 = methods.create("ptuning_v2")
     prefix = methods.create("prefix")
     assert (v2.prefix_projection, v2.prefix_dropout) == (False, 0.1)
     assert (prefix.prefix_projection, prefix.prefix_dropout, prefix.encoder_hidden_size) == (True, 0.0, 512)
     assert v2.extra_positions() == prefix.extra_positions() == 0
-    adapter = methods.create("ptuning_v2", {"num_virtual_tokens": 16, "prefix_dropout": 0.5}).adapter(SMALL)
-    params = adapter.init(jax.random.key(0), 1)["params"]
+    method = methods.create("ptuning_v2", {"num_virtual_tokens": 16, "prefix_dropout": 0.5})
+    module = method.prompt_module(BERT, SMALL)
+    params = module.init(jax.random.key(0), 1)["params"]
     assert params["prefix_keys"].shape == (2, 16, 32)
-    kv = adapter.apply({"params": params}, 4)["prefix_kv"]
+    kv = module.apply({"params": params}, 4).prefix_kv
     assert kv[1][0].shape == (1, 16, 4, 8)
     np.testing.assert_array_equal(np.asarray(kv[1][1]).reshape(16, 32), np.asarray(params["prefix_values"][1]))
-    dropped = adapter.apply({"params": params}, 4, deterministic=False,
-                            rngs={"dropout": jax.random.key(1)})["prefix_kv"]
+    dropped = module.apply({"params": params}, 4, deterministic=False,
+                           rngs={"dropout": jax.random.key(1)}).prefix_kv
     k = np.asarray(dropped[0][0])
     assert k.shape == (4, 16, 4, 8)
     zero = k == 0
@@ -160,13 +170,13 @@ def test_train_step_changes_only_prefix_mlp_and_head_and_export_round_trips(name
     method = methods.create(name, options)
     _, before, after, mask, _ = train_steps(method)
     paths = masks.trainable_paths(mask)
-    assert all(p.startswith(("adapter/", "classifier/")) for p in paths)
+    assert all(p.startswith(("prompt/", "classifier/")) for p in paths)
     assert_only_masked_leaves_changed(before, after, mask)
 
     exported = assert_export_round_trip(method, after)
-    assert sorted(exported) == ["adapter/prefix_keys", "adapter/prefix_values", "classifier/bias",
-                                "classifier/kernel"]
-    assert exported["adapter/prefix_keys"].shape == (2, 5, 32)
+    assert sorted(exported) == ["classifier/bias", "classifier/kernel", "prompt/prefix_keys",
+                                "prompt/prefix_values"]
+    assert exported["prompt/prefix_keys"].shape == (2, 5, 32)
     inference = method.for_inference()
     assert type(inference) is type(method) and inference.prefix_projection is False
     if not method.prefix_projection:
@@ -178,7 +188,7 @@ def test_bfloat16_train_step():
     method = methods.create("ptuning_v2", {"num_virtual_tokens": 4})
     _, before, after, mask, _ = train_steps(method, steps=2, compute=EXACT.replace(dtype="bfloat16"))
     assert_only_masked_leaves_changed(before, after, mask)
-    assert masks.flatten(after)["adapter/prefix_keys"].dtype == jnp.float32
+    assert masks.flatten(after)["prompt/prefix_keys"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name", ["prefix", "ptuning_v2"])

@@ -9,7 +9,7 @@ import pytest
 
 from jaxpeft import config
 from jaxpeft.adapters import folder as adapters
-from jaxpeft.training import program_store, trainer
+from jaxpeft.training import loop, program_store, single
 
 
 def run(tmp_path, name, glue, model, **flags):
@@ -17,18 +17,18 @@ def run(tmp_path, name, glue, model, **flags):
                      max_train_examples=48, max_eval_examples=16, batch_size=8, max_seq_length=32,
                      log_every=1, progress=False, export_adapter=True, keep=0,
                      output_dir=str(tmp_path / name)), **flags}
-    trainer.Trainer(config.build(values)).run()
+    single.run(config.build(values), echo=lambda s: None)
     res = json.loads((tmp_path / name / "results.json").read_text())
-    return res, adapters.read_adapter_weights(tmp_path / name / "adapter")
+    return res, adapters.read_tensors(adapters.read_adapter(tmp_path / name / "adapter").weights)
 
 
 @pytest.fixture
 def fresh_programs():
-    saved = dict(trainer._PROGRAMS)
-    trainer._PROGRAMS.clear()
-    yield trainer._PROGRAMS
-    trainer._PROGRAMS.clear()
-    trainer._PROGRAMS.update(saved)
+    saved = dict(loop._PROGRAMS)
+    loop._PROGRAMS.clear()
+    yield loop._PROGRAMS
+    loop._PROGRAMS.clear()
+    loop._PROGRAMS.update(saved)
 
 
 def test_a_second_run_reuses_the_programs_and_trains_the_same(tmp_path, glue, tiny_bert_dir, fresh_programs):

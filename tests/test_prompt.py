@@ -13,11 +13,13 @@ from jaxpeft.compute import EXACT
 from jaxpeft.config import Optim
 from jaxpeft.errors import UserError
 from jaxpeft.methods.prompt import ordinary_token_ids
-from jaxpeft.models import BertModel, load_classifier
-from jaxpeft.models.bert import BertForSequenceClassification
+from jaxpeft.models.bert import BertModel
 from jaxpeft.models.kernels import pallas_common
+from jaxpeft.models.layers import Prompt
+from jaxpeft.models.loading import load_classifier
 
 from masked_step import assert_export_round_trip, assert_only_masked_leaves_changed, train_steps
+from model_helpers import BERT, classifier
 
 PAIRS = [
     ("it 's a charming and often affecting journey .", None),
@@ -38,17 +40,30 @@ def minilm(minilm_dir):
     return load_classifier(str(minilm_dir), 2)
 
 
-def _with_adapter(minilm, method, seed=3):
-    """The MiniLM classifier with ``method``'s adapter: pretrained encoder, the method's own
+def _with_prompt(minilm, method, seed=3):
+    """The MiniLM classifier with ``method``'s prompt: pretrained encoder, the method's own
     initialisation, random head. Returns ``(module, params)``."""
-    adapter = method.adapter(minilm.config)
-    module = BertForSequenceClassification(minilm.config, 2, adapter=adapter)
-    k_head, k_adapter, k_init = jax.random.split(jax.random.key(seed), 3)
+    prompt = method.prompt_module(BERT, minilm.config)
+    module = classifier(minilm.config, 2, method)
+    k_head, k_prompt, k_init = jax.random.split(jax.random.key(seed), 3)
     h = minilm.config.hidden_size
     params = {"bert": minilm.params["bert"],
               "classifier": {"kernel": 0.5 * jax.random.normal(k_head, (h, 2)), "bias": jnp.zeros(2)},
-              "adapter": adapter.init(k_adapter, 1)["params"]}
-    return module, method.init_params(params, tokenizer=minilm.tokenizer, rng=k_init)
+              "prompt": prompt.init(k_prompt, 1)["params"]}
+    return module, method.init_params(params, BERT, tokenizer=minilm.tokenizer, rng=k_init)
+
+
+def _prompt(method, config, params, b):
+    """The ``[1, P, H]`` virtual tokens ``method``'s prompt module hands the encoder."""
+    return method.prompt_module(BERT, config).apply({"params": params["prompt"]}, b).embeds
+
+
+def _encode(config, params, enc, **kw):
+    """The encoder's ``(hidden, pooled [CLS])`` (and its state with ``mutable``)."""
+    rows = jnp.zeros((enc["input_ids"].shape[0], 1), jnp.int32)
+    got = BertModel(config).apply({"params": params["bert"]}, **enc, pool_rows=rows, **kw)
+    out, state = got if "mutable" in kw else (got, None)
+    return (out.hidden, out.pooled[:, 0]) if state is None else ((out.hidden, out.pooled[:, 0]), state)
 
 
 def _head(params, pooled):
@@ -62,22 +77,21 @@ METHODS = [("prompt", {"prompt_init": "sample_vocab"}), ("ptuning", {}), ("ptuni
 @pytest.mark.parametrize("name,options", METHODS)
 def test_masked_out_prompt_leaves_the_base_model_unchanged(minilm, name, options):
     method = methods.create(name, options)
-    module, params = _with_adapter(minilm, method)
+    module, params = _with_prompt(minilm, method)
     cfg = minilm.config
     enc = _inputs(minilm.tokenizer)
     b, length = enc["input_ids"].shape
     p = method.extra_positions()
-    prompt = module.adapter.apply({"params": params["adapter"]}, b)["prompt_embeds"]
+    prompt = _prompt(method, cfg, params, b)
     assert prompt.shape == (1, p, cfg.hidden_size)
 
-    base_seq, base_pooled = BertModel(cfg).apply({"params": params["bert"]}, **enc)
-    base_logits = BertForSequenceClassification(cfg, 2).apply(
+    base_seq, base_pooled = _encode(cfg, params, enc)
+    base_logits = classifier(cfg, 2).apply(
         {"params": {"bert": params["bert"], "classifier": params["classifier"]}}, **enc)
     # zero-effect setting: nobody attends to the prompt, real tokens at their own positions
     real_pos = np.concatenate([[0], np.zeros(p, int), np.arange(1, length)])
-    seq, pooled = BertModel(cfg).apply({"params": params["bert"]}, **enc, prompt_embeds=prompt,
-                                       prompt_mask=jnp.zeros((b, p)),
-                                       position_ids=jnp.broadcast_to(real_pos, (b, length + p)))
+    seq, pooled = _encode(cfg, params, enc, prompt=Prompt(embeds=prompt, mask=jnp.zeros((b, p))),
+                          position_ids=jnp.broadcast_to(real_pos, (b, length + p)))
     assert seq.shape == (b, length + p, cfg.hidden_size)
     real = np.r_[0, p + 1:length + p]
     valid = enc["attention_mask"].astype(bool)
@@ -94,13 +108,12 @@ def test_pooled_output_reads_the_real_cls(minilm, name, options):
     """The pooler reads sequence position 0, and position 0 is the real [CLS] at position id 0:
     its layer-0 key (a function of its own embedding only) is the base model's [CLS] key."""
     method = methods.create(name, options)
-    module, params = _with_adapter(minilm, method)
+    module, params = _with_prompt(minilm, method)
     enc = _inputs(minilm.tokenizer)
-    prompt = module.adapter.apply({"params": params["adapter"]}, 3)["prompt_embeds"]
-    bert = BertModel(minilm.config)
-    (seq, pooled), state = bert.apply({"params": params["bert"]}, **enc, prompt_embeds=prompt,
-                                      mutable=["intermediates"])
-    _, base_state = bert.apply({"params": params["bert"]}, **enc, mutable=["intermediates"])
+    prompt = _prompt(method, minilm.config, params, 3)
+    (seq, pooled), state = _encode(minilm.config, params, enc, prompt=Prompt(embeds=prompt),
+                                   mutable=["intermediates"])
+    _, base_state = _encode(minilm.config, params, enc, mutable=["intermediates"])
     key0 = lambda st: np.asarray(st["intermediates"]["encoder"]["layer_0"]["attention"]["self"]["key_value"][0][0])  # noqa: E731
     np.testing.assert_allclose(key0(state)[:, 0], key0(base_state)[:, 0], atol=1e-5)
     assert np.abs(key0(state)[:, 1] - key0(base_state)[:, 0]).max() > 1e-2
@@ -119,7 +132,7 @@ def test_our_attention_kernel_with_the_prompt_equals_dense_attention(minilm):
     from jaxpeft.models.kernels import pallas_attention
 
     method = methods.create("prompt", {"prompt_init": "sample_vocab"})
-    module, params = _with_adapter(minilm, method)
+    module, params = _with_prompt(minilm, method)
     enc = minilm.tokenizer([a for a, _ in PAIRS], padding="max_length", max_length=28, return_tensors="np")
     enc = {k: jnp.asarray(enc[k], jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
     t = 28 + method.extra_positions()
@@ -127,13 +140,12 @@ def test_our_attention_kernel_with_the_prompt_equals_dense_attention(minilm):
     results = {}
     for impl in ("dense", "pallas"):
         cfg = minilm.config
-        model = BertForSequenceClassification(cfg, 2, adapter=method.adapter(cfg),
-                                              compute=EXACT.replace(attention_impl=impl))
+        model = classifier(cfg, 2, method, EXACT.replace(attention_impl=impl))
         loss = lambda p, model=model: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, **enc))[:, 0])  # noqa: E731
         with pallas_common.interpreter():
             results[impl] = (model.apply({"params": params}, **enc), jax.grad(loss)(params))
     np.testing.assert_allclose(np.asarray(results["pallas"][0]), np.asarray(results["dense"][0]), atol=2e-5)
-    for part in ("adapter", "classifier"):
+    for part in ("prompt", "classifier"):
         for a, b in zip(jax.tree.leaves(results["pallas"][1][part]), jax.tree.leaves(results["dense"][1][part])):
             assert np.abs(np.asarray(b)).max() > 0
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
@@ -147,11 +159,11 @@ def _expected_text_ids(tokenizer, text, n):
 @pytest.mark.parametrize("n", [3, 7, 20])   # cut, exactly the text (7 tokens), repeated
 def test_text_init_is_the_word_embeddings_of_the_tokenized_text(minilm, n):
     method = methods.create("prompt", {"num_virtual_tokens": n, "prompt_init": "text", "prompt_init_text": TEXT})
-    module, params = _with_adapter(minilm, method)
+    module, params = _with_prompt(minilm, method)
     ids = _expected_text_ids(minilm.tokenizer, TEXT, n)
     assert len(minilm.tokenizer.tokenize(TEXT)) == 7
     words = np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"])
-    np.testing.assert_array_equal(np.asarray(params["adapter"]["prompt_embeddings"]), words[ids])
+    np.testing.assert_array_equal(np.asarray(params["prompt"]["prompt_embeddings"]), words[ids])
 
 
 def test_text_prompt_equals_the_text_typed_after_cls(minilm):
@@ -159,7 +171,7 @@ def test_text_prompt_equals_the_text_typed_after_cls(minilm):
     text written right after [CLS] (same positions, token types, attention)."""
     n = len(minilm.tokenizer.tokenize(TEXT))
     method = methods.create("prompt", {"num_virtual_tokens": n, "prompt_init": "text", "prompt_init_text": TEXT})
-    module, params = _with_adapter(minilm, method)
+    module, params = _with_prompt(minilm, method)
     enc = _inputs(minilm.tokenizer)
     b = enc["input_ids"].shape[0]
     text_ids = np.asarray(_expected_text_ids(minilm.tokenizer, TEXT, n), np.int32)
@@ -169,16 +181,16 @@ def test_text_prompt_equals_the_text_typed_after_cls(minilm):
                                                enc["attention_mask"][:, 1:]], 1),
              "token_type_ids": np.concatenate([enc["token_type_ids"][:, :1], np.zeros((b, n), np.int32),
                                                enc["token_type_ids"][:, 1:]], 1)}
-    want = BertForSequenceClassification(minilm.config, 2).apply(
+    want = classifier(minilm.config, 2).apply(
         {"params": {"bert": params["bert"], "classifier": params["classifier"]}}, **typed)
     got = module.apply({"params": params}, **enc)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
 def test_sample_vocab_and_random_init(minilm):
-    _, params = _with_adapter(minilm, methods.create("prompt", {"prompt_init": "sample_vocab"}))
+    _, params = _with_prompt(minilm, methods.create("prompt", {"prompt_init": "sample_vocab"}))
     words = np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"])
-    prompt = np.asarray(params["adapter"]["prompt_embeddings"])
+    prompt = np.asarray(params["prompt"]["prompt_embeddings"])
     rows = [np.flatnonzero((words == r).all(axis=1)) for r in prompt]
     assert all(len(r) == 1 for r in rows), "every virtual token is one row of the vocabulary"
     ids = [int(r[0]) for r in rows]
@@ -187,11 +199,11 @@ def test_sample_vocab_and_random_init(minilm):
     assert set(ids) <= ordinary and minilm.tokenizer.cls_token_id not in ordinary
     for t in minilm.tokenizer.convert_ids_to_tokens(ids):
         assert not t.startswith("##") and not (len(t) > 2 and t.startswith("[")), t
-    _, again = _with_adapter(minilm, methods.create("prompt", {"prompt_init": "sample_vocab"}))
-    np.testing.assert_array_equal(np.asarray(again["adapter"]["prompt_embeddings"]), prompt)
+    _, again = _with_prompt(minilm, methods.create("prompt", {"prompt_init": "sample_vocab"}))
+    np.testing.assert_array_equal(np.asarray(again["prompt"]["prompt_embeddings"]), prompt)
 
-    _, params = _with_adapter(minilm, methods.create("prompt", {"prompt_init": "random"}))
-    rnd = np.asarray(params["adapter"]["prompt_embeddings"])
+    _, params = _with_prompt(minilm, methods.create("prompt", {"prompt_init": "random"}))
+    rnd = np.asarray(params["prompt"]["prompt_embeddings"])
     assert abs(rnd.std() / words.std() - 1) < 0.1 and abs(rnd.mean()) < 0.1 * words.std()
 
 
@@ -222,8 +234,8 @@ def test_train_step_changes_only_prompt_encoder_and_head_and_export_round_trips(
     method = methods.create(name, options)
     _, before, after, mask, state = train_steps(method)
     paths = masks.trainable_paths(mask)
-    assert all(p.startswith(("adapter/", "classifier/")) for p in paths)
-    assert "adapter/prompt_embeddings" in paths or "adapter/input_embeddings" in paths
+    assert all(p.startswith(("prompt/", "classifier/")) for p in paths)
+    assert "prompt/prompt_embeddings" in paths or "prompt/input_embeddings" in paths
     assert_only_masked_leaves_changed(before, after, mask)
     n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if getattr(x, "ndim", 0) > 0)
     assert n_opt == 2 * masks.count(before, mask)[0]
@@ -232,13 +244,13 @@ def test_train_step_changes_only_prompt_encoder_and_head_and_export_round_trips(
     if name == "prompt":
         assert sorted(exported) == paths
     else:   # the computed prompt under prompt tuning's path, no encoder
-        assert sorted(exported) == ["adapter/prompt_embeddings", "classifier/bias", "classifier/kernel"]
-        assert exported["adapter/prompt_embeddings"].shape == (5, 32)
+        assert sorted(exported) == ["classifier/bias", "classifier/kernel", "prompt/prompt_embeddings"]
+        assert exported["prompt/prompt_embeddings"].shape == (5, 32)
         assert isinstance(method.for_inference(), methods.PromptTuning)
 
 
 def test_head_learning_rate_scales_only_the_head_updates():
-    params = {"adapter": {"prompt_embeddings": jnp.ones((2, 3))},
+    params = {"prompt": {"prompt_embeddings": jnp.ones((2, 3))},
               "classifier": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
     grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
 
@@ -247,7 +259,7 @@ def test_head_learning_rate_scales_only_the_head_updates():
         return masks.flatten(tx.update(grads, tx.init(params), params)[0])
 
     same, split = first_update(), first_update(head_learning_rate=3e-2)
-    np.testing.assert_allclose(split["adapter/prompt_embeddings"], same["adapter/prompt_embeddings"])
+    np.testing.assert_allclose(split["prompt/prompt_embeddings"], same["prompt/prompt_embeddings"])
     for p in ("classifier/kernel", "classifier/bias"):
         np.testing.assert_allclose(split[p], 30 * np.asarray(same[p]), rtol=1e-5)
     assert float(np.abs(same["classifier/kernel"]).max()) > 0
@@ -269,7 +281,7 @@ def test_ptuning_lstm_encoder_equals_torch_and_is_unrolled():
     rng = np.random.default_rng(0)   # non-zero biases, so their placement is checked too
     params = jax.tree_util.tree_map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), params)
     want_shape = (1, p, h)
-    got = np.asarray(jax.jit(lambda q: enc.apply({"params": q}, 2))(params)["prompt_embeds"])
+    got = np.asarray(jax.jit(lambda q: enc.apply({"params": q}, 2))(params).embeds)
     assert got.shape == want_shape
 
     t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float64)   # noqa: E731
@@ -316,7 +328,7 @@ def test_ptuning_lstm_encoder_equals_torch_and_is_unrolled():
     for a, b in zip(jax.tree.leaves(ref(*args)), jax.tree.leaves(ours(*args))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
-    grad = jax.jit(jax.grad(lambda q: jnp.sum(enc.apply({"params": q}, 2)["prompt_embeds"] ** 2)))
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(enc.apply({"params": q}, 2).embeds ** 2)))
     assert " while(" not in grad.lower(params).compile().as_text()
 
 
@@ -328,11 +340,10 @@ def test_fresh_params_made_on_the_host_equal_the_device_init():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from masked_step import SMALL
-    from jaxpeft.models.bert import BertForSequenceClassification
     from jaxpeft.models.loading import init_params, trace_init
 
     method = methods.create("ptuning", {"num_virtual_tokens": 4})
-    module = BertForSequenceClassification(SMALL, num_labels=2, adapter=method.adapter(SMALL))
+    module = classifier(SMALL, 2, method)
     traced = trace_init(module)
     skip = [p for p in masks.flatten(traced.shapes) if p.startswith("bert/")]
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))

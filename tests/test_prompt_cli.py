@@ -6,7 +6,7 @@ import json
 import pytest
 
 from jaxpeft import config, masks
-from jaxpeft.training import trainer as trainer_lib
+from jaxpeft.training import loop, single
 
 from masked_step import assert_only_masked_leaves_changed
 from test_cli import assert_one_line_error, run_train
@@ -33,12 +33,12 @@ def test_tiny_run_records_trainable_counts(method, task, glue, tmp_path):
                             max_steps=3, batch_size=8, max_seq_length=16, max_train_examples=48,
                             max_eval_examples=16, log_every=1, progress=False))
     lines = []
-    trainer = trainer_lib.Trainer(cfg, echo=lines.append)
-    res = trainer.run()
-    # the real loop: adapter and head moved, the encoder is bit-identical
-    after = masks.merge(trainer.final_state.trainable, trainer.frozen)
-    assert_only_masked_leaves_changed(trainer.params, after, trainer.mask)
-    assert all(p.startswith(("adapter/", "classifier/")) for p in masks.trainable_paths(trainer.mask))
+    job = single.SingleTask(cfg, echo=lines.append)
+    res = loop.run(job)
+    # the real loop: prompt (or its encoder) and head moved, the encoder is bit-identical
+    after = masks.merge(job.final_state.trainable, job.frozen)
+    assert_only_masked_leaves_changed(job.params, after, job.mask)
+    assert all(p.startswith(("prompt/", "classifier/")) for p in masks.trainable_paths(job.mask))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["steps"] == 3 and on_disk["method"] == method
     head = HEAD if cfg.head.pooling != "cosine" else 2 * 1 + 2     # the cosine read-out: one input

@@ -10,7 +10,7 @@ from test_cli import assert_one_line_error, run_train
 
 from jaxpeft import config
 from jaxpeft.data import batches as batching, encoding
-from jaxpeft.training import multihost, optim, sharding, steps, trainer
+from jaxpeft.training import multihost, optim, sharding, single, steps
 from jaxpeft.errors import UserError
 
 
@@ -65,7 +65,7 @@ def test_placement_rules():
     assert spec("bert/encoder/layer_0/output/LayerNorm/scale", (4096,)) == P()            # by rule
     assert spec("classifier/kernel", (384, 3), fsdp=5, min_size=0) == P()                # nothing divides
     assert spec("bert/encoder/layer_0/output/dense/kernel", (1536, 384), fsdp=1) == P()
-    assert spec("adapter/pinned", (2, 2)) == P(None, "fsdp")
+    assert spec("prompt/pinned", (2, 2)) == P(None, "fsdp")
     assert spec("opt_state/0/count", ()) == P()
 
 
@@ -134,4 +134,4 @@ def test_detect_cluster():
 def test_bad_device_flags_fail_before_the_model_loads(args, needle, glue):
     with pytest.raises(UserError, match=needle):
         cfg = config.build(dict(data_dir=str(glue), output_dir="/nonexistent/never-written", **args))
-        trainer.Trainer(cfg)
+        single.SingleTask(cfg)

@@ -35,7 +35,14 @@ def _run(tmp_path, method, task_flags, name):
     return res
 
 
-@pytest.mark.parametrize("method", list(methods.REGISTRY))
+#: the methods of the default run; the others (``-m slow``) share their code paths: full and frozen
+#: BitFit's, prompt and P-tuning the prompt module's, P-tuning v2 prefix tuning's, IA3 and
+#: bottleneck adapters LoRA's hooks
+DEFAULT_RUN = ("bitfit", "lora", "prefix")
+
+
+@pytest.mark.parametrize("method", [m if m in DEFAULT_RUN else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in methods.REGISTRY])
 def test_every_method_trains_tagging_and_qa(tiny_bert_dir, tmp_path, method):
     model = f"--model={tiny_bert_dir}"
     ner = _run(tmp_path, method, ["--task=ner", f"--data_dir={DATA / 'conll2003'}", model, "--max_seq_length=32"],
@@ -84,3 +91,31 @@ def test_token_head_reads_each_real_token_in_place(method, options):
     hidden = remove_virtual(out.hidden, p, prompt.front if prompt is not None else False)
     k, b = params["classifier"]["kernel"], params["classifier"]["bias"]
     np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden @ k + b), atol=1e-5)
+
+
+def test_packed_tagging_trains_and_evaluates_as_unpacked(tiny_bert_dir, tmp_path):
+    """Packed rows serve tagging: each example's labels stay at its own tokens; evaluation reads one
+    row per sentence, so the packed run's metrics are those of its params."""
+    flags = ["--task=ner", f"--data_dir={DATA / 'conll2003'}", f"--model={tiny_bert_dir}", "--max_seq_length=48"]
+    packed = _run(tmp_path, "bitfit", flags + ["--packing"], "packed")
+    assert packed["task_kind"] == "token" and 0.0 <= packed["final_dev"]["accuracy"] <= 1.0
+    from jaxpeft.data.encoding import IGNORE
+    from jaxpeft.data.packing import packed_batch
+    from jaxpeft.tasks import tagging
+    from jaxpeft.models.loading import load_model
+
+    task = tagging.ner(type("D", (), {"data_dir": str(DATA / "conll2003")})())
+    tok = load_model(str(tiny_bert_dir), task.head()).tokenizer
+    enc = task.encode(tok, task.take(task.read("dev"), 40), 48)
+    # the three shortest sentences, which fit one row together
+    ids = [int(i) for i in np.argsort(enc.lengths, kind="stable")[:3]]
+    assert sum(int(enc.lengths[i]) for i in ids) <= 48
+    b = packed_batch(enc, np.array([ids]), 48)
+    # every labelled token of the packed row is its example's, at its example's position
+    for k, i in enumerate(ids):
+        seg = b["segment_ids"][0] == k + 1
+        got = b["labels"][0][seg]
+        want = enc.labels[i][:enc.lengths[i]]
+        assert (got != IGNORE).any()
+        assert got.tolist() == want.tolist()
+    assert (b["labels"][0][b["segment_ids"][0] == 0] == IGNORE).all()

@@ -10,9 +10,11 @@ import pytest
 from jaxpeft import masks, methods
 from jaxpeft.training import optim
 from jaxpeft.config import Optim
-from jaxpeft.models.bert import BertConfig, BertForSequenceClassification
+from jaxpeft.models.bert import BertConfig
 from jaxpeft.models.loading import init_params, param_shapes
 from jaxpeft.training.steps import init_state, make_train_loop, make_train_step
+
+from model_helpers import classifier, mask as method_mask, seq_loss
 
 SMALL = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    vocab_size=120, max_position_embeddings=64)
@@ -30,15 +32,15 @@ def _batch(rng, b=8, t=16, vocab=120, labels=2):
 @pytest.mark.parametrize("method,options", [("bitfit", {}), ("bitfit", {"bitfit_terms": "query,intermediate"}),
                                             ("frozen", {}), ("full", {})])
 def test_exactly_masked_leaves_change(method, options):
-    module = BertForSequenceClassification(SMALL, num_labels=2)
+    module = classifier(SMALL, 2)
     params = init_params(module, jax.random.key(0))
     m = methods.create(method, options)
-    mask = m.mask(params)
+    mask = method_mask(m, params)
     cfg = Optim(learning_rate=1e-2, warmup_ratio=0.0)
     tx = optim.make_optimizer(cfg)
     trainable, frozen = masks.split(params, mask)
     state = init_state(trainable, tx, seed=0)
-    step = jax.jit(make_train_step(module, tx, regression=False), donate_argnums=(0,))
+    step = jax.jit(make_train_step(seq_loss(module), tx), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     for i in range(3):
         state, metrics = step(state, frozen, _batch(rng), np.float32(cfg.learning_rate))
@@ -58,9 +60,9 @@ def test_exactly_masked_leaves_change(method, options):
 
 def test_split_step_equals_multi_transform_on_the_full_tree():
     """Second code path: optax.multi_transform over the full params with full gradients."""
-    module = BertForSequenceClassification(SMALL, num_labels=2)
+    module = classifier(SMALL, 2)
     params = init_params(module, jax.random.key(1))
-    mask = methods.create("bitfit").mask(params)
+    mask = method_mask(methods.create("bitfit"), params)
     inner = optax.adamw(1e-2, weight_decay=0.0)
     batch = _batch(np.random.default_rng(1))
     rng = jax.random.key(5)
@@ -107,9 +109,9 @@ def test_optimizer_with_host_lr_equals_optax_adamw_with_the_schedule():
 
 
 def _step_flops(method: str, cfg: BertConfig, batch: int, seq: int) -> float:
-    module = BertForSequenceClassification(cfg, num_labels=2)
+    module = classifier(cfg, 2)
     shapes = param_shapes(module)
-    mask = methods.create(method).mask(shapes)
+    mask = method_mask(methods.create(method), shapes)
     tx = optim.make_optimizer(Optim())
     trainable, frozen = masks.split(shapes, mask)
     state = jax.eval_shape(lambda t: init_state(t, tx, 0), trainable)
@@ -117,7 +119,7 @@ def _step_flops(method: str, cfg: BertConfig, batch: int, seq: int) -> float:
          for k in ("input_ids", "attention_mask", "token_type_ids")}
     b["labels"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     b["weights"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
-    step = make_train_step(module, tx, regression=False)
+    step = make_train_step(seq_loss(module), tx)
     compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, b, np.float32(1e-3)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -138,7 +140,7 @@ def test_bitfit_step_costs_about_two_thirds_of_full_on_bert_base_shapes():
 def test_key_bias_gets_no_gradient():
     """Softmax attention is invariant to adding q·b_k to every logit of a query, so the key bias's
     gradient is zero up to rounding (why b_k does not move in BitFit), while the query bias's is not."""
-    module = BertForSequenceClassification(SMALL, num_labels=2)
+    module = classifier(SMALL, 2)
     params = init_params(module, jax.random.key(1))
     batch = _batch(np.random.default_rng(0))
 
@@ -188,9 +190,9 @@ def test_schedule_on_the_device_equals_the_host_schedule():
 def test_scanned_loop_equals_single_steps_and_skips_inactive_steps(method):
     """N steps in one call (the schedule computed from the step counter on the device) give the
     states of N single steps with the host's learning rates; steps flagged off change nothing."""
-    module = BertForSequenceClassification(SMALL, num_labels=2)
+    module = classifier(SMALL, 2)
     params = init_params(module, jax.random.key(2))
-    mask = methods.create(method).mask(params)
+    mask = method_mask(methods.create(method), params)
     cfg = Optim(learning_rate=1e-2, warmup_ratio=0.3)
     tx = optim.make_optimizer(cfg)
     schedule = optim.Schedule.create(cfg.learning_rate, 10, cfg.warmup_ratio)
@@ -198,14 +200,14 @@ def test_scanned_loop_equals_single_steps_and_skips_inactive_steps(method):
     rng = np.random.default_rng(3)
     batches = [_batch(rng) for _ in range(5)]
     # single steps
-    step = jax.jit(make_train_step(module, tx, regression=False))
+    step = jax.jit(make_train_step(seq_loss(module), tx))
     state = init_state(trainable, tx, seed=4)
     losses = []
     for i, b in enumerate(batches[:3]):
         state, m = step(state, frozen, b, np.float32(schedule(i)))
         losses.append(float(m["loss"]))
     # one call: 3 active steps and 2 inactive ones
-    loop = jax.jit(make_train_loop(module, tx, regression=False))
+    loop = jax.jit(make_train_loop(seq_loss(module), tx))
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     active = np.array([True, True, True, False, False])
     state2, m2 = loop(init_state(trainable, tx, seed=4), frozen, stacked, active, schedule.as_array())

@@ -11,7 +11,9 @@ A folder holds the two files Hugging Face peft uses (see :mod:`jaxpeft.adapters.
   params are exactly the saved tensors), ``trained_method`` and its options, the task
   (``task``, ``task_kind``, ``num_labels``, ``label_names``, ``main_metric``), ``base_model``,
   ``model_family``, ``fingerprint`` (:mod:`jaxpeft.models.fingerprint`), ``max_seq_length``,
-  ``dtype``, ``step``, ``pooling``, ``modules_to_save``, ``num_params``, ``jaxpeft_version``.
+  ``dtype``, ``base_dtype`` (how the frozen base was stored in training: the adapter itself is float32
+  and loads on a base stored any way), ``step``, ``pooling``, ``modules_to_save``, ``num_params``,
+  ``jaxpeft_version``.
 
 :func:`read_adapter` reads three kinds of folder: this format; the previous jaxpeft format
 (``adapter.safetensors`` with our param paths); and folders written by peft's ``save_pretrained``.
@@ -97,7 +99,8 @@ def save_adapter(directory: str | Path, params: Any, method: Method, task: tasks
         "method": inference.name, "method_options": inference.options(),
         "trained_method": method.name, "trained_method_options": method.options(),
         **task.record(), "base_model": base, "model_family": family.name, "fingerprint": fingerprint,
-        "max_seq_length": int(max_seq_length), "dtype": (compute or Compute()).dtype, "step": step,
+        "max_seq_length": int(max_seq_length), "dtype": (compute or Compute()).dtype,
+        "base_dtype": (compute or Compute()).frozen_dtype, "step": step,
         "pooling": pooling, "modules_to_save": list(modules),
         "num_params": int(sum(a.size for a in arrays.values())),
     }
@@ -401,8 +404,14 @@ def load_adapter(directory: str | Path, model: str | None = None, *, task: str |
                                                                   exclude=method.added, prefix=family.prefix),
                    f"adapter {directory}")
     arrays = adapter_arrays(folder, loaded.params, model_config)
-    params = overlay(loaded.params, arrays, str(folder.weights))
     heads = head_modules(family, task_obj.head(pooling))
+    outputs = task_obj.head(pooling).num_labels
+    for h in heads:
+        kernel = arrays.get(f"{h}/kernel")
+        if kernel is not None and kernel.ndim == 2 and kernel.shape[1] != outputs:
+            raise UserError(f"{folder.weights}: the {h} has {kernel.shape[1]} outputs, but task {task_obj.name} "
+                            f"has {outputs} labels")
+    params = overlay(loaded.params, arrays, str(folder.weights))
     modules = _present(params, folder.modules_to_save)
     missing = sorted(set(masks.trainable_paths(method.mask(params, family, heads, modules))) - set(arrays))
     if missing:

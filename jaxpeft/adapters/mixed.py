@@ -38,6 +38,7 @@ from jaxpeft.adapters import predict as prediction
 from jaxpeft.data import batches as batching
 from jaxpeft.data.encoding import Encoded, Examples, encode
 from jaxpeft.errors import UserError
+from jaxpeft.models import FAMILIES
 from jaxpeft.models.fingerprint import same_base
 from jaxpeft.models.heads import head_modules
 from jaxpeft.tasks.base import Task
@@ -198,6 +199,10 @@ def check_configs(specs: Sequence[tuple[str, str]]) -> tuple[str, list[folders.A
         shown = ", ".join(f"{n}: {f.task_kind}" for (n, _), f in zip(specs, read))
         raise UserError(f"the adapters are of different task kinds ({shown}); one batch mixes adapters of one kind")
     (n0, _), f0 = specs[0], read[0]
+    # options whose default is the family's compare resolved (peft's folders name no family)
+    family = next((FAMILIES[f.record["model_family"]] for f in read if f.record.get("model_family") in FAMILIES),
+                  None)
+    values0 = f0.method.mix_values(family)
     for (name, _), f in zip(specs[1:], read[1:]):
         fp0, fp = f0.record.get("fingerprint"), f.record.get("fingerprint")
         if fp0 and fp and not same_base(fp0, fp):
@@ -208,9 +213,10 @@ def check_configs(specs: Sequence[tuple[str, str]]) -> tuple[str, list[folders.A
             if (f.record.get(key) or default) != (f0.record.get(key) or default):
                 raise UserError(f"adapters {n0} and {name} differ in {key} ({f0.record.get(key) or default} and "
                                 f"{f.record.get(key) or default})")
+        values = f.method.mix_values(family)
         for option in f0.method.mix_same:
             a, b = (getattr(g.method, option, None) for g in (f0, f))
-            if a != b:
+            if values0[option] != values.get(option):
                 raise UserError(f"adapters {n0} and {name} have {option}={a} and {b}; adapters of the "
                                 f"{f0.method.mix} family in one batch need the same {option}")
     return f0.method.mix, read
@@ -319,10 +325,11 @@ def encode_rows(tokenizer: Any, rows: MixedRows, lengths: Sequence[int]) -> Enco
     return Encoded(ids, types, lens, None)
 
 
-def predict_rows(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | None = None,
-                 batch_size: int = 64) -> list[dict[str, Any]]:
-    """Each row's prediction under its own adapter, in the rows' order; rows of different adapters
-    share batches."""
+def row_outputs(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | None = None,
+                batch_size: int = 64) -> tuple[np.ndarray, Encoded]:
+    """Each row's outputs under its own adapter, in the rows' order (the widest head's: row ``i``'s
+    own are ``[:num_labels]`` of its task), and the encoded rows; rows of different adapters share
+    batches."""
     lengths = [max_seq_length or m for m in multi.max_seq_lengths]
     limit = getattr(multi.loaded.config, "max_position_embeddings", None)
     if limit is not None and max(lengths) + multi.extra_positions > limit:
@@ -339,7 +346,14 @@ def predict_rows(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | 
             b[INDEX_KEY] = np.where(idx >= 0, route[np.maximum(idx, 0)], 0).astype(np.int32)
             yield b
 
-    out = steps.predict_outputs(fn, multi.stacked, multi.frozen, routed_batches(), len(enc))
+    return steps.predict_outputs(fn, multi.stacked, multi.frozen, routed_batches(), len(enc)), enc
+
+
+def predict_rows(multi: MultiAdapter, rows: MixedRows, *, max_seq_length: int | None = None,
+                 batch_size: int = 64) -> list[dict[str, Any]]:
+    """Each row's prediction under its own adapter, in the rows' order (:func:`row_outputs`)."""
+    out, enc = row_outputs(multi, rows, max_seq_length=max_seq_length, batch_size=batch_size)
+    route = rows.adapter
     preds: list[dict[str, Any]] = [{}] * len(route)
     for k in sorted(set(route.tolist())):
         sel = np.flatnonzero(route == k)

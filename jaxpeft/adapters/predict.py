@@ -25,7 +25,7 @@ from jaxpeft.data.encoding import Examples
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import Method
 from jaxpeft.models.heads import head_modules
-from jaxpeft.models.loading import LoadedModel
+from jaxpeft.models.loading import LoadedModel, frozen_in_dtype
 from jaxpeft.tasks.base import Task
 from jaxpeft.training import steps
 
@@ -113,6 +113,9 @@ def outputs(loaded: LoadedModel, params: Any, method: Method, task: Task, raw: A
     enc = task.encode(loaded.tokenizer, raw, max_seq_length)
     heads = head_modules(loaded.family, loaded.module.head)
     trainable, frozen = masks.split(params, method.mask(params, loaded.family, heads))
+    store = loaded.compute.frozen_dtype
+    if store != "float32":   # the frozen base stored as --base_dtype says (default: the compute dtype)
+        frozen = jax.jit(lambda f: frozen_in_dtype(f, store, loaded.family.prefix))(frozen)
     fn = jax.jit(steps.make_predict_step(loaded.module), compiler_options=loaded.compute.compiler_options())
     eval_batches = batching.BucketBatches(enc, batch_size, max_seq_length, 0).eval_batches(enc, batch_size)
     return steps.predict_outputs(fn, trainable, frozen, eval_batches, len(enc), length=enc.max_length), enc

@@ -75,10 +75,27 @@ class Tokenizer:
         fast = self._fast_tokenizer()
         if fast is not None:
             pad = fast.padding.get("pad_id") if fast.padding else None
-            if pad is None:
-                pad = fast.token_to_id("[PAD]")
+            # the pad token the tokenizer's config names (RoBERTa's <pad> is 1), else BERT's or RoBERTa's
+            for token in (self._configured_pad_token(), "[PAD]", "<pad>"):
+                if pad is None and token:
+                    pad = fast.token_to_id(token)
             return int(pad or 0)
         return int(self.hf.pad_token_id or 0)
+
+    def _configured_pad_token(self) -> str | None:
+        """``pad_token`` of ``tokenizer_config.json`` or ``special_tokens_map.json`` (a string or
+        an added-token dict), if either names one."""
+        import json
+
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            try:
+                tok = json.loads((self.model_dir / name).read_text()).get("pad_token")
+            except (OSError, ValueError, AttributeError):
+                continue
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            if isinstance(tok, str) and tok:
+                return tok
+        return None
 
     def get_vocab(self) -> dict[str, int]:
         """``{token: id}`` of the whole vocabulary, added tokens included."""

@@ -139,6 +139,11 @@ class Method:
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def mix_values(self, family: Family | None) -> dict[str, Any]:
+        """The values of :attr:`mix_same` as adapters of one mixed batch compare them (``family``:
+        the base model's where known, for options whose default is the family's)."""
+        return {o: getattr(self, o) for o in self.mix_same}
+
     # -- peft's format ----------------------------------------------------------------------------
     def peft_config(self, family: Family, config: Any) -> dict[str, Any]:
         """The method's own fields of peft's ``adapter_config.json`` (``peft_type`` and the shared

@@ -8,7 +8,11 @@ starting at ones, so the untrained model is the base model). A feed-forward laye
 names and rules (a list entry matches a module named by it or ending in ``.`` + it; a feed-forward
 entry matches any name ending in it, so on BERT ``output.dense`` covers the attention's output
 projection too), and default to peft's for the family: on BERT the keys and values are rescaled,
-and the inputs of both output projections (``attention.output.dense``, ``output.dense``).
+and the inputs of both output projections (``attention.output.dense``, ``output.dense``). As peft's
+config requires, listed ``feedforward_modules`` are some of the listed ``target_modules``; with
+``target_modules`` given and no ``feedforward_modules``, the family's feed-forward entries among
+them are the default (``--target_modules=key,value`` has none; peft itself would write
+``output.dense``, a config it then refuses to read).
 
 In peft's files the vectors are ``base_model.model.<module>.ia3_l``, shaped ``[out, 1]`` or ``[1, in]``.
 """
@@ -25,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft import masks
+from jaxpeft.errors import UserError
 from jaxpeft.methods.base import Method
-from jaxpeft.methods.lora import _path, check_targets, linear_modules, matches, parse_targets
+from jaxpeft.methods.lora import _path, check_targets, linear_modules, matches, parse_targets, target_set
 from jaxpeft.models.family import Family, hf_name
 from jaxpeft.models.layers import Hooks, LinearChange
 from jaxpeft.options import option
@@ -75,8 +80,8 @@ class IA3(Method):
 
     Attributes:
         target_modules: peft's names (comma list) or a regex; default: peft's for the family.
-        feedforward_modules: which targets scale their input (peft's ``feedforward_modules``);
-            default: peft's for the family.
+        feedforward_modules: which targets scale their input (peft's ``feedforward_modules``, some
+            of the targets); default: peft's for the family, those among given targets.
     """
 
     name = "ia3"
@@ -90,15 +95,39 @@ class IA3(Method):
         None, "layers IA3 rescales, peft's target_modules (comma list or regex; default: peft's for the "
         "model family; BERT: key,value,output.dense)")
     feedforward_modules: str | None = option(
-        None, "the targets whose input is rescaled, peft's feedforward_modules (default: peft's for the "
-        "model family; BERT: output.dense)")
+        None, "the targets whose input is rescaled, peft's feedforward_modules, some of --target_modules "
+        "(default: peft's for the model family, those among --target_modules where given; BERT: output.dense)")
+
+    def validate(self):
+        for flag in ("target_modules", "feedforward_modules"):
+            if isinstance(getattr(self, flag), (list, tuple)):
+                setattr(self, flag, ",".join(getattr(self, flag)))
+        if self.target_modules is not None and not parse_targets(self.target_modules):
+            raise UserError("--target_modules is empty")
+        if self.target_modules is not None and self.feedforward_modules is not None:
+            t, f = parse_targets(self.target_modules), parse_targets(self.feedforward_modules)
+            if not isinstance(t, str) and not isinstance(f, str) and not set(f) <= set(t):
+                raise UserError(f"--feedforward_modules={self.feedforward_modules}: must be some of "
+                                f"--target_modules={self.target_modules} (peft's rule)")
 
     def targets(self, family: Family) -> Any:
         return parse_targets(self.target_modules) if self.target_modules is not None else family.ia3_targets
 
     def feedforward(self, family: Family) -> Any:
-        return (parse_targets(self.feedforward_modules) if self.feedforward_modules is not None
-                else family.ia3_feedforward)
+        """The feed-forward entries: given, else the family's (those among listed targets)."""
+        if self.feedforward_modules is not None:
+            return parse_targets(self.feedforward_modules)
+        t = self.targets(family)
+        if self.target_modules is None or isinstance(t, str) or isinstance(family.ia3_feedforward, str):
+            return family.ia3_feedforward
+        return tuple(f for f in family.ia3_feedforward if f in t)
+
+    def mix_values(self, family: Family | None) -> dict[str, Any]:
+        if family is None:
+            t, f = (None if v is None else parse_targets(v) for v in (self.target_modules, self.feedforward_modules))
+        else:
+            t, f = self.targets(family), self.feedforward(family)
+        return {"target_modules": target_set(t), "feedforward_modules": target_set(f)}
 
     def hooks(self, family: Family, config: Any) -> Hooks:
         return Hooks(linear=IA3Hooks(self.targets(family), self.feedforward(family)))
@@ -135,10 +164,11 @@ class IA3(Method):
 
     @classmethod
     def from_peft(cls, cfg: Mapping[str, Any], where: str) -> "IA3":
-        from jaxpeft.errors import UserError
-
         def text(v):
             return ",".join(v) if isinstance(v, list) else v
         if not cfg.get("target_modules"):
             raise UserError(f"{where}: no target_modules")
-        return cls(target_modules=text(cfg["target_modules"]), feedforward_modules=text(cfg.get("feedforward_modules") or []))
+        if cfg.get("exclude_modules"):
+            raise UserError(f"{where}: exclude_modules={cfg['exclude_modules']!r} is not supported by jaxpeft's IA3")
+        return cls(target_modules=text(cfg["target_modules"]),
+                   feedforward_modules=text(cfg.get("feedforward_modules") or []))

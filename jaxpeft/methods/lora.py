@@ -38,6 +38,7 @@ from jaxpeft import masks
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import Method
 from jaxpeft.models.family import Family, hf_name
+from jaxpeft.models import layers
 from jaxpeft.models.layers import Hooks, LinearChange
 from jaxpeft.options import in_range, option, positive
 
@@ -49,6 +50,9 @@ UNSUPPORTED = {"lora_bias": False, "bias": "none", "layers_pattern": None, "rank
                "alpha_pattern": {}, "exclude_modules": None, "trainable_token_indices": None,
                "target_parameters": None, "use_qalora": False, "layer_replication": None,
                "layers_to_transform": None}
+#: peft's ``init_lora_weights`` that leave the base model's weights as they are (PiSSA, OLoRA, CorDA,
+#: LoftQ ... rewrite them, so such an adapter is only right on the base it rewrote)
+BASE_KEEPING_INITS = (True, False, None, "gaussian", "eva", "orthogonal")
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -90,7 +94,7 @@ class LowRankUpdate(nn.Module):
         if not self.dora:
             return LinearChange(delta=delta)
         m = self.param("lora_magnitude_vector", nn.initializers.ones, (self.out_features,), jnp.float32)
-        w = kernel.astype(jnp.float32) + self.scale * jnp.dot(a, b)
+        w = layers.weight(kernel) + self.scale * jnp.dot(a, b)
         norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
         return LinearChange(delta=delta, scale=m / norm)
 
@@ -125,6 +129,12 @@ def linear_modules(params: Any) -> list[str]:
         if p.endswith("/kernel") and getattr(v, "ndim", 0) == 2 and "_lora/" not in p and "_ia3/" not in p:
             out.append(hf_name(p)[0].rsplit(".", 1)[0])
     return out
+
+
+def target_set(targets: str | tuple[str, ...] | None) -> str | frozenset[str] | None:
+    """Parsed targets as adapters compare them: a regex as written, a list as a set (peft keeps a
+    set: its files list it in any order)."""
+    return targets if targets is None or isinstance(targets, str) else frozenset(targets)
 
 
 def check_targets(targets: str | tuple[str, ...], modules: list[str], flag: str, adapted: list[str]) -> None:
@@ -205,6 +215,10 @@ class LoRA(Method):
     def targets(self, family: Family) -> str | tuple[str, ...]:
         return parse_targets(self.target_modules) if self.target_modules is not None else family.lora_targets
 
+    def mix_values(self, family: Family | None) -> dict[str, Any]:
+        known = family is not None or self.target_modules is not None
+        return {**super().mix_values(family), "target_modules": target_set(self.targets(family) if known else None)}
+
     def hooks(self, family: Family, config: Any) -> Hooks:
         return Hooks(linear=LoraHooks(self.targets(family), int(self.lora_r), self.scale, float(self.lora_dropout),
                                       bool(self.use_dora)))
@@ -262,6 +276,9 @@ class LoRA(Method):
         for key, off in UNSUPPORTED.items():
             if cfg.get(key) not in (None, off):
                 raise UserError(f"{where}: {key}={cfg[key]!r} is not supported by jaxpeft's LoRA")
+        if cfg.get("init_lora_weights") not in BASE_KEEPING_INITS:
+            raise UserError(f"{where}: init_lora_weights={cfg['init_lora_weights']!r} rewrites the base model's "
+                            "weights, which jaxpeft's LoRA does not (save the adapter converted to plain LoRA)")
         targets = cfg.get("target_modules")
         if isinstance(targets, list):
             targets = ",".join(targets)

@@ -134,7 +134,7 @@ def complete_steps(directory: str | Path) -> list[int]:
 
 def _ranking(main_metric: str):
     """Best-checkpoint key: the dev metric (NaN counts as worst), earlier step first on ties --
-    the same order as the Trainer's ``best``."""
+    the same order as the training loop's ``best``."""
 
     def rank(m: Mapping[str, Any]) -> tuple[float, int]:
         v = float(m[main_metric])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxpeft import compute as compute_lib
 from jaxpeft import runtime
 from jaxpeft.data.batches import order_digest
+from jaxpeft.errors import UserError
 from jaxpeft.training import optim, program_store, steps
 from jaxpeft.training.checkpoint import Cadence, Checkpoints
 
@@ -105,6 +108,11 @@ class Job:
     def results(self) -> dict[str, Any]:
         """More fields of ``results.json``."""
         return {}
+
+    def use_remat(self, remat: str) -> bool:
+        """Switches the model to ``--remat=remat`` for the programs compiled next (``--remat=auto``
+        when the step does not fit); ``False``: this job cannot."""
+        return False
 
     def program_parts(self) -> list:
         """What the compiled programs depend on besides shapes (the model module, the loss)."""
@@ -212,7 +220,18 @@ def program_key(job: Job, state: Any, frozen: Any, n: int, train_examples: dict,
     parts = [*job.program_parts(), o.adam_b1, o.adam_b2, o.adam_eps, o.weight_decay, o.max_grad_norm,
              job.plan.describe(), [str(d) for d in jax.devices()], jax.process_count(), n,
              sorted(map(str, train_examples)), sorted(map(str, eval_examples)), inputs, avals(state), avals(frozen)]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    return hashlib.sha256(_stable_repr(parts).encode()).hexdigest()
+
+
+_FUNCTION_AT = re.compile(r"(<function (?:(?!<locals>|<lambda>)[^ >])+) at 0x[0-9a-fA-F]+>")
+
+
+def _stable_repr(x: Any) -> str:
+    """``repr(x)`` with the addresses of module-level functions left out (a model module's repr
+    names its family's functions; their addresses differ from process to process, and a later
+    process must find the programs an earlier one stored). Their code is in the program store's
+    key (:func:`program_store.source_digest`); closures and lambdas keep their addresses."""
+    return _FUNCTION_AT.sub(r"\1>", repr(x))
 
 
 def compile_all(job: Job, loop_jit, predict_jit, state, frozen, n: int) -> tuple[dict, dict, dict]:
@@ -290,7 +309,22 @@ def _metric_line(metrics: dict[str, float]) -> str:
 
 
 def run(job: Job) -> dict[str, Any]:
-    """Trains ``job``, evaluates it, saves its checkpoints and exports it; returns ``results.json``."""
+    """Trains ``job``, evaluates it, saves its checkpoints and exports it; returns ``results.json``.
+
+    Running out of device memory ends the run with one :class:`UserError` line naming where, the
+    peak and what to change (XLA's ``RESOURCE_EXHAUSTED`` error stays the cause, not the message).
+    """
+    where = ["while placing the weights and the optimizer state"]
+    try:
+        return _run(job, where)
+    except RuntimeError as e:
+        if not compute_lib.is_out_of_memory(e):
+            raise
+        raise UserError(compute_lib.out_of_memory_message(where[0], runtime.peak_memory(),
+                                                          compute_lib.device_memory())) from e
+
+
+def _run(job: Job, where: list[str]) -> dict[str, Any]:
     cfg, timers = job.cfg, job.timers
     job.out.mkdir(parents=True, exist_ok=True)
     jlog = JsonLog(job.out / "log.jsonl", enabled=job.is_main)
@@ -313,16 +347,34 @@ def run(job: Job) -> dict[str, Any]:
         state = checkpoints.resume(state)
     n = job.steps_per_dispatch()
     xla = job.compute.compiler_options()
-    loop_jit = job.plan.jit_train_loop(steps.make_train_loop(job.loss_fn(), tx), state_sh, frozen_sh,
-                                       compiler_options=xla)
-    predict_jit = job.plan.jit_predict(job.predict_fn(), state_sh.trainable, frozen_sh, compiler_options=xla)
+
+    def jits():
+        return (job.plan.jit_train_loop(steps.make_train_loop(job.loss_fn(), tx), state_sh, frozen_sh,
+                                        compiler_options=xla),
+                job.plan.jit_predict(job.predict_fn(), state_sh.trainable, frozen_sh, compiler_options=xla))
+
+    loop_jit, predict_jit = jits()
     # what later parts of the run import, while XLA compiles (it leaves the interpreter free)
     warming = runtime.prewarm(("orbax.checkpoint",) + (("matplotlib.pyplot",) if cfg.run.plot else ()))
+    where[0] = "while compiling"
     with timers.section("compile"):
         loops, predicts, compile_info = compile_all(job, loop_jit, predict_jit, state, frozen, n)
         # done before the run uses them: a module imported from two threads at once can be seen
         # half-initialised (matplotlib.pyplot was, after programs reused from an earlier run)
         warming.join()
+    limit = compute_lib.device_memory()
+    remat = job.compute.remat
+    if remat == "auto":   # none where the step fits, else recompute each layer
+        remat = compute_lib.choose_remat((compute_lib.programs_memory(loops) or {}).get("total"), limit)
+        if remat != "none" and job.use_remat(remat):
+            loop_jit, predict_jit = jits()
+            with timers.section("compile"):
+                loops, predicts, compile_info = compile_all(job, loop_jit, predict_jit, state, frozen, n)
+        else:
+            remat = "none"
+    memory = {**compute_lib.check_programs_memory(
+        compute_lib.programs_memory(loops), compute_lib.programs_memory(predicts), limit, cfg.optim.batch_size,
+        cfg.data.eval_batch_size, job.plan.data_parallel_size, job.compute.remat), "remat": remat}
     shapes = {"train": [str(k) for k in loops], "predict": [str(k) for k in predicts]}
 
     def predict_fn(trainable_, frozen_, batch):
@@ -364,6 +416,7 @@ def run(job: Job) -> dict[str, Any]:
 
     def do_eval():
         nonlocal best, best_step, last_eval
+        where[0] = f"while evaluating at step {step}"
         with timers.section("eval"):
             last_eval = job.evaluate(predict_fn, state.trainable, frozen)
         is_best = best is None or last_eval[job.main_metric] > best[job.main_metric]
@@ -379,6 +432,7 @@ def run(job: Job) -> dict[str, Any]:
     cadence = Cadence(total, job.epoch_end, cfg.run.eval_every, cfg.run.save_every, cfg.run.save_minutes)
     elsewhere_before = timers.seconds["eval"] + timers.seconds["checkpoint"] + timers.seconds["compile"]
     while step < total:
+        where[0] = f"at train step {step + 1}"
         epoch, start = job.position(step)
         order = job.batches.order(epoch)
         stop = min(total, step + len(order) - start)
@@ -440,7 +494,7 @@ def run(job: Job) -> dict[str, Any]:
         "config": job.config_record(), "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         "mesh": job.plan.describe(), "processes": jax.process_count(),
         "compilation_cache": None if job.cache_dir is None else str(job.cache_dir),
-        **({"peak_device_memory_bytes": peak} if peak is not None else {}),
+        **({"peak_device_memory_bytes": peak} if peak is not None else {}), "memory": memory,
         **ckpt, **export, **curves, **timers.report(),
     }
     if job.is_main:

@@ -52,7 +52,7 @@ from jaxpeft.models.heads import head_modules
 from jaxpeft.models.loading import build_module, frozen_in_dtype, init_params, load_model, param_shapes
 from jaxpeft.training import loop, optim, steps
 from jaxpeft.training.checkpoint import RunIdentity, sha256_arrays
-from jaxpeft.training.single import setup_runtime
+from jaxpeft.training.single import check_base_dtype, setup_runtime
 
 ADAPTERS_DIR = "adapters"
 #: the main metric of a multi-task run: the mean of the tasks' main metrics
@@ -66,8 +66,11 @@ def parse_tasks(text: str, data: Any = None) -> list[tasks.Task]:
     if not names:
         raise UserError("--tasks is empty")
     found = [tasks.get(n, data) for n in names]
-    if len({t.name for t in found}) < len(found):
-        raise UserError(f"--tasks={text}: a task is listed twice")
+    seen: set[str] = set()
+    for t in found:
+        if t.name in seen:
+            raise UserError(f"--tasks={text}: {t.name} is listed twice")
+        seen.add(t.name)
     kinds = {t.kind for t in found}
     if kinds != {"sequence"}:
         raise UserError(f"--tasks={text}: multi-task runs train sequence tasks (these are {', '.join(sorted(kinds))})")
@@ -269,6 +272,9 @@ def scale_per_task(rates: Sequence[float], head_rates: Sequence[float], head: Se
 class MultiTask(loop.Job):
     """One multi-task run (see the module docstring)."""
 
+    #: the latest evaluation (after the run: the final one, per task in ``results.json``)
+    last_eval: dict[str, float] | None = None
+
     def __init__(self, cfg: Any, echo: Callable[[str], None] = print, start: float | None = None):
         self.tasks = parse_tasks(cfg.tasks, cfg.data)
         self.names = [t.name for t in self.tasks]
@@ -285,6 +291,7 @@ class MultiTask(loop.Job):
         self.own = config_lib.task_configs(cfg, self.names)
         self.modules_to_save = cfg.head.module_list()
         setup_runtime(self, cfg, echo, start)
+        check_base_dtype(self.method, self.compute)
         self.title = f"{cfg.method} on {'+'.join(self.names)}"
         self.main_metric = AVERAGE
         self.length = max(c["max_seq_length"] for c in self.own.values())
@@ -306,7 +313,8 @@ class MultiTask(loop.Job):
         with self.timers.section("startup"):
             m, o = self.method, cfg.optim
             self.model = load_model(cfg.model, head, m, compute=self.compute, seed=o.seed,
-                                    with_weights=not cfg.random_init)
+                                    with_weights=not cfg.random_init,
+                                    param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None)
             family = self.model.family
             m.check_model(self.model.params, family)
             self.heads = head_modules(family, head)
@@ -361,8 +369,9 @@ class MultiTask(loop.Job):
         shapes = param_shapes(module)
         base = masks.flatten(self.model.params)
         inf_frozen = masks.unflatten({p: base[p] for p in masks.flatten(shapes) if p not in exported}, shapes)
-        if self.compute.dtype != "float32":
-            inf_frozen = jax.jit(lambda f: frozen_in_dtype(f, self.compute.dtype, family.prefix))(inf_frozen)
+        store = self.compute.frozen_dtype
+        if store != "float32":
+            inf_frozen = jax.jit(lambda f: frozen_in_dtype(f, store, family.prefix))(inf_frozen)
         return module, inf_frozen
 
     def export_stacked(self, trainable: Any, frozen: Any) -> dict[str, jax.Array]:
@@ -423,7 +432,20 @@ class MultiTask(loop.Job):
                 m = task.evaluate(logits[:, :task.num_labels], enc, self.raw_evals[k][split])
                 out.update({f"{task.name}/{name if i == 0 else f'{split}_{name}'}": v for name, v in m.items()})
         out[AVERAGE] = float(np.mean([out[f"{t.name}/{t.main_metric}"] for t in self.tasks]))
+        self.last_eval = out
         return out
+
+    def rows_trained(self, step: int) -> dict[str, int]:
+        """The rows of each task in the first ``step`` steps."""
+        counts = np.zeros(len(self.names), np.int64)
+        epoch = 0
+        while step > 0:
+            order = self.batches.order(epoch)
+            for idx in order[:step]:
+                counts += np.bincount(self.batches.task_of[idx[idx >= 0]], minlength=len(self.names))
+            step -= len(order)
+            epoch += 1
+        return dict(zip(self.names, counts.tolist()))
 
     def named(self, key: str, value: Any) -> Any:
         """Per-task metrics of the log by task name."""
@@ -486,11 +508,14 @@ class MultiTask(loop.Job):
         return {"adapter_dirs": dirs}
 
     def results(self) -> dict[str, Any]:
+        final = self.last_eval or {}
+        by_task = {n: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(n + "/")} for n in self.names}
         return {"method": self.cfg.method, "tasks": self.names, "model": self.cfg.model,
                 "method_options": self.method.options(), "task_configs": self.own,
                 "trainable_params_per_task": masks.count(self.model.params, self.mask)[0],
                 "train_examples": {n: len(e) for n, e in zip(self.names, self.train_data)},
-                "task_sampling": self.cfg.task_sampling, "sampling": dict(zip(self.names, self.probs.tolist()))}
+                "task_sampling": self.cfg.task_sampling, "sampling": dict(zip(self.names, self.probs.tolist())),
+                "final_dev_by_task": by_task, "rows_trained": self.rows_trained(int(self.final_state.step))}
 
 
 def run(cfg: Any, echo: Callable[[str], None] = print, start: float | None = None) -> dict[str, Any]:

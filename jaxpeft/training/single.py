@@ -20,7 +20,7 @@ from jaxpeft.data import batches as batching
 from jaxpeft.data import packing
 from jaxpeft.errors import UserError
 from jaxpeft.methods.base import head_patterns, module_pattern
-from jaxpeft.models import fingerprint
+from jaxpeft.models import fingerprint, quant, sizes
 from jaxpeft.models.heads import head_modules
 from jaxpeft.models.loading import LoadedModel, frozen_in_dtype, load_model
 from jaxpeft.training import loop, multihost, optim, sharding, steps
@@ -77,6 +77,13 @@ def check_pooling(pooling: str, task: tasks.Task, packing_on: bool) -> None:
                             "do not; use --no-packing or another --pooling")
 
 
+def check_base_dtype(method: Any, compute: Any) -> None:
+    """A quantized base must be frozen: a method that trains the matrices refuses it."""
+    if compute.quantized and method.trains_matrices:
+        raise UserError(f"--base_dtype={compute.base_dtype}: --method={method.name} trains the weight matrices, "
+                        "which a quantized base cannot hold; use --base_dtype=bfloat16 or float32, or a PEFT method")
+
+
 class SingleTask(loop.Job):
     """One run of one method on one task (see the module docstring)."""
 
@@ -91,6 +98,7 @@ class SingleTask(loop.Job):
         if cfg.data.packing and self.task.kind == "span":
             raise UserError("--packing: QA windows fill their rows already; use --no-packing")
         setup_runtime(self, cfg, echo, start)
+        check_base_dtype(self.method, self.compute)
         if getattr(self.task, "note", ""):
             self.echo(self.task.note)
         self.title = f"{cfg.method} on {self.task.name}"
@@ -107,9 +115,10 @@ class SingleTask(loop.Job):
             self.model: LoadedModel = load_model(
                 cfg.model, self.task.head(cfg.head.pooling), self.method, compute=self.compute,
                 seed=cfg.optim.seed, with_weights=not cfg.random_init,
-                param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None)
+                param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None,
+                modules_to_save=self.modules_to_save)
             family = self.model.family
-            self.method.check_model(self.model.params, family)
+            self.method.check_model(self.model.shapes if self.model.stored else self.model.params, family)
             self.heads = head_modules(family, self.task.head(cfg.head.pooling))
             limit = getattr(self.model.config, "max_position_embeddings", None)
             need = d.max_seq_length + self.method.extra_positions()
@@ -119,12 +128,14 @@ class SingleTask(loop.Job):
             self.params = self.plan.put(self.method.init_params(
                 self.model.params, family, tokenizer=self.model.tokenizer, rng=jax.random.key(cfg.optim.seed + 1)))
             for module in self.modules_to_save:
-                if not masks.trainable_paths(masks.match(self.params, include=module_pattern(module),
+                if not masks.trainable_paths(masks.match(self.param_tree, include=module_pattern(module),
                                                          allow_empty=True)):
                     raise UserError(f"--modules_to_save={cfg.head.modules_to_save}: this model has no module "
                                     f"{module!r}" + (f" (--pooling={cfg.head.pooling} reads no pooler)" if
                                                      cfg.head.pooling != "cls" else ""))
-            self.mask = self.method.mask(self.params, family, self.heads, self.modules_to_save)
+            self.mask = self.method.mask(self.param_tree, family, self.heads, self.modules_to_save)
+            if self.model.stored:   # a random size: a prompt read from the stored vocabulary is float32 again
+                self.params = sizes.restore_float(self.params, self.model.shapes, self.mask)
         with self.timers.section("data"):
             tok = self.model.tokenizer
             train = self.task.take(self.raw_train, d.max_train_examples) if d.max_train_examples else self.raw_train
@@ -157,10 +168,28 @@ class SingleTask(loop.Job):
         return max(1, total)
 
     def eval_batches(self, encoded) -> Any:
+        """Evaluation batches: packed like training for sequence tasks (one output per slot), one
+        row per example otherwise (per-token outputs are read back by row)."""
+        if self.task.kind != "sequence" and isinstance(self.batches, packing.PackedBatches):
+            buckets = batching.BucketBatches(encoded, self.cfg.data.eval_batch_size, encoded.max_length, 0)
+            return buckets.eval_batches(encoded, self.cfg.data.eval_batch_size)
         return self.batches.eval_batches(encoded, self.cfg.data.eval_batch_size)
 
     def eval_examples(self) -> list[dict]:
         return [b for enc in self.eval_data.values() for b in self.eval_batches(enc)]
+
+    @property
+    def param_tree(self) -> Any:
+        """What masks and parameter counts read: the params, or for a random size (whose frozen base
+        is stored quantized) their float shape structs."""
+        return self.model.shapes if self.model.stored else self.params
+
+    def use_remat(self, remat: str) -> bool:
+        """Recomputes the encoder's layers as ``remat`` says from now on (``--remat=auto``)."""
+        self.compute = self.compute.replace(remat=remat)
+        self.model.module = self.model.module.clone(compute=self.compute)
+        self.model.compute = self.compute
+        return True
 
     # -- the loop's parts ---------------------------------------------------------------------------
     def loss_fn(self) -> steps.LossFn:
@@ -170,10 +199,14 @@ class SingleTask(loop.Job):
         return steps.make_predict_step(self.model.module)
 
     def initial(self) -> tuple[Any, Any]:
-        """The trainable part and the frozen params; frozen matmul kernels in the compute dtype."""
+        """The trainable part and the frozen params; frozen matmul kernels stored as ``--base_dtype``
+        says (default: the compute dtype)."""
+        if self.model.stored:   # a random size: the frozen base was made as it is stored
+            return quant.split(self.params, self.mask)
         trainable, frozen = masks.split(self.params, self.mask)
-        if self.compute.dtype != "float32":   # one program for all the casts
-            frozen = jax.jit(lambda f: frozen_in_dtype(f, self.compute.dtype, self.model.prefix))(frozen)
+        store = self.compute.frozen_dtype
+        if store != "float32":   # one program for all the casts / quantizations
+            frozen = jax.jit(lambda f: frozen_in_dtype(f, store, self.model.prefix))(frozen)
         return trainable, frozen
 
     def optimizer(self) -> Any:
@@ -189,9 +222,9 @@ class SingleTask(loop.Job):
         return out
 
     def param_report(self) -> dict[str, Any]:
-        t, n = masks.count(self.params, self.mask)
-        head = masks.match(self.params, include=head_patterns(self.heads, self.modules_to_save), allow_empty=True)
-        head_t, _ = masks.count(self.params, head)
+        t, n = masks.count(self.param_tree, self.mask)
+        head = masks.match(self.param_tree, include=head_patterns(self.heads, self.modules_to_save), allow_empty=True)
+        head_t, _ = masks.count(self.param_tree, head)
         return {"trainable_params": t, "total_params": n, "trainable_pct": 100.0 * t / n, "head_params": head_t,
                 "method_params": t - head_t, "method_pct": 100.0 * (t - head_t) / n}
 
@@ -200,7 +233,7 @@ class SingleTask(loop.Job):
         packed = (f", packed {self.batches.rows_per_step} rows x {self.batches.slots} slots"
                   if isinstance(self.batches, packing.PackedBatches) else "")
         return (f"{self.cfg.method} on {self.task.name} with {self.cfg.model} ({self.model.family.name}): "
-                + masks.describe(self.params, self.mask)
+                + masks.describe(self.param_tree, self.mask)
                 + f" (method {r['method_params']:,} = {r['method_pct']:.4f}%, head {r['head_params']:,})\n"
                 f"{len(self.train_data):,} training rows, {self.total_steps:,} steps of {self.cfg.optim.batch_size}"
                 f"{packed}; compute {self.compute.dtype}/{self.compute.attention_impl}/{self.compute.norm_impl}; "
@@ -213,8 +246,12 @@ class SingleTask(loop.Job):
 
     def identity(self) -> RunIdentity:
         td = self.train_data
-        self.fingerprint = fingerprint.fingerprint(self.model.params, self.cfg.model, str(self.model.model_dir),
-                                                   exclude=self.method.added, prefix=self.model.prefix)
+        if self.model.stored:
+            self.fingerprint = sizes.fingerprint(self.cfg.model, self.cfg.optim.seed, self.model.shapes,
+                                                 exclude=self.method.added, prefix=self.model.prefix)
+        else:
+            self.fingerprint = fingerprint.fingerprint(self.model.params, self.cfg.model, str(self.model.model_dir),
+                                                       exclude=self.method.added, prefix=self.model.prefix)
         labels = () if td.labels is None else (td.labels,)
         return RunIdentity(
             settings=self.cfg.resume_settings(self.compute), config=self.config_record(),
