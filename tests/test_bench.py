@@ -154,3 +154,45 @@ def test_bench_family_shapes_are_the_peers():
     assert {n: c.vocab_size for n, c in base.items()} == {
         "roberta": 50265, "xlm-roberta": 250002, "electra": 30522, "distilbert": 30522, "mpnet": 30527,
         "deberta-v2": 128100, "modernbert": 50368}
+
+
+def test_memory_table_runs_tiny_on_cpu_and_counts_the_params_transformers_has(tmp_path):
+    """``--memory_table`` at a tiny size: one child process per configuration, the model's bytes from
+    its shapes (full fine-tuning's params counted against transformers' own model of the same
+    config), XLA's step memory below full fine-tuning's for BitFit, a quantized base holding less,
+    full fine-tuning refused on it, and a second run of the same command adding nothing."""
+    import torch
+    import transformers
+
+    from jaxpeft.models import sizes
+
+    out = tmp_path / "memory"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--memory_table", "--sizes=tiny", "--methods=full,bitfit",
+           "--base_dtypes=bfloat16,int8", "--remats=none", "--max_batch=none", "--memory_batch=4", "--seq=16",
+           "--steps=2", "--repeats=1", "--memory_limit_gib=1", f"--out={out}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = {(r["method"], r["base_dtype"]): r for r in map(json.loads, (out / "memory.jsonl").read_text().splitlines())}
+    assert set(recs) == {("full", "bfloat16"), ("full", "int8"), ("bitfit", "bfloat16"), ("bitfit", "int8")}
+    assert "int8" in recs[("full", "int8")]["skipped"]
+    full, bitfit, bitfit8 = recs[("full", "bfloat16")], recs[("bitfit", "bfloat16")], recs[("bitfit", "int8")]
+    assert not any("error" in r for r in (full, bitfit, bitfit8))
+
+    cfg = sizes.config("tiny")
+    hf = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                 num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                                 intermediate_size=cfg.intermediate_size,
+                                 max_position_embeddings=cfg.max_position_embeddings,
+                                 type_vocab_size=cfg.type_vocab_size, num_labels=2)
+    torch.manual_seed(0)
+    n = sum(t.numel() for t in transformers.BertForSequenceClassification(hf).parameters())
+    assert full["params"] == full["trainable_params"] == n
+    assert full["trainable_bytes"] == 4 * n and full["optimizer_bytes"] == 8 * n and full["frozen_bytes"] == 0
+    assert bitfit["params"] == n and 0 < bitfit["trainable_params"] < n / 50
+    assert 0 < bitfit["step_bytes"] < full["step_bytes"]
+    assert 0 < bitfit8["frozen_bytes"] < bitfit["frozen_bytes"]
+    md = (out / "bench.md").read_text()
+    assert "| tiny |" in md and "not possible" in md and (out / "memory.png").stat().st_size > 0
+    before = (out / "memory.jsonl").read_text()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0 and (out / "memory.jsonl").read_text() == before

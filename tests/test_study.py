@@ -329,8 +329,11 @@ def get_study():
         study.load_study(bad)
 
 
-@pytest.mark.parametrize("name", ["config", "config_cpu", "config_defaults", "config_search", "config_gaps",
-                                  "config_cosine"])
+#: every GLUE study config (config_tasks reads other data folders: test_peer covers its tasks)
+GLUE_CONFIGS = sorted(p.stem for p in Path(study.__file__).parent.glob("config*.py") if p.stem != "config_tasks")
+
+
+@pytest.mark.parametrize("name", GLUE_CONFIGS)
 def test_every_shipped_study_config_builds_every_run(name, glue, tmp_path):
     """Each setting's options are flags with valid values (a typo fails the plan, before any run)."""
     st = study.load_study(Path(study.__file__).parent / f"{name}.py")

@@ -209,7 +209,7 @@ def build(size: str, method: str, virtual: int, base_dtype: str = "float32", rem
         raise Unavailable("peft has no bottleneck (Houlsby) adapters")
     quantized = base_dtype in ("int8", "nf4")
     if quantized and method == "full":
-        raise Unavailable(f"--method=full trains the matrices a {base_dtype} base cannot hold")
+        raise Unavailable(f"--method=full trains the matrices an {base_dtype} base cannot hold")
     if quantized:
         cfg = bnb_config(base_dtype)
         if device != "cuda":
