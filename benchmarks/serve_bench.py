@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_batch", type=int, default=16)
     p.add_argument("--max_wait_ms", type=float, default=5.0)
     p.add_argument("--servers", default="jaxpeft,peer", help="which servers to measure")
+    p.add_argument("--compute", default="auto", help="jaxpeft-serve's --compute (auto: exact on a CPU)")
     p.add_argument("--output", help="write every measurement here as JSON")
     args = p.parse_args(argv)
     from jaxpeft.models.hf_weights import bundled_model_dir, resolve_model_dir
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "jaxpeft": [sys.executable, "-m", "jaxpeft.serving", f"--adapters_dir={root / 'lora'}",
                     *[f"--adapter={d.name}={d}" for fam in ("bitfit", "prefix") for d in dirs[fam]],
-                    "--max_adapters_per_family=64", "--compute=exact", *serve_flags(args, model_dir)],
+                    "--max_adapters_per_family=64", f"--compute={args.compute}", *serve_flags(args, model_dir)],
         "peer": [sys.executable, str(REPO / "benchmarks" / "serve_peer.py"), f"--adapters_dir={root / 'lora'}",
                  *serve_flags(args, model_dir)],
     }

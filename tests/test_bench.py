@@ -196,3 +196,12 @@ def test_memory_table_runs_tiny_on_cpu_and_counts_the_params_transformers_has(tm
     before = (out / "memory.jsonl").read_text()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert p.returncode == 0 and (out / "memory.jsonl").read_text() == before
+
+
+def test_bench_refuses_an_unknown_method_and_family_in_one_line(tmp_path):
+    for flag, word in (("--methods=bitfit,nope", "'nope'"), ("--families=bert,gpt2", "'gpt2'")):
+        p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sizes=tiny", flag,
+                            f"--out={tmp_path / 'b'}"], capture_output=True, text=True, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], p.stderr
+    assert not (tmp_path / "b").exists()

@@ -217,6 +217,12 @@ def main(argv=None) -> int:
     a.sizes, a.timeout = a.sizes or "base", a.timeout or 600
     a.methods = a.methods or "full,frozen,bitfit,prompt,ptuning,prefix,ptuning_v2,lora,ia3,bottleneck"
     families = [f.strip() for f in a.families.split(",") if f.strip()]
+    wanted = [methods.ALIASES.get(m, m) for m in a.methods.split(",") if m]
+    bad = [m for m in wanted if m not in methods.REGISTRY]
+    if bad or not wanted:
+        print(f"error: --methods: unknown method {bad[0] if bad else a.methods!r}; known methods: "
+              f"{', '.join(methods.REGISTRY)}", file=sys.stderr)
+        return 2
     unknown = [f for f in families if f not in step.FAMILY_NAMES]
     if unknown or not families:
         print(f"error: --families: unknown family {unknown[0] if unknown else a.families!r}; the families: "
@@ -240,11 +246,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     peak = a.peak_tflops or (step.matmul_peak_tflops() if dev.platform == "gpu" else 1.0)
     print(f"# {dev.device_kind}: bf16 matmul {peak:.0f} TFLOP/s, compute {spec}", flush=True)
-    wanted = [methods.ALIASES.get(m, m) for m in a.methods.split(",") if m]
-    skipped = [m for m in wanted if m not in methods.REGISTRY]
-    if skipped:
-        print(f"# skipping methods not in this build: {skipped}", flush=True)
-    meths = [m for m in wanted if m in methods.REGISTRY]
+    meths = wanted
     batches = [int(b) for b in a.batches.split(",")]
     peer_batches = [int(b) for b in (a.peer_batches or a.batches).split(",")]
     records: list[dict] = []
