@@ -47,3 +47,9 @@ def test_non_editable_install_ships_every_config_and_trains(tmp_path, glue):
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 4 and res["config"]["config"].startswith(str(target))
     assert res["config"]["learning_rate"] == info["lrs"]["full"] and res["config"]["weight_decay"] == 0.01
+    # the plot comes with a plain install (matplotlib is a core dependency, not an extra)
+    assert (out / "learning_curves.png").stat().st_size > 0
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("matplotlib") for d in deps)
