@@ -174,6 +174,23 @@ def test_cosine_pooling_is_refused(case, glue, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1 and "cosine pooling" in lines[0] and "--pooling=cls" in lines[0], lines
 
 
+def test_config_cosine_pooling_falls_back_to_cls(case, glue, tmp_path, capsys):
+    """BitFit's RTE config pools by the cosine of the pair (tuned on BERT-type pairs); on RoBERTa,
+    whose pairs carry no token types, the default run trains with ``cls`` instead, says so, and the
+    adapter records ``cls``."""
+    import json
+
+    from jaxpeft import cli
+
+    out = tmp_path / "o"
+    argv = [f"--model={case.model_dir}", f"--data_dir={glue}", f"--output_dir={out}", "--task=rte",
+            "--method=bitfit", "--compute=exact", "--max_steps=2", "--max_eval_examples=8", "--no-progress"]
+    assert cli.guarded(lambda: cli.train(argv)) == 0
+    assert "pooling: cls (the bitfit config's cosine pooling" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["config"]["pooling"] == "cls"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["jaxpeft"]["pooling"] == "cls"
+
+
 @pytest.mark.parametrize("key", cli_params())
 def test_cli_trains(case, glue, tmp_path, key):
     cli_run(glue, case.model_dir, tmp_path / "out", key, FAM)

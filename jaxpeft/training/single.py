@@ -77,6 +77,21 @@ def check_pooling(pooling: str, task: tasks.Task, packing_on: bool) -> None:
                             "do not; use --no-packing or another --pooling")
 
 
+def default_pooling(cfg: Any, echo: Callable[[str], None]) -> None:
+    """A method config's ``pooling=cosine`` for a pair task (tuned on BERT-type pairs) falls back to
+    ``cls`` on a family whose pairs have no token types to split them by (RoBERTa, MPNet); a
+    ``--pooling=cosine`` the caller gave is left for :func:`check_pooling`'s model check to refuse."""
+    if cfg.head.pooling != "cosine" or "pooling" in getattr(cfg, "given", {}) or sizes.is_random(cfg.model):
+        return
+    from jaxpeft.models import hf_weights
+
+    family, _ = hf_weights.load_config(hf_weights.resolve_model_dir(cfg.model))
+    if not family.pair_types:
+        cfg.head.pooling = "cls"
+        echo(f"pooling: cls (the {cfg.method} config's cosine pooling splits a pair by token types, which "
+             f"{family.name}'s pairs do not have)")
+
+
 def check_base_dtype(method: Any, compute: Any) -> None:
     """A quantized base must be frozen: a method that trains the matrices refuses it."""
     if compute.quantized and method.trains_matrices:
@@ -94,6 +109,7 @@ class SingleTask(loop.Job):
         if cfg.data.packing and not self.method.supports_packing:
             raise UserError(f"--packing: --method={cfg.method} puts its prompt into every row's input; "
                             "packed rows need the prompt per example, which it does not support")
+        default_pooling(cfg, echo)
         check_pooling(cfg.head.pooling, self.task, cfg.data.packing)
         if cfg.data.packing and self.task.kind == "span":
             raise UserError("--packing: QA windows fill their rows already; use --no-packing")
