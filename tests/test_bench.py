@@ -205,3 +205,18 @@ def test_bench_refuses_an_unknown_method_and_family_in_one_line(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], p.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_run_reuses_the_step_its_memory_analysis_compiled():
+    """On one device the step compiled for XLA's memory analysis at the run's shapes is the one the
+    run executes (no second compilation), and it trains as a freshly compiled step does."""
+    from jaxpeft.compute import Compute
+
+    bc = step.BenchConfig(size="tiny", method="bitfit", batch=4, seq=16, compute=Compute(), steps=1, repeats=1,
+                          warmup=1)
+    su = step.setup_step(bc)
+    assert su.memory(4, 16)["total"] > 0 and (4, 16) in su.compiled
+    reused = step.run(bc, setup=su)
+    assert su.compiled == {}
+    fresh = step.run(bc)
+    assert reused["loss"] == fresh["loss"] and reused["compile_s"] > 0

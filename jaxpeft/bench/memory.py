@@ -193,7 +193,8 @@ def run_child(mc: MemoryConfig, timeout: int) -> dict[str, Any]:
     """:func:`measure` in a child process (one configuration per process: clean peaks, and an
     out-of-memory state never leaks into the next configuration)."""
     base = {"framework": "jaxpeft", **dataclasses.asdict(mc)}
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # the whole card is the limit (JAX's allocator takes 75% of it unless told otherwise)
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     cmd = [sys.executable, "-m", "jaxpeft.bench.memory", json.dumps(dataclasses.asdict(mc))]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

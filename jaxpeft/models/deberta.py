@@ -256,13 +256,15 @@ class DisentangledSelfAttention(nn.Module):
                 return layers.linear(table, kernel, bb, hook, dt, deterministic).reshape(span2, n, d)
 
             bias = jnp.zeros((b, n, t, k.shape[1]), jnp.float32)
+            # Each (query, key) pair's row of the projected table is gathered first, [T, S, n, d]
+            # (no batch axis: cheap, and its gradient is a small scatter), and the terms are then one
+            # batched product each, as many FLOPs as q.k: no [B, n, T, 2 span] scores to gather from.
             if "c2p" in cfg.pos_att_type:
-                c2p = jnp.einsum("btnd,rnd->bntr", q, project("key_proj"), preferred_element_type=jnp.float32)
-                bias = bias + jnp.take_along_axis(c2p, jnp.broadcast_to(index, bias.shape), axis=-1)
+                rel_k = jnp.take(project("key_proj"), index, axis=0)
+                bias = bias + jnp.einsum("btnd,tsnd->bnts", q, rel_k, preferred_element_type=jnp.float32)
             if "p2c" in cfg.pos_att_type:
-                p2c = jnp.einsum("bsnd,rnd->bnsr", k, project("query_proj"), preferred_element_type=jnp.float32)
-                at = jnp.broadcast_to(index.T, (b, n, k.shape[1], t))
-                bias = bias + jnp.swapaxes(jnp.take_along_axis(p2c, at, axis=-1), -1, -2)
+                rel_q = jnp.take(project("query_proj"), index, axis=0)
+                bias = bias + jnp.einsum("bsnd,tsnd->bnts", k, rel_q, preferred_element_type=jnp.float32)
             bias = bias * scale
         rate = 0.0 if deterministic else cfg.attention_probs_dropout_prob
         out = layers.dense_attention(q, k, v, mask, rate, scale=scale, bias=bias)
