@@ -115,7 +115,12 @@ def largest_batch(memory_at, limit: int, batch: int, mode: str, multiple: int = 
     out: dict[str, Any] = {"max_batch_mode": mode}
     if mode == "affine":
         b1, b2 = batch, 2 * batch
-        ok(b1), ok(b2)
+        # the two compilations at once: XLA compiles outside the GIL, and at 10B a compilation is
+        # about a minute
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            seen.update(zip((b1, b2), (int(m) for m in pool.map(memory_at, (b1, b2)))))
         slope = (seen[b2] - seen[b1]) / (b2 - b1)
         fixed = seen[b1] - slope * b1
         mode = "affine" if slope > 0 else "search"   # no growth seen: search instead
