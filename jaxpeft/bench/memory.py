@@ -274,10 +274,13 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CONSUMER_CARD = 24 * 10**9   # bytes of a consumer card (RTX 3090 / 4090), drawn for reference
+
+
 def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
     """``memory.png``: memory (the measured peak, else XLA's plan) against params, log-log, one
     panel per base dtype, one line per method (solid: remat none, dashed: layer), the peer as
-    crosses, the device's memory as a grey line."""
+    crosses, the device's memory as a grey line and a 24 GB consumer card's as a dotted one."""
     try:
         import matplotlib
 
@@ -294,7 +297,7 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
     dtypes = [d for d in BASE_DTYPES if any(r["base_dtype"] == d for r in ours)]
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.5), squeeze=False, sharey=True)
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
-    limit = next((r["limit_bytes"] for r in ours if r.get("limit_bytes")), None)
+    limit = max((r["limit_bytes"] for r in ours if r.get("limit_bytes")), default=None)
     for ax, dtype in zip(axes[0], dtypes):
         labelled = set()
         for method in METHODS:
@@ -318,12 +321,15 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
                 ax.plot(*zip(*peer), "x", ms=7, color=colors[method])
         if limit:
             ax.axhline(limit / GIB, color="grey", lw=1)
+        ax.axhline(CONSUMER_CARD / GIB, color="grey", lw=1, ls=":")   # the document's point: a 24 GB card
         ax.set(xscale="log", yscale="log", xlabel="encoder parameters", title=f"frozen base: {dtype}")
         ax.set_xticks(sorted(x.values()), [f"{s}" for s in sorted(x, key=x.get)], fontsize=8)
         ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("GiB per device (filled: peak; hollow: XLA's plan)")
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title or "Train-step memory (solid: no remat, dashed: remat per layer; x: PyTorch + peft)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
