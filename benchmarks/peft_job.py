@@ -18,7 +18,13 @@ of our runs' config. ``--time_limit`` with ``--state`` splits a long run into pa
 a step boundary, saving its trainable weights, optimizer, schedule, random state and evaluations, and
 the same command resumes it where it stopped, to the same result.
 
-Tasks: GLUE's (``BertForSequenceClassification``, peft ``SEQ_CLS``), and the token and span tasks
+Models: the folder's family (``AutoModelFor...``: BERT, RoBERTa, MPNet...), its peft targets for
+LoRA and IA3 as ours name them (``jaxpeft.bench.peer.PEFT_TARGETS``), token types only where the
+encoder has more than one, and every module of its sequence head beside the encoder trained (as
+ours); BERT's pooler-replacing mean and cosine pooling, its bias-term names and the bottleneck
+adapters stay BERT's (one ``error:`` line elsewhere).
+
+Tasks: GLUE's (``AutoModelForSequenceClassification``, peft ``SEQ_CLS``), and the token and span tasks
 of ``jaxpeft.tasks``: ``--task=pos|ner`` or your own tagging files (``--task_type=tagging
 --train_file=... --validation_file=...``) with ``AutoModelForTokenClassification`` (peft
 ``TOKEN_CLS``), ``--task=squad`` or your own SQuAD files (``--task_type=qa``) with
@@ -36,9 +42,10 @@ other task types do): both sides read a question and its context as two segments
 
 What the peer cannot run (one ``error:`` line, exit status 2):
 
-* ``prefix`` and ``ptuning_v2`` on any task, where transformers' ``BertModel`` takes no
-  ``past_key_values`` (transformers 5: peft's prefix tuning then raises "Model does not support
-  past key values") -- the check reads the installed ``BertModel.forward``;
+* ``prefix`` and ``ptuning_v2`` on any task, where the family's encoder (``BertModel``,
+  ``MPNetModel``...) takes no ``past_key_values`` (transformers 5: peft's prefix tuning then raises
+  "Model does not support past key values") -- the check reads the installed encoder's ``forward``;
+* on a family other than BERT: ``--pooling=mean|cosine``, ``--bitfit_terms``, bottleneck adapters;
 * ``--pooling=mean|cosine`` on token and span tasks (their heads read every token; ours refuses
   them too);
 * your own classification files or ``--dataset`` (the peer reads GLUE's, and own tagging/QA files).
@@ -180,18 +187,49 @@ def cannot_run(a, kind: str) -> str | None:
     if kind != "sequence" and a.pooling != "cls":
         return (f"--pooling={a.pooling} reads one vector per example; the {kind} head of --task={a.task} "
                 "reads every token (ours refuses it too)")
+    family = model_type(a.model)
+    if family != "bert":
+        if a.pooling != "cls":
+            return f"--pooling={a.pooling}: the peer reads a mean only through BERT's pooler (this model is {family})"
+        if a.method in BOTTLENECK:
+            return f"--method={a.method}: the peer's bottleneck adapters are written for BERT's layers (this model is {family})"
+        if a.bitfit_terms:
+            return f"--bitfit_terms names BERT's bias terms (this model is {family})"
     if a.method in ("prefix", "ptuning_v2"):
         import inspect
 
-        from transformers import BertModel
+        import transformers
 
-        if "past_key_values" not in inspect.signature(BertModel.forward).parameters:
-            import transformers
-
+        base = base_model_class(a.model)
+        if "past_key_values" not in inspect.signature(base.forward).parameters:
             return (f"--method={a.method}: peft's prefix tuning ({PEFT_TASK_TYPE[kind]}) hands the prefixes to "
-                    f"BERT as past_key_values, which transformers {transformers.__version__}'s BertModel does not "
-                    "take (peft: 'Model does not support past key values')")
+                    f"the encoder as past_key_values, which transformers {transformers.__version__}'s "
+                    f"{base.__name__} does not take (peft: 'Model does not support past key values')")
     return None
+
+
+def _model_dir(model: str | None) -> Path:
+    from jaxpeft.models import hf_weights
+
+    return Path(hf_weights.resolve_model_dir(model or hf_weights.DEFAULT_MODEL))
+
+
+def model_type(model: str | None) -> str:
+    """The ``model_type`` of the model folder (``bert``, ``mpnet``, ``roberta``...)."""
+    return json.loads((_model_dir(model) / "config.json").read_text())["model_type"]
+
+
+def base_model_class(model: str | None):
+    """transformers' encoder class of the model folder's family (``BertModel``, ``MPNetModel``...)."""
+    from transformers import MODEL_MAPPING, AutoConfig
+
+    return MODEL_MAPPING[type(AutoConfig.from_pretrained(str(_model_dir(model))))]
+
+
+def takes_token_types(model) -> bool:
+    """Whether the encoder reads token types (BERT, ELECTRA); RoBERTa's single type, and families
+    without any (MPNet, DistilBERT, DeBERTa-v2 as configured), get none."""
+    return getattr(model.config, "type_vocab_size", 0) > 1
 
 
 class TokenTypes:
@@ -201,7 +239,7 @@ class TokenTypes:
 
     def __init__(self, model):
         self.types = None
-        model.bert.register_forward_pre_hook(self, with_kwargs=True)
+        getattr(model, model.base_model_prefix).register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         import torch
@@ -226,16 +264,21 @@ def build(model_dir: str, a, num_labels: int, kind: str = "sequence"):
     import torch
     import transformers
 
+    from jaxpeft.bench.peer import PEFT_TARGETS, head_names
+
     if kind == "span":
         model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
-        model.token_types = TokenTypes(model)
+        if takes_token_types(model):
+            model.token_types = TokenTypes(model)
     elif kind == "token":
         model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=num_labels,
                                                                              dtype=torch.float32)
-    else:
-        model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
-                                                                           dtype=torch.float32)
-    head = HEAD[kind] + "."
+    else:   # the folder's family: BertForSequenceClassification, MPNetForSequenceClassification...
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                                                dtype=torch.float32)
+    family = model.config.model_type
+    # the head: every top-level module beside the encoder (DeBERTa's pooler too) on a sequence task
+    heads = head_names(model) if kind == "sequence" else [HEAD[kind]]
     if a.pooling == "mean":
         read_mean(model)
     elif a.pooling == "cosine":
@@ -250,7 +293,7 @@ def build(model_dir: str, a, num_labels: int, kind: str = "sequence"):
             sites = ("attention", "output") if a.adapter_type == "houlsby" else ("output",)
             add_adapters(model, a.adapter_size, sites)
         for name, p in model.named_parameters():
-            if a.method == "full" or name.startswith(head):
+            if a.method == "full" or name.split(".", 1)[0] in heads:
                 p.requires_grad = True
             elif a.method == "bitfit":
                 p.requires_grad = name.endswith("bias") and (bias is None or bool(bias.search(_ours(name))))
@@ -262,24 +305,34 @@ def build(model_dir: str, a, num_labels: int, kind: str = "sequence"):
     import peft
 
     v, H, task_type = a.num_virtual_tokens, model.config.hidden_size, PEFT_TASK_TYPE[kind]
+    # the family's targets as ours name them (jaxpeft.bench.peer.PEFT_TARGETS); BERT: peft's own
+    lora_targets, ia3_targets, ia3_ff = PEFT_TARGETS.get(family, (("query", "value"), None, None))
+    ia3_targets, ia3_ff = (list(ia3_targets) if ia3_targets else None), (list(ia3_ff) if ia3_ff else None)
+    # peft adds the classifier itself; the head's other modules (DeBERTa's pooler) train with it, as ours
+    more = [h for h in heads if h != HEAD[kind]] or None
     kinds = {
         "prompt": lambda: peft.PromptTuningConfig(
             task_type=task_type, num_virtual_tokens=v,
-            prompt_tuning_init={"sample_vocab": "SAMPLE_VOCAB"}.get(a.prompt_init, "RANDOM")),
+            prompt_tuning_init={"sample_vocab": "SAMPLE_VOCAB"}.get(a.prompt_init, "RANDOM"), modules_to_save=more),
         "ptuning": lambda: peft.PromptEncoderConfig(
             task_type=task_type, num_virtual_tokens=v, encoder_reparameterization_type=a.encoder_type.upper(),
             encoder_num_layers=a.encoder_num_layers,   # ours: H/2 per LSTM direction, H for the MLP
-            encoder_hidden_size=a.encoder_hidden_size or H // (2 if a.encoder_type == "lstm" else 1)),
+            encoder_hidden_size=a.encoder_hidden_size or H // (2 if a.encoder_type == "lstm" else 1),
+            modules_to_save=more),
         "prefix": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=v, prefix_projection=True,
-                                                  encoder_hidden_size=a.encoder_hidden_size or 512),
-        "ptuning_v2": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=v),
+                                                  encoder_hidden_size=a.encoder_hidden_size or 512,
+                                                  modules_to_save=more),
+        "ptuning_v2": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=v,
+                                                      modules_to_save=more),
         "lora": lambda: peft.LoraConfig(task_type=task_type, r=a.lora_r, lora_alpha=a.lora_alpha,
                                         lora_dropout=a.lora_dropout,
-                                        target_modules=(a.target_modules or "query,value").split(","),
-                                        use_dora=a.use_dora, use_rslora=a.use_rslora),
-        "ia3": lambda: peft.IA3Config(   # None: peft's defaults for BERT, as ours
-            task_type=task_type, target_modules=a.target_modules.split(",") if a.target_modules else None,
-            feedforward_modules=a.feedforward_modules.split(",") if a.feedforward_modules else None),
+                                        target_modules=(a.target_modules or ",".join(lora_targets)).split(","),
+                                        use_dora=a.use_dora, use_rslora=a.use_rslora, modules_to_save=more),
+        "ia3": lambda: peft.IA3Config(   # None on BERT: peft's defaults, as ours; the family's elsewhere
+            task_type=task_type,
+            target_modules=a.target_modules.split(",") if a.target_modules else ia3_targets,
+            feedforward_modules=a.feedforward_modules.split(",") if a.feedforward_modules else ia3_ff,
+            modules_to_save=more),
     }
     if a.method not in kinds:
         raise SystemExit(f"the peer has no method {a.method!r}")
@@ -493,6 +546,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
     t0 = time.perf_counter()
     model = build(model_dir, a, task.num_labels, kind).to(dev)
     types_hook = getattr(model, "token_types", None)
+    types = takes_token_types(model)
     t_startup = t_import + time.perf_counter() - t0
     if keep is not None:
         keep.update(model=model, task=task, dev_raw=dev_raw, dev=dev_enc, train=train)
@@ -501,7 +555,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
         if a.pooling == "cosine":
             b = split_pairs(b)
         out = {k: torch.from_numpy(b[k]).to(dev, non_blocking=True).long()
-               for k in ("input_ids", "attention_mask", "token_type_ids")}
+               for k in ("input_ids", "attention_mask") + (("token_type_ids",) if types else ())}
         if types_hook is not None:
             types_hook.types = out["token_type_ids"]
         return out

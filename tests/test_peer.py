@@ -352,3 +352,83 @@ def test_peer_refuses_what_it_cannot_run(tiny_bert_dir, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == CANNOT and err[-1].startswith("error: ") and needle in err[-1]
         assert sum(x.startswith("error:") for x in err) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_family_dirs(tmp_path_factory, minilm_dir, glue):
+    """Tiny random MPNet (WordPiece, no token types) and RoBERTa (BPE, one token type) folders with
+    a trained sequence head, as a sentence-transformers or hub checkpoint of the family would be."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from encoder_family_helpers import TINY as FAMILY_TINY
+    from encoder_family_helpers import bpe_tokenizer, corpus, mpnet_tokenizer
+    from transformers import MPNetConfig, MPNetForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    out = {}
+    d = tmp_path_factory.mktemp("peer-mpnet")
+    vocab = mpnet_tokenizer(d, minilm_dir)
+    torch.manual_seed(0)
+    MPNetForSequenceClassification(MPNetConfig(vocab_size=vocab, **FAMILY_TINY, max_position_embeddings=130,
+                                               pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(str(d))
+    out["mpnet"] = d
+    d = tmp_path_factory.mktemp("peer-roberta")
+    bpe_tokenizer(d, corpus(glue))
+    vocab = len(__import__("json").loads((d / "tokenizer.json").read_text())["model"]["vocab"])
+    RobertaForSequenceClassification(RobertaConfig(vocab_size=vocab, **FAMILY_TINY, max_position_embeddings=130,
+                                                   type_vocab_size=1, pad_token_id=1)).save_pretrained(str(d))
+    out["roberta"] = d
+    return out
+
+
+@pytest.mark.parametrize("family", ["mpnet", "roberta"])
+@pytest.mark.parametrize("method", ["full", "frozen", "bitfit", "lora", "ia3"])
+def test_peer_of_another_family_loads_its_weights_and_trains_what_ours_trains(family, method, tiny_family_dirs,
+                                                                             glue, tmp_path):
+    """The peer's sequence classifier is the folder's family with every weight of the folder (before,
+    MPNet's went into a BERT of random weights), and it trains what ours trains: the same number of
+    parameters, on the family's own LoRA/IA3 targets."""
+    import torch
+    from safetensors.torch import load_file
+
+    d = tiny_family_dirs[family]
+    cfg = config.build({"method": method, "task": "rte", "model": str(d), "data_dir": str(glue),
+                        "output_dir": str(tmp_path / "run")})
+    report = single.SingleTask(cfg, echo=lambda s: None).param_report()
+    model = build(str(d), peer_namespace(peer_args(cfg)), num_labels=2)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert base.config.model_type == family and type(base).__name__.lower().startswith(family)
+    saved = load_file(str(d / "model.safetensors"))
+    state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    enc = [k for k in saved if ".layer.1." in k and k.endswith("weight")]
+    assert enc and all(torch.equal(state[k], saved[k]) for k in enc), "the encoder's weights did not load"
+    theirs = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert theirs == report["trainable_params"]
+    if method in ("lora", "ia3"):
+        from jaxpeft.bench.peer import PEFT_TARGETS
+
+        names = [n for n, p in model.named_parameters() if p.requires_grad and f"{method}_" in n]
+        assert names and all(any(f".{t}." in n for t in PEFT_TARGETS[family][0 if method == "lora" else 1])
+                             for n in names)
+
+
+def test_peer_of_another_family_runs_and_refuses_what_is_bert_only(tiny_family_dirs, glue, capsys):
+    """A whole peer run on MPNet (no token types in its forward) trains and scores; BERT-only options
+    end in one ``error:`` line."""
+    import json
+
+    from benchmarks.peft_job import CANNOT, main
+
+    d = tiny_family_dirs["mpnet"]
+    main(["--method=lora", "--task=rte", f"--data_dir={glue}", f"--model={d}", "--max_steps=2",
+          "--max_train_examples=64", "--max_eval_examples=32", "--learning_rate=1e-3"])
+    out = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
+    assert out["steps"] == 2 and 0.0 <= out["final_dev"]["accuracy"] <= 1.0
+    for flags, needle in ((["--method=lora", "--pooling=mean"], "--pooling=mean"),
+                          (["--method=bottleneck"], "bottleneck"), (["--method=bitfit", "--bitfit_terms=b_q"], "bias terms")):
+        with pytest.raises(SystemExit) as e:
+            main(["--task=rte", f"--data_dir={glue}", f"--model={d}", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == CANNOT and err[-1].startswith("error: ") and needle in err[-1], err
