@@ -20,6 +20,7 @@ virtual-token embeddings for its input and/or per-layer key/value prefixes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -126,19 +127,12 @@ def linear(x: Array, kernel: Array, bias: Array | None, hook: nn.Module | None, 
     return apply_change(matmul(xin, kernel, dt), change, bias, dt)
 
 
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(2,))
 def _concat_matmul(x: Array, kernels: tuple[Array, ...], dt: Any) -> Array:
     """``x @ concat(kernels)``, rematerialised: the backward pass concatenates the kernels again
     instead of keeping each layer's concatenated copy alive from the forward pass (with the layers
     unrolled, those copies add up to one more copy of the attention's q/k/v kernels)."""
-    return _concat_matmul_remat(x, kernels, jnp.dtype(dt))
-
-
-def _concat_matmul_impl(x: Array, kernels: tuple[Array, ...], dt: Any) -> Array:
     return matmul(x, jnp.concatenate(kernels, axis=1), dt)
-
-
-_concat_matmul_remat = jax.checkpoint(_concat_matmul_impl, policy=jax.checkpoint_policies.nothing_saveable,
-                                      static_argnums=(2,))
 
 
 def fused_linear(x: Array, parts: Sequence[tuple[Array, Array | None, nn.Module | None]], dt: Any,
@@ -156,7 +150,7 @@ def fused_linear(x: Array, parts: Sequence[tuple[Array, Array | None, nn.Module 
         ys = [matmul(x if c is None or c.in_scale is None else x * c.in_scale.astype(x.dtype), k, dt)
               for (k, _, _), c in zip(parts, changes)]
     else:
-        y = _concat_matmul(x, tuple(k for k, _, _ in parts), dt)
+        y = _concat_matmul(x, tuple(k for k, _, _ in parts), jnp.dtype(dt))
         if all(c is None for c in changes):
             return y, [b for _, b, _ in parts]
         bounds = [int(s) for s in np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]]
