@@ -196,15 +196,9 @@ def cannot_run(a, kind: str) -> str | None:
         if a.bitfit_terms:
             return f"--bitfit_terms names BERT's bias terms (this model is {family})"
     if a.method in ("prefix", "ptuning_v2"):
-        import inspect
+        from jaxpeft.bench.peer import prefix_refusal
 
-        import transformers
-
-        base = base_model_class(a.model)
-        if "past_key_values" not in inspect.signature(base.forward).parameters:
-            return (f"--method={a.method}: peft's prefix tuning ({PEFT_TASK_TYPE[kind]}) hands the prefixes to "
-                    f"the encoder as past_key_values, which transformers {transformers.__version__}'s "
-                    f"{base.__name__} does not take (peft: 'Model does not support past key values')")
+        return prefix_refusal(a.method, base_model_class(a.model), PEFT_TASK_TYPE[kind])
     return None
 
 

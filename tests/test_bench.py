@@ -220,3 +220,46 @@ def test_a_run_reuses_the_step_its_memory_analysis_compiled():
     assert su.compiled == {}
     fresh = step.run(bc)
     assert reused["loss"] == fresh["loss"] and reused["compile_s"] > 0
+
+
+def test_bench_peer_refuses_prefix_methods_whose_prefixes_cannot_reach_attention(monkeypatch):
+    """The peer's memory/speed row of prefix tuning or P-tuning v2 is measured only where peft's
+    prefixes change the model's output. Where peft refuses the encoder (transformers 5's
+    ``RobertaModel`` takes no ``past_key_values``) the row is refused with peft's reason; where the
+    prefixes would be swallowed without a word (here: a task model whose encoder ignores them),
+    it is refused too, instead of timing a prefix encoder whose output reaches nothing."""
+    import peft
+    import pytest
+    import torch
+    import transformers
+
+    from jaxpeft.bench import peer
+
+    for method in ("prefix", "ptuning_v2"):
+        with pytest.raises(peer.Unavailable, match=f"--method={method}: .*past.key.values"):
+            peer.build("tiny", method, 4, family="roberta")
+    # an encoder that takes the prefixes and drops them: the check sees the logits unmoved
+    model = transformers.AutoModelForSequenceClassification.from_config(peer.hf_config("roberta", "tiny"))
+    encoder = type(model.roberta)
+    plain = encoder.forward
+
+    def swallowing(self, input_ids=None, attention_mask=None, past_key_values=None, **kw):
+        return plain(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(encoder, "forward", swallowing)
+    wrapped = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    assert "transformers" in peer.prefixes_dropped(wrapped, "prefix")
+    assert peer.prefixes_dropped(wrapped, "lora") is None
+    # where the prefixes do reach attention (a model that adds their sum to the logits), it passes
+    swallowing_logits = wrapped(input_ids=torch.arange(5, 11)[None]).logits
+
+    def reading(self, input_ids=None, attention_mask=None, past_key_values=None, **kw):
+        out = plain(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+        layers = getattr(past_key_values, "layers", None)
+        shift = layers[0].keys.sum() if layers is not None else past_key_values[0][0].sum()
+        out.last_hidden_state = out.last_hidden_state + 1e-3 * shift
+        return out
+
+    monkeypatch.setattr(encoder, "forward", reading)
+    assert peer.prefixes_dropped(wrapped, "prefix") is None
+    assert torch.isfinite(swallowing_logits).all()

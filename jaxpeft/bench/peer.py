@@ -114,6 +114,59 @@ class Unavailable(Exception):
     """What this peer cannot run here (a missing package, no GPU): one line, exit status 2."""
 
 
+def prefix_refusal(method: str, base_cls, task_type: str = "SEQ_CLS") -> str | None:
+    """Why peft cannot run prefix tuning / P-tuning v2 on the encoder class ``base_cls``, or None:
+    peft hands the prefixes to the encoder as ``past_key_values``, which transformers 5's encoders
+    (``BertModel``, ``MPNetModel``...) may not take."""
+    import inspect
+
+    if method not in ("prefix", "ptuning_v2"):
+        return None
+    if "past_key_values" in inspect.signature(base_cls.forward).parameters:
+        return None
+    import transformers
+
+    return (f"--method={method}: peft's prefix tuning ({task_type}) hands the prefixes to the encoder as "
+            f"past_key_values, which transformers {transformers.__version__}'s {base_cls.__name__} does not "
+            f"take (peft: 'Model does not support past key values')")
+
+
+def prefixes_dropped(model, method: str) -> str | None:
+    """Why ``model`` (peft's prefix model) cannot be measured, or None: a forward pass must fail or
+    change when the prefix encoder's weights move. An encoder that swallows ``past_key_values`` in
+    ``**kwargs`` would time a prefix encoder whose output never reaches attention."""
+    import torch
+    import transformers
+
+    if method not in ("prefix", "ptuning_v2"):
+        return None
+    dev = next(model.parameters()).device
+    ids = torch.arange(5, 11, device=dev)[None]
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    weights = list(model.prompt_encoder.parameters())
+    kept = [w.detach().clone() for w in weights]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = model(**x).logits.float()
+            for w in weights:
+                w.add_(torch.randn_like(w))
+            after = model(**x).logits.float()
+    except (ValueError, TypeError) as e:
+        return f"--method={method}: peft cannot run it on this encoder ({str(e).splitlines()[0]})"
+    finally:
+        with torch.no_grad():
+            for w, k in zip(weights, kept):
+                w.copy_(k)
+        model.train(was_training)
+    if torch.equal(before, after):
+        base = type(model.get_base_model().base_model).__name__
+        return (f"--method={method}: transformers {transformers.__version__}'s {base} drops the prefixes peft "
+                "hands it as past_key_values, so the run would train a prefix that never reaches attention")
+    return None
+
+
 def hf_config(family: str, size: str = "base", num_labels: int = 2):
     """transformers' config of ``family`` (not ``bert``: see :data:`FAMILY_CONFIGS`) at ``size``
     (``base`` or ``tiny``), with a sequence-classification head of ``num_labels``."""
@@ -262,6 +315,9 @@ def build(size: str, method: str, virtual: int, base_dtype: str = "float32", rem
         if method not in kinds:
             raise SystemExit(f"unknown method {method!r}")
         model = peft.get_peft_model(model, kinds[method]())
+        refusal = prefixes_dropped(model, method)
+        if refusal:
+            raise Unavailable(refusal)
     if base_dtype == "bfloat16" and method != "full":
         _store_frozen_bf16(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return model.to(device) if not quantized else model
