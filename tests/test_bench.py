@@ -230,7 +230,6 @@ def test_bench_peer_refuses_prefix_methods_whose_prefixes_cannot_reach_attention
     it is refused too, instead of timing a prefix encoder whose output reaches nothing."""
     import peft
     import pytest
-    import torch
     import transformers
 
     from jaxpeft.bench import peer
@@ -250,8 +249,7 @@ def test_bench_peer_refuses_prefix_methods_whose_prefixes_cannot_reach_attention
     wrapped = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
     assert "transformers" in peer.prefixes_dropped(wrapped, "prefix")
     assert peer.prefixes_dropped(wrapped, "lora") is None
-    # where the prefixes do reach attention (a model that adds their sum to the logits), it passes
-    swallowing_logits = wrapped(input_ids=torch.arange(5, 11)[None]).logits
+    # where the prefixes do reach the output (an encoder that adds their keys' sum), it passes
 
     def reading(self, input_ids=None, attention_mask=None, past_key_values=None, **kw):
         out = plain(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
@@ -262,4 +260,3 @@ def test_bench_peer_refuses_prefix_methods_whose_prefixes_cannot_reach_attention
 
     monkeypatch.setattr(encoder, "forward", reading)
     assert peer.prefixes_dropped(wrapped, "prefix") is None
-    assert torch.isfinite(swallowing_logits).all()
