@@ -55,6 +55,15 @@ class Optim:
         options.check(self)
 
 
+def check_length_buckets(v: str) -> str | None:
+    if v in ("auto", "all"):
+        return None
+    parts = [p.strip() for p in str(v).split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        return "must be auto, all, or positive lengths separated by commas, such as 64,128"
+    return None
+
+
 @dataclasses.dataclass
 class Data:
     """What is read and how it is batched."""
@@ -82,11 +91,20 @@ class Data:
     max_train_examples: int = option(0, "use only the first N training examples (0: all)", non_negative)
     max_eval_examples: int = option(0, "use only the first N dev examples (0: all)", non_negative)
     eval_batch_size: int = option(128, "examples per prediction batch", positive, resume=False)
+    length_buckets: str = option("auto", "lengths batches are padded to: auto (the fewest expected seconds, "
+                                 "compiling against padding, for this run on this device), all (every power "
+                                 "of two up to --max_seq_length), or a comma list such as 64,128 (the "
+                                 "longest length is always added)", check_length_buckets, resume=False)
     packing: bool = option(False, "pack several examples into each row (one compiled shape, no padding "
                                   "computed); full, frozen, bitfit, prefix, ptuning_v2, lora, adapter")
 
     def __post_init__(self):
         options.check(self)
+        if self.length_buckets not in ("auto", "all"):
+            longer = [int(p) for p in self.length_buckets.split(",") if int(p) > self.max_seq_length]
+            if longer:
+                raise UserError(f"--length_buckets={self.length_buckets}: {longer[0]} is longer than "
+                                f"--max_seq_length={self.max_seq_length}")
 
 
 @dataclasses.dataclass

@@ -153,3 +153,59 @@ def test_vocabulary_and_special_tokens_without_transformers_equal_transformers(m
     assert ours.all_special_ids == sorted(ref.all_special_ids)
     assert ours._hf is None                      # transformers' tokenizer was never loaded
     np.testing.assert_array_equal(ordinary_token_ids(ours), ordinary_token_ids(ref))
+
+
+def _brute_force_cost(train, evals, chosen, row, program):
+    """The expected seconds of padding to ``chosen``, counted by hand (the planner's reference)."""
+    seconds, programs = 0.0, 0
+    for rows, is_train in ((train, True), (evals, False)):
+        used = set()
+        for w, n in rows.items():
+            b = min(c for c in chosen if c >= w)
+            used.add(b)
+            seconds += n * row(b, is_train)
+        programs += len(used)
+    return seconds + programs * program
+
+
+def test_plan_buckets_weighs_compiling_against_padding():
+    ladder = batching.length_buckets(256)                      # (16, 32, 64, 128, 256)
+    row = lambda w, train: w * (3.0 if train else 1.0) * 1e-6  # noqa: E731  (seconds per row)
+    train, evals = {16: 50_000, 64: 20_000, 256: 1_000}, {16: 2_000, 256: 500}
+    # compiling is free: every length in use, none that no batch has
+    assert batching.plan_buckets(train, evals, ladder, row, 0.0) == (16, 64, 256)
+    # compiling is dear: one length
+    assert batching.plan_buckets(train, evals, ladder, row, 1e6) == (256,)
+    # in between: the plan is the cheapest subset, by hand over all of them
+    import itertools
+    for program in (0.05, 0.5, 2.0, 5.0, 20.0):
+        plan = batching.plan_buckets(train, evals, ladder, row, program)
+        best = min(_brute_force_cost(train, evals, sub + (256,), row, program)
+                   for k in range(4) for sub in itertools.combinations((16, 64), k))
+        assert _brute_force_cost(train, evals, plan, row, program) == pytest.approx(best)
+    # by hand at 20 s a program: (256,) 95.2 s, (16, 256) 98.7, (64, 256) 94.5, (16, 64, 256) 107.0
+    assert batching.plan_buckets(train, evals, ladder, row, 20.0) == (64, 256)
+    # a tie keeps the finer plan
+    assert batching.plan_buckets({16: 1}, {}, ladder, lambda w, t: 0.0, 0.0) == (16, 256)
+
+
+def test_chosen_buckets_pad_batches_but_keep_the_order(glue, tokenizer):
+    ex = glue_tasks.load_split(glue_tasks.get_task("rte"), "dev", glue)
+    enc = encoding.encode(tokenizer, ex, max_length=128)
+    fine = batching.BucketBatches(enc, 16, 128, seed=3)
+    coarse = batching.BucketBatches(enc, 16, 128, seed=3)
+    coarse.use_buckets((64, 128))
+    for e in (0, 1):
+        assert all(np.array_equal(a, b) for a, b in zip(fine.order(e), coarse.order(e)))
+        assert batching.order_digest(fine.order(e)) == batching.order_digest(coarse.order(e))
+    widths = {coarse.batch(i)["input_ids"].shape[1] for i in coarse.order(0)}
+    assert widths <= {64, 128} and len({fine.batch(i)["input_ids"].shape[1] for i in fine.order(0)}) > 2
+    rows = fine.ladder_rows(0)
+    assert sum(rows.values()) == 16 * fine.steps_per_epoch and set(rows) <= set(fine.ladder)
+    for i in coarse.order(0)[:5]:                         # same examples, more padding
+        a, b = fine.batch(i), coarse.batch(i)
+        w = a["input_ids"].shape[1]
+        assert np.array_equal(b["input_ids"][:, :w], a["input_ids"]) and not b["input_ids"][:, w:].any()
+        assert np.array_equal(b["attention_mask"].sum(1), a["attention_mask"].sum(1))
+    with pytest.raises(ValueError, match="longest length 128"):
+        coarse.use_buckets((64,))

@@ -25,11 +25,11 @@ METHODS = {"bitfit": {}, "prompt": {"num_virtual_tokens": 4}}
 
 def base_config(method: str, glue: Path, model: Path, out: Path) -> dict:
     # 88 examples in batches of 16: 6 steps an epoch, the last one half filler rows; 8 steps cross
-    # into epoch 1. Lengths up to 32 use both buckets (16, 32). Dropout is on.
+    # into epoch 1. Lengths up to 32 use both buckets (16, 32), kept with length_buckets=all. Dropout is on.
     return dict(method=method, task="sst2", model=str(model), data_dir=str(glue), output_dir=str(out),
                 max_train_examples=88, max_eval_examples=40, batch_size=16, eval_batch_size=16,
                 max_seq_length=32, max_steps=8, learning_rate=1e-2, log_every=1, progress=False,
-                seed=1, packing=False, **METHODS[method])
+                seed=1, packing=False, length_buckets="all", **METHODS[method])
 
 
 _REFERENCE: dict[str, dict] = {}

@@ -159,3 +159,26 @@ def test_peft_lora_adapter_of_a_task_kind_loads_in_jaxpeft(tiny_bert_dir, tmp_pa
     ours_out, enc = jax_outputs(loaded, params, folder.method, rec_task, kind)
     theirs, real = torch_outputs(pm.eval(), tiny_bert_dir, enc, kind)
     np.testing.assert_allclose(ours_out[:, :theirs.shape[1]][real], theirs[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["token", "span"])
+def test_padding_to_fewer_lengths_keeps_every_output(tiny_bert_dir, kind):
+    """``--length_buckets``: the same examples padded to the longest length only give the same
+    per-token outputs as padded to the smallest bucket that fits each batch."""
+    from jaxpeft.data.batches import BucketBatches
+    from jaxpeft.training import steps
+
+    method = methods.create("lora", {})
+    loaded, params, task = ours(tiny_bert_dir, method, kind)
+    enc = task.encode(loaded.tokenizer, raw(kind), SEQ)
+    trainable, frozen = masks.split(params, method.mask(params, BERT, head_modules(BERT, task.head())))
+    fn = jax.jit(steps.make_predict_step(loaded.module))
+    fine, coarse = BucketBatches(enc, 2, SEQ, 0), BucketBatches(enc, 2, SEQ, 0)
+    coarse.use_buckets((SEQ,))
+    widths = {b["input_ids"].shape[1] for b in fine.eval_batches(enc, 2)}
+    assert max(widths) < SEQ and {b["input_ids"].shape[1] for b in coarse.eval_batches(enc, 2)} == {SEQ}
+    a = steps.predict_outputs(fn, trainable, frozen, fine.eval_batches(enc, 2), len(enc), length=SEQ)
+    b = steps.predict_outputs(fn, trainable, frozen, coarse.eval_batches(enc, 2), len(enc), length=SEQ)
+    real = np.arange(SEQ)[None] < enc.lengths[:, None]
+    np.testing.assert_allclose(a[real], b[real], atol=1e-5)
+    assert np.abs(a[real]).max() > 0.1

@@ -102,8 +102,10 @@ def test_ner_scores_equal_seqeval_and_iob1_equals_iob2(conll_train):
         assert got["recall"] == metrics.recall_score(gold, pred)
         assert got["accuracy"] == metrics.accuracy_score(gold, pred)
         report = metrics.classification_report(gold, pred, output_dict=True)
-        assert {k: v["f1"] for k, v in got["per_type"].items()} == \
-            {k: report[k]["f1-score"] for k in ("LOC", "MISC", "ORG", "PER")}
+        assert got["per_type"] == {k: {"precision": report[k]["precision"], "recall": report[k]["recall"],
+                                       "f1": report[k]["f1-score"], "support": report[k]["support"]}
+                                   for k in ("LOC", "MISC", "ORG", "PER")}
+        assert got["f1"] == report["micro avg"]["f1-score"]
         g2, p2 = [conll.iob1_to_iob2(s) for s in gold], [conll.iob1_to_iob2(s) for s in pred]
         assert metrics.f1_score(g2, p2) == pytest.approx(got["f1"], abs=1e-12)
         assert conll.ner_scores(g2, p2)["f1"] == pytest.approx(got["f1"], abs=1e-12)

@@ -6,7 +6,8 @@ shapes are ever compiled (:class:`BucketBatches`; packed rows of one shape are
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator, Sequence
+import itertools
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +21,42 @@ def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
         b *= 2
     out.append(max_length)
     return tuple(out)
+
+def plan_buckets(train_rows: Mapping[int, int], eval_rows: Mapping[int, int], ladder: Sequence[int],
+                 row_seconds: Callable[[int, bool], float], program_seconds: float) -> tuple[int, ...]:
+    """The length buckets a run compiles: the subset of ``ladder`` (its largest always kept) with
+    the fewest expected seconds, counting ``program_seconds`` for each program compiled (a train
+    and a predict program per bucket that its batches use) and ``row_seconds(width, train)`` for
+    each row computed at a padded width. Lengths no batch uses are left out.
+
+    ``train_rows`` / ``eval_rows``: rows over the whole run by the ``ladder`` width of their batch
+    (its smallest bucket that fits). A short run on a fast device pads to fewer lengths, a long one
+    keeps them all. Ties go to more buckets (less padding). Exhaustive: the ladder of powers of two
+    has at most a few entries (512 tokens: 6, 8192: 10).
+    """
+    ladder = tuple(sorted(ladder))
+    top = ladder[-1]
+    rest = tuple(w for w in ladder[:-1] if train_rows.get(w) or eval_rows.get(w))   # lengths in use
+
+    def cost(chosen: tuple[int, ...]) -> float:
+        total = 0.0
+        for rows, train in ((train_rows, True), (eval_rows, False)):
+            used = set()
+            for w, n in rows.items():
+                b = bucket_for(w, chosen)
+                used.add(b)
+                total += n * row_seconds(b, train)
+            total += program_seconds * len(used)
+        return total
+
+    best = rest + (top,)
+    best_cost = cost(best)
+    for k in range(len(rest) - 1, -1, -1):    # fewer buckets after more: a tie keeps more
+        for sub in itertools.combinations(rest, k):
+            c = cost(sub + (top,))
+            if c < best_cost - 1e-12:
+                best, best_cost = sub + (top,), c
+    return best
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
@@ -134,7 +171,10 @@ class BucketBatches:
 
     def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int):
         self.data, self.batch_size, self.seed = encoded, batch_size, seed
-        self.buckets = length_buckets(max_length)
+        #: every power of two up to ``max_length``: what orders an epoch's batches
+        self.ladder = length_buckets(max_length)
+        #: the lengths batches are padded to (:meth:`use_buckets`; default: the whole ladder)
+        self.buckets = self.ladder
         self.steps_per_epoch = max(1, -(-len(encoded) // batch_size))
         self._cache: dict[int, list[np.ndarray]] = {}
 
@@ -146,13 +186,44 @@ class BucketBatches:
         """The epoch's steps, each an index array of the examples of its batch (``-1``: filler)."""
         if epoch not in self._cache:
             batches = epoch_order(self.data.lengths, self.batch_size, self.seed, epoch)
-            self._cache = {epoch: in_runs(batches, [self.width(b) for b in batches], self.RUN,
+            # runs by the ladder, not the chosen buckets: the order is the same whichever are chosen
+            self._cache = {epoch: in_runs(batches, [self.ladder_width(b) for b in batches], self.RUN,
                                           self.seed, epoch)}
         return self._cache[epoch]
 
     def width(self, idx: np.ndarray) -> int:
+        """The padded length of the batch ``idx``."""
         real = idx[idx >= 0]
         return bucket_for(int(self.data.lengths[real].max(initial=1)), self.buckets)
+
+    def ladder_width(self, idx: np.ndarray) -> int:
+        real = idx[idx >= 0]
+        return bucket_for(int(self.data.lengths[real].max(initial=1)), self.ladder)
+
+    def use_buckets(self, buckets: Sequence[int]) -> None:
+        """Pads batches to ``buckets`` (lengths of the ladder, its largest included) from now on;
+        the order of the examples does not change."""
+        buckets = tuple(sorted(set(int(b) for b in buckets)))
+        if not buckets or buckets[-1] != self.ladder[-1]:
+            raise ValueError(f"buckets {buckets} must end with the longest length {self.ladder[-1]}")
+        self.buckets = buckets
+
+    def ladder_rows(self, epoch: int = 0) -> dict[int, int]:
+        """Rows of one epoch's batches by their ladder width (filler rows included: they are computed)."""
+        out: dict[int, int] = {}
+        for b in self.order(epoch):
+            w = self.ladder_width(b)
+            out[w] = out.get(w, 0) + len(b)
+        return out
+
+    def eval_ladder_rows(self, encoded: Encoded, batch_size: int) -> dict[int, int]:
+        """Rows of one pass of :meth:`eval_batches` by their ladder width."""
+        out: dict[int, int] = {}
+        for idx in eval_order(encoded.lengths, batch_size):
+            real = idx[idx >= 0]
+            w = bucket_for(int(encoded.lengths[real].max(initial=1)), self.ladder)
+            out[w] = out.get(w, 0) + len(idx)
+        return out
 
     def batch(self, idx: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return make_batch(self.data, idx, self.buckets, rows)

@@ -346,15 +346,17 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
     """
     try:
         from seqeval import metrics
+        from seqeval.metrics.sequence_labeling import get_entities, precision_recall_fscore_support
     except ImportError:
         raise UserError("NER scores need the `seqeval` package (pip install seqeval)") from None
     _check_shapes(gold, pred)
     y_true, y_pred = [list(s) for s in gold], [list(s) for s in pred]
-    report = metrics.classification_report(y_true, y_pred, output_dict=True, zero_division=0)
-    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]),
-                    "f1": float(v["f1-score"]), "support": int(v["support"])}
-                for k, v in report.items() if not k.endswith(" avg")}
-    micro = report["micro avg"]   # what seqeval's precision_score / recall_score / f1_score return
-    return {"precision": float(micro["precision"]), "recall": float(micro["recall"]),
-            "f1": float(micro["f1-score"]), "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
-            "per_type": per_type}
+    # what seqeval's classification_report reports per type and as its micro average, in the two
+    # passes of its own scoring function that those take (the report makes three more)
+    names = sorted({t for t, _, _ in get_entities(y_true)} | {t for t, _, _ in get_entities(y_pred)})
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    per_type = {k: {"precision": float(a), "recall": float(b), "f1": float(c), "support": int(d)}
+                for k, a, b, c, d in zip(names, p, r, f, n)}
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, average="micro", zero_division=0)
+    return {"precision": float(mp), "recall": float(mr), "f1": float(mf),
+            "accuracy": float(metrics.accuracy_score(y_true, y_pred)), "per_type": per_type}

@@ -285,6 +285,9 @@ class MultiTask(loop.Job):
                             f"these can: {mixed.mixable_methods()}")
         if cfg.data.packing:
             raise UserError("--tasks: --packing is not supported in multi-task runs")
+        if cfg.data.length_buckets not in ("auto", "all"):
+            raise UserError(f"--tasks: --length_buckets={cfg.data.length_buckets} is not supported in multi-task "
+                            "runs (their batches are padded to every power of two)")
         if cfg.head.pooling == "cosine":
             raise UserError("--tasks: --pooling=cosine is not supported in multi-task runs (a batch's rows are "
                             "its examples there)")
