@@ -58,6 +58,10 @@ def plan_buckets(train_rows: Mapping[int, int], eval_rows: Mapping[int, int], la
                 best, best_cost = sub + (top,), c
     return best
 
+def longest(lengths: np.ndarray, idx: np.ndarray) -> int:
+    """The longest example of the batch ``idx`` (``-1``: filler rows, left out)."""
+    return int(lengths[idx[idx >= 0]].max(initial=1))
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if length <= b:
@@ -193,15 +197,13 @@ class BucketBatches:
 
     def width(self, idx: np.ndarray) -> int:
         """The padded length of the batch ``idx``."""
-        real = idx[idx >= 0]
-        return bucket_for(int(self.data.lengths[real].max(initial=1)), self.buckets)
+        return bucket_for(longest(self.data.lengths, idx), self.buckets)
 
     def ladder_width(self, idx: np.ndarray) -> int:
-        real = idx[idx >= 0]
-        return bucket_for(int(self.data.lengths[real].max(initial=1)), self.ladder)
+        return bucket_for(longest(self.data.lengths, idx), self.ladder)
 
     def use_buckets(self, buckets: Sequence[int]) -> None:
-        """Pads batches to ``buckets`` (lengths of the ladder, its largest included) from now on;
+        """Pads batches to ``buckets`` (lengths up to the ladder's largest, which they include) from now on;
         the order of the examples does not change."""
         buckets = tuple(sorted(set(int(b) for b in buckets)))
         if not buckets or buckets[-1] != self.ladder[-1]:
@@ -220,8 +222,7 @@ class BucketBatches:
         """Rows of one pass of :meth:`eval_batches` by their ladder width."""
         out: dict[int, int] = {}
         for idx in eval_order(encoded.lengths, batch_size):
-            real = idx[idx >= 0]
-            w = bucket_for(int(encoded.lengths[real].max(initial=1)), self.ladder)
+            w = bucket_for(longest(encoded.lengths, idx), self.ladder)
             out[w] = out.get(w, 0) + len(idx)
         return out
 
