@@ -180,7 +180,11 @@ def test_answers_equal_each_adapter_alone(server, dirs):
         assert len(own) == len(served[name]) == len(xs)
         for s, o, x in zip(served[name], own, xs):
             assert_same(s, o, x)
-    assert responses[-1].json()["outputs"] == served["sst2_lora"][:3]
+    # the three rows in one request answer as they did one by one (other rows share the batch: bits may differ)
+    together = responses[-1].json()["outputs"]
+    assert [o["label"] for o in together] == [o["label"] for o in served["sst2_lora"][:3]]
+    np.testing.assert_allclose([list(o["scores"].values()) for o in together],
+                               [list(o["scores"].values()) for o in served["sst2_lora"][:3]], atol=1e-6)
     # calls mixed adapters of a group; no call held rows of two groups' adapters in one program
     assert any(len(set(c)) > 1 for c in calls)
     listed = {a["name"]: a for a in httpx.get(url + "/v1/adapters").json()["adapters"]}
