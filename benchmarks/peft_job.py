@@ -343,7 +343,15 @@ _FREE_ON_RESUME = ("data_dir", "state", "time_limit")
 def peer_args(cfg) -> list[str]:
     """This script's flags for the run ``cfg`` (a ``jaxpeft.config.TrainConfig``) describes: the same
     method, task, schedule, evaluations and method options. Packing, the dropout and compute settings
-    and P-tuning v2's dropout on the prefixes have no counterpart here (peft has no prefix dropout)."""
+    and P-tuning v2's dropout on the prefixes have no counterpart here (peft has no prefix dropout).
+    The pooling is the one ours trains with: a method config's cosine falls back to ``cls`` on a
+    family whose pairs have no token types (``jaxpeft.training.single.default_pooling``)."""
+    import copy
+
+    from jaxpeft.training.single import default_pooling
+
+    cfg = copy.deepcopy(cfg)
+    default_pooling(cfg, lambda _: None)
     o, d, r, m = cfg.optim, cfg.data, cfg.run, dict(cfg.method_options)
     if cfg.head.modules_to_save:
         raise SystemExit("the peer trains no modules_to_save but the classifier")

@@ -134,3 +134,42 @@ def test_bitfit_terms_and_fast_compute(case, enc):
 @pytest.mark.parametrize("key", cli_params())
 def test_cli_trains(case, glue, tmp_path, key):
     cli_run(glue, case.model_dir, tmp_path / "out", key, FAM)
+
+
+def test_peer_follows_our_pooling_fallback(case, glue, tmp_path):
+    """BitFit's RTE config reads the cosine of the pair's two sentences, which MPNet's pairs (no
+    token types) cannot be split by: ours falls back to ``[CLS]`` and says so, and the peer's flags
+    (``peer_args``, as the study builds them) follow, so both train the same head."""
+    from benchmarks.peft_job import build as peer_build
+    from benchmarks.peft_job import parser, peer_args
+    from jaxpeft import config
+    from jaxpeft.training import single
+
+    import shutil
+
+    from transformers import MPNetModel
+
+    folder = tmp_path / "encoder"     # the encoder alone, as all-mpnet-base-v2 ships: each side adds its head
+    shutil.copytree(case.model_dir, folder)
+    for f in folder.glob("model*.safetensors"):
+        f.unlink()
+    MPNetModel.from_pretrained(str(case.model_dir)).save_pretrained(str(folder))
+    values = {**config.config_values("bitfit", "rte"), "method": "bitfit", "task": "rte",
+              "model": str(folder), "data_dir": str(glue), "output_dir": str(tmp_path / "run")}
+    cfg = config.from_flat(values)
+    assert cfg.head.pooling == "cosine"
+    flags = peer_args(cfg)
+    assert "--pooling=cls" in flags and "--pooling=cosine" not in flags
+    assert cfg.head.pooling == "cosine"                 # the caller's config is left as it was
+    said = []
+    ours = single.SingleTask(cfg, echo=said.append)
+    assert cfg.head.pooling == "cls" and any("pooling: cls" in s for s in said)
+    a = parser().parse_args([*flags, "--data_dir=unused"])
+    model = peer_build(str(folder), a, num_labels=2)
+    theirs = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert theirs == ours.param_report()["trainable_params"]
+    # a cosine the caller asks for is refused on both sides
+    given = config.build({**values, "pooling": "cosine"})
+    assert "--pooling=cosine" in peer_args(given)
+    with pytest.raises(UserError, match="cosine pooling splits a pair by its token types"):
+        single.SingleTask(given, echo=said.append)
