@@ -140,14 +140,14 @@ def test_peer_follows_our_pooling_fallback(case, glue, tmp_path):
     """BitFit's RTE config reads the cosine of the pair's two sentences, which MPNet's pairs (no
     token types) cannot be split by: ours falls back to ``[CLS]`` and says so, and the peer's flags
     (``peer_args``, as the study builds them) follow, so both train the same head."""
+    import shutil
+
+    from transformers import MPNetModel
+
     from benchmarks.peft_job import build as peer_build
     from benchmarks.peft_job import parser, peer_args
     from jaxpeft import config
     from jaxpeft.training import single
-
-    import shutil
-
-    from transformers import MPNetModel
 
     folder = tmp_path / "encoder"     # the encoder alone, as all-mpnet-base-v2 ships: each side adds its head
     shutil.copytree(case.model_dir, folder)
