@@ -3,6 +3,9 @@ and the POS / NER metrics against scikit-learn and seqeval."""
 
 import json
 import random
+import subprocess
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -90,30 +93,131 @@ def perturb(sentences, names, rate, seed):
     return [[rng.choice(names) if rng.random() < rate else t for t in s] for s in sentences]
 
 
-def test_ner_scores_equal_seqeval_and_iob1_equals_iob2(conll_train):
+def as_seqeval(metrics, gold, pred):
+    """What seqeval's public API reports for ``pred`` against ``gold``, in ``ner_scores``' layout."""
+    report = metrics.classification_report(gold, pred, output_dict=True, zero_division=0)
+    micro = report["micro avg"]
+    assert metrics.f1_score(gold, pred, zero_division=0) == pytest.approx(micro["f1-score"], abs=1e-12)
+    assert metrics.precision_score(gold, pred, zero_division=0) == pytest.approx(micro["precision"], abs=1e-12)
+    assert metrics.recall_score(gold, pred, zero_division=0) == pytest.approx(micro["recall"], abs=1e-12)
+    return {"precision": metrics.precision_score(gold, pred, zero_division=0),
+            "recall": metrics.recall_score(gold, pred, zero_division=0),
+            "f1": metrics.f1_score(gold, pred, zero_division=0),
+            "accuracy": metrics.accuracy_score(gold, pred),
+            "per_type": {k: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"],
+                             "support": v["support"]} for k, v in report.items() if not k.endswith(" avg")}}
+
+
+def assert_scores(got, want):
+    assert set(got) == {"precision", "recall", "f1", "accuracy", "per_type"}
+    for k in ("precision", "recall", "f1", "accuracy"):
+        assert type(got[k]) is float and got[k] == pytest.approx(want[k], abs=1e-12), k
+    assert list(got["per_type"]) == sorted(want["per_type"])
+    for name, scores in got["per_type"].items():
+        assert set(scores) == {"precision", "recall", "f1", "support"}
+        assert type(scores["support"]) is int and scores["support"] == want["per_type"][name]["support"], name
+        for k in ("precision", "recall", "f1"):
+            assert type(scores[k]) is float
+            assert scores[k] == pytest.approx(want["per_type"][name][k], abs=1e-12), (name, k)
+
+
+def drop_and_invent(sentences, seed):
+    """No MISC predicted at all, and a type gold never has (DATE) predicted in its place or on O words."""
+    rng = random.Random(seed)
+    out = []
+    for s in sentences:
+        p = []
+        for t in s:
+            if t.endswith("-MISC"):
+                t = t[:2] + "DATE" if rng.random() < 0.5 else "O"
+            elif t == "O" and rng.random() < 0.01:
+                t = "B-DATE"
+            elif t != "O" and rng.random() < 0.1:
+                t = rng.choice(["O", "I-PER", "I-LOC", "B-ORG"])
+            p.append(t)
+        out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def conll_dev():
+    return conll.read_conll2003(need(CONLL / "eng.testa"))
+
+
+@pytest.mark.parametrize("case", ["5%", "30%", "15%", "drop+invent", "all O", "perfect"])
+def test_ner_scores_equal_seqeval_and_iob1_equals_iob2(case, conll_dev):
     metrics = pytest.importorskip("seqeval.metrics")
-    gold = conll_train.tags[:1000]
-    names = list(conll.tag_names(conll_train))
-    for rate, seed in [(0.05, 1), (0.3, 2)]:
-        pred = perturb(gold, names, rate, seed)
-        got = conll.ner_scores(gold, pred)
-        assert got["f1"] == metrics.f1_score(gold, pred)
-        assert got["precision"] == metrics.precision_score(gold, pred)
-        assert got["recall"] == metrics.recall_score(gold, pred)
-        assert got["accuracy"] == metrics.accuracy_score(gold, pred)
-        report = metrics.classification_report(gold, pred, output_dict=True)
-        assert got["per_type"] == {k: {"precision": report[k]["precision"], "recall": report[k]["recall"],
-                                       "f1": report[k]["f1-score"], "support": report[k]["support"]}
-                                   for k in ("LOC", "MISC", "ORG", "PER")}
-        assert got["f1"] == report["micro avg"]["f1-score"]
+    gold = conll_dev.tags
+    names = list(conll.tag_names(conll_dev))
+    pred = {"5%": lambda: perturb(gold, names, 0.05, 1), "30%": lambda: perturb(gold, names, 0.3, 2),
+            "15%": lambda: perturb(gold, names + ["B-DATE", "I-DATE"], 0.15, 3),
+            "drop+invent": lambda: drop_and_invent(gold, 4),
+            "all O": lambda: [["O"] * len(s) for s in gold], "perfect": lambda: [list(s) for s in gold]}[case]()
+    got = conll.ner_scores(gold, pred)
+    assert_scores(got, as_seqeval(metrics, gold, pred))
+    if case == "drop+invent":     # a gold type never predicted, a predicted type never in gold
+        assert got["per_type"]["MISC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 922}
+        assert got["per_type"]["DATE"]["support"] == 0 and got["per_type"]["DATE"]["recall"] == 0.0
+        assert 0 < got["f1"] < 1
+    if case == "all O":
+        assert (got["precision"], got["recall"], got["f1"]) == (0.0, 0.0, 0.0)
+        assert [v["support"] for v in got["per_type"].values()] == [1837, 922, 1341, 1842]
+    if case == "perfect":
+        assert (got["precision"], got["recall"], got["f1"], got["accuracy"]) == (1.0, 1.0, 1.0, 1.0)
+    if case in ("5%", "30%"):     # IOB1 and its IOB2 conversion hold the same entities
         g2, p2 = [conll.iob1_to_iob2(s) for s in gold], [conll.iob1_to_iob2(s) for s in pred]
-        assert metrics.f1_score(g2, p2) == pytest.approx(got["f1"], abs=1e-12)
         assert conll.ner_scores(g2, p2)["f1"] == pytest.approx(got["f1"], abs=1e-12)
-    assert conll.ner_scores(gold, gold)["f1"] == 1.0
-    nothing = [["O"] * len(s) for s in gold]
-    got = conll.ner_scores(gold, nothing)
-    assert (got["precision"], got["recall"], got["f1"]) == (0.0, 0.0, 0.0)
-    assert got["accuracy"] == metrics.accuracy_score(gold, nothing)
+        assert metrics.f1_score(g2, p2) == pytest.approx(got["f1"], abs=1e-12)
+
+
+def test_ner_scores_small_cases():
+    metrics = pytest.importorskip("seqeval.metrics")
+    gold = [["B-PER", "I-PER", "O", "I-LOC"], ["O", "O"]]
+    for pred in ([["B-PER", "I-PER", "O", "I-ORG"], ["O", "I-ORG"]], [["O"] * 4, ["O", "O"]], gold):
+        assert_scores(conll.ner_scores(gold, pred), as_seqeval(metrics, gold, pred))
+    got = conll.ner_scores([["O", "O"]], [["O", "O"]])      # no entities on either side
+    assert got == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1.0, "per_type": {}}
+    with pytest.raises(ValueError, match="sentence 0: 1 predicted tags for 2 words"):
+        conll.ner_scores([["O", "O"]], [["O"]])
+
+
+def test_preload_keeps_the_missing_seqeval_error(monkeypatch):
+    for name in [m for m in sys.modules if m.split(".")[0] == "seqeval"] + ["seqeval"]:
+        monkeypatch.setitem(sys.modules, name, None)      # None there: importing it raises ImportError
+    monkeypatch.setattr(conll, "_seqeval_preload", None)
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    thread = conll.preload_seqeval()
+    assert thread.daemon and conll.preload_seqeval() is thread     # once per process
+    thread.join(60)
+    assert not thread.is_alive() and errors == []
+    with pytest.raises(UserError, match="NER scores need the `seqeval` package"):
+        conll.ner_scores([["B-PER"]], [["B-PER"]])
+
+
+def test_preload_imports_seqeval_in_the_background():
+    pytest.importorskip("seqeval.metrics")
+    code = ("import sys; from jaxpeft.tasks import conll, tagging; assert 'seqeval' not in sys.modules; "
+            "t = conll.preload_seqeval(); t.join(60); assert 'seqeval.metrics' in sys.modules; "
+            "print(conll.ner_scores([['B-PER', 'O']], [['B-PER', 'O']])['f1'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1.0"
+
+
+def test_tasks_scored_by_seqeval_preload_it(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(conll, "preload_seqeval", lambda: calls.append(1))
+    from jaxpeft.tasks import tagging
+
+    (tmp_path / "ner.conll").write_text("John B-PER\nlives O\n\nParis B-LOC\n")
+    (tmp_path / "pos.conll").write_text("John PROPN\nlives VERB\n")
+    for train, metric, preloaded in (("ner.conll", "seqeval", [1]), ("pos.conll", "accuracy", [])):
+        data = type("D", (), {"train_file": str(tmp_path / train), "validation_file": str(tmp_path / train),
+                              "test_file": None})()
+        calls.clear()
+        assert tagging.from_files("mine", data).metric == metric and calls == preloaded
 
 
 def test_pos_accuracy_equals_sklearn():

@@ -9,18 +9,23 @@ Tag sets (:func:`tag_names`) are sorted, as NER label lists conventionally are (
 happens to come first.
 
 Metrics: ``pos`` is token accuracy over words (:func:`pos_accuracy`); ``ner`` is entity-level
-precision / recall / F1 computed by ``seqeval`` in its default (conlleval) mode
-(:func:`ner_scores`), which reads IOB1 and IOB2 alike, so CoNLL-2003 is scored on its own IOB1
-tags. :func:`iob1_to_iob2` converts tags for models that expect BIO; the entities do not change.
+precision / recall / F1 over the entities ``seqeval`` extracts in its default (conlleval) mode,
+scored as seqeval scores them (:func:`ner_scores`); that mode reads IOB1 and IOB2 alike, so
+CoNLL-2003 is scored on its own IOB1 tags. A task scored so starts seqeval's import early
+(:func:`preload_seqeval`). :func:`iob1_to_iob2` converts tags for models that expect BIO; the entities do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from jaxpeft.errors import UserError
 from jaxpeft.tasks.textio import json_array_items, parse_json, read_text, split_lines
@@ -333,30 +338,84 @@ def pos_accuracy(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -
 
 
 def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Entity-level micro precision, recall and F1 (and token accuracy) computed by ``seqeval``
-    in its default conlleval-compatible mode, with per-type scores under ``"per_type"``.
+    """Entity-level micro precision, recall and F1 (and token accuracy) in ``seqeval``'s default
+    conlleval-compatible mode, with per-type scores under ``"per_type"``.
+
+    ``seqeval``'s ``get_entities`` extracts the entities of each side once, over all sentences;
+    they are counted as seqeval's ``precision_recall_fscore_support`` counts them (per type: gold
+    entities, predicted ones, and predicted ones whose type, start and end match a gold one), and
+    the per-type and micro-averaged scores are computed from those counts in one pass (seqeval's
+    ``classification_report`` extracts and counts again for each of its averages). A score whose
+    denominator is 0 is 0 (seqeval's ``zero_division=0``): precision of a type never predicted,
+    recall of a type absent from gold. Token accuracy is seqeval's ``accuracy_score``. The tests
+    compare every number with seqeval's own ``classification_report`` and ``*_score`` functions.
 
     Returns:
         ``{"precision", "recall", "f1", "accuracy": float, "per_type": {type: {"precision",
-        "recall", "f1", "support"}}}`` (fractions in [0, 1]).
+        "recall", "f1", "support"}}}`` (fractions in [0, 1]; ``per_type`` holds every type of gold
+        or predictions, sorted; ``support`` is the type's gold entities).
 
     Raises:
         UserError: ``seqeval`` is not installed.
         ValueError: the sentence counts or a sentence's length differ.
     """
     try:
-        from seqeval import metrics
-        from seqeval.metrics.sequence_labeling import get_entities, precision_recall_fscore_support
+        from seqeval.metrics.sequence_labeling import accuracy_score, get_entities
     except ImportError:
         raise UserError("NER scores need the `seqeval` package (pip install seqeval)") from None
     _check_shapes(gold, pred)
     y_true, y_pred = [list(s) for s in gold], [list(s) for s in pred]
-    # what seqeval's classification_report reports per type and as its micro average, in the two
-    # passes of its own scoring function that those take (the report makes three more)
-    names = sorted({t for t, _, _ in get_entities(y_true)} | {t for t, _, _ in get_entities(y_pred)})
-    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    true: dict[str, set[tuple[int, int]]] = {}
+    found: dict[str, set[tuple[int, int]]] = {}
+    for spans, y in ((true, y_true), (found, y_pred)):
+        for kind, start, end in get_entities(y):
+            spans.setdefault(kind, set()).add((start, end))
+    names = sorted(true.keys() | found.keys())
+    n_true = np.array([len(true.get(k, ())) for k in names], dtype=np.int64)
+    n_pred = np.array([len(found.get(k, ())) for k in names], dtype=np.int64)
+    n_hit = np.array([len(true.get(k, set()) & found.get(k, set())) for k in names], dtype=np.int64)
+    p, r, f = _prf(n_hit, n_pred, n_true)
     per_type = {k: {"precision": float(a), "recall": float(b), "f1": float(c), "support": int(d)}
-                for k, a, b, c, d in zip(names, p, r, f, n)}
-    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, average="micro", zero_division=0)
+                for k, a, b, c, d in zip(names, p, r, f, n_true)}
+    (mp,), (mr,), (mf,) = _prf(*(np.array([n.sum()]) for n in (n_hit, n_pred, n_true)))
     return {"precision": float(mp), "recall": float(mr), "f1": float(mf),
-            "accuracy": float(metrics.accuracy_score(y_true, y_pred)), "per_type": per_type}
+            "accuracy": float(accuracy_score(y_true, y_pred)), "per_type": per_type}
+
+
+def _prf(hit: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 from entity counts, as seqeval (scikit-learn's ``_prf_divide``)
+    computes them with ``zero_division=0``: 0 where the denominator is 0."""
+    precision = hit / np.maximum(predicted, 1)      # hit <= predicted: 0 / 1 where nothing was predicted
+    recall = hit / np.maximum(true, 1)
+    denom = precision + recall
+    f1 = 2.0 * precision * recall / np.where(denom == 0, 1.0, denom)
+    return precision, recall, f1
+
+
+#: the thread importing seqeval ahead of the first evaluation (:func:`preload_seqeval`)
+_seqeval_preload: threading.Thread | None = None
+_preload_lock = threading.Lock()
+
+
+def _import_seqeval() -> None:
+    try:
+        importlib.import_module("seqeval.metrics")
+    except ImportError:
+        pass        # ner_scores imports it again and raises its UserError
+
+
+def preload_seqeval() -> threading.Thread:
+    """Starts importing ``seqeval.metrics`` (over a second: it imports scikit-learn) in a daemon
+    thread, once per process, so that a run that scores NER does not pay for it inside its first
+    evaluation. :func:`ner_scores`' own import waits for the thread's (Python's import lock) and,
+    where seqeval is missing, still raises its :class:`UserError`.
+
+    Returns:
+        the thread (started now or by an earlier call).
+    """
+    global _seqeval_preload
+    with _preload_lock:
+        if _seqeval_preload is None:
+            _seqeval_preload = threading.Thread(target=_import_seqeval, name="seqeval-import", daemon=True)
+            _seqeval_preload.start()
+        return _seqeval_preload

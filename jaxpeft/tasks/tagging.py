@@ -2,7 +2,7 @@
 
 * ``--task=pos``: UD English EWT, universal POS tags, token accuracy (``--data_dir`` holds
   ``UD_English-EWT/``, the offline copy's layout; multiword-token ranges and empty nodes skipped);
-* ``--task=ner``: CoNLL-2003 English, entity-level F1 computed by ``seqeval`` on the files' IOB1
+* ``--task=ner``: CoNLL-2003 English, entity-level F1 as ``seqeval`` scores it, on the files' IOB1
   tags (``--data_dir`` holds ``eng.train``, ``eng.testa``, ``eng.testb``);
 * your own: ``--task=NAME --task_type=tagging --train_file=...`` in CoNLL columns (token first,
   tag last, a blank line between sentences) or JSON / JSON Lines ``{"tokens": [...], "tags": [...]}``.
@@ -140,6 +140,7 @@ def ner(data: Any) -> Tagging:
     paths = {"train": d / "eng.train", "dev": d / "eng.testa", "test": d / "eng.testb"}
     if not paths["train"].is_file():
         raise UserError(f"--task=ner: {paths['train']} not found")
+    conll.preload_seqeval()         # its import (scikit-learn's) overlaps the run's start, not its first eval
     train = conll.read_conll2003(paths["train"], "ner")
     return Tagging("ner", conll.tag_names(train), "f1", ("dev",), metric="seqeval",
                    paths={k: str(v) for k, v in paths.items()}, reader="conll2003")
@@ -159,6 +160,8 @@ def from_files(name: str, data: Any) -> Tagging:
         raise UserError(f"{data.train_file}: no tags")
     names = conll.tag_names(train)
     is_iob = all(t == "O" or t[:2] in ("B-", "I-") for t in names)
+    if is_iob:
+        conll.preload_seqeval()
     return Tagging(name, names, "f1" if is_iob else "accuracy", ("dev",),
                    metric="seqeval" if is_iob else "accuracy", paths=dict(paths), reader="conll")
 
