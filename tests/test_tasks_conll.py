@@ -155,6 +155,9 @@ def test_ner_scores_equal_seqeval_and_iob1_equals_iob2(case, conll_dev):
             "all O": lambda: [["O"] * len(s) for s in gold], "perfect": lambda: [list(s) for s in gold]}[case]()
     got = conll.ner_scores(gold, pred)
     assert_scores(got, as_seqeval(metrics, gold, pred))
+    # the gold entities extracted once (what every evaluation of a run reuses) score the same
+    assert conll.ner_scores(gold, pred, gold_entities=conll_dev.entities) == got
+    assert conll_dev.entities is conll_dev.entities
     if case == "drop+invent":     # a gold type never predicted, a predicted type never in gold
         assert got["per_type"]["MISC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 922}
         assert got["per_type"]["DATE"]["support"] == 0 and got["per_type"]["DATE"]["recall"] == 0.0

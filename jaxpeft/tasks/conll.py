@@ -18,10 +18,11 @@ CoNLL-2003 is scored on its own IOB1 tags. A task scored so starts seqeval's imp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ class TaggedSentences:
     @property
     def num_words(self) -> int:
         return sum(len(s) for s in self.tokens)
+
+    @functools.cached_property
+    def entities(self) -> dict[str, set[tuple[int, int]]]:
+        """The entities of ``tags`` (:func:`entity_spans`), computed once: every NER evaluation
+        scores against the same gold tags. ``tags`` is not changed after reading."""
+        if self.tags is None:
+            raise ValueError(f"{self.source}: no tags")
+        return entity_spans(self.tags)
 
     def where(self, i: int) -> str:
         """``source:line`` of sentence ``i`` (``source: sentence i`` when its line is unknown)."""
@@ -337,7 +346,29 @@ def pos_accuracy(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -
     return float(accuracy_score([t for s in gold for t in s], [t for s in pred for t in s]))
 
 
-def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, Any]:
+def _seqeval() -> Any:
+    try:
+        from seqeval.metrics import sequence_labeling
+    except ImportError:
+        raise UserError("NER scores need the `seqeval` package (pip install seqeval)") from None
+    return sequence_labeling
+
+
+def entity_spans(tags: Sequence[Sequence[str]]) -> dict[str, set[tuple[int, int]]]:
+    """``{type: {(start, end)}}``: the entities ``seqeval``'s ``get_entities`` extracts from all
+    sentences (positions over the sentences joined as seqeval joins them).
+
+    Raises:
+        UserError: ``seqeval`` is not installed.
+    """
+    spans: dict[str, set[tuple[int, int]]] = {}
+    for kind, start, end in _seqeval().get_entities([list(s) for s in tags]):
+        spans.setdefault(kind, set()).add((start, end))
+    return spans
+
+
+def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]],
+               gold_entities: Mapping[str, set[tuple[int, int]]] | None = None) -> dict[str, Any]:
     """Entity-level micro precision, recall and F1 (and token accuracy) in ``seqeval``'s default
     conlleval-compatible mode, with per-type scores under ``"per_type"``.
 
@@ -350,6 +381,9 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
     recall of a type absent from gold. Token accuracy is seqeval's ``accuracy_score``. The tests
     compare every number with seqeval's own ``classification_report`` and ``*_score`` functions.
 
+    ``gold_entities``: ``entity_spans(gold)`` where the caller has it already
+    (:attr:`TaggedSentences.entities`), so that repeated evaluations extract the gold entities once.
+
     Returns:
         ``{"precision", "recall", "f1", "accuracy": float, "per_type": {type: {"precision",
         "recall", "f1", "support"}}}`` (fractions in [0, 1]; ``per_type`` holds every type of gold
@@ -359,17 +393,10 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
         UserError: ``seqeval`` is not installed.
         ValueError: the sentence counts or a sentence's length differ.
     """
-    try:
-        from seqeval.metrics.sequence_labeling import accuracy_score, get_entities
-    except ImportError:
-        raise UserError("NER scores need the `seqeval` package (pip install seqeval)") from None
+    seqeval = _seqeval()
     _check_shapes(gold, pred)
-    y_true, y_pred = [list(s) for s in gold], [list(s) for s in pred]
-    true: dict[str, set[tuple[int, int]]] = {}
-    found: dict[str, set[tuple[int, int]]] = {}
-    for spans, y in ((true, y_true), (found, y_pred)):
-        for kind, start, end in get_entities(y):
-            spans.setdefault(kind, set()).add((start, end))
+    true = entity_spans(gold) if gold_entities is None else gold_entities
+    found = entity_spans(pred)
     names = sorted(true.keys() | found.keys())
     n_true = np.array([len(true.get(k, ())) for k in names], dtype=np.int64)
     n_pred = np.array([len(found.get(k, ())) for k in names], dtype=np.int64)
@@ -379,7 +406,8 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
                 for k, a, b, c, d in zip(names, p, r, f, n_true)}
     (mp,), (mr,), (mf,) = _prf(*(np.array([n.sum()]) for n in (n_hit, n_pred, n_true)))
     return {"precision": float(mp), "recall": float(mr), "f1": float(mf),
-            "accuracy": float(accuracy_score(y_true, y_pred)), "per_type": per_type}
+            "accuracy": float(seqeval.accuracy_score([list(s) for s in gold], [list(s) for s in pred])),
+            "per_type": per_type}
 
 
 def _prf(hit: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -79,7 +79,7 @@ class Tagging(Task):
     def evaluate(self, outputs: np.ndarray, encoded: Encoded, raw: conll.TaggedSentences) -> dict[str, float]:
         pred = self.tags(outputs, encoded)
         if self.metric == "seqeval":
-            s = conll.ner_scores(raw.tags, pred)
+            s = conll.ner_scores(raw.tags, pred, gold_entities=raw.entities)
             return {"f1": float(s["f1"]), "precision": float(s["precision"]), "recall": float(s["recall"]),
                     "accuracy": float(s["accuracy"])}
         return {"accuracy": conll.pos_accuracy(raw.tags, pred)}
