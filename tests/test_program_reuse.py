@@ -84,6 +84,29 @@ def test_a_later_process_loads_the_stored_programs_and_trains_the_same(tmp_path,
     assert not stored[0].exists() and not list(stored[0].parent.iterdir())
 
 
+def test_the_source_digest_covers_every_module_of_the_package(tmp_path, monkeypatch):
+    """An edit anywhere in jaxpeft (a task's loss, a model, a method) changes the digest, not only
+    an edit of the trainer: a stored program built by other code is never loaded."""
+    import shutil
+    from pathlib import Path
+
+    import jaxpeft
+
+    root = Path(jaxpeft.__file__).resolve().parent
+    assert program_store.package_root() == root
+    copy = tmp_path / "jaxpeft"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(program_store, "package_root", lambda: copy)
+    digest = program_store.source_digest.__wrapped__()
+    assert digest == program_store.source_digest()     # the copy is the package
+    for module in ("tasks/tagging.py", "models/bert.py", "methods/lora.py", "training/steps.py"):
+        with open(copy / module, "a") as f:
+            f.write("\n# edited\n")
+        edited = program_store.source_digest.__wrapped__()
+        assert edited != digest, module
+        digest = edited
+
+
 def test_stored_programs_are_keyed_by_the_code_and_the_environment(tmp_path, monkeypatch):
     store = program_store.ProgramStore(tmp_path)
     key = store.path("the trainer's key")

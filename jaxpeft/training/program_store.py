@@ -47,10 +47,16 @@ _ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 
+def package_root() -> Path:
+    """The folder of the ``jaxpeft`` package (this module is in its ``training/``)."""
+    return Path(__file__).resolve().parent.parent
+
+
 @lru_cache(maxsize=1)
 def source_digest() -> str:
-    """A hash of every Python file of the jaxpeft package (the code that builds the programs)."""
-    root = Path(__file__).resolve().parent
+    """A hash of every Python file of the jaxpeft package (the code that builds the programs: the
+    models, methods and tasks as well as the trainer)."""
+    root = package_root()
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         h.update(str(p.relative_to(root)).encode())
