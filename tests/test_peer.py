@@ -254,6 +254,82 @@ def test_peer_on_token_and_span_tasks_is_scored_by_our_task_code(task, method, t
     assert all(not torch.equal(trained[n], start[n]) for n in moved)
 
 
+@pytest.mark.parametrize("method", ["frozen", "bitfit"])
+def test_peer_and_ours_take_the_same_steps_without_dropout(method, tiny_bert_dir, tmp_path, capsys, monkeypatch):
+    """With every dropout off (a copy of the tiny model whose config says 0), the same starting head
+    and the same batches, ours and the peer train NER step for step alike: the loss, the gradient
+    norm before clipping and the learning rate of every step, and the trained head, agree to float32
+    round-off. Dropout's placement and rates are the only randomness left between the two runs."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+
+    import benchmarks.peft_job as peft_job
+    from jaxpeft.training import loop
+
+    data = shared_data("conll2003")
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert_dir, model)
+    c = json.loads((model / "config.json").read_text())
+    c.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (model / "config.json").write_text(json.dumps(c))
+    cfg = config.build({"method": method, "task": "ner", "model": str(model), "data_dir": str(data),
+                        "output_dir": str(tmp_path / "run"), "learning_rate": 1e-2, "max_steps": 10,
+                        "batch_size": 8, "max_train_examples": 40, "max_eval_examples": 16,
+                        "max_seq_length": 64, "compute": "exact", "log_every": 1, "progress": False,
+                        "plot": False})
+    job = single.SingleTask(cfg, echo=lambda s: None)
+    head = {k: np.asarray(v) for k, v in job.params["classifier"].items()}
+    loop.run(job)
+    ours = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+            if r.get("event") == "train"]
+    trained = {k: np.asarray(v) for k, v in job.final_state.trainable["classifier"].items()}
+
+    seen: dict[str, list] = {"loss": [], "grad_norm": [], "lr": []}
+    build0, loss0, clip0, step0 = (peft_job.build, peft_job.task_loss, torch.nn.utils.clip_grad_norm_,
+                                   torch.optim.AdamW.step)
+
+    def build_with_our_head(*a, **k):
+        m = build0(*a, **k)
+        with torch.no_grad():
+            m.classifier.weight.copy_(torch.from_numpy(head["kernel"].T.copy()))
+            m.classifier.bias.copy_(torch.from_numpy(head["bias"].copy()))
+        return m
+
+    def loss(*a, **k):
+        out = loss0(*a, **k)
+        seen["loss"].append(float(out.detach()))
+        return out
+
+    def clip(params, max_norm, *a, **k):
+        norm = clip0(params, max_norm, *a, **k)
+        seen["grad_norm"].append(float(norm))
+        return norm
+
+    def step(self, *a, **k):
+        seen["lr"].append(self.param_groups[0]["lr"])
+        return step0(self, *a, **k)
+
+    monkeypatch.setattr(peft_job, "build", build_with_our_head)
+    monkeypatch.setattr(peft_job, "task_loss", loss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out, keep = peer_run(cfg, model, data, capsys)
+
+    assert out["steps"] == len(ours) == len(seen["loss"]) == 10
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[name] for r in ours], seen[name], rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose([r["lr"] for r in ours], seen["lr"], rtol=1e-5, atol=1e-9)
+    assert seen["loss"][-1] < seen["loss"][0]          # they trained
+    theirs = {"kernel": keep["model"].classifier.weight.detach().numpy().T,
+              "bias": keep["model"].classifier.bias.detach().numpy()}
+    for k in ("kernel", "bias"):
+        assert not np.allclose(trained[k], head[k])
+        np.testing.assert_allclose(trained[k], theirs[k], atol=1e-4 * np.abs(trained[k]).max(), err_msg=k)
+
+
 def test_peer_gives_bert_the_token_types_peft_drops_for_qa(tiny_bert_dir):
     """peft's QA model drops ``token_type_ids``; with the peer's hook BERT reads them (both segments),
     as the LoRA-wrapped transformers model called with them does."""
