@@ -140,6 +140,46 @@ def test_fast_encoding_equals_the_transformers_tokenizer(task, glue, minilm_dir)
         np.testing.assert_array_equal(getattr(again, k), getattr(fast, k))
 
 
+def test_the_data_cache_is_keyed_by_the_tokenizing_code(tmp_path, monkeypatch, glue, minilm_dir):
+    """A split cached by other tokenizing code (an edit of encoding.py or tokenizing.py, another
+    tokenizers or transformers version) is not read: the key changes and the split is tokenized
+    again, where a stale entry at the old key would have been returned."""
+    import shutil
+    from pathlib import Path
+
+    from jaxpeft.models.hf_weights import load_tokenizer
+
+    here = Path(encoding.__file__).resolve().parent
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("encoding.py", "tokenizing.py"):
+        shutil.copy(here / name, code / name)
+    digest = encoding.code_digest(str(code))
+    assert digest == encoding.code_digest()               # the copy is the code
+    for name in ("encoding.py", "tokenizing.py"):
+        with open(code / name, "a") as f:
+            f.write("\n# edited\n")
+        encoding.code_digest.cache_clear()
+        edited = encoding.code_digest(str(code))
+        assert edited != digest, name
+        digest = edited
+    encoding.code_digest.cache_clear()
+
+    tok = load_tokenizer(minilm_dir)
+    ex = glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", glue).take(50)
+    monkeypatch.setenv("JAXPEFT_DATA_CACHE", str(tmp_path / "cache"))
+    first = encoding.encode_cached(tok, ex, 48)
+    path = encoding.cache_path(tmp_path / "cache", tok, ex, 48)
+    assert path.is_file() and encoding.cache_path(tmp_path / "cache", tok, ex, 32) != path
+    # a stale entry: what older code wrote at this key
+    np.savez(path, input_ids=np.zeros_like(first.input_ids), token_type_ids=first.token_type_ids,
+             lengths=first.lengths)
+    assert not encoding.encode_cached(tok, ex, 48).input_ids.any()     # the same code reads it
+    monkeypatch.setattr(encoding, "code_digest", lambda folder=None: "other code")
+    assert encoding.cache_path(tmp_path / "cache", tok, ex, 48) != path
+    np.testing.assert_array_equal(encoding.encode_cached(tok, ex, 48).input_ids, first.input_ids)
+
+
 def test_vocabulary_and_special_tokens_without_transformers_equal_transformers(minilm_dir):
     """What prompt initialisation samples from comes from tokenizer.json (no transformers import),
     the same as transformers' tokenizer gives."""

@@ -1,12 +1,13 @@
 """Raw text examples and their tokenized form, with an on-disk cache of tokenized splits.
 
-:func:`encode_cached` keys the cache by the texts, the tokenizer and the length, so a second run
-skips the tokenizer.
+:func:`encode_cached` keys the cache by the texts, the tokenizer, the length and the tokenizing
+code, so a second run skips the tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -109,20 +110,49 @@ def cache_dir() -> Path | None:
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "jaxpeft" / "data"
 
-def encode_cached(tokenizer, examples: Examples, max_length: int) -> Encoded:
-    """:func:`encode` through an on-disk cache keyed by the texts, labels, tokenizer and length.
+#: the modules whose code decides what :func:`encode` returns
+_ENCODING_MODULES = ("encoding.py", "tokenizing.py")
+_ENCODING_PACKAGES = ("tokenizers", "transformers")
 
-    The key hashes the examples themselves (not a file name), so an edited file never reads a stale
-    entry. A cache that cannot be written is skipped silently.
-    """
-    root = cache_dir()
-    if root is None:
-        return encode(tokenizer, examples, max_length)
-    h = hashlib.sha256(f"{max_length}|{_tokenizer_digest(tokenizer)}|{len(examples)}".encode())
+
+@functools.lru_cache(maxsize=4)
+def code_digest(folder: str | None = None) -> str:
+    """A hash of the code that tokenizes: this module and :mod:`jaxpeft.data.tokenizing` (as found
+    in ``folder``, default this package's), and the versions of ``tokenizers`` and
+    ``transformers``. A cached split made by other code is not read."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    here = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    for name in _ENCODING_MODULES:
+        h.update(name.encode())
+        h.update((here / name).read_bytes())
+    for pkg in _ENCODING_PACKAGES:
+        try:
+            h.update(f"{pkg}={metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{pkg}=none".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(root: Path, tokenizer, examples: Examples, max_length: int) -> Path:
+    """The cache file of ``examples`` tokenized by ``tokenizer`` at ``max_length`` under ``root``:
+    keyed by the texts themselves (not a file name, so an edited file never reads a stale entry),
+    the tokenizer's files, the length and :func:`code_digest`."""
+    h = hashlib.sha256(f"{max_length}|{_tokenizer_digest(tokenizer)}|{code_digest()}|{len(examples)}".encode())
     for col in examples.texts:
         h.update("\x1f".join(col).encode("utf-8", "surrogatepass"))
         h.update(b"\x1e")
-    path = root / f"{h.hexdigest()[:24]}.npz"
+    return root / f"{h.hexdigest()[:24]}.npz"
+
+
+def encode_cached(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    """:func:`encode` through an on-disk cache (:func:`cache_path`). A cache that cannot be written
+    is skipped silently."""
+    root = cache_dir()
+    if root is None:
+        return encode(tokenizer, examples, max_length)
+    path = cache_path(root, tokenizer, examples, max_length)
     if path.is_file():
         try:
             with np.load(path) as z:
