@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import importlib.resources
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -304,8 +305,9 @@ def from_flat(values: Mapping[str, Any]) -> TrainConfig:
 # ----------------------------------------------------------------------------- config files
 
 
-def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
-    """Calls ``get_config(task)`` of a Python config file."""
+def load_config_file(path: str | Path, task: str, model: str | None = None) -> dict[str, Any]:
+    """Calls ``get_config(task)`` of a Python config file; a ``get_config(task, hidden_size)`` also
+    gets the width of ``model`` (``--model``; ``None`` where it cannot be read)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found")
@@ -313,7 +315,12 @@ def load_config_file(path: str | Path, task: str) -> dict[str, Any]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-        values = dict(module.get_config(task))
+        if "hidden_size" in inspect.signature(module.get_config).parameters:
+            from jaxpeft.models import hf_weights
+
+            values = dict(module.get_config(task, hidden_size=hf_weights.hidden_size_of(model)))
+        else:
+            values = dict(module.get_config(task))
     except UserError:
         raise
     except Exception as e:
@@ -327,15 +334,17 @@ def method_config_file(method: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def config_values(method: str, task: str, path: str | Path | None = None) -> dict[str, Any]:
-    """What the config (``path``, else the method's own) says for ``task``: flag name -> value; a
-    method without a config runs on the library defaults and its kind's schedule."""
+def config_values(method: str, task: str, path: str | Path | None = None,
+                  model: str | None = None) -> dict[str, Any]:
+    """What the config (``path``, else the method's own) says for ``task`` (and the width of
+    ``model``, where the config asks for it): flag name -> value; a method without a config runs
+    on the library defaults and its kind's schedule."""
     from jaxpeft import configs
 
     path = path or method_config_file(method)
     if path is None:
         return configs.for_task(task, methods.REGISTRY[method].schedule, {})
-    values = dict(load_config_file(path, task))
+    values = dict(load_config_file(path, task, model))
     values["config"] = str(path)
     return values
 
@@ -350,7 +359,7 @@ def build(overrides: Mapping[str, Any]) -> TrainConfig:
     task = overrides.get("task") or (overrides.get("tasks") or "sst2").split(",")[0].strip() or "sst2"
     if method not in methods.REGISTRY:
         raise UserError(f"unknown method {method!r}; known methods: {', '.join(methods.REGISTRY)}")
-    values = config_values(method, task, overrides.get("config"))
+    values = config_values(method, task, overrides.get("config"), overrides.get("model"))
     if overrides.get("tasks"):   # each task's own values come from task_configs(); these are the first's
         for k in MULTITASK_PER_TASK + ("packing", "pooling"):
             values.pop(k, None)
@@ -377,7 +386,7 @@ def task_configs(cfg: TrainConfig, names: Sequence[str]) -> dict[str, dict[str, 
     out = {}
     for name in names:
         values = config_values(cfg.method, name, cfg.config if cfg.config and "jaxpeft/configs" not in cfg.config
-                               else None)
+                               else None, cfg.model)
         own = {}
         for k in MULTITASK_PER_TASK:
             group = next(g for g in ("optim", "data") if hasattr(getattr(cfg, g), k))

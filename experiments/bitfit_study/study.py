@@ -101,20 +101,21 @@ class Study:
     get_config: Callable[[str], dict]
     method_configs: bool = False
 
-    def base_config(self, task: str, method: str) -> dict[str, Any]:
-        """What a run of ``method`` on ``task`` starts from: its method's config for the task (with
-        ``method_configs``), then ``get_config(task)``."""
-        values = dict(config_lib.load_config_file(config_lib.method_config_file(method), task)) \
+    def base_config(self, task: str, method: str, model: str | None = None) -> dict[str, Any]:
+        """What a run of ``method`` on ``task`` starts from: its method's config for the task (and
+        ``model``'s width, where the config reads it; with ``method_configs``), then ``get_config(task)``."""
+        values = dict(config_lib.load_config_file(config_lib.method_config_file(method), task, model)) \
             if self.method_configs else {}
         values.update(self.get_config(task))
         return values
 
-    def learning_rates(self, task: str, setting: str) -> tuple[float, ...]:
-        """The grid of ``setting`` on ``task``: its own rates, or the config's rate for the task."""
+    def learning_rates(self, task: str, setting: str, model: str | None = None) -> tuple[float, ...]:
+        """The grid of ``setting`` on ``task``: its own rates, or the config's rate for the task
+        (and ``model``)."""
         s = self.settings[setting]
         if s.learning_rates:
             return s.learning_rates
-        values = self.base_config(task, s.method)
+        values = self.base_config(task, s.method, model)
         return (float(values.get("learning_rate", config_lib.Optim.learning_rate)),)
 
     @property
@@ -291,12 +292,12 @@ class Plan:
 
     def grid_runs(self, group: tuple[str, str]) -> list[Run]:
         t, s = group
-        return [Run(t, s, lr, self.study.selection_seed) for lr in self.study.learning_rates(t, s)]
+        return [Run(t, s, lr, self.study.selection_seed) for lr in self.study.learning_rates(t, s, self.model)]
 
     def known_lr(self, group: tuple[str, str]) -> float | None:
         """The group's rate when its grid has only one (nothing to choose, so no need to wait for
         the grid's result), else None."""
-        rates = self.study.learning_rates(*group)
+        rates = self.study.learning_rates(*group, self.model)
         return rates[0] if len(rates) == 1 else None
 
     def seed_runs(self, group: tuple[str, str], lr: float) -> list[Run]:
@@ -311,7 +312,7 @@ class Plan:
         if run in self._configs:
             return self._configs[run]
         s = self.study.settings[run.setting]
-        values = self.study.base_config(run.task, s.method)
+        values = self.study.base_config(run.task, s.method, self.model)
         values.update(s.options)
         values.update(self.overrides)
         values.pop("bitfit_terms", None)   # the grid decides it (only settings of BitFit have it)
@@ -394,7 +395,7 @@ class Plan:
         (:func:`records.differences <experiments.bitfit_study.records.differences>`)."""
         stale = []
         for g in self.groups():
-            for lr in self.study.learning_rates(*g):
+            for lr in self.study.learning_rates(*g, self.model):
                 for seed in self.study.seeds:
                     run = Run(*g, lr, seed)
                     if not self.is_complete(run):

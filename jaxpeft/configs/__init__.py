@@ -1,6 +1,7 @@
 """Each method's defaults per task, as deltas from the library defaults (:mod:`jaxpeft.config`).
 
-``<method>.py`` holds ``get_config(task) -> dict`` (flag name -> value), built with :func:`for_task`:
+``<method>.py`` holds ``get_config(task) -> dict`` (flag name -> value; ``get_config(task, hidden_size)``
+where a value depends on the encoder's width, ``None`` when unknown), built with :func:`for_task`:
 the method's own values, the per-task schedule of its kind (:data:`SCHEDULES`), then its values for
 that task. Each value carries one line saying which measurement chose it; the searches themselves
 are in ``docs/results.md``. A method without a file here runs on the library defaults and its
