@@ -254,12 +254,43 @@ def test_peer_on_token_and_span_tasks_is_scored_by_our_task_code(task, method, t
     assert all(not torch.equal(trained[n], start[n]) for n in moved)
 
 
-@pytest.mark.parametrize("method", ["frozen", "bitfit"])
-def test_peer_and_ours_take_the_same_steps_without_dropout(method, tiny_bert_dir, tmp_path, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_mpnet_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny random MPNet sequence classifier saved by transformers, with a tokenizer of MPNet's kind."""
+    import torch
+    from encoder_family_helpers import TINY, mpnet_tokenizer
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    d = tmp_path_factory.mktemp("tiny-mpnet")
+    vocab = mpnet_tokenizer(d, minilm_dir)
+    torch.manual_seed(0)
+    MPNetForSequenceClassification(MPNetConfig(vocab_size=vocab, **TINY, max_position_embeddings=130, pad_token_id=1,
+                                               bos_token_id=0, eos_token_id=2)).save_pretrained(str(d))
+    return d
+
+
+def _flat_head(tree: dict, prefix: str = "classifier") -> dict:
+    """Our head's arrays by the transformers name of their tensor (``classifier.dense.weight``)."""
+    import numpy as np
+
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_head(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{'weight' if k == 'kernel' else k}"] = np.asarray(v).T if k == "kernel" else np.asarray(v)
+    return out
+
+
+@pytest.mark.parametrize("family,task,method", [("bert", "ner", "frozen"), ("bert", "ner", "bitfit"),
+                                                ("mpnet", "mrpc", "frozen"), ("mpnet", "mrpc", "bitfit")])
+def test_peer_and_ours_take_the_same_steps_without_dropout(family, task, method, request, glue, tmp_path, capsys,
+                                                           monkeypatch):
     """With every dropout off (a copy of the tiny model whose config says 0), the same starting head
-    and the same batches, ours and the peer train NER step for step alike: the loss, the gradient
-    norm before clipping and the learning rate of every step, and the trained head, agree to float32
-    round-off. Dropout's placement and rates are the only randomness left between the two runs."""
+    and the same batches, ours and the peer train step for step alike: the loss, the gradient norm
+    before clipping and the learning rate of every step, and the trained head, agree to float32
+    round-off. Dropout's placement and rates are the only randomness left between the two runs. On
+    BERT's token classifier (NER) and MPNet's sequence head (dense, tanh, output layer; MRPC)."""
     import json
     import shutil
 
@@ -269,23 +300,24 @@ def test_peer_and_ours_take_the_same_steps_without_dropout(method, tiny_bert_dir
     import benchmarks.peft_job as peft_job
     from jaxpeft.training import loop
 
-    data = shared_data("conll2003")
+    data = shared_data("conll2003") if task == "ner" else glue
     model = tmp_path / "no-dropout"
-    shutil.copytree(tiny_bert_dir, model)
+    shutil.copytree(request.getfixturevalue("tiny_bert_dir" if family == "bert" else "tiny_mpnet_dir"), model)
     c = json.loads((model / "config.json").read_text())
     c.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
     (model / "config.json").write_text(json.dumps(c))
-    cfg = config.build({"method": method, "task": "ner", "model": str(model), "data_dir": str(data),
+    cfg = config.build({"method": method, "task": task, "model": str(model), "data_dir": str(data),
                         "output_dir": str(tmp_path / "run"), "learning_rate": 1e-2, "max_steps": 10,
                         "batch_size": 8, "max_train_examples": 40, "max_eval_examples": 16,
                         "max_seq_length": 64, "compute": "exact", "log_every": 1, "progress": False,
                         "plot": False})
     job = single.SingleTask(cfg, echo=lambda s: None)
-    head = {k: np.asarray(v) for k, v in job.params["classifier"].items()}
+    head = _flat_head(job.params["classifier"])
+    assert len(head) == (2 if family == "bert" else 4)
     loop.run(job)
     ours = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
             if r.get("event") == "train"]
-    trained = {k: np.asarray(v) for k, v in job.final_state.trainable["classifier"].items()}
+    trained = _flat_head(job.final_state.trainable["classifier"])
 
     seen: dict[str, list] = {"loss": [], "grad_norm": [], "lr": []}
     build0, loss0, clip0, step0 = (peft_job.build, peft_job.task_loss, torch.nn.utils.clip_grad_norm_,
@@ -293,9 +325,10 @@ def test_peer_and_ours_take_the_same_steps_without_dropout(method, tiny_bert_dir
 
     def build_with_our_head(*a, **k):
         m = build0(*a, **k)
+        tensors = dict(m.named_parameters())
         with torch.no_grad():
-            m.classifier.weight.copy_(torch.from_numpy(head["kernel"].T.copy()))
-            m.classifier.bias.copy_(torch.from_numpy(head["bias"].copy()))
+            for name, value in head.items():
+                tensors[name].copy_(torch.from_numpy(value.copy()))
         return m
 
     def loss(*a, **k):
@@ -323,10 +356,10 @@ def test_peer_and_ours_take_the_same_steps_without_dropout(method, tiny_bert_dir
         np.testing.assert_allclose([r[name] for r in ours], seen[name], rtol=1e-4, err_msg=name)
     np.testing.assert_allclose([r["lr"] for r in ours], seen["lr"], rtol=1e-5, atol=1e-9)
     assert seen["loss"][-1] < seen["loss"][0]          # they trained
-    theirs = {"kernel": keep["model"].classifier.weight.detach().numpy().T,
-              "bias": keep["model"].classifier.bias.detach().numpy()}
-    for k in ("kernel", "bias"):
-        assert not np.allclose(trained[k], head[k])
+    theirs = {n: p.detach().numpy() for n, p in keep["model"].named_parameters() if n in head}
+    assert set(theirs) == set(head)
+    for k in head:
+        assert not np.allclose(trained[k], head[k]), k
         np.testing.assert_allclose(trained[k], theirs[k], atol=1e-4 * np.abs(trained[k]).max(), err_msg=k)
 
 
