@@ -1,4 +1,4 @@
-"""Method configs that depend on the encoder: P-tuning v2's MRPC and STS-B rate by the width.
+"""Method configs that depend on the encoder: P-tuning v2's rate by the width.
 
 The width is read from the model's ``config.json`` (transformers writes it here), and the same rate
 reaches the training command, a multi-task run and the study's grid."""
@@ -60,7 +60,7 @@ def test_a_hub_id_reads_its_config_json_only(tmp_path, widths, monkeypatch):
 
 
 @pytest.mark.parametrize("task, narrow, wide", [("mrpc", 3e-2, 1e-2), ("stsb", 3e-2, 1e-2),
-                                                ("rte", 1e-2, 1e-2), ("cola", 1e-2, 1e-2)])
+                                                ("rte", 1e-2, 3e-3), ("cola", 1e-2, 3e-3), ("sst2", 1e-2, 3e-3)])
 def test_ptuning_v2_rate_follows_the_width(widths, task, narrow, wide):
     def lr(**flags):
         return config.build({"method": "ptuning_v2", "task": task, **flags}).optim.learning_rate
@@ -76,7 +76,7 @@ def test_ptuning_v2_rate_follows_the_width(widths, task, narrow, wide):
 def test_multitask_and_study_take_the_same_rate(tmp_path, widths, glue):
     cfg = config.build({"method": "ptuning_v2", "tasks": "mrpc,stsb,rte", "model": str(widths[768])})
     per_task = config.task_configs(cfg, ["mrpc", "stsb", "rte"])
-    assert [per_task[t]["learning_rate"] for t in ("mrpc", "stsb", "rte")] == [1e-2, 1e-2, 1e-2]
+    assert [per_task[t]["learning_rate"] for t in ("mrpc", "stsb", "rte")] == [1e-2, 1e-2, 3e-3]
     narrow = config.task_configs(config.build({"method": "ptuning_v2", "tasks": "mrpc,rte"}), ["mrpc", "rte"])
     assert [narrow[t]["learning_rate"] for t in ("mrpc", "rte")] == [3e-2, 1e-2]
 
