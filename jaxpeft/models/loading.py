@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import json
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
@@ -19,6 +21,28 @@ from jaxpeft.models.build import LoadedModel, TracedInit, build_module, init_par
 from jaxpeft.models.heads import Head
 
 log = logging.getLogger(__name__)
+
+
+def hidden_size_of(name_or_path: str | None) -> int | None:
+    """The hidden size of the encoder ``--model`` names, read from its ``config.json`` alone (a hub
+    id: that one file, cache first), for the method configs that depend on the width; ``None``
+    where it cannot be read here (loading the model later says why, in one line)."""
+    name = name_or_path or hf_weights.DEFAULT_MODEL
+    try:
+        if sizes.is_random(name):
+            return int(sizes.config(name).hidden_size)
+        p = Path(name).expanduser()
+        if p.is_dir() or name in hf_weights.BUNDLED_ALIASES:
+            _, config = hf_weights.load_config(hf_weights.resolve_model_dir(name))
+            return int(config.hidden_size)
+        if not hf_weights.is_hub_id(name):
+            return None
+        from huggingface_hub import hf_hub_download
+
+        raw = json.loads(Path(hf_hub_download(name, "config.json")).read_text())
+        return int(raw.get("hidden_size", raw.get("dim")))
+    except Exception:  # noqa: BLE001 -- no width: the configs' defaults for an unknown width apply
+        return None
 
 
 def pretrained_tensors(shapes: Any, state_dict: dict[str, np.ndarray], source: str, prefix: str = "bert",
