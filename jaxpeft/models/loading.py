@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,16 +30,15 @@ def hidden_size_of(name_or_path: str | None) -> int | None:
     try:
         if sizes.is_random(name):
             return int(sizes.config(name).hidden_size)
-        p = Path(name).expanduser()
-        if p.is_dir() or name in hf_weights.BUNDLED_ALIASES:
-            _, config = hf_weights.load_config(hf_weights.resolve_model_dir(name))
-            return int(config.hidden_size)
-        if not hf_weights.is_hub_id(name):
-            return None
-        from huggingface_hub import hf_hub_download
+        if Path(name).expanduser().is_dir() or name in hf_weights.BUNDLED_ALIASES:
+            folder = hf_weights.resolve_model_dir(name)
+        elif hf_weights.is_hub_id(name):
+            from huggingface_hub import hf_hub_download
 
-        raw = json.loads(Path(hf_hub_download(name, "config.json")).read_text())
-        return int(raw.get("hidden_size", raw.get("dim")))
+            folder = Path(hf_hub_download(name, "config.json")).parent
+        else:
+            return None
+        return int(hf_weights.load_config(folder)[1].hidden_size)
     except Exception:  # noqa: BLE001 -- no width: the configs' defaults for an unknown width apply
         return None
 
