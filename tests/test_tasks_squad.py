@@ -227,6 +227,50 @@ def test_postprocess_picks_the_best_valid_span(sample, minilm_dir):
     assert set(answers.values()) == {"empty"} and nbest[few.examples[0].id][0]["probability"] == 1.0
 
 
+def loop_postprocess(data, feats, start_logits, end_logits, n_best_size, max_answer_length):
+    """transformers' ``utils_qa.postprocess_qa_predictions`` as its loops read (each window's n best
+    starts and ends, every pair checked one by one), ranking the context's tokens only."""
+    answers, nbest = {}, {}
+    for i, ex in enumerate(data.examples):
+        prelim = []
+        for r in np.flatnonzero(feats.example_index == i):
+            off = feats.offsets[r]
+            sl = np.where(off[:, 0] >= 0, start_logits[r], -np.inf)
+            el = np.where(off[:, 0] >= 0, end_logits[r], -np.inf)
+            for s in np.argsort(sl)[-1:-n_best_size - 1:-1]:
+                for e in np.argsort(el)[-1:-n_best_size - 1:-1]:
+                    if off[s, 0] < 0 or off[e, 0] < 0 or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    prelim.append({"text": ex.context[off[s, 0]:off[e, 1]], "score": float(sl[s] + el[e]),
+                                   "start_logit": float(sl[s]), "end_logit": float(el[e])})
+        best = sorted(prelim, key=lambda p: p["score"], reverse=True)[:n_best_size]
+        if not best:
+            best = [{"text": "empty", "score": 0.0, "start_logit": 0.0, "end_logit": 0.0}]
+        probs = np.exp(np.array([p["score"] for p in best]) - max(p["score"] for p in best))
+        for p, q in zip(best, probs / probs.sum()):
+            p["probability"] = float(q)
+        answers[ex.id], nbest[ex.id] = best[0]["text"], best
+    return answers, nbest
+
+
+@pytest.mark.parametrize("max_answer_length", [30, 4, 0])
+def test_postprocess_equals_the_loops_it_vectorises(sample, minilm_dir, max_answer_length):
+    """Every n-best list (texts, logits, scores, order, probabilities) as the reference loops give
+    it, ties included (logits rounded to one decimal)."""
+    feats = squad.prepare_features(minilm_dir, sample, 128, 32)
+    rng = np.random.default_rng(1)
+    start = np.round(rng.normal(size=feats.input_ids.shape), 1).astype(np.float32)
+    end = np.round(rng.normal(size=feats.input_ids.shape), 1).astype(np.float32)
+    answers, nbest = squad.postprocess_predictions(sample, feats, start, end, 20, max_answer_length)
+    want_answers, want_nbest = loop_postprocess(sample, feats, start, end, 20, max_answer_length)
+    assert answers == want_answers
+    assert nbest.keys() == want_nbest.keys()
+    for qid, want in want_nbest.items():
+        assert [p["text"] for p in nbest[qid]] == [p["text"] for p in want]
+        for key in ("score", "start_logit", "end_logit", "probability"):
+            np.testing.assert_allclose([p[key] for p in nbest[qid]], [p[key] for p in want], rtol=1e-6)
+
+
 def labelled(data, feats):
     """Ids of the questions with a window that holds their first answer."""
     return {data.examples[i].id for i in feats.example_index[feats.start_positions > 0]}

@@ -16,7 +16,6 @@ evaluation part with no article on both sides, unless ``train-v1.1.json(.gz)`` l
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -290,35 +289,46 @@ def postprocess_predictions(data: SquadData, features: QAFeatures, start_logits:
     if start_logits.shape != end_logits.shape or start_logits.shape[0] != len(features):
         raise ValueError(f"logits of shapes {start_logits.shape} / {end_logits.shape} for "
                          f"{len(features)} windows")
-    per_example: dict[int, list[int]] = defaultdict(list)
-    for r, i in enumerate(features.example_index.tolist()):
-        per_example[i].append(r)
+    # every window at once: its n best context starts and ends ([N, n], best first), and the
+    # [N, n, n] grid of their spans, in the order a loop over starts then ends would visit them
+    width = start_logits.shape[1]
+    off = features.offsets[:, :width]
+    context = off[..., 0] >= 0
+    sl, el = np.where(context, start_logits, -np.inf), np.where(context, end_logits, -np.inf)
+    top_s = np.argsort(sl, axis=1)[:, ::-1][:, :n_best_size]
+    top_e = np.argsort(el, axis=1)[:, ::-1][:, :n_best_size]
+    s_ok = np.take_along_axis(context, top_s, 1)
+    e_ok = np.take_along_axis(context, top_e, 1)
+    length = top_e[:, None, :] - top_s[:, :, None] + 1
+    valid = s_ok[:, :, None] & e_ok[:, None, :] & (length >= 1) & (length <= max_answer_length)
+    s_logit = np.take_along_axis(sl, top_s, 1)
+    e_logit = np.take_along_axis(el, top_e, 1)
+    row, si, ei = np.nonzero(valid)                   # the valid spans, in visiting order
+    start_logit, end_logit = s_logit[row, si], e_logit[row, ei]
+    score = start_logit + end_logit
+    start_tok, end_tok = top_s[row, si], top_e[row, ei]
+    example = features.example_index[row]
+    # per question (its windows in order), best score first; ties keep the visiting order
+    order = np.lexsort((np.arange(len(score)), -score, example))
+    example = example[order]
+    first = np.searchsorted(example, np.arange(len(data.examples)))
+    last = np.searchsorted(example, np.arange(len(data.examples)), side="right")
     answers: dict[str, str] = {}
     nbest: dict[str, list[dict[str, Any]]] = {}
-    width = start_logits.shape[1]
     for i, ex in enumerate(data.examples):
-        prelim = []
-        for r in per_example.get(i, []):
-            sl, el, off = start_logits[r], end_logits[r], features.offsets[r, :width]
-            context = off[:, 0] >= 0
-            sl, el = np.where(context, sl, -np.inf), np.where(context, el, -np.inf)
-            for s in np.argsort(sl)[-1:-n_best_size - 1:-1].tolist():
-                for e in np.argsort(el)[-1:-n_best_size - 1:-1].tolist():
-                    if off[s, 0] < 0 or off[e, 0] < 0 or e < s or e - s + 1 > max_answer_length:
-                        continue
-                    prelim.append({"offsets": (int(off[s, 0]), int(off[e, 1])),
-                                   "score": sl[s] + el[e], "start_logit": sl[s], "end_logit": el[e]})
-        best = sorted(prelim, key=lambda p: p["score"], reverse=True)[:n_best_size]
-        for p in best:
-            a, b = p.pop("offsets")
-            p["text"] = ex.context[a:b]
+        keep = order[first[i]:min(last[i], first[i] + n_best_size)]
+        best = [{"text": ex.context[a:b], "start_logit": sv, "end_logit": ev, "score": cv}
+                for a, b, sv, ev, cv in zip(off[row[keep], start_tok[keep], 0].tolist(),
+                                            off[row[keep], end_tok[keep], 1].tolist(),
+                                            start_logit[keep].tolist(), end_logit[keep].tolist(),
+                                            score[keep].tolist())]
         if not best or (len(best) == 1 and best[0]["text"] == ""):
             best.insert(0, {"text": "empty", "start_logit": 0.0, "end_logit": 0.0, "score": 0.0})
         scores = np.array([p["score"] for p in best], np.float64)
         probs = np.exp(scores - scores.max())
         probs /= probs.sum()
-        nbest[ex.id] = [{"text": p["text"], "start_logit": float(p["start_logit"]),
-                         "end_logit": float(p["end_logit"]), "score": float(p["score"]),
-                         "probability": float(q)} for p, q in zip(best, probs)]
+        for p, q in zip(best, probs.tolist()):
+            p["probability"] = q
+        nbest[ex.id] = best
         answers[ex.id] = best[0]["text"]
     return answers, nbest

@@ -9,6 +9,7 @@ scores 0. Scores are percentages, as the official ``evaluate-v1.1.py`` prints th
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -20,6 +21,7 @@ _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+@functools.lru_cache(maxsize=1 << 16)   # each reference is normalised once per run, not per evaluation
 def normalize_answer(text: str) -> str:
     """The answer as SQuAD v1.1 compares it (see the module doc)."""
     text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
