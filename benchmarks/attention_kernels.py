@@ -3,8 +3,9 @@
 Both sides start from the fused projection's ``[B, T, 3H]`` output (before its bias) and end with
 the gradient of it and of the bias, so cuDNN's side includes the bias add, the q/k/v split, the
 dq/dk/dv concatenation and the bias gradient's reduction that the model pays for around it.
-Prints one JSON line per configuration (median milliseconds over ``--iters`` calls) and the largest
-difference of each against a float32 ``jax.numpy`` reference on the same inputs.
+Prints one JSON line per configuration (median milliseconds over ``--iters`` calls, and the seconds
+each program took to lower and compile) and the largest difference of each against a float32
+``jax.numpy`` reference on the same inputs.
 
     python benchmarks/attention_kernels.py --batch=256 --seq=128 --prefix=0,20 --out=OUT
 """
@@ -95,6 +96,13 @@ def main(argv=None):
             row = {"impl": name, "batch": b, "seq": t, "prefix": p, "heads": n, "head_dim": d, **extra}
             args = (qkv, bias, prefix)
             try:
+                # compile time of each program (lowering included), then the compiled programs
+                t0 = time.perf_counter()
+                fwd = fwd.lower(*args).compile()
+                row["fwd_compile_s"] = round(time.perf_counter() - t0, 3)
+                t0 = time.perf_counter()
+                bwd = bwd.lower(*args).compile()
+                row["fwd_bwd_compile_s"] = round(time.perf_counter() - t0, 3)
                 got = fwd(*args)
                 got_g = bwd(*args)
                 # gradients relative to the reference's largest entry (the bias gradient is a sum
