@@ -9,10 +9,12 @@ import pytest
 from jaxpeft import config, masks, methods
 from jaxpeft.data import batches as batching, encoding, packing
 from jaxpeft.errors import UserError
-from jaxpeft.tasks import glue as glue_tasks
+from jaxpeft.tasks import glue as glue_tasks, qa
 from jaxpeft.training import single, steps
 from jaxpeft.compute import EXACT
-from jaxpeft.models.loading import init_params, load_classifier
+from jaxpeft.models.bert import FAMILY as BERT
+from jaxpeft.models.heads import Head
+from jaxpeft.models.loading import build_module, init_params, load_classifier
 
 from masked_step import SMALL
 from model_helpers import classifier, mask as method_mask
@@ -142,3 +144,61 @@ def test_packed_mask_gives_every_query_a_key_and_real_queries_only_their_segment
         want = (seg[:, :, None] == seg[:, None, :])
         np.testing.assert_array_equal(dense[:, :, p:][real], want[real])
         assert not (dense[:, :, p:][real] & ~real[:, None, :].repeat(8, 1)[real]).any()   # no padding key
+
+
+def _spans(rng, enc):
+    """Each example's answer span: a start and an end within its own tokens (0, 0: none)."""
+    start = np.array([rng.integers(0, n) for n in enc.lengths], np.int32)
+    end = np.array([rng.integers(s, n) for s, n in zip(start, enc.lengths)], np.int32)
+    start[::5] = end[::5] = 0
+    return encoding.Encoded(enc.input_ids, enc.token_type_ids, enc.lengths, None,
+                            extra={"start_positions": start, "end_positions": end})
+
+
+@pytest.mark.parametrize("kind", ["token", "span"])
+def test_packed_per_token_outputs_equal_each_example_alone(kind):
+    """A tagging or QA head on packed rows: each example's per-token outputs, cut back out of its
+    row, are its outputs alone; past its tokens they are zero."""
+    rng = np.random.default_rng(4)
+    enc = _encoded(rng)
+    module = build_module(BERT, SMALL, Head(kind, 3 if kind == "token" else 2), None, EXACT)
+    params = init_params(module, jax.random.key(0))
+    trainable, frozen = masks.split(params, method_mask(methods.create("bitfit"), params))
+    predict = jax.jit(steps.make_predict_step(module))
+    unpacked = steps.predict_outputs(predict, trainable, frozen, batching.BucketBatches(enc, 8, 24, 0)
+                                     .eval_batches(enc, 8), len(enc), length=24, per_token=True)
+    batches = list(packing.eval_batches(enc, 48, rows_per_batch=4))
+    assert max(int((b["index"] >= 0).sum(1).max()) for b in batches) > 2
+    packed = steps.predict_outputs(predict, trainable, frozen, batches, len(enc), length=24, per_token=True)
+    assert packed.shape == unpacked.shape == (len(enc), 24, 3 if kind == "token" else 2)
+    real = np.arange(24)[None] < enc.lengths[:, None]
+    np.testing.assert_allclose(packed[real], unpacked[real], atol=2e-5, rtol=1e-5)
+    assert not packed[~real].any()
+
+
+def test_packed_span_loss_and_gradients_equal_the_padded_ones():
+    """QA's loss on packed rows (each slot's softmax over its own tokens, its answer shifted by its
+    offset) equals the loss of the same windows padded one per row, and so do the gradients."""
+    rng = np.random.default_rng(5)
+    enc = _spans(rng, _encoded(rng, n=24))
+    task = qa.ExtractiveQA("qa", None, "f1")
+    module = build_module(BERT, SMALL, Head("span", 2), None, EXACT)
+    params = init_params(module, jax.random.key(0))
+    trainable, frozen = masks.split(params, method_mask(methods.create("bitfit"), params))
+
+    def loss(tr, batch):
+        outputs = steps.apply_model(module, masks.merge(tr, frozen), steps.model_inputs(batch), True)
+        return task.loss(outputs, batch)
+
+    ids = np.arange(len(enc))
+    padded = batching.BucketBatches(enc, len(enc), 24, 0).batch(ids)
+    rows = packing.pack_rows(enc.lengths, ids, 48)
+    table = packing.rows_to_slots(rows, max(map(len, rows)))
+    packed = packing.packed_batch(enc, table, 48)
+    assert (packed["index"] >= 0).sum() == len(enc) and packed["start_positions"].shape == table.shape
+    want, want_g = jax.value_and_grad(loss)(trainable, padded)
+    got, got_g = jax.value_and_grad(loss)(trainable, packed)
+    assert float(want) > 0.5
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(g, w, atol=1e-5 * float(np.abs(w).max()) + 1e-7)

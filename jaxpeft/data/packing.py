@@ -14,7 +14,11 @@ epoch has as many steps as its rows fill -- no step without examples -- so epoch
 step or two (:meth:`PackedBatches.epoch_steps`), and the schedule follows.
 
 A step is given by an ``[R, K]`` array of example ids (``-1``: an empty slot), its rows' examples
-in order: the array alone says where every token goes (:func:`packed_batch`).
+in order: the array alone says where every token goes (:func:`packed_batch`). Per-token labels go
+with their tokens; per-example arrays (a QA window's answer start and end, positions in the
+example) become ``[R, K]`` beside each slot's offset (``read_positions``) and token count
+(``slot_lengths``), from which per-token outputs are read back per example
+(``jaxpeft.training.steps.predict_outputs``).
 """
 
 from __future__ import annotations
@@ -92,7 +96,10 @@ def packed_batch(data: Encoded, ids: np.ndarray, length: int) -> dict[str, np.nd
     segments[row_of, col] = np.repeat(np.nonzero(real)[1] + 1, n)
     batch = {"input_ids": input_ids, "token_type_ids": types, "position_ids": positions,
              "segment_ids": segments, "read_positions": np.where(real, offsets, 0).astype(np.int32),
-             "weights": real.astype(np.float32), "index": np.where(real, ids, -1).astype(np.int32)}
+             "weights": real.astype(np.float32), "index": np.where(real, ids, -1).astype(np.int32),
+             "slot_lengths": lens.astype(np.int32)}
+    for key, v in data.extra.items():   # per example (a span's start and end: positions in the example)
+        batch[key] = np.where(real, v[safe], 0).astype(v.dtype)
     if data.labels is not None and data.labels.ndim == 1:
         batch["labels"] = np.where(real, data.labels[safe], 0).astype(data.labels.dtype)
     elif data.labels is not None:   # per token: each example's labels at its own tokens

@@ -72,11 +72,21 @@ class ExtractiveQA(Task):
         return "start_positions" in encoded.extra
 
     def loss(self, outputs: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """The mean of the start and end positions' cross-entropy over each window's real tokens."""
-        real = jnp.arange(outputs.shape[1])[None, :] < batch["attention_mask"].sum(-1, keepdims=True)
-        logits = jnp.where(real[..., None], outputs, -1e9)
-        start = optax.softmax_cross_entropy_with_integer_labels(logits[..., 0], batch["start_positions"])
-        end = optax.softmax_cross_entropy_with_integer_labels(logits[..., 1], batch["end_positions"])
+        """The mean of the start and end positions' cross-entropy over each window's real tokens.
+
+        Packed rows (``segment_ids``; ``start_positions`` ``[R, K]``, in each slot's own positions):
+        each slot's softmax runs over its own tokens, its positions shifted by its offset."""
+        if "segment_ids" in batch:
+            k = batch["start_positions"].shape[1]
+            own = batch["segment_ids"][:, None, :] == jnp.arange(1, k + 1)[None, :, None]   # [R, K, T]
+            logits = jnp.where(own[..., None], outputs[:, None], -1e9)                        # [R, K, T, 2]
+            offset = batch["read_positions"]
+        else:
+            real = jnp.arange(outputs.shape[1])[None, :] < batch["attention_mask"].sum(-1, keepdims=True)
+            logits = jnp.where(real[..., None], outputs, -1e9)
+            offset = 0
+        start = optax.softmax_cross_entropy_with_integer_labels(logits[..., 0], batch["start_positions"] + offset)
+        end = optax.softmax_cross_entropy_with_integer_labels(logits[..., 1], batch["end_positions"] + offset)
         return weighted_mean((start + end) / 2, batch["weights"])
 
     def answers(self, outputs: np.ndarray, encoded: Encoded, raw: squad.SquadData

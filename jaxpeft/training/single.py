@@ -134,8 +134,6 @@ class SingleTask(loop.Job):
                             "packed rows need the prompt per example, which it does not support")
         default_pooling(cfg, echo)
         check_pooling(cfg.head.pooling, self.task, cfg.data.packing)
-        if cfg.data.packing and self.task.kind == "span":
-            raise UserError("--packing: QA windows fill their rows already; use --no-packing")
         setup_runtime(self, cfg, echo, start)
         check_base_dtype(self.method, self.compute)
         if getattr(self.task, "note", ""):
@@ -229,11 +227,8 @@ class SingleTask(loop.Job):
         return max(1, total)
 
     def eval_batches(self, encoded) -> Any:
-        """Evaluation batches: packed like training for sequence tasks (one output per slot), one
-        row per example otherwise (per-token outputs are read back by row)."""
-        if self.task.kind != "sequence" and isinstance(self.batches, packing.PackedBatches):
-            buckets = batching.BucketBatches(encoded, self.cfg.data.eval_batch_size, encoded.max_length, 0)
-            return buckets.eval_batches(encoded, self.cfg.data.eval_batch_size)
+        """Evaluation batches, packed like training (one output per slot, or per-token outputs cut
+        back into their examples) or padded to the run's lengths."""
         return self.batches.eval_batches(encoded, self.cfg.data.eval_batch_size)
 
     def eval_examples(self) -> list[dict]:
@@ -277,7 +272,8 @@ class SingleTask(loop.Job):
         out: dict[str, float] = {}
         for i, (split, enc) in enumerate(self.eval_data.items()):
             outputs = steps.predict_outputs(predict, trainable, frozen, self.eval_batches(enc), len(enc),
-                                            self.device_batch_of_whole, length=enc.max_length)
+                                            self.device_batch_of_whole, length=enc.max_length,
+                                            per_token=self.task.kind != "sequence")
             m = self.task.evaluate(outputs, enc, self.eval_raw[split])
             out.update(m if i == 0 else {f"{split}_{k}": v for k, v in m.items()})
         return out

@@ -33,7 +33,7 @@ from jaxpeft.training.optim import grad_norm, lr_at
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids",
                 "read_positions")
 #: batch keys that stay on the host
-HOST_KEYS = ("index",)
+HOST_KEYS = ("index", "slot_lengths")
 #: batch keys only the loss reads (a predict step is not given them)
 TARGET_KEYS = ("labels", "weights", "start_positions", "end_positions")
 
@@ -139,23 +139,45 @@ def predict_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in HOST_KEYS + TARGET_KEYS}
 
 
+def unpack_tokens(outputs: np.ndarray, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Packed rows' per-token outputs ``[R, T, ...]`` as one row per slot ``[R * K, T, ...]`` (each
+    example's tokens from position 0, zeros after them) and the slots' example ids ``[R * K]``."""
+    index, offsets, lengths = batch["index"], batch["read_positions"], batch["slot_lengths"]
+    r, k = index.shape
+    t = outputs.shape[1]
+    pos = np.arange(t)
+    src = offsets[..., None] + pos                                   # [R, K, T]
+    inside = (pos < lengths[..., None]) & (index >= 0)[..., None]
+    rows = np.broadcast_to(np.arange(r)[:, None, None], src.shape)
+    got = outputs[rows, np.where(inside, src, 0)]                    # [R, K, T, ...]
+    got = np.where(inside.reshape(inside.shape + (1,) * (outputs.ndim - 2)), got, 0)
+    return got.reshape((r * k, t) + outputs.shape[2:]), index.reshape(-1)
+
+
 def predict_outputs(predict_fn: Callable, trainable: Any, frozen: Any, batches: Iterable[dict], n: int,
-                    to_device: Callable[[dict], dict] | None = None, length: int | None = None) -> np.ndarray:
+                    to_device: Callable[[dict], dict] | None = None, length: int | None = None,
+                    per_token: bool = False) -> np.ndarray:
     """Outputs of ``n`` examples, in their original order, from host ``batches`` that each carry an
     ``index`` array (the example of every row or slot; ``-1``: filler) of the outputs' leading shape.
 
     Per-token outputs (``[B, T, ...]``, ``T`` the batch's length bucket) are padded with zeros to
-    ``length`` tokens. ``to_device(batch)`` puts a host batch on the devices (default: as it is).
-    Batches are dispatched ahead of reading the results back, so the host work of the next batch
+    ``length`` tokens; with ``per_token``, packed rows' outputs (``index`` ``[R, K]``) are cut back
+    into their examples (:func:`unpack_tokens`). ``to_device(batch)`` puts a host batch on the
+    devices (default: as it is). Batches are dispatched ahead of reading the results back, so the host work of the next batch
     overlaps the device work of this one.
     """
     to_device = to_device or predict_inputs
     out: np.ndarray | None = None
     pending: list[tuple[np.ndarray, Any]] = []
 
-    def collect(index, outputs):
+    def collect(batch, outputs):
         nonlocal out
+        index = batch["index"]
         outputs = np.asarray(outputs)
+        if per_token and index.ndim == 2:
+            outputs, index = unpack_tokens(outputs, batch)
+            if length is not None:   # a packed row may be longer than any one example
+                outputs = outputs[:, :length]
         lead = index.ndim
         rest = outputs.shape[lead:]
         if length is not None and len(rest) >= 2:
@@ -170,7 +192,8 @@ def predict_outputs(predict_fn: Callable, trainable: Any, frozen: Any, batches: 
             out[index[real]] = got
 
     for batch in batches:
-        pending.append((batch["index"], predict_fn(trainable, frozen, to_device(batch))))
+        host = {k: batch[k] for k in ("index", "read_positions", "slot_lengths") if k in batch}
+        pending.append((host, predict_fn(trainable, frozen, to_device(batch))))
         if len(pending) > 2:
             collect(*pending.pop(0))
     for p in pending:
