@@ -202,3 +202,19 @@ def test_packed_span_loss_and_gradients_equal_the_padded_ones():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(g, w, atol=1e-5 * float(np.abs(w).max()) + 1e-7)
+
+
+def test_an_epoch_beyond_the_plan_keeps_the_planned_slots():
+    """The position after the last step (a checkpoint's resume point) lies in the epoch after the
+    planned ones; its packing holds no more examples per row than the plan's slots."""
+    rng = np.random.default_rng(6)
+    lengths = rng.integers(1, 60, size=5000).astype(np.int32)
+    enc = encoding.Encoded(np.ones((5000, 60), np.int32), np.zeros((5000, 60), np.int32), lengths, None)
+    pb = packing.PackedBatches(enc, batch_size=32, max_length=128, seed=0, epochs=1)
+    unplanned = [max(len(r) for r in packing.pack_rows(lengths, np.random.default_rng([0, e]).permutation(5000),
+                                                         128)) for e in range(1, 9)]
+    assert max(unplanned) > pb.slots          # uncapped, some later epoch would not fit
+    for epoch in range(1, 9):
+        order = pb.order(epoch)
+        assert all(s.shape == (pb.rows_per_step, pb.slots) for s in order)
+        assert sorted(np.concatenate([s[s >= 0] for s in order]).tolist()) == list(range(5000))

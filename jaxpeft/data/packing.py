@@ -34,9 +34,11 @@ from jaxpeft.data.encoding import IGNORE, Encoded
 POOL = 4096
 
 
-def pack_rows(lengths: np.ndarray, order: Sequence[int], capacity: int, pool: int = POOL) -> list[list[int]]:
-    """The examples of ``order`` as rows of at most ``capacity`` tokens: within each pool of
-    ``pool`` consecutive examples, longest first, each into the open row it fills best.
+def pack_rows(lengths: np.ndarray, order: Sequence[int], capacity: int, pool: int = POOL,
+              max_examples: int | None = None) -> list[list[int]]:
+    """The examples of ``order`` as rows of at most ``capacity`` tokens (and ``max_examples``
+    examples): within each pool of ``pool`` consecutive examples, longest first, each into the open
+    row it fills best.
 
     >>> pack_rows(np.array([5, 3, 4, 2, 6]), [0, 1, 2, 3, 4], capacity=8)
     [[4, 3], [0, 1], [2]]
@@ -60,7 +62,8 @@ def pack_rows(lengths: np.ndarray, order: Sequence[int], capacity: int, pool: in
                 r, c = len(rows), capacity
                 rows.append([])
             rows[r].append(ex)
-            free[c - n].append(r)
+            if max_examples is None or len(rows[r]) < max_examples:
+                free[c - n].append(r)
     return rows
 
 
@@ -132,17 +135,17 @@ class PackedBatches:
 
     def _epoch_rows(self, epoch: int) -> list[list[int]]:
         rows = self._rows.get(epoch)
-        if rows is None:     # beyond the epochs planned for (e.g. a longer resumed run)
-            rows = self._rows[epoch] = self._pack_epoch(epoch)
+        if rows is None:     # beyond the epochs planned for (e.g. a longer resumed run): the slots planned
+            rows = self._rows[epoch] = self._pack_epoch(epoch, self.slots)
         return rows
 
     def epoch_steps(self, epoch: int) -> int:
         """Steps of ``epoch``: as many as its packed rows fill, ``rows_per_step`` at a time."""
         return max(1, -(-len(self._epoch_rows(epoch)) // self.rows_per_step))
 
-    def _pack_epoch(self, epoch: int) -> list[list[int]]:
+    def _pack_epoch(self, epoch: int, max_examples: int | None = None) -> list[list[int]]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-        rows = pack_rows(self.data.lengths, perm, self.length)
+        rows = pack_rows(self.data.lengths, perm, self.length, max_examples=max_examples)
         rng = np.random.default_rng([self.seed, epoch, 2])
         return [rows[i] for i in rng.permutation(len(rows))]
 
