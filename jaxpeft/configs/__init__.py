@@ -13,7 +13,8 @@ from __future__ import annotations
 #: Epochs and lengths per task, by method kind: ``module`` (methods that train small modules in the
 #: encoder: BitFit, Frozen, LoRA, IA3, bottleneck adapters) and ``prompt`` (prompt methods, which
 #: converge slowly: the P-tuning v2 reference scripts' 40-60 epochs on the small sets). The short-text
-#: tasks pack several examples into each row (docs/benchmarks.md, "Packing: the same accuracy").
+#: tasks, tagging and QA pack several examples into each row (docs/benchmarks.md, "Packing: the same
+#: accuracy"; docs/results.md, "Token and span tasks against the peer").
 SCHEDULES: dict[str, dict[str, dict]] = {
     "module": {
         "sst2": dict(packing=True, num_epochs=2, max_seq_length=64),
@@ -21,7 +22,8 @@ SCHEDULES: dict[str, dict[str, dict]] = {
         "mrpc": dict(num_epochs=10), "stsb": dict(num_epochs=10), "rte": dict(num_epochs=10),
         "wnli": dict(num_epochs=5), "qnli": dict(num_epochs=2),
         "qqp": dict(num_epochs=2, eval_every=5000), "mnli": dict(num_epochs=2, eval_every=5000),
-        "pos": dict(num_epochs=3), "ner": dict(num_epochs=5), "squad": dict(num_epochs=3, max_seq_length=384),
+        "pos": dict(packing=True, num_epochs=3), "ner": dict(packing=True, num_epochs=5),
+        "squad": dict(packing=True, num_epochs=3, max_seq_length=384),
     },
     "prompt": {
         "*": dict(num_epochs=10),
