@@ -310,7 +310,7 @@ def test_peer_and_ours_take_the_same_steps_without_dropout(family, task, method,
                         "output_dir": str(tmp_path / "run"), "learning_rate": 1e-2, "max_steps": 10,
                         "batch_size": 8, "max_train_examples": 40, "max_eval_examples": 16,
                         "max_seq_length": 64, "compute": "exact", "log_every": 1, "progress": False,
-                        "plot": False})
+                        "plot": False, "packing": False})   # the peer's batches, one example a row
     job = single.SingleTask(cfg, echo=lambda s: None)
     head = _flat_head(job.params["classifier"])
     assert len(head) == (2 if family == "bert" else 4)
