@@ -53,8 +53,9 @@ class Compute:
                         ("float32", "bfloat16"))
     attention_impl: str = _field(
         "dense", "dense: einsum + softmax with dropout on the probabilities (as transformers); "
-        "cudnn: cuDNN's fused kernel (NVIDIA GPU, bfloat16); pallas: our kernel for sequences up "
-        "to 512 (one NVIDIA GPU). The fused kernels apply no attention-probability dropout",
+        "cudnn: cuDNN's fused kernel (NVIDIA GPU, bfloat16); pallas: our kernel up to 128 tokens "
+        "and a short tail, cuDNN's beyond (one NVIDIA GPU). The fused kernels apply no "
+        "attention-probability dropout",
         ("dense", "cudnn", "pallas"))
     norm_impl: str = _field(
         "xla", "each sublayer's bias, dropout, residual and LayerNorm: xla (separate ops, fused by "
