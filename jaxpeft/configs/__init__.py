@@ -13,10 +13,9 @@ from __future__ import annotations
 #: Epochs and lengths per task, by method kind: ``module`` (methods that train small modules in the
 #: encoder: BitFit, Frozen, LoRA, IA3, bottleneck adapters) and ``prompt`` (prompt methods, which
 #: converge slowly: the P-tuning v2 reference scripts' 40-60 epochs on the small sets). The short-text
-#: tasks and tagging pack several examples into each row (docs/benchmarks.md, "Packing: the same
-#: accuracy"; docs/results.md, "Token and span tasks against the peer"). SQuAD takes ``--packing`` but
-#: does not default to it: on a GPU its 384-token rows run cuDNN's attention, and packed rows there
-#: (a mask per row) have not been timed.
+#: tasks, tagging and QA pack several examples (QA: windows) into each row (docs/benchmarks.md,
+#: "Packing: the same accuracy" and "NER and SQuAD: the job against the peer"; docs/results.md,
+#: "Token and span tasks against the peer").
 SCHEDULES: dict[str, dict[str, dict]] = {
     "module": {
         "sst2": dict(packing=True, num_epochs=2, max_seq_length=64),
@@ -25,7 +24,7 @@ SCHEDULES: dict[str, dict[str, dict]] = {
         "wnli": dict(num_epochs=5), "qnli": dict(num_epochs=2),
         "qqp": dict(num_epochs=2, eval_every=5000), "mnli": dict(num_epochs=2, eval_every=5000),
         "pos": dict(packing=True, num_epochs=3), "ner": dict(packing=True, num_epochs=5),
-        "squad": dict(num_epochs=3, max_seq_length=384),
+        "squad": dict(packing=True, num_epochs=3, max_seq_length=384),
     },
     "prompt": {
         "*": dict(num_epochs=10),
