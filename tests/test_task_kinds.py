@@ -93,12 +93,18 @@ def test_token_head_reads_each_real_token_in_place(method, options):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden @ k + b), atol=1e-5)
 
 
-def test_packed_tagging_and_qa_train_and_evaluate(tiny_bert_dir, tmp_path):
+def test_packed_tagging_and_qa_train_and_evaluate(tiny_bert_dir, tmp_path, monkeypatch):
     """Packed rows serve tagging and QA: each example's labels stay at its own tokens (each QA
     window's answer at its own positions, ``tests/test_packing.py``); evaluation packs too, one
-    program for each, and reads every example's outputs back out of its row."""
+    program for each, and reads every example's outputs back out of its row. The NER run imports
+    seqeval while it compiles."""
+    from jaxpeft import runtime
+
+    warmed, prewarm = [], runtime.prewarm
+    monkeypatch.setattr(runtime, "prewarm", lambda modules: warmed.append(tuple(modules)) or prewarm(modules))
     flags = ["--task=ner", f"--data_dir={DATA / 'conll2003'}", f"--model={tiny_bert_dir}", "--max_seq_length=48"]
     packed = _run(tmp_path, "bitfit", flags + ["--packing"], "packed")
+    assert len(warmed) == 1 and "seqeval.metrics" in warmed[0] and "orbax.checkpoint" in warmed[0]
     assert packed["task_kind"] == "token" and 0.0 <= packed["final_dev"]["accuracy"] <= 1.0
     assert len(packed["compiled_shapes"]["train"]) == len(packed["compiled_shapes"]["predict"]) == 1
     qa = _run(tmp_path, "lora", ["--task=squad", f"--data_dir={DATA / 'squad'}", f"--model={tiny_bert_dir}",

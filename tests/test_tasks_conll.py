@@ -184,43 +184,39 @@ def test_ner_scores_small_cases():
         conll.ner_scores([["O", "O"]], [["O"]])
 
 
-def test_preload_keeps_the_missing_seqeval_error(monkeypatch):
+def test_a_missing_seqeval_is_one_error_and_warming_it_is_quiet(monkeypatch):
+    from jaxpeft import runtime
+
     for name in [m for m in sys.modules if m.split(".")[0] == "seqeval"] + ["seqeval"]:
         monkeypatch.setitem(sys.modules, name, None)      # None there: importing it raises ImportError
-    monkeypatch.setattr(conll, "_seqeval_preload", None)
     errors = []
     monkeypatch.setattr(threading, "excepthook", errors.append)
-    thread = conll.preload_seqeval()
-    assert thread.daemon and conll.preload_seqeval() is thread     # once per process
+    thread = runtime.prewarm(("seqeval.metrics",))
     thread.join(60)
     assert not thread.is_alive() and errors == []
     with pytest.raises(UserError, match="NER scores need the `seqeval` package"):
         conll.ner_scores([["B-PER"]], [["B-PER"]])
 
 
-def test_preload_imports_seqeval_in_the_background():
+def test_tagging_tasks_warm_their_scoring_modules(tmp_path):
+    """A run imports what its evaluation will (seqeval, and scikit-learn behind it, for entity F1;
+    scikit-learn's accuracy for token accuracy) in the background while XLA compiles, and only then:
+    reading the data does not import them."""
     pytest.importorskip("seqeval.metrics")
-    code = ("import sys; from jaxpeft.tasks import conll, tagging; assert 'seqeval' not in sys.modules; "
-            "t = conll.preload_seqeval(); t.join(60); assert 'seqeval.metrics' in sys.modules; "
-            "print(conll.ner_scores([['B-PER', 'O']], [['B-PER', 'O']])['f1'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    (tmp_path / "ner.conll").write_text("John B-PER\nlives O\n\nParis B-LOC\n")
+    (tmp_path / "pos.conll").write_text("John PROPN\nlives VERB\n")
+    code = ("import sys; from jaxpeft import runtime; from jaxpeft.tasks import tagging\n"
+            "D = lambda f: type('D', (), {'train_file': f, 'validation_file': f, 'test_file': None})()\n"
+            f"ner = tagging.from_files('mine', D({str(tmp_path / 'ner.conll')!r}))\n"
+            f"pos = tagging.from_files('tags', D({str(tmp_path / 'pos.conll')!r}))\n"
+            "assert 'seqeval' not in sys.modules and 'sklearn' not in sys.modules\n"
+            "assert ner.warm_modules() == ('seqeval.metrics',) and pos.warm_modules() == ('sklearn.metrics',)\n"
+            "runtime.prewarm(ner.warm_modules()).join(120); assert 'seqeval.metrics' in sys.modules\n"
+            "from jaxpeft.tasks import conll; print(conll.ner_scores([['B-PER', 'O']], [['B-PER', 'O']])['f1'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1.0"
-
-
-def test_tasks_scored_by_seqeval_preload_it(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(conll, "preload_seqeval", lambda: calls.append(1))
-    from jaxpeft.tasks import tagging
-
-    (tmp_path / "ner.conll").write_text("John B-PER\nlives O\n\nParis B-LOC\n")
-    (tmp_path / "pos.conll").write_text("John PROPN\nlives VERB\n")
-    for train, metric, preloaded in (("ner.conll", "seqeval", [1]), ("pos.conll", "accuracy", [])):
-        data = type("D", (), {"train_file": str(tmp_path / train), "validation_file": str(tmp_path / train),
-                              "test_file": None})()
-        calls.clear()
-        assert tagging.from_files("mine", data).metric == metric and calls == preloaded
 
 
 def test_pos_accuracy_equals_sklearn():

@@ -95,6 +95,11 @@ class Task:
         """One JSON-able prediction per example, in order."""
         raise NotImplementedError
 
+    def warm_modules(self) -> tuple[str, ...]:
+        """Modules :meth:`evaluate` imports on first use; a run imports them in the background while
+        XLA compiles (:func:`jaxpeft.runtime.prewarm`), so its first evaluation does not wait for them."""
+        return ()
+
     def record(self) -> dict[str, Any]:
         """What rebuilds the task without its files (:func:`jaxpeft.tasks.from_record`)."""
         return {"task": self.name, "task_kind": self.kind, "num_labels": self.num_labels,

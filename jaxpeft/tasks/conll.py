@@ -11,17 +11,15 @@ happens to come first.
 Metrics: ``pos`` is token accuracy over words (:func:`pos_accuracy`); ``ner`` is entity-level
 precision / recall / F1 over the entities ``seqeval`` extracts in its default (conlleval) mode,
 scored as seqeval scores them (:func:`ner_scores`); that mode reads IOB1 and IOB2 alike, so
-CoNLL-2003 is scored on its own IOB1 tags. A task scored so starts seqeval's import early
-(:func:`preload_seqeval`). :func:`iob1_to_iob2` converts tags for models that expect BIO; the entities do not change.
+CoNLL-2003 is scored on its own IOB1 tags (a run imports seqeval while XLA compiles:
+``Tagging.warm_modules``). :func:`iob1_to_iob2` converts tags for models that expect BIO; the entities do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -418,32 +416,3 @@ def _prf(hit: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> tuple[np.n
     denom = precision + recall
     f1 = 2.0 * precision * recall / np.where(denom == 0, 1.0, denom)
     return precision, recall, f1
-
-
-#: the thread importing seqeval ahead of the first evaluation (:func:`preload_seqeval`)
-_seqeval_preload: threading.Thread | None = None
-_preload_lock = threading.Lock()
-
-
-def _import_seqeval() -> None:
-    try:
-        importlib.import_module("seqeval.metrics")
-    except ImportError:
-        pass        # ner_scores imports it again and raises its UserError
-
-
-def preload_seqeval() -> threading.Thread:
-    """Starts importing ``seqeval.metrics`` (over a second: it imports scikit-learn) in a daemon
-    thread, once per process, so that a run that scores NER does not pay for it inside its first
-    evaluation. :func:`ner_scores`' own import waits for the thread's (Python's import lock) and,
-    where seqeval is missing, still raises its :class:`UserError`.
-
-    Returns:
-        the thread (started now or by an earlier call).
-    """
-    global _seqeval_preload
-    with _preload_lock:
-        if _seqeval_preload is None:
-            _seqeval_preload = threading.Thread(target=_import_seqeval, name="seqeval-import", daemon=True)
-            _seqeval_preload.start()
-        return _seqeval_preload

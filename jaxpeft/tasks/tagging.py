@@ -76,6 +76,10 @@ class Tagging(Task):
     def tags(self, outputs: np.ndarray, encoded: Encoded) -> list[list[str]]:
         return token_align.decode(outputs.argmax(-1), encoded.host["features"])
 
+    def warm_modules(self) -> tuple[str, ...]:
+        # seqeval imports scikit-learn; pos_accuracy is scikit-learn's accuracy_score
+        return ("seqeval.metrics",) if self.metric == "seqeval" else ("sklearn.metrics",)
+
     def evaluate(self, outputs: np.ndarray, encoded: Encoded, raw: conll.TaggedSentences) -> dict[str, float]:
         pred = self.tags(outputs, encoded)
         if self.metric == "seqeval":
@@ -140,7 +144,6 @@ def ner(data: Any) -> Tagging:
     paths = {"train": d / "eng.train", "dev": d / "eng.testa", "test": d / "eng.testb"}
     if not paths["train"].is_file():
         raise UserError(f"--task=ner: {paths['train']} not found")
-    conll.preload_seqeval()         # its import (scikit-learn's) overlaps the run's start, not its first eval
     train = conll.read_conll2003(paths["train"], "ner")
     return Tagging("ner", conll.tag_names(train), "f1", ("dev",), metric="seqeval",
                    paths={k: str(v) for k, v in paths.items()}, reader="conll2003")
@@ -160,8 +163,6 @@ def from_files(name: str, data: Any) -> Tagging:
         raise UserError(f"{data.train_file}: no tags")
     names = conll.tag_names(train)
     is_iob = all(t == "O" or t[:2] in ("B-", "I-") for t in names)
-    if is_iob:
-        conll.preload_seqeval()
     return Tagging(name, names, "f1" if is_iob else "accuracy", ("dev",),
                    metric="seqeval" if is_iob else "accuracy", paths=dict(paths), reader="conll")
 

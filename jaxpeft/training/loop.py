@@ -101,6 +101,10 @@ class Job:
         """The first line a run prints (what trains)."""
         raise NotImplementedError
 
+    def warm_modules(self) -> tuple[str, ...]:
+        """Modules evaluation imports on first use (imported while XLA compiles)."""
+        return ()
+
     def start_record(self) -> dict[str, Any]:
         """More fields of ``log.jsonl``'s ``start`` event."""
         return {}
@@ -355,7 +359,8 @@ def _run(job: Job, where: list[str]) -> dict[str, Any]:
 
     loop_jit, predict_jit = jits()
     # what later parts of the run import, while XLA compiles (it leaves the interpreter free)
-    warming = runtime.prewarm(("orbax.checkpoint",) + (("matplotlib.pyplot",) if cfg.run.plot else ()))
+    warming = runtime.prewarm(("orbax.checkpoint",) + job.warm_modules()
+                              + (("matplotlib.pyplot",) if cfg.run.plot else ()))
     where[0] = "while compiling"
     with timers.section("compile"):
         loops, predicts, compile_info = compile_all(job, loop_jit, predict_jit, state, frozen, n)

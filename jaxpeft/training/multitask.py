@@ -456,6 +456,9 @@ class MultiTask(loop.Job):
             return dict(zip(self.names, np.asarray(value).tolist()))
         return value
 
+    def warm_modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m for t in self.tasks for m in t.warm_modules()))
+
     def describe(self) -> str:
         per = masks.count(self.model.params, self.mask)[0]
         shares = ", ".join(f"{n} {p:.1%} ({self.own[n]['num_epochs']:g} epochs at {self.own[n]['learning_rate']:g})"

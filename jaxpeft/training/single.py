@@ -278,6 +278,9 @@ class SingleTask(loop.Job):
             out.update(m if i == 0 else {f"{split}_{k}": v for k, v in m.items()})
         return out
 
+    def warm_modules(self) -> tuple[str, ...]:
+        return self.task.warm_modules()
+
     def param_report(self) -> dict[str, Any]:
         t, n = masks.count(self.param_tree, self.mask)
         head = masks.match(self.param_tree, include=head_patterns(self.heads, self.modules_to_save), allow_empty=True)
