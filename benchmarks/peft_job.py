@@ -42,9 +42,10 @@ other task types do): both sides read a question and its context as two segments
 
 What the peer cannot run (one ``error:`` line, exit status 2):
 
-* ``prefix`` and ``ptuning_v2`` on any task, where the family's encoder (``BertModel``,
-  ``MPNetModel``...) takes no ``past_key_values`` (transformers 5: peft's prefix tuning then raises
-  "Model does not support past key values") -- the check reads the installed encoder's ``forward``;
+* ``prefix`` and ``ptuning_v2`` where the installed peft cannot run them on the family's encoder:
+  peft up to 0.21 raises "Model does not support past key values" on transformers 5's encoders;
+  peft 0.22 runs them. The check is one forward pass of the built model before training, whose
+  logits must move with the prefixes (``jaxpeft.bench.peer.prefixes_dropped``);
 * on a family other than BERT: ``--pooling=mean|cosine``, ``--bitfit_terms``, bottleneck adapters;
 * ``--pooling=mean|cosine`` on token and span tasks (their heads read every token; ours refuses
   them too);
@@ -195,10 +196,6 @@ def cannot_run(a, kind: str) -> str | None:
             return f"--method={a.method}: the peer's bottleneck adapters are written for BERT's layers (this model is {family})"
         if a.bitfit_terms:
             return f"--bitfit_terms names BERT's bias terms (this model is {family})"
-    if a.method in ("prefix", "ptuning_v2"):
-        from jaxpeft.bench.peer import prefix_refusal
-
-        return prefix_refusal(a.method, base_model_class(a.model), PEFT_TASK_TYPE[kind])
     return None
 
 
@@ -211,13 +208,6 @@ def _model_dir(model: str | None) -> Path:
 def model_type(model: str | None) -> str:
     """The ``model_type`` of the model folder (``bert``, ``mpnet``, ``roberta``...)."""
     return json.loads((_model_dir(model) / "config.json").read_text())["model_type"]
-
-
-def base_model_class(model: str | None):
-    """transformers' encoder class of the model folder's family (``BertModel``, ``MPNetModel``...)."""
-    from transformers import MODEL_MAPPING, AutoConfig
-
-    return MODEL_MAPPING[type(AutoConfig.from_pretrained(str(_model_dir(model))))]
 
 
 def takes_token_types(model) -> bool:
@@ -330,7 +320,13 @@ def build(model_dir: str, a, num_labels: int, kind: str = "sequence"):
     }
     if a.method not in kinds:
         raise SystemExit(f"the peer has no method {a.method!r}")
-    return peft.get_peft_model(model, kinds[a.method]())
+    model = peft.get_peft_model(model, kinds[a.method]())
+    from jaxpeft.bench.peer import prefixes_dropped
+
+    why = prefixes_dropped(model, a.method)      # prefix methods: peft must run them and reach attention
+    if why:
+        raise error(why)
+    return model
 
 
 #: Exit status of a run paused by ``--time_limit`` (its state saved; run it again to go on).

@@ -441,19 +441,39 @@ def test_peer_ner_labels_sit_on_first_sub_words(tiny_bert_dir):
     torch.testing.assert_close(got, want)
 
 
+def peft_runs_prefix_on_bert(model_dir) -> bool:
+    """Whether the installed peft runs prefix tuning on transformers' BERT (peft 0.22 does; up to
+    0.21 it raises, as transformers 5's ``BertModel.forward`` does not name ``past_key_values``)."""
+    import peft
+    import torch
+    from transformers import BertForTokenClassification
+
+    model = peft.get_peft_model(BertForTokenClassification.from_pretrained(str(model_dir), num_labels=3),
+                                peft.PrefixTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=2))
+    try:
+        model(input_ids=torch.tensor([[101, 2023, 102]]))
+    except ValueError as e:
+        assert "does not support past key values" in str(e)
+        return False
+    return True
+
+
 def test_peer_refuses_what_it_cannot_run(tiny_bert_dir, capsys):
     """One ``error:`` line and exit status 2: a pooling a token head does not have; prefix tuning where
-    transformers' BERT takes no ``past_key_values`` (peft's prefix tuning needs them)."""
-    import inspect
-
-    from transformers import BertModel
-
-    from benchmarks.peft_job import CANNOT, main
+    the installed peft cannot run it on BERT (the refusal names the method and peft's reason), and
+    where it can, a prefix that reaches the logits passes the same check."""
+    from benchmarks.peft_job import CANNOT, build, main, parser
+    from jaxpeft.bench.peer import prefixes_dropped
 
     data = shared_data("conll2003")
     cases = [(["--method=lora", "--pooling=mean"], "--pooling=mean")]
-    if "past_key_values" not in inspect.signature(BertModel.forward).parameters:
-        cases.append((["--method=prefix"], "past_key_values"))
+    if peft_runs_prefix_on_bert(tiny_bert_dir):
+        for method in ("prefix", "ptuning_v2"):
+            a = parser().parse_args(["--task=ner", f"--data_dir={data}", f"--model={tiny_bert_dir}",
+                                     f"--method={method}"])
+            assert prefixes_dropped(build(str(tiny_bert_dir), a, 9, "token"), method) is None
+    else:
+        cases.append((["--method=prefix"], "--method=prefix: peft cannot run it"))
     for flags, needle in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

@@ -230,9 +230,20 @@ def test_peft_prompt_adapter_loads_in_jaxpeft_in_front(kind, tiny_bert_dir, glue
 # ----------------------------------------------------------------------------- prefix tuning
 
 
-def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_bert_dir, tmp_path):
-    """peft's prefix tuning feeds past_key_values to the encoder, which transformers' BERT no longer
-    takes: peft raises. Both directions of the file layout are checked against peft's get_prompt."""
+def peft_prefix_logits(pm, tok, ex):
+    """peft's logits of its prefix-tuned BERT, or ``None`` where peft cannot run it: peft up to 0.21
+    feeds ``past_key_values`` to the encoder, which transformers 5's ``BertModel`` does not take, and
+    raises; peft 0.22 runs it."""
+    try:
+        return torch_logits(pm, tok, ex)
+    except ValueError as e:
+        assert "does not support past key values" in str(e)
+        return None
+
+
+def test_prefix_adapters_match_peft_both_ways(trained, tiny_bert_dir, glue, tmp_path):
+    """Both directions of the file layout are checked against peft's get_prompt, and, where peft
+    runs prefix tuning on BERT, the logits of each direction against peft's."""
     def peft_kv(pm):
         cache = pm.get_prompt(batch_size=1)     # per layer [1, heads, P, head_dim]
         return [(lay.keys[0].detach().numpy(), lay.values[0].detach().numpy()) for lay in cache.layers]
@@ -246,9 +257,10 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
     # peft -> jaxpeft
     folder = tmp_path / "peft-prefix"
     pm = make_peft_adapter(tiny_bert_dir, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4), folder)
-    ids = torch.tensor([[101, 2023, 2003, 102]])
-    with pytest.raises(ValueError, match="does not support past key values"):
-        pm(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ex, tok = examples(glue), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    theirs = peft_prefix_logits(pm, tok, ex)
+    if theirs is not None:
+        assert_same(jax_logits(folder, ex, task="sst2", model=str(tiny_bert_dir)), theirs)
     info = adapters.read_adapter(folder)
     assert (info.method.name, info.method.num_virtual_tokens, info.method.prefix_projection,
             info.method.shift_positions) == ("prefix", 4, False, True)
@@ -260,16 +272,19 @@ def test_prefix_layout_matches_peft_which_cannot_run_it_on_bert(trained, tiny_be
     assert masks.flatten(params)["prompt/prefix_keys"].shape == (3, 4, 48)
 
     # jaxpeft -> peft
-    ours = trained("ptuning_v2", num_virtual_tokens=4)
+    ours = trained("ptuning_v2", num_virtual_tokens=4, shift_positions=True)     # peft always shifts
     cfg = json.loads((ours / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["num_layers"], cfg["token_dim"], cfg["prefix_projection"]) == \
         ("PREFIX_TUNING", 3, 48, False)
     assert safetensors.numpy.load_file(str(ours / "adapter_model.safetensors"))["prompt_embeddings"].shape == \
         (4, 2 * 3 * 48)
-    for (pk, pv), (ok, ov) in zip(peft_kv(peft_model(tiny_bert_dir, ours)),
-                                  ours_kv(adapter_arrays(ours)), strict=True):
+    reloaded = peft_model(tiny_bert_dir, ours)
+    for (pk, pv), (ok, ov) in zip(peft_kv(reloaded), ours_kv(adapter_arrays(ours)), strict=True):
         np.testing.assert_array_equal(pk, ok)
         np.testing.assert_array_equal(pv, ov)
+    theirs = peft_prefix_logits(reloaded, tok, ex)
+    if theirs is not None:
+        assert_same(jax_logits(ours, ex), theirs)
 
 
 # ----------------------------------------------------------------------------- peft's target rule

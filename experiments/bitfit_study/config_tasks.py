@@ -24,9 +24,9 @@ Each task reads its own data folder, and the study takes one ``--data_dir`` a co
 
 Known gaps, to read the table right:
 
-* ``prefix`` and ``ptuning_v2``: the peer exits with an ``error:`` line (status 2) where transformers'
-  ``BertModel`` takes no ``past_key_values`` (transformers 5); ``run.py peer`` reports them failed and
-  the table has no peer cell for them.
+* ``prefix`` and ``ptuning_v2``: the peer exits with an ``error:`` line (status 2) where the installed
+  peft cannot run them (peft up to 0.21 on transformers 5's ``BertModel``; peft 0.22 runs them);
+  ``run.py peer`` reports them failed and the table has no peer cell for them.
 * ``prompt`` and ``ptuning``: ours put the virtual tokens after ``[CLS]`` by default, peft in front
   (``prompt_position=front`` is peft's placement); the defaults are compared as they are.
 * SQuAD's EM/F1 are percentages (the official script's scale); the study reads them as fractions

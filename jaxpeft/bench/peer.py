@@ -114,27 +114,13 @@ class Unavailable(Exception):
     """What this peer cannot run here (a missing package, no GPU): one line, exit status 2."""
 
 
-def prefix_refusal(method: str, base_cls, task_type: str = "SEQ_CLS") -> str | None:
-    """Why peft cannot run prefix tuning / P-tuning v2 on the encoder class ``base_cls``, or None:
-    peft hands the prefixes to the encoder as ``past_key_values``, which transformers 5's encoders
-    (``BertModel``, ``MPNetModel``...) may not take."""
-    import inspect
-
-    if method not in ("prefix", "ptuning_v2"):
-        return None
-    if "past_key_values" in inspect.signature(base_cls.forward).parameters:
-        return None
-    import transformers
-
-    return (f"--method={method}: peft's prefix tuning ({task_type}) hands the prefixes to the encoder as "
-            f"past_key_values, which transformers {transformers.__version__}'s {base_cls.__name__} does not "
-            f"take (peft: 'Model does not support past key values')")
-
-
 def prefixes_dropped(model, method: str) -> str | None:
-    """Why ``model`` (peft's prefix model) cannot be measured, or None: a forward pass must fail or
-    change when the prefix encoder's weights move. An encoder that swallows ``past_key_values`` in
-    ``**kwargs`` would time a prefix encoder whose output never reaches attention."""
+    """Why ``model`` (peft's prefix model, any task head) cannot be run, or None: a forward pass must
+    not fail, and its logits must change when the prefix encoder's weights move. peft hands the
+    prefixes to the encoder as ``past_key_values``: peft up to 0.21 refuses transformers 5's
+    encoders, whose ``forward`` does not name them ("Model does not support past key values");
+    peft 0.22 runs them. An encoder that swallowed them in ``**kwargs`` would train a prefix encoder
+    whose output never reaches attention."""
     import torch
     import transformers
 
@@ -149,10 +135,10 @@ def prefixes_dropped(model, method: str) -> str | None:
     model.eval()
     try:
         with torch.no_grad():
-            before = model(**x).logits.float()
+            before = _logits(model(**x))
             for w in weights:
                 w.add_(torch.randn_like(w))
-            after = model(**x).logits.float()
+            after = _logits(model(**x))
     except (ValueError, TypeError) as e:
         return f"--method={method}: peft cannot run it on this encoder ({str(e).splitlines()[0]})"
     finally:
@@ -165,6 +151,13 @@ def prefixes_dropped(model, method: str) -> str | None:
         return (f"--method={method}: transformers {transformers.__version__}'s {base} drops the prefixes peft "
                 "hands it as past_key_values, so the run would train a prefix that never reaches attention")
     return None
+
+
+def _logits(out):
+    """Every ``*logits`` output of a forward pass (a QA head's start and end logits), as one vector."""
+    import torch
+
+    return torch.cat([v.float().flatten() for k, v in out.items() if k.endswith("logits")])
 
 
 def hf_config(family: str, size: str = "base", num_labels: int = 2):
