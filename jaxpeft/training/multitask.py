@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from jaxpeft import config as config_lib
-from jaxpeft import masks, tasks
+from jaxpeft import masks, runtime, tasks
 from jaxpeft.adapters import folder, mixed
 from jaxpeft.data import batches as batching
 from jaxpeft.data.encoding import Encoded
@@ -49,7 +49,8 @@ from jaxpeft.errors import UserError
 from jaxpeft.methods.base import head_patterns
 from jaxpeft.models import fingerprint
 from jaxpeft.models.heads import head_modules
-from jaxpeft.models.loading import build_module, frozen_in_dtype, init_params, load_model, param_shapes
+from jaxpeft.models.hf_weights import load_tokenizer
+from jaxpeft.models.loading import build_module, frozen_in_dtype, init_params, load_model, model_dir_of, param_shapes
 from jaxpeft.training import loop, optim, steps
 from jaxpeft.training.checkpoint import RunIdentity, sha256_arrays
 from jaxpeft.training.single import check_base_dtype, setup_runtime
@@ -315,9 +316,13 @@ class MultiTask(loop.Job):
         head = dataclasses.replace(head, num_labels=self.width)
         with self.timers.section("startup"):
             m, o = self.method, cfg.optim
+            # the splits tokenize in a background thread while the weights load (see single.py)
+            model_dir = model_dir_of(cfg.model)
+            encoding = runtime.Background(lambda: self.encode(load_tokenizer(model_dir)), "jaxpeft-tokenize")
             self.model = load_model(cfg.model, head, m, compute=self.compute, seed=o.seed,
                                     with_weights=not cfg.random_init,
-                                    param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None)
+                                    param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None,
+                                    model_dir=model_dir)
             family = self.model.family
             m.check_model(self.model.params, family)
             self.heads = head_modules(family, head)
@@ -331,18 +336,20 @@ class MultiTask(loop.Job):
             self.trainable = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trainables)
             self.frozen_train = masks.split(self.model.params, self.mask)[1]
             self.inf_module, self.inf_frozen = self.inference_model(head)
-        with self.timers.section("data"):
-            tok = self.model.tokenizer
-            self.train_data = [t.encode(tok, ex, self.own[t.name]["max_seq_length"])
-                               for t, ex in zip(self.tasks, self.raw_train)]
-            self.eval_data = [{s: t.encode(tok, ex, self.own[t.name]["max_seq_length"]) for s, ex in evs.items()}
-                              for t, evs in zip(self.tasks, self.raw_evals)]
+        with self.timers.section("data"):   # what is left of the tokenizing once the weights are loaded
+            self.train_data, self.eval_data = encoding.result()
             rows = [len(e) * self.own[t.name]["num_epochs"] for t, e in zip(self.tasks, self.train_data)]
             self.probs = sampling_probs(rows, cfg.task_sampling, cfg.sampling_temperature)
             self.batches = TaskBatches(self.train_data, o.batch_size, self.length, o.seed, self.probs)
             self.mixture_epochs = sum(rows) / max(1, sum(len(e) for e in self.train_data))
         self.total_steps = o.max_steps if o.max_steps > 0 else max(
             1, int(np.ceil(self.mixture_epochs * self.batches.steps_per_epoch)))
+
+    def encode(self, tok: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Each task's training data and evaluation splits, encoded at its own length."""
+        return ([t.encode(tok, ex, self.own[t.name]["max_seq_length"]) for t, ex in zip(self.tasks, self.raw_train)],
+                [{s: t.encode(tok, ex, self.own[t.name]["max_seq_length"]) for s, ex in evs.items()}
+                 for t, evs in zip(self.tasks, self.raw_evals)])
 
     # -- building -----------------------------------------------------------------------------------
     def task_params(self, k: int) -> Any:

@@ -22,7 +22,8 @@ from jaxpeft.errors import UserError
 from jaxpeft.methods.base import head_patterns, module_pattern
 from jaxpeft.models import fingerprint, quant, sizes
 from jaxpeft.models.heads import head_modules
-from jaxpeft.models.loading import LoadedModel, frozen_in_dtype, load_model
+from jaxpeft.models.hf_weights import load_tokenizer
+from jaxpeft.models.loading import LoadedModel, frozen_in_dtype, load_model, model_dir_of
 from jaxpeft.training import loop, multihost, optim, sharding, steps
 from jaxpeft.training.checkpoint import RunIdentity, sha256_arrays
 
@@ -149,11 +150,15 @@ class SingleTask(loop.Job):
                 if not self.task.labelled(ex):
                     raise UserError(f"{getattr(ex, 'source', s)}: split {s!r} has no labels")
         with self.timers.section("startup"):
+            # the splits tokenize in a background thread, with a tokenizer of their own, while the
+            # weights load (the tokenizers library encodes outside the interpreter lock)
+            model_dir = model_dir_of(cfg.model)
+            encoding = runtime.Background(lambda: self.encode(load_tokenizer(model_dir)), "jaxpeft-tokenize")
             self.model: LoadedModel = load_model(
                 cfg.model, self.task.head(cfg.head.pooling), self.method, compute=self.compute,
                 seed=cfg.optim.seed, with_weights=not cfg.random_init,
                 param_shardings=self.plan.tree_shardings if self.plan.mesh.size > 1 else None,
-                modules_to_save=self.modules_to_save)
+                modules_to_save=self.modules_to_save, model_dir=model_dir)
             family = self.model.family
             self.method.check_model(self.model.shapes if self.model.stored else self.model.params, family)
             self.heads = head_modules(family, self.task.head(cfg.head.pooling))
@@ -173,17 +178,22 @@ class SingleTask(loop.Job):
             self.mask = self.method.mask(self.param_tree, family, self.heads, self.modules_to_save)
             if self.model.stored:   # a random size: a prompt read from the stored vocabulary is float32 again
                 self.params = sizes.restore_float(self.params, self.model.shapes, self.mask)
-        with self.timers.section("data"):
-            tok = self.model.tokenizer
-            train = self.task.take(self.raw_train, d.max_train_examples) if d.max_train_examples else self.raw_train
-            self.train_data = self.task.encode(tok, train, d.max_seq_length)
-            self.eval_raw = {s: self.task.take(ex, d.max_eval_examples) if d.max_eval_examples else ex
-                             for s, ex in self.raw_evals.items()}
-            self.eval_data = {s: self.task.encode(tok, ex, d.max_seq_length) for s, ex in self.eval_raw.items()}
+        with self.timers.section("data"):   # what is left of the tokenizing once the weights are loaded
+            self.train_data, self.eval_raw, self.eval_data = encoding.result()
             self.batches = self.make_batches()
         self.total_steps = self._total_steps()
 
     # -- data ---------------------------------------------------------------------------------------
+    def encode(self, tok: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """``(train, raw evaluation splits, encoded evaluation splits)``, as many examples as the
+        run takes."""
+        d = self.cfg.data
+        train = self.task.take(self.raw_train, d.max_train_examples) if d.max_train_examples else self.raw_train
+        eval_raw = {s: self.task.take(ex, d.max_eval_examples) if d.max_eval_examples else ex
+                    for s, ex in self.raw_evals.items()}
+        return (self.task.encode(tok, train, d.max_seq_length), eval_raw,
+                {s: self.task.encode(tok, ex, d.max_seq_length) for s, ex in eval_raw.items()})
+
     def make_batches(self) -> batching.BucketBatches | packing.PackedBatches:
         o, d = self.cfg.optim, self.cfg.data
         if d.packing:
