@@ -688,4 +688,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # transformers from 5.2x fetches fused kernels from the hub for a model on a GPU unless this is
+    # off; the benchmark machines have no network, and the peer runs transformers' own modules
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     sys.exit(main())
