@@ -180,6 +180,34 @@ def test_the_data_cache_is_keyed_by_the_tokenizing_code(tmp_path, monkeypatch, g
     np.testing.assert_array_equal(encoding.encode_cached(tok, ex, 48).input_ids, first.input_ids)
 
 
+def test_a_write_cut_off_by_its_process_ending_is_removed_by_the_next_one(tmp_path, monkeypatch, glue, minilm_dir):
+    """A process that ends while its background thread writes a cache entry leaves the half-written
+    file behind; the next write removes it, and leaves a running process's file alone."""
+    import os
+    import subprocess
+    import sys
+
+    from jaxpeft.models.hf_weights import load_tokenizer
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    # a process that starts its entry and ends before finishing it
+    code = ("import os, sys; p = os.path.join(sys.argv[1], f'.0123abcd.npz.{os.getpid()}.npz'); "
+            "open(p, 'wb').write(b'PK half'); print(p)")
+    orphan = subprocess.run([sys.executable, "-c", code, str(root)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    running = root / f".4567cdef.npz.{os.getppid()}.npz"
+    running.write_bytes(b"PK writing")
+    monkeypatch.setenv("JAXPEFT_DATA_CACHE", str(root))
+    tok = load_tokenizer(minilm_dir)
+    ex = glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", glue).take(20)
+    enc = encoding.encode_cached(tok, ex, 32)
+    assert not os.path.exists(orphan) and running.is_file()
+    entries = sorted(p.name for p in root.iterdir())
+    assert entries == sorted([running.name, encoding.cache_path(root, tok, ex, 32).name])
+    np.testing.assert_array_equal(encoding.encode_cached(tok, ex, 32).input_ids, enc.input_ids)
+
+
 def test_vocabulary_and_special_tokens_without_transformers_equal_transformers(minilm_dir):
     """What prompt initialisation samples from comes from tokenizer.json (no transformers import),
     the same as transformers' tokenizer gives."""

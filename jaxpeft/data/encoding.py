@@ -160,11 +160,35 @@ def encode_cached(tokenizer, examples: Examples, max_length: int) -> Encoded:
         except Exception:  # noqa: BLE001 -- a damaged entry: tokenize again
             pass
     enc = encode(tokenizer, examples, max_length)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
+        remove_orphans(root)
         np.savez(tmp, input_ids=enc.input_ids, token_type_ids=enc.token_type_ids, lengths=enc.lengths)
         os.replace(tmp, path)
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)
     return enc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # exists, another user's
+        return True
+    return True
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Removes the cache's half-written entries (``.NAME.npz.PID.npz``) whose process is gone, e.g.
+    one that exited while its background thread was writing; returns them. Those of running
+    processes are theirs to finish."""
+    gone = []
+    for p in root.glob(".*.npz.*.npz"):
+        pid = p.name[:-len(".npz")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
