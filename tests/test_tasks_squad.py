@@ -96,6 +96,24 @@ def test_train_file_beside_the_dev_file(tmp_path, dev):
     assert [e.id for e in train.examples] == ["q1"] and len(evals) == 10570 and "train-v1.1.json.gz" in how
 
 
+def test_the_full_size_stand_in_is_the_train_file_of_the_job(tmp_path, dev):
+    """``benchmarks/squad_standin.py`` writes a folder whose train file the task reads: the dev set's
+    articles repeated to the asked size, unique ids, every answer where the dev set has it."""
+    from benchmarks import squad_standin
+
+    out = tmp_path / "full"
+    assert squad_standin.main([f"--dev={DEV}", f"--out={out}", "--questions=25000"]) == 0
+    train, evals, how = squad.train_and_eval(out / "dev-v1.1.json")
+    assert f"train {out / 'train-v1.1.json'}" in how and len(evals) == 10570
+    assert 25000 <= len(train) < 25000 + max(sum(len(p["qas"]) for p in a["paragraphs"])
+                                             for a in json.loads(DEV.read_text())["data"])
+    assert len({e.id for e in train.examples}) == len(train)
+    copies = [train.examples[i * len(dev):(i + 1) * len(dev)] for i in range(3)]
+    for c, part in enumerate(copies):       # two whole copies, then the third's first articles
+        assert [(e.id, e.context, e.answers, e.answer_starts) for e in part] == \
+            [(f"{e.id}-{c}", e.context, e.answers, e.answer_starts) for e in dev.examples[:len(part)]]
+
+
 def test_bad_squad_files(tmp_path, dev_json):
     data = json.loads(json.dumps(dev_json["data"][:2]))
     qa = data[1]["paragraphs"][0]["qas"][3]
