@@ -360,6 +360,8 @@ def peer_args(cfg) -> list[str]:
             f"--pooling={cfg.head.pooling}"]
     if o.head_learning_rate is not None:
         args.append(f"--head_learning_rate={o.head_learning_rate}")
+    if not d.group_by_length:
+        args.append("--no-group_by_length")
     if d.dataset:
         raise SystemExit("the peer reads no --dataset (a named task or your own tagging/QA files)")
     if d.train_file:
@@ -420,6 +422,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter_size", type=int, default=64)
     ap.add_argument("--adapter_type", default="houlsby")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                    help="batches of examples of similar lengths, as ours (--no-group_by_length: random "
+                         "batches, as transformers' Trainer by default)")
     ap.add_argument("--pooling", default="cls", choices=("cls", "mean", "cosine"),
                     help="cls: the pooler on [CLS]; mean: the mean of the last layer's outputs; cosine: the "
                          "cosine of a pair's two sentences encoded apart; as ours")
@@ -537,7 +542,8 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
     model_dir = str(hf_weights.resolve_model_dir(a.model or hf_weights.DEFAULT_MODEL))
     tok = hf_weights.load_tokenizer(Path(model_dir))
     train, dev_raw, dev_enc = prepare(a, task, tok)
-    train_batches = batches.BucketBatches(train, a.batch_size, a.max_seq_length, a.seed)  # ours: the same order
+    train_batches = batches.BucketBatches(train, a.batch_size, a.max_seq_length, a.seed,  # ours: the same order
+                                          group_by_length=a.group_by_length)
     buckets = train_batches.buckets
     t_data = time.perf_counter() - t0
 
@@ -607,7 +613,9 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
     state = Path(a.state) if a.state else None
     if state is not None and state.is_file():
         saved = torch.load(state, map_location=dev, weights_only=False)
-        differ = [k for k, v in vars(a).items() if k not in _FREE_ON_RESUME and saved["args"].get(k) != v]
+        flags = parser()   # a flag added since the state was saved: that run had its default
+        differ = [k for k, v in vars(a).items() if k not in _FREE_ON_RESUME
+                  and saved["args"].get(k, flags.get_default(k)) != v]
         if differ:
             raise SystemExit(f"{state}: saved by a run with other settings ({', '.join(differ)}); delete it to start over")
         model.load_state_dict(saved["trainable"], strict=False)

@@ -98,6 +98,9 @@ class Data:
                                  "longest length is always added)", check_length_buckets, resume=False)
     packing: bool = option(False, "pack several examples into each row (one compiled shape, no padding "
                                   "computed); full, frozen, bitfit, prefix, ptuning_v2, lora, adapter")
+    group_by_length: bool = option(True, "unpacked training batches hold examples of similar lengths (less "
+                                         "padding); --no-group_by_length: random batches, as transformers' "
+                                         "Trainer by default")
 
     def __post_init__(self):
         options.check(self)

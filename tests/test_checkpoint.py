@@ -153,6 +153,31 @@ def test_wrong_base_or_other_flags_rejected_before_anything_is_written(finished,
         run(tiny_cfg(glue, tiny_bert_dir, tmp_path / "empty", resume=True))
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_where_the_setting_keeps_the_old_behaviour(tmp_path):
+    """A setting a checkpoint does not record matches how runs went before it existed: off
+    (``None``/``False``), or its :data:`~jaxpeft.training.checkpoint.ADDED_SETTINGS` value
+    (``group_by_length``: runs before it grouped batches by length)."""
+    fp = {"structure_sha256": "s", "weights_sha256": "w"}
+    meta = {"fingerprint": fp, "settings": {"learning_rate": 1e-3}, "total_steps": 10, "train_data_sha256": "d",
+            "data_position": {"epoch": 0, "batch_order_sha256": "h"}}
+
+    def checkpoints(**settings):
+        ident = checkpoint.RunIdentity(settings={"learning_rate": 1e-3, **settings}, config={}, method="bitfit",
+                                       method_options={}, task="rte", num_labels=2, fingerprint=fp,
+                                       train_examples=8, train_data_sha256="d", total_steps=10, steps_per_epoch=5)
+        return checkpoint.Checkpoints(tmp_path, ident, keep=2, save_every=0, resume=None, main_metric="accuracy",
+                                      data_position=lambda step: {"batch_order_sha256": "h"}, echo=lambda s: None)
+
+    checkpoints(group_by_length=True, packing=False, tasks=None).check_compatible(meta, 5)
+    for settings, needle in ((dict(group_by_length=False), "group_by_length (now False)"),
+                             (dict(packing=True), "packing (now True)")):
+        with pytest.raises(UserError, match="other settings") as e:
+            checkpoints(**settings).check_compatible(meta, 5)
+        assert needle in str(e.value)
+    checkpoints(group_by_length=False).check_compatible(
+        {**meta, "settings": {"learning_rate": 1e-3, "group_by_length": False}}, 5)
+
+
 def test_cli_resume_errors_are_one_line(tmp_path, glue, tiny_bert_dir):
     out = tmp_path / "out"
     out.mkdir()

@@ -99,6 +99,76 @@ def test_epoch_order_covers_every_example_once_and_is_deterministic():
     assert all(len(x) == 32 for x in a) and (flat < 0).sum() == 32 * len(a) - 1003
 
 
+def _lengths_only(lengths: np.ndarray) -> encoding.Encoded:
+    ids = (np.arange(int(lengths.max()))[None] < lengths[:, None]).astype(np.int32)
+    return encoding.Encoded(ids, np.zeros_like(ids), lengths.astype(np.int32), np.zeros(len(lengths), np.int32))
+
+
+def _members(order: list[np.ndarray]) -> list[frozenset]:
+    return [frozenset(b[b >= 0].tolist()) for b in order]
+
+
+def test_group_by_length_sorts_inside_pools_and_off_takes_random_batches():
+    """``group_by_length`` (the default): a batch holds examples of similar lengths, all from one pool
+    of 50 batches of the epoch's shuffled examples, sorted by length inside the pool. Off: a batch's
+    examples are the shuffled examples taken ``batch_size`` at a time (a uniformly random sample).
+    Either way every example comes once per epoch and the order is a function of (seed, epoch)."""
+    n, size, seed = 5000, 32, 4
+    lengths = np.random.default_rng(0).integers(3, 129, size=n)
+    enc = _lengths_only(lengths)
+    grouped = batching.BucketBatches(enc, size, 128, seed)
+    shuffled = batching.BucketBatches(enc, size, 128, seed, group_by_length=False)
+    assert grouped.group_by_length and not shuffled.group_by_length
+    spread = lambda order: np.mean([lengths[b[b >= 0]].std() for b in order])   # noqa: E731
+    for epoch in (0, 1):
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        for bb in (grouped, shuffled):
+            order = bb.order(epoch)
+            flat = np.concatenate(order)
+            assert sorted(flat[flat >= 0].tolist()) == list(range(n))       # every example once
+            assert all(len(b) == size for b in order) and len(order) == -(-n // size)
+            again = batching.BucketBatches(enc, size, 128, seed, group_by_length=bb.group_by_length)
+            assert all(np.array_equal(a, b) for a, b in zip(again.order(epoch), order))
+            assert _members(bb.order(1 - epoch)) != _members(order)
+        # off: the batches are the plain permutation in chunks (whatever order the batches then take)
+        chunks = {frozenset(perm[s:s + size].tolist()) for s in range(0, n, size)}
+        assert set(_members(shuffled.order(epoch))) == chunks
+        # on: each batch lies in one pool of 50 batches; inside a pool the batches do not overlap in length
+        pool_of = np.empty(n, np.int64)
+        pool_of[perm] = np.arange(n) // (size * batching.BucketBatches.POOL)
+        by_pool: dict[int, list[tuple[int, int]]] = {}
+        for b in grouped.order(epoch):
+            b = b[b >= 0]
+            assert len(set(pool_of[b].tolist())) == 1
+            by_pool.setdefault(int(pool_of[b[0]]), []).append((int(lengths[b].min()), int(lengths[b].max())))
+        for spans in by_pool.values():
+            spans.sort()
+            assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+        assert set(_members(grouped.order(epoch))) != chunks
+        # lengths inside a batch: close together when grouped, as spread as the whole set when not
+        assert spread(grouped.order(epoch)) < 0.1 * lengths.std()
+        assert spread(shuffled.order(epoch)) > 0.8 * lengths.std()
+
+
+def test_no_group_by_length_flag_reaches_the_training_batches(glue, tiny_bert_dir, tmp_path):
+    from jaxpeft import config
+    from jaxpeft.training import single
+
+    flags = ["--method=bitfit", "--task=rte", f"--model={tiny_bert_dir}", f"--data_dir={glue}",
+             f"--output_dir={tmp_path}", "--max_train_examples=200", "--max_eval_examples=16",
+             "--batch_size=16", "--max_seq_length=64", "--seed=3", "--no-progress"]
+    assert config.parse_args(flags).data.group_by_length is True
+    cfg = config.parse_args(flags + ["--no-group_by_length"])
+    assert cfg.data.group_by_length is False and cfg.to_flat()["group_by_length"] is False
+    job = single.SingleTask(cfg, echo=lambda s: None)
+    assert not cfg.data.packing      # RTE's BitFit config pads batches to length buckets
+    assert isinstance(job.batches, batching.BucketBatches) and job.batches.group_by_length is False
+    assert job.cfg.resume_settings(job.compute)["group_by_length"] is False   # a resumed run must keep it
+    n = len(job.train_data)
+    perm = np.random.default_rng([3, 0]).permutation(n)
+    assert set(_members(job.batches.order(0))) == {frozenset(perm[s:s + 16].tolist()) for s in range(0, n, 16)}
+
+
 def test_batches_pad_to_buckets_with_little_waste(glue, tokenizer):
     ex = glue_tasks.load_split(glue_tasks.get_task("sst2"), "dev", glue)
     enc = encoding.encode(tokenizer, ex, max_length=64)

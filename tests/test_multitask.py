@@ -123,6 +123,31 @@ def test_task_batches_follow_the_sampling_and_each_tasks_order():
     assert batch["input_ids"].shape[0] == 16
 
 
+def test_task_batches_without_group_by_length_hold_the_rows_as_drawn():
+    """``group_by_length=False``: the same rows per epoch, but a batch holds the drawn rows taken
+    ``batch_size`` at a time (each task's rows not sorted by length across batches)."""
+    parts = []
+    for k, n in enumerate((300, 100)):
+        lengths = np.random.default_rng(k).integers(3, 32, n).astype(np.int32)
+        ids = (np.arange(32)[None] < lengths[:, None]).astype(np.int32)
+        parts.append(encoding.Encoded(ids, np.zeros_like(ids), lengths, np.zeros(n, np.int32)))
+    probs = multitask.sampling_probs([300, 100], "proportional", 2.0)
+    grouped = multitask.TaskBatches(parts, 16, 32, seed=2, probs=probs)
+    drawn = multitask.TaskBatches(parts, 16, 32, seed=2, probs=probs, group_by_length=False)
+    spread = lambda order: np.mean([drawn.data.lengths[b].std() for b in order])   # noqa: E731
+    for epoch in range(2):
+        a, b = grouped.order(epoch), drawn.order(epoch)
+        assert sorted(np.concatenate(a).tolist()) == sorted(np.concatenate(b).tolist())
+        draws, cursor = drawn._draws(epoch), drawn._cursor(epoch)
+        rows = np.empty(len(draws), np.int64)
+        for k in range(2):
+            sel = np.flatnonzero(draws == k)
+            rows[sel] = drawn._stream(k, int(cursor[k]), len(sel))
+        want = {frozenset(rows[s:s + 16].tolist()) for s in range(0, len(rows), 16)}
+        assert {frozenset(x.tolist()) for x in b} == want != {frozenset(x.tolist()) for x in a}
+        assert spread(a) < 0.5 * spread(b)
+
+
 def _flags(glue, model, out, **extra):
     flags = dict(method="bitfit", tasks="sst2,cola,mrpc", model=str(model), data_dir=str(glue), output_dir=str(out),
                  max_steps=8, batch_size=8, max_train_examples=48, max_eval_examples=16, max_seq_length=32,

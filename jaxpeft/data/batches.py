@@ -75,7 +75,8 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
 
     Examples are shuffled, then sorted by length inside pools of ``pool_batches`` batches so a batch
     holds similar lengths (less padding), then the batches are shuffled again. The last batch is
-    filled up with ``-1``.
+    filled up with ``-1``. ``pool_batches=1``: each batch is a uniformly random sample (the shuffled
+    examples taken ``batch_size`` at a time; sorting inside one batch changes no batch's members).
     """
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
@@ -167,14 +168,22 @@ class BucketBatches:
 
     An epoch's batches (:func:`epoch_order`) come in runs of up to :attr:`RUN` batches of one
     length (:func:`in_runs`), so that a run can go to the device as one call.
+
+    ``group_by_length``: a training batch holds examples of similar lengths (sorted inside pools of
+    :attr:`POOL` batches: less padding); off, each batch is a uniformly random sample of the examples
+    (as transformers' ``Trainer`` by default). Either way only whole batches are then reordered.
     """
 
     RUN = 32
     #: the most consecutive steps of one shape (one device call)
     run_length = RUN
+    #: batches per pool sorted by length (``group_by_length``)
+    POOL = 50
 
-    def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int):
+    def __init__(self, encoded: Encoded, batch_size: int, max_length: int, seed: int, *,
+                 group_by_length: bool = True):
         self.data, self.batch_size, self.seed = encoded, batch_size, seed
+        self.group_by_length = group_by_length
         #: every power of two up to ``max_length``: what orders an epoch's batches
         self.ladder = length_buckets(max_length)
         #: the lengths batches are padded to (:meth:`use_buckets`; default: the whole ladder)
@@ -189,7 +198,8 @@ class BucketBatches:
     def order(self, epoch: int) -> list[np.ndarray]:
         """The epoch's steps, each an index array of the examples of its batch (``-1``: filler)."""
         if epoch not in self._cache:
-            batches = epoch_order(self.data.lengths, self.batch_size, self.seed, epoch)
+            batches = epoch_order(self.data.lengths, self.batch_size, self.seed, epoch,
+                                  pool_batches=self.POOL if self.group_by_length else 1)
             # runs by the ladder, not the chosen buckets: the order is the same whichever are chosen
             self._cache = {epoch: in_runs(batches, [self.ladder_width(b) for b in batches], self.RUN,
                                           self.seed, epoch)}

@@ -240,6 +240,16 @@ def _short(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
+#: settings added since checkpoints first recorded theirs -> the value the runs before them ran with
+#: (a setting a checkpoint lacks matches that value; one not listed here matches None or False)
+ADDED_SETTINGS: dict[str, Any] = {"group_by_length": True}
+
+
+def _as_before(name: str, value: Any) -> bool:
+    """Whether a run with ``value`` for the setting ``name`` trains as those before it existed."""
+    return value == ADDED_SETTINGS[name] if name in ADDED_SETTINGS else value in (None, False)
+
+
 @dataclasses.dataclass
 class RunIdentity:
     """What a checkpoint must agree with to be resumed: the settings that decide the training
@@ -367,7 +377,7 @@ class Checkpoints:
         diffs = [f"{k}={_short(saved.get(k))} (now {_short(v)})"
                  for k, v in ident.settings.items() if k in saved and saved.get(k) != v]
         diffs += [f"{k} (now {_short(v)})" for k, v in ident.settings.items() if k not in saved
-                  and v not in (None, False)]
+                  and not _as_before(k, v)]
         if meta.get("method") == ident.method:
             diffs += [f"{k}={_short(v)} (now {_short(ident.method_options.get(k))})"
                       for k, v in (meta.get("method_options") or {}).items()

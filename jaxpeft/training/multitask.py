@@ -112,12 +112,15 @@ def concat_encoded(parts: Sequence[Encoded], width: int) -> tuple[Encoded, np.nd
 
 class TaskBatches:
     """Mixed training batches (see the module docstring), deterministic in ``(seed, epoch)``, in runs
-    of one length bucket (a device call each)."""
+    of one length bucket (a device call each). ``group_by_length``: each task's rows are sorted by
+    length inside pools of :attr:`POOL` batches (less padding); off, a batch holds the rows as drawn."""
 
     POOL = 50
     run_length = batching.BucketBatches.RUN
 
-    def __init__(self, parts: Sequence[Encoded], batch_size: int, max_length: int, seed: int, probs: np.ndarray):
+    def __init__(self, parts: Sequence[Encoded], batch_size: int, max_length: int, seed: int, probs: np.ndarray,
+                 *, group_by_length: bool = True):
+        self.group_by_length = group_by_length
         self.data, self.task_of = concat_encoded(parts, max_length)
         self.sizes = [len(p) for p in parts]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
@@ -163,7 +166,7 @@ class TaskBatches:
             for k in range(len(self.sizes)):
                 sel = np.flatnonzero(draws == k)
                 rows[sel] = self._stream(k, int(cursor[k]), len(sel))
-            b, pool = self.batch_size, self.batch_size * self.POOL
+            b, pool = self.batch_size, self.batch_size * (self.POOL if self.group_by_length else 1)
             batches = []
             for s in range(0, len(rows), pool):
                 chunk, which = rows[s:s + pool], draws[s:s + pool]
@@ -340,7 +343,8 @@ class MultiTask(loop.Job):
             self.train_data, self.eval_data = encoding.result()
             rows = [len(e) * self.own[t.name]["num_epochs"] for t, e in zip(self.tasks, self.train_data)]
             self.probs = sampling_probs(rows, cfg.task_sampling, cfg.sampling_temperature)
-            self.batches = TaskBatches(self.train_data, o.batch_size, self.length, o.seed, self.probs)
+            self.batches = TaskBatches(self.train_data, o.batch_size, self.length, o.seed, self.probs,
+                                       group_by_length=cfg.data.group_by_length)
             self.mixture_epochs = sum(rows) / max(1, sum(len(e) for e in self.train_data))
         self.total_steps = o.max_steps if o.max_steps > 0 else max(
             1, int(np.ceil(self.mixture_epochs * self.batches.steps_per_epoch)))

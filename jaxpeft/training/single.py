@@ -201,7 +201,8 @@ class SingleTask(loop.Job):
                 1, math.ceil(o.max_steps / max(1, math.ceil(len(self.train_data) / o.batch_size))))
             return packing.PackedBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed, epochs,
                                          row_multiple=self.plan.data_parallel_size)
-        batches = batching.BucketBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed)
+        batches = batching.BucketBatches(self.train_data, o.batch_size, d.max_seq_length, o.seed,
+                                         group_by_length=d.group_by_length)
         if d.length_buckets == "auto":
             batches.use_buckets(self.plan_buckets(batches))
         elif d.length_buckets != "all":
