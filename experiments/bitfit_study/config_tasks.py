@@ -27,6 +27,9 @@ Known gaps, to read the table right:
 * ``prefix`` and ``ptuning_v2``: the peer exits with an ``error:`` line (status 2) where the installed
   peft cannot run them (peft up to 0.21 on transformers 5's ``BertModel``; peft 0.22 runs them);
   ``run.py peer`` reports them failed and the table has no peer cell for them.
+* ``bitfit_unpacked`` / ``lora_unpacked``: one example a row, in batches of similar lengths (the
+  unpacked default, and the peer's order); ``bitfit_random`` / ``lora_random``: one a row, in random
+  batches (``--no-group_by_length``, the peer too): which of the two packing's gain on tagging comes from.
 * ``prompt`` and ``ptuning``: ours put the virtual tokens after ``[CLS]`` by default, peft in front
   (``prompt_position=front`` is peft's placement); the defaults are compared as they are.
 * SQuAD's EM/F1 are percentages (the official script's scale); the study reads them as fractions
@@ -47,4 +50,9 @@ def get_config(task: str) -> dict:
 def get_study() -> dict:
     methods = ("full", "frozen", "bitfit", "lora", "ia3", "bottleneck", "prompt", "ptuning", "prefix", "ptuning_v2")
     settings = {m: dict(label=m, method=m) for m in methods}
+    # one example a row, in length-grouped batches (the unpacked default) or in random ones
+    for m in ("bitfit", "lora"):
+        settings[f"{m}_unpacked"] = dict(label=f"{m}, one a row", method=m, options=dict(packing=False))
+        settings[f"{m}_random"] = dict(label=f"{m}, one a row, random batches", method=m,
+                                       options=dict(packing=False, group_by_length=False))
     return dict(tasks=TASKS, seeds=(0, 1, 2), method_configs=True, settings=settings)
