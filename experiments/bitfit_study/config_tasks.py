@@ -30,6 +30,8 @@ Known gaps, to read the table right:
 * ``bitfit_unpacked`` / ``lora_unpacked``: one example a row, in batches of similar lengths (the
   unpacked default, and the peer's order); ``bitfit_random`` / ``lora_random``: one a row, in random
   batches (``--no-group_by_length``, the peer too): which of the two packing's gain on tagging comes from.
+  ``prompt_random`` ... ``ptuning_v2_random``: the prompt methods (one a row by default) in random
+  batches instead of length-grouped ones.
 * ``prompt`` and ``ptuning``: ours put the virtual tokens after ``[CLS]`` by default, peft in front
   (``prompt_position=front`` is peft's placement); the defaults are compared as they are.
 * SQuAD's EM/F1 are percentages (the official script's scale); the study reads them as fractions
@@ -55,4 +57,8 @@ def get_study() -> dict:
         settings[f"{m}_unpacked"] = dict(label=f"{m}, one a row", method=m, options=dict(packing=False))
         settings[f"{m}_random"] = dict(label=f"{m}, one a row, random batches", method=m,
                                        options=dict(packing=False, group_by_length=False))
+    # the prompt methods (one a row by default) in random batches instead of length-grouped ones
+    for m in ("prompt", "ptuning", "prefix", "ptuning_v2"):
+        settings[f"{m}_random"] = dict(label=f"{m}, random batches", method=m,
+                                       options=dict(group_by_length=False))
     return dict(tasks=TASKS, seeds=(0, 1, 2), method_configs=True, settings=settings)
