@@ -360,8 +360,8 @@ def peer_args(cfg) -> list[str]:
             f"--pooling={cfg.head.pooling}"]
     if o.head_learning_rate is not None:
         args.append(f"--head_learning_rate={o.head_learning_rate}")
-    if not d.group_by_length:
-        args.append("--no-group_by_length")
+    if d.group_by_length is not None:   # unset: the peer's own default, ours (random batches where a task tags)
+        args.append("--group_by_length" if d.group_by_length else "--no-group_by_length")
     if d.dataset:
         raise SystemExit("the peer reads no --dataset (a named task or your own tagging/QA files)")
     if d.train_file:
@@ -422,9 +422,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter_size", type=int, default=64)
     ap.add_argument("--adapter_type", default="houlsby")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
                     help="batches of examples of similar lengths, as ours (--no-group_by_length: random "
-                         "batches, as transformers' Trainer by default)")
+                         "batches, as transformers' Trainer by default; unset: as ours, random for "
+                         "tagging, grouped otherwise)")
     ap.add_argument("--pooling", default="cls", choices=("cls", "mean", "cosine"),
                     help="cls: the pooler on [CLS]; mean: the mean of the last layer's outputs; cosine: the "
                          "cosine of a pair's two sentences encoded apart; as ours")
@@ -542,8 +543,9 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> int:
     model_dir = str(hf_weights.resolve_model_dir(a.model or hf_weights.DEFAULT_MODEL))
     tok = hf_weights.load_tokenizer(Path(model_dir))
     train, dev_raw, dev_enc = prepare(a, task, tok)
+    grouped = a.group_by_length if a.group_by_length is not None else batches.groups_by_length([kind])  # as ours
     train_batches = batches.BucketBatches(train, a.batch_size, a.max_seq_length, a.seed,  # ours: the same order
-                                          group_by_length=a.group_by_length)
+                                          group_by_length=grouped)
     buckets = train_batches.buckets
     t_data = time.perf_counter() - t0
 

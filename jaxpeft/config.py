@@ -98,9 +98,11 @@ class Data:
                                  "longest length is always added)", check_length_buckets, resume=False)
     packing: bool = option(False, "pack several examples into each row (one compiled shape, no padding "
                                   "computed); full, frozen, bitfit, prefix, ptuning_v2, lora, adapter")
-    group_by_length: bool = option(True, "unpacked training batches hold examples of similar lengths (less "
-                                         "padding); --no-group_by_length: random batches, as transformers' "
-                                         "Trainer by default")
+    group_by_length: bool | None = option(
+        None, "unpacked training batches hold examples of similar lengths (less padding); "
+        "--no-group_by_length: random batches, as transformers' Trainer by default; unset: random for "
+        "tagging (its loss is a mean over the batch's words, which length-grouped batches skew towards "
+        "short sentences), grouped otherwise")
 
     def __post_init__(self):
         options.check(self)

@@ -157,7 +157,10 @@ def test_no_group_by_length_flag_reaches_the_training_batches(glue, tiny_bert_di
     flags = ["--method=bitfit", "--task=rte", f"--model={tiny_bert_dir}", f"--data_dir={glue}",
              f"--output_dir={tmp_path}", "--max_train_examples=200", "--max_eval_examples=16",
              "--batch_size=16", "--max_seq_length=64", "--seed=3", "--no-progress"]
-    assert config.parse_args(flags).data.group_by_length is True
+    unset = config.parse_args(flags)
+    assert unset.data.group_by_length is None
+    single.SingleTask(unset, echo=lambda s: None)
+    assert unset.data.group_by_length is True          # RTE's loss is a mean over examples: grouped
     cfg = config.parse_args(flags + ["--no-group_by_length"])
     assert cfg.data.group_by_length is False and cfg.to_flat()["group_by_length"] is False
     job = single.SingleTask(cfg, echo=lambda s: None)

@@ -58,10 +58,11 @@ def test_peer_args_mirror_the_config():
     assert peer_namespace(peer_args(config.build({"method": "ptuning", "task": "sst2"}))).pooling == "cls"
     with pytest.raises(SystemExit, match="modules_to_save"):
         peer_args(config.build({"method": "bitfit", "task": "rte", "modules_to_save": "pooler"}))
-    assert a.group_by_length is True and "--no-group_by_length" not in peer_args(cfg)
-    shuffled = config.build({"method": "bitfit", "task": "rte", "group_by_length": False})
-    assert "--no-group_by_length" in peer_args(shuffled)
-    assert peer_namespace(peer_args(shuffled)).group_by_length is False
+    # unset: the peer decides by the task's kind, as ours (tests/test_data.py); set: mirrored either way
+    assert a.group_by_length is None and not [f for f in peer_args(cfg) if "group_by_length" in f]
+    for grouped in (False, True):
+        given = config.build({"method": "bitfit", "task": "ner", "group_by_length": grouped})
+        assert peer_namespace(peer_args(given)).group_by_length is grouped
 
 
 @pytest.mark.parametrize("method", ["frozen", "prompt"])

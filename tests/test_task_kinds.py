@@ -183,3 +183,22 @@ def test_background_work_returns_its_value_and_raises_its_error():
 
     with pytest.raises(UserError, match="dev.conll:4"):
         runtime.Background(bad, "t-bad").result()
+
+
+def test_tagging_takes_random_batches_unless_told(tiny_bert_dir, tmp_path):
+    """``--group_by_length`` unset: a tagging run one example a row draws random batches (its loss is
+    a mean over the batch's words, which length-grouped batches skew towards short sentences), a
+    resumed run must keep that, and the flag still groups them; the peer's job decides the same way."""
+    from jaxpeft import config
+    from jaxpeft.training import single
+
+    from benchmarks.peft_job import parser as peer_parser
+
+    base = ["--method=bitfit", "--task=ner", f"--data_dir={DATA / 'conll2003'}", f"--model={tiny_bert_dir}",
+            *SHORT, "--max_seq_length=32", "--no-packing"]
+    for extra, grouped in (([], False), (["--group_by_length"], True)):
+        cfg = config.parse_args(base + [f"--output_dir={tmp_path / str(grouped)}", *extra])
+        job = single.SingleTask(cfg, echo=lambda s: None)
+        assert job.batches.group_by_length is grouped
+        assert job.cfg.resume_settings(job.compute)["group_by_length"] is grouped
+    assert peer_parser().parse_args(["--task=ner"]).group_by_length is None   # resolved by the task's kind

@@ -163,6 +163,17 @@ def order_digest(items: Sequence[Any]) -> str | None:
         h.update(a.tobytes())
     return h.hexdigest()[:16]
 
+def groups_by_length(kinds: Sequence[str]) -> bool:
+    """What an unset ``--group_by_length`` means for a run of tasks of ``kinds``: random batches where
+    a task tags, batches of similar lengths otherwise. A tagging step's loss is the mean over its
+    batch's labelled words, so in length-grouped batches a word of a short sentence weighs several
+    times more than one of a long sentence; random batches weigh them alike, and trained NER and POS
+    to higher scores with every method measured (docs/results.md, "Token and span tasks against the
+    peer"). A sequence or span loss is a mean over examples or windows, which grouping leaves alike,
+    at less padding."""
+    return "token" not in kinds
+
+
 class BucketBatches:
     """Training and evaluation batches of ``batch_size`` examples, padded to a length bucket.
 

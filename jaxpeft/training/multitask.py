@@ -53,7 +53,7 @@ from jaxpeft.models.hf_weights import load_tokenizer
 from jaxpeft.models.loading import build_module, frozen_in_dtype, init_params, load_model, model_dir_of, param_shapes
 from jaxpeft.training import loop, optim, steps
 from jaxpeft.training.checkpoint import RunIdentity, sha256_arrays
-from jaxpeft.training.single import check_base_dtype, setup_runtime
+from jaxpeft.training.single import check_base_dtype, default_group_by_length, setup_runtime
 
 ADAPTERS_DIR = "adapters"
 #: the main metric of a multi-task run: the mean of the tasks' main metrics
@@ -282,6 +282,7 @@ class MultiTask(loop.Job):
     def __init__(self, cfg: Any, echo: Callable[[str], None] = print, start: float | None = None):
         self.tasks = parse_tasks(cfg.tasks, cfg.data)
         self.names = [t.name for t in self.tasks]
+        default_group_by_length(cfg, [t.kind for t in self.tasks])   # random batches where a task tags
         self.method = cfg.method_obj()
         inference = self.method.for_inference()
         if inference.mix is None:

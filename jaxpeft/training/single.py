@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -93,6 +93,12 @@ def default_pooling(cfg: Any, echo: Callable[[str], None]) -> None:
              f"{family.name}'s pairs do not have)")
 
 
+def default_group_by_length(cfg: Any, kinds: Sequence[str]) -> None:
+    """``--group_by_length`` unset: decided by the tasks' kinds (:func:`batches.groups_by_length`)."""
+    if cfg.data.group_by_length is None:
+        cfg.data.group_by_length = batching.groups_by_length(kinds)
+
+
 #: effective training FLOP/s of one device on an encoder (as measured on MiniLM: an H100 reached
 #: 1.1-1.5e14 in NER and SQuAD jobs; the 2-core CPU 1-2e11), and the seconds a 6-layer encoder's
 #: program takes to trace and compile (H100: 11.2 s for 8 programs; 2-core CPU: about 4 s each)
@@ -134,6 +140,7 @@ class SingleTask(loop.Job):
             raise UserError(f"--packing: --method={cfg.method} puts its prompt into every row's input; "
                             "packed rows need the prompt per example, which it does not support")
         default_pooling(cfg, echo)
+        default_group_by_length(cfg, [self.task.kind])
         check_pooling(cfg.head.pooling, self.task, cfg.data.packing)
         setup_runtime(self, cfg, echo, start)
         check_base_dtype(self.method, self.compute)
