@@ -3,9 +3,9 @@
 
 A tagging step's loss is the mean cross-entropy over its batch's labelled words (ours and
 transformers' alike), so a word weighs ``1 / (labelled words in its step)``. Batches of similar
-lengths (``--group_by_length``, the unpacked default, and the order the peer is given) put the
-shortest sentences together, whose words then weigh several times more than those of a batch of
-long ones; random batches (``--no-group_by_length``) and packed rows (``--packing``) mix lengths.
+lengths (``--group_by_length``) put the shortest sentences together, whose words then weigh
+several times more than those of a batch of long ones; random batches (``--no-group_by_length``,
+the tagging default one a row) and packed rows (``--packing``) mix lengths.
 Prints, for the first epoch of each: the labelled words per step, the spread of a word's weight
 (95th over 5th percentile), and the share of the loss's weight on the sentences of at most two
 words (CoNLL-2003's ``-DOCSTART-`` lines, headlines, scores)::

@@ -27,11 +27,12 @@ Known gaps, to read the table right:
 * ``prefix`` and ``ptuning_v2``: the peer exits with an ``error:`` line (status 2) where the installed
   peft cannot run them (peft up to 0.21 on transformers 5's ``BertModel``; peft 0.22 runs them);
   ``run.py peer`` reports them failed and the table has no peer cell for them.
-* ``bitfit_unpacked`` / ``lora_unpacked``: one example a row, in batches of similar lengths (the
-  unpacked default, and the peer's order); ``bitfit_random`` / ``lora_random``: one a row, in random
-  batches (``--no-group_by_length``, the peer too): which of the two packing's gain on tagging comes from.
-  ``prompt_random`` ... ``ptuning_v2_random``: the prompt methods (one a row by default) in random
-  batches instead of length-grouped ones.
+* ``bitfit_unpacked`` / ``lora_unpacked``: one example a row, in batches of similar lengths
+  (``--group_by_length``, the peer too); ``bitfit_random`` / ``lora_random``: one a row, in random
+  batches (``--no-group_by_length``, the tagging default one a row): which of the two packing's gain
+  on tagging comes from. ``prompt_grouped`` ... ``ptuning_v2_grouped``: the prompt methods in
+  length-grouped batches (their tagging default before random batches); ``prompt_random`` ...
+  ``ptuning_v2_random``: in random batches, stated (on tagging, the same as their defaults).
 * ``prompt`` and ``ptuning``: ours put the virtual tokens after ``[CLS]`` by default, peft in front
   (``prompt_position=front`` is peft's placement); the defaults are compared as they are.
 * SQuAD's EM/F1 are percentages (the official script's scale); the study reads them as fractions
@@ -52,13 +53,16 @@ def get_config(task: str) -> dict:
 def get_study() -> dict:
     methods = ("full", "frozen", "bitfit", "lora", "ia3", "bottleneck", "prompt", "ptuning", "prefix", "ptuning_v2")
     settings = {m: dict(label=m, method=m) for m in methods}
-    # one example a row, in length-grouped batches (the unpacked default) or in random ones
+    # one example a row, in length-grouped batches or in random ones (the tagging default one a row)
     for m in ("bitfit", "lora"):
-        settings[f"{m}_unpacked"] = dict(label=f"{m}, one a row", method=m, options=dict(packing=False))
+        settings[f"{m}_unpacked"] = dict(label=f"{m}, one a row", method=m,
+                                         options=dict(packing=False, group_by_length=True))
         settings[f"{m}_random"] = dict(label=f"{m}, one a row, random batches", method=m,
                                        options=dict(packing=False, group_by_length=False))
-    # the prompt methods (one a row by default) in random batches instead of length-grouped ones
+    # the prompt methods (one a row always) in length-grouped batches or in random ones
     for m in ("prompt", "ptuning", "prefix", "ptuning_v2"):
+        settings[f"{m}_grouped"] = dict(label=f"{m}, length-grouped batches", method=m,
+                                        options=dict(group_by_length=True))
         settings[f"{m}_random"] = dict(label=f"{m}, random batches", method=m,
                                        options=dict(group_by_length=False))
     return dict(tasks=TASKS, seeds=(0, 1, 2), method_configs=True, settings=settings)
