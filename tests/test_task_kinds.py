@@ -188,7 +188,8 @@ def test_background_work_returns_its_value_and_raises_its_error():
 def test_tagging_takes_random_batches_unless_told(tiny_bert_dir, tmp_path):
     """``--group_by_length`` unset: a tagging run one example a row draws random batches (its loss is
     a mean over the batch's words, which length-grouped batches skew towards short sentences), a
-    resumed run must keep that, and the flag still groups them; the peer's job decides the same way."""
+    resumed run must keep that, and the flag still groups them; the peer's job leaves it unset too, for
+    the same rule (``batches.groups_by_length``) to decide."""
     from jaxpeft import config
     from jaxpeft.training import single
 

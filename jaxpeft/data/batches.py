@@ -163,6 +163,7 @@ def order_digest(items: Sequence[Any]) -> str | None:
         h.update(a.tobytes())
     return h.hexdigest()[:16]
 
+
 def groups_by_length(kinds: Sequence[str]) -> bool:
     """What an unset ``--group_by_length`` means for a run of tasks of ``kinds``: random batches where
     a task tags, batches of similar lengths otherwise. A tagging step's loss is the mean over its
